@@ -1,0 +1,1 @@
+"""The sdserve bench suite: run from a checkout, e.g. `python -m bench.engine_batching`."""

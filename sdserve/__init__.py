@@ -1,0 +1,3 @@
+"""sdserve: a multi-tenant inference server for Stable-Diffusion-family models."""
+
+__version__ = "0.1.0"
