@@ -1,1 +1,42 @@
+"""Adapter files: parse, validate against a base model, convert to one in-memory form per kind.
 
+LoRA (diffusers/PEFT and kohya layouts, conv "LoCon", Concept Sliders) is the kind served today;
+LoHa, LoKr, DoRA, kohya diff and other LyCORIS kinds are refused with UnsupportedAdapterKind.
+This package imports nothing of sdserve except the leaf module `sdserve.errors`.
+"""
+
+from sdserve.adapters.detect import Layout, check_kind, detect_layout, is_slider
+from sdserve.adapters.lora import (
+    DEFAULT_MAX_RANK,
+    LoRAAdapter,
+    LoRAModule,
+    ParsedLoRA,
+    load_lora,
+    parse_lora_file,
+    validate_lora,
+)
+from sdserve.adapters.reader import RawFile, read_safetensors
+from sdserve.adapters.save import lora_state_dict, save_lora
+from sdserve.adapters.targets import COMPONENTS, TargetSpec, spec_of, targets_of
+
+__all__ = [
+    "COMPONENTS",
+    "DEFAULT_MAX_RANK",
+    "Layout",
+    "LoRAAdapter",
+    "LoRAModule",
+    "ParsedLoRA",
+    "RawFile",
+    "TargetSpec",
+    "check_kind",
+    "detect_layout",
+    "is_slider",
+    "load_lora",
+    "lora_state_dict",
+    "parse_lora_file",
+    "read_safetensors",
+    "save_lora",
+    "spec_of",
+    "targets_of",
+    "validate_lora",
+]

@@ -1,0 +1,110 @@
+"""The kohya sd-scripts layout: "lora_unet_<path with _>.lora_down.weight", ".lora_up.weight", ".alpha".
+
+kohya flattens a module path by replacing every "." with "_", which cannot be undone by string
+rules alone ("time_emb_proj" vs "time.emb.proj"). Instead of guessing, the flattened name of
+every module of the base model is computed and looked up, so a key resolves exactly when the
+base model has that module. SD 1.x/2.x LoRAs use diffusers module paths; SDXL LoRAs use the
+original UNet's names (see `sgm`), and both are looked up. Text encoders are "lora_te_"
+(SD 1.x/2.x) or "lora_te1_"/"lora_te2_" (SDXL). Concept Sliders use this same layout.
+
+Without ".alpha" kohya trains with alpha = rank; an alpha of 0 also means rank (kohya's rule).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from sdserve.adapters.formats.common import RawPair, short
+from sdserve.adapters.formats.sgm import sgm_aliases
+from sdserve.errors import AdapterError
+
+# kohya prefix -> component; lora_te_ and lora_te1_ both name the first text encoder.
+PREFIXES: dict[str, str] = {
+    "lora_unet_": "unet",
+    "lora_te_": "text_encoder",
+    "lora_te1_": "text_encoder",
+    "lora_te2_": "text_encoder_2",
+}
+_SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
+
+
+def flatten(path: str) -> str:
+    return path.replace(".", "_")
+
+
+def kohya_names(targets: Iterable[str]) -> dict[str, str | None]:
+    """kohya module name -> target name, for every target; None where two targets flatten alike."""
+    by_component: dict[str, list[str]] = {}
+    for target in targets:
+        component, _, path = target.partition(".")
+        by_component.setdefault(component, []).append(path)
+
+    table: dict[str, str | None] = {}
+
+    def add(name: str, target: str) -> None:
+        # Two different modules with one flattened name cannot be told apart: refuse both.
+        table[name] = target if table.get(name, target) == target else None
+
+    for prefix, component in PREFIXES.items():
+        for path in by_component.get(component, []):
+            add(prefix + flatten(path), f"{component}.{path}")
+    for sgm_path, path in sgm_aliases(by_component.get("unet", [])).items():
+        add("lora_unet_" + flatten(sgm_path), f"unet.{path}")
+    return table
+
+
+def _split_key(key: str) -> tuple[str, str] | None:
+    for suffix, role in _SUFFIXES.items():
+        if key.endswith(suffix):
+            return key[: -len(suffix)], role
+    return None
+
+
+def _alpha_value(name: str, key: str, tensor: torch.Tensor) -> float:
+    if tensor.numel() != 1 or not (tensor.is_floating_point() or tensor.dtype in (torch.int32, torch.int64)):
+        raise AdapterError(name, f"alpha {short(key)!r} is not a single number")
+    value = float(tensor.reshape(()).double().item())
+    if value != value or value in (float("inf"), float("-inf")):
+        raise AdapterError(name, f"alpha {short(key)!r} is not finite")
+    return value
+
+
+def parse_kohya(name: str, tensors: Mapping[str, torch.Tensor], targets: Iterable[str]) -> list[RawPair]:
+    """Pair the factors of a kohya-layout file and resolve each to a target module."""
+    groups: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    for key, tensor in tensors.items():
+        split = _split_key(key)
+        if split is None or not split[0].startswith(tuple(PREFIXES)):
+            raise AdapterError(name, f"unexpected key {short(key)!r} in a LoRA file")
+        module_name, role = split
+        groups.setdefault(module_name, {})[role] = (key, tensor)
+
+    table = kohya_names(targets)
+    pairs: list[RawPair] = []
+    seen: dict[str, str] = {}
+    for module_name, parts in groups.items():
+        if "down" not in parts or "up" not in parts:
+            present = next(iter(parts.values()))[0]
+            raise AdapterError(name, f"LoRA key {short(present)!r} has no matching up/down partner")
+        down_key, down = parts["down"]
+        target = table.get(module_name)
+        if target is None:
+            raise AdapterError(name, f"LoRA key {short(down_key)!r} does not match any module of the base model")
+        if target in seen:
+            # e.g. lora_te_ and lora_te1_ both present for one module.
+            raise AdapterError(name, f"two LoRA weights for the same module ({short(down_key)!r})")
+        seen[target] = module_name
+        alpha = _alpha_value(name, parts["alpha"][0], parts["alpha"][1]) if "alpha" in parts else None
+        pairs.append(
+            RawPair(
+                target=target,
+                down=down,
+                up=parts["up"][1],
+                alpha=alpha if alpha else None,  # 0 means "no scaling" to kohya
+                use_rslora=False,
+                key=down_key,
+            )
+        )
+    return pairs

@@ -1,0 +1,249 @@
+"""LoRA in memory: one contiguous buffer per adapter, A and B of every module as views into it.
+
+One buffer makes an adapter's move between host and device tiers a single copy, and its
+byte size exactly the bytes of its factors. Orientation is PEFT's: A `[r, in]` (a conv's A
+flattened to `[r, in·kh·kw]`), B `[out, r]`, and the module's output gains
+
+    y += scale · B @ (A @ x)        scale = alpha / r   (alpha / √r for rsLoRA)
+
+Loading is two steps: `parse_lora_file` reads a file of any supported layout into raw pairs,
+`validate_lora` checks every pair against the base model and only then packs the buffer, so a
+file that fails any check leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Literal
+
+import torch
+
+from sdserve.adapters import detect
+from sdserve.adapters.formats.common import RawPair, short
+from sdserve.adapters.formats.kohya import parse_kohya
+from sdserve.adapters.formats.peft import parse_peft
+from sdserve.adapters.reader import Source, read_safetensors
+from sdserve.adapters.targets import TargetSpec
+from sdserve.errors import AdapterError
+
+DEFAULT_MAX_RANK = 128
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class LoRAModule:
+    """One adapted module. `a` and `b` are views into the owning adapter's buffer."""
+
+    target: str  # "<component>.<module path>"
+    kind: Literal["linear", "conv"]
+    rank: int
+    alpha: float
+    scale: float  # alpha / rank, or alpha / sqrt(rank) for rsLoRA
+    a: torch.Tensor = field(repr=False)  # [rank, in] or [rank, in*kh*kw]
+    b: torch.Tensor = field(repr=False)  # [out, rank]
+    a_offset: int  # element offsets into the buffer, to rebuild the views after a move
+    b_offset: int
+    in_features: int
+    out_features: int
+    kernel_size: tuple[int, int] = (1, 1)
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scale · B @ A in the base weight's shape: [out, in] or [out, in, kh, kw]."""
+        delta = self.scale * (self.b.float() @ self.a.float())  # [out, in*kh*kw]
+        if self.kind == "conv":
+            return delta.reshape(self.out_features, self.in_features, *self.kernel_size)
+        return delta
+
+
+@dataclass(frozen=True)
+class LoRAAdapter:
+    """A validated LoRA (or Concept Slider) ready for residency and the multi-LoRA kernels."""
+
+    name: str
+    is_slider: bool
+    layout: detect.Layout  # the file layout it was read from
+    modules: Mapping[str, LoRAModule]  # target -> module, sorted by target
+    buffer: torch.Tensor = field(repr=False)  # [total elements] flat, contiguous
+    kind: Literal["lora"] = "lora"
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.numel() * self.buffer.element_size()
+
+    @property
+    def max_rank(self) -> int:
+        return max(module.rank for module in self.modules.values())
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        return tuple(sorted({target.partition(".")[0] for target in self.modules}))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.buffer.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.buffer.device
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+           non_blocking: bool = False) -> LoRAAdapter:
+        """The same adapter with its buffer moved (one copy) and every view rebuilt on it."""
+        buffer = self.buffer.to(device=device, dtype=dtype, non_blocking=non_blocking)
+        if buffer is self.buffer:
+            return self
+        return replace(self, buffer=buffer, modules=_rebind(self.modules, buffer))
+
+
+def _rebind(modules: Mapping[str, LoRAModule], buffer: torch.Tensor) -> Mapping[str, LoRAModule]:
+    rebound = {}
+    for target, module in modules.items():
+        out, rank = module.b.shape
+        columns = module.a.shape[1]
+        a = buffer[module.a_offset : module.a_offset + rank * columns].view(rank, columns)
+        b = buffer[module.b_offset : module.b_offset + out * rank].view(out, rank)
+        rebound[target] = replace(module, a=a, b=b)
+    return MappingProxyType(rebound)
+
+
+@dataclass(frozen=True)
+class ParsedLoRA:
+    """A LoRA file read and paired, not yet checked against a base model."""
+
+    layout: detect.Layout
+    pairs: list[RawPair]
+    is_slider: bool
+
+
+def parse_lora_file(source: Source, name: str, targets: Mapping[str, TargetSpec]) -> ParsedLoRA:
+    """Read a safetensors LoRA of any supported layout; refuse other adapter kinds.
+
+    `targets` is needed already here because kohya names resolve only against real modules.
+    """
+    raw = read_safetensors(source, name)
+    detect.check_kind(name, raw.tensors.keys(), raw.metadata)
+    layout = detect.detect_layout(name, raw.tensors.keys())
+    if layout == "kohya":
+        pairs = parse_kohya(name, raw.tensors, targets.keys())
+    else:
+        pairs = parse_peft(name, raw.tensors, raw.metadata)
+    return ParsedLoRA(layout=layout, pairs=pairs, is_slider=detect.is_slider(raw.metadata))
+
+
+def _dims(tensor: torch.Tensor) -> str:
+    return "[" + ", ".join(str(d) for d in tensor.shape) + "]"
+
+
+def _check_pair(name: str, pair: RawPair, spec: TargetSpec, max_rank: int) -> int:
+    """Check one pair's dtypes, shapes and rank against its module; return the rank."""
+    where = f"module {short(pair.target)!r}"
+    for tensor in (pair.down, pair.up):
+        if tensor.dtype not in _FLOAT_DTYPES:
+            raise AdapterError(name, f"{where}: weights have dtype {str(tensor.dtype).removeprefix('torch.')}, "
+                                     "expected a floating-point type")
+    down, up = pair.down, pair.up
+    rank = down.shape[0] if down.ndim >= 1 else 0
+    if rank < 1 or up.ndim < 2 or up.shape[1] < 1:
+        raise AdapterError(name, f"{where}: rank is 0")
+    if rank > max_rank:
+        raise AdapterError(name, f"{where}: rank {rank} exceeds the maximum of {max_rank}")
+    kh, kw = spec.kernel_size
+    if spec.kind == "linear":
+        down_ok = down.shape == (rank, spec.in_features)
+        up_ok = up.shape == (spec.out_features, rank)
+        need_down = f"[{rank}, {spec.in_features}]"
+        need_up = f"[{spec.out_features}, {rank}]"
+    else:
+        # A 1x1 conv's factors are sometimes stored as matrices; they mean the same product.
+        down_ok = down.shape == (rank, spec.in_features, kh, kw) or (
+            (kh, kw) == (1, 1) and down.shape == (rank, spec.in_features)
+        )
+        up_ok = up.shape in ((spec.out_features, rank, 1, 1), (spec.out_features, rank))
+        need_down = f"[{rank}, {spec.in_features}, {kh}, {kw}]"
+        need_up = f"[{spec.out_features}, {rank}, 1, 1]"
+    if not down_ok:
+        raise AdapterError(name, f"{where}: down weight has shape {_dims(down)}, the base model needs {need_down}")
+    if not up_ok:
+        raise AdapterError(name, f"{where}: up weight has shape {_dims(up)}, the base model needs {need_up}")
+    if pair.config_rank is not None and pair.config_rank != rank:
+        raise AdapterError(name, f"{where}: the file's config declares rank {pair.config_rank}, its weights have {rank}")
+    return rank
+
+
+def validate_lora(
+    parsed: ParsedLoRA,
+    name: str,
+    targets: Mapping[str, TargetSpec],
+    *,
+    max_rank: int = DEFAULT_MAX_RANK,
+    dtype: torch.dtype = torch.float32,
+    is_slider: bool | None = None,
+) -> LoRAAdapter:
+    """Check every pair against the base model, then pack all factors into one buffer."""
+    if not parsed.pairs:
+        raise AdapterError(name, "not a LoRA file (no LoRA weight keys found)")
+    if dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"dtype must be a floating-point type, got {dtype}")
+    checked: list[tuple[RawPair, TargetSpec, int]] = []
+    for pair in sorted(parsed.pairs, key=lambda p: p.target):
+        spec = targets.get(pair.target)
+        if spec is None:
+            raise AdapterError(name, f"LoRA key {short(pair.key)!r} does not match any module of the base model")
+        checked.append((pair, spec, _check_pair(name, pair, spec, max_rank)))
+
+    total = sum(rank * (spec.a_columns + spec.out_features) for _, spec, rank in checked)
+    buffer = torch.empty(total, dtype=dtype)  # [sum over modules of r·(in·kh·kw + out)]
+    modules: dict[str, LoRAModule] = {}
+    offset = 0
+    for pair, spec, rank in checked:
+        a_size, b_size = rank * spec.a_columns, spec.out_features * rank
+        a = buffer[offset : offset + a_size].view(rank, spec.a_columns)
+        b = buffer[offset + a_size : offset + a_size + b_size].view(spec.out_features, rank)
+        a.copy_(pair.down.reshape(rank, spec.a_columns))
+        b.copy_(pair.up.reshape(spec.out_features, rank))
+        alpha = float(rank) if pair.alpha is None else pair.alpha
+        scale = alpha / math.sqrt(rank) if pair.use_rslora else alpha / rank
+        modules[pair.target] = LoRAModule(
+            target=pair.target, kind=spec.kind, rank=rank, alpha=alpha, scale=scale, a=a, b=b,
+            a_offset=offset, b_offset=offset + a_size,
+            in_features=spec.in_features, out_features=spec.out_features, kernel_size=spec.kernel_size,
+            stride=spec.stride, padding=spec.padding, dilation=spec.dilation,
+        )
+        offset += a_size + b_size
+    # Checked after the cast, so values that overflow the serving dtype are caught too.
+    if not bool(torch.isfinite(buffer).all()):
+        bad = next(t for t, m in modules.items() if not (torch.isfinite(m.a).all() and torch.isfinite(m.b).all()))
+        raise AdapterError(name, f"module {short(bad)!r}: weights contain NaN or infinite values"
+                                 + ("" if dtype == torch.float32 else f" in {str(dtype).removeprefix('torch.')}"))
+    return LoRAAdapter(
+        name=name,
+        is_slider=parsed.is_slider if is_slider is None else is_slider,
+        layout=parsed.layout,
+        modules=MappingProxyType(modules),
+        buffer=buffer,
+    )
+
+
+def load_lora(
+    source: Source,
+    name: str,
+    targets: Mapping[str, TargetSpec],
+    *,
+    max_rank: int = DEFAULT_MAX_RANK,
+    dtype: torch.dtype = torch.float32,
+    is_slider: bool | None = None,
+) -> LoRAAdapter:
+    """Read, validate and pack a LoRA safetensors file (path or bytes) against a base model.
+
+    `name` is how errors and the adapter refer to the file. `is_slider` overrides what the
+    file's metadata says. Raises AdapterError / UnsupportedAdapterKind, nothing else, for any
+    problem with the file.
+    """
+    parsed = parse_lora_file(source, name, targets)
+    return validate_lora(parsed, name, targets, max_rank=max_rank, dtype=dtype, is_slider=is_slider)

@@ -1,0 +1,1 @@
+"""The `sdserve` command line: one entry point, one module per subcommand."""

@@ -1,0 +1,143 @@
+"""`sdserve generate`: run requests through the engine in-process and write PNGs.
+
+Flags are GenerateRequest's field names with dashes (generated from the proto, so the CLI and
+the API cannot drift), plus shorthands: `--guidance` for `--guidance-scale`. With `--requests`,
+every line of a JSON-lines file is one request with the proto's field names; all of them go
+through the engine together, and `DIR/0000.png`, `DIR/0001.png`, ... come out in input order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from sdserve.cli.common import EXIT_FAILURE, fail, fail_on, quiet_libraries
+from sdserve.errors import SdserveError
+
+SHORTHANDS = {"guidance_scale": ["--guidance"]}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from sdserve.server.convert import request_fields
+
+    parser = subparsers.add_parser(
+        "generate",
+        help="generate images in-process (one request from flags, or a JSON-lines requests file)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    fields = parser.add_argument_group("request fields (GenerateRequest)")
+    for field in request_fields():
+        flags = [f"--{field.name.replace('_', '-')}", *SHORTHANDS.get(field.name, [])]
+        fields.add_argument(*flags, dest=field.name, type=field.python_type, default=None, help=field.comment)
+    io = parser.add_argument_group("input and output")
+    io.add_argument("--out", type=Path, help="output PNG (one request from flags)")
+    io.add_argument("--requests", type=Path, help="JSON-lines file, one GenerateRequest per line")
+    io.add_argument("--out-dir", type=Path, help="output directory for --requests")
+    engine = parser.add_argument_group("engine")
+    engine.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    engine.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16 (default: auto)")
+    engine.add_argument("--max-batch-rows", type=int, default=16, help="most UNet rows per step (default: 16)")
+    engine.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)
+
+
+def _specs_from_args(args: argparse.Namespace) -> list[tuple[str, Any]]:
+    from sdserve.server.convert import request_fields, spec_from_dict, spec_from_json_line
+
+    if args.requests is not None:
+        if args.out_dir is None:
+            fail("--requests needs --out-dir")
+        if args.prompt is not None:
+            fail("give either --prompt or --requests, not both")
+        try:
+            lines = args.requests.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            fail(f"--requests: cannot read {args.requests} ({exc.__class__.__name__})")
+        specs = []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            where = f"{args.requests.name} line {number}"
+            try:
+                spec = spec_from_json_line(line)
+            except SdserveError as exc:
+                fail_on(exc, where)
+            if not spec.model and args.model:
+                from dataclasses import replace
+
+                spec = replace(spec, model=args.model)
+            specs.append((where, spec))
+        if not specs:
+            fail(f"--requests: {args.requests.name} holds no requests")
+        return specs
+    if args.out is None:
+        fail("give --out FILE.png (or --requests FILE --out-dir DIR)")
+    if args.prompt is None:
+        fail("--prompt is required")
+    values = {f.name: getattr(args, f.name) for f in request_fields() if getattr(args, f.name) is not None}
+    try:
+        return [("request", spec_from_dict(values))]
+    except SdserveError as exc:
+        fail_on(exc)
+
+
+def _output_paths(args: argparse.Namespace, index: int, num_images: int) -> list[Path]:
+    if args.requests is not None:
+        stem, directory = f"{index:04d}", args.out_dir
+        if num_images == 1:
+            return [directory / f"{stem}.png"]
+        return [directory / f"{stem}_{k}.png" for k in range(num_images)]
+    if num_images == 1:
+        return [args.out]
+    return [args.out.with_name(f"{args.out.stem}_{k}{args.out.suffix}") for k in range(num_images)]
+
+
+def run(args: argparse.Namespace) -> int:
+    quiet_libraries()
+    from tqdm import tqdm
+
+    from sdserve.engine import Engine, EngineConfig
+    from sdserve.engine.png import encode_png
+
+    specs = _specs_from_args(args)
+    config = EngineConfig(max_batch_rows=args.max_batch_rows, device=args.device, dtype=args.dtype)
+    engine = Engine(config)
+    requests = []
+    for where, spec in specs:
+        try:
+            requests.append(engine.validate(spec))
+        except SdserveError as exc:
+            fail_on(exc, where if args.requests is not None else "")
+
+    bar = tqdm(total=0, unit="step", disable=args.quiet, file=sys.stderr, desc="denoising")
+
+    def show_progress(event) -> None:
+        if event.kind == "admitted":
+            bar.total += event.total_steps
+            bar.refresh()
+        elif event.kind == "step":
+            bar.update(1)
+
+    engine.observers.append(show_progress)
+    started = time.perf_counter()
+    outcomes = engine.generate(requests)
+    bar.close()
+    elapsed = time.perf_counter() - started
+
+    failed = 0
+    for index, outcome in enumerate(outcomes):
+        if isinstance(outcome, SdserveError):
+            failed += 1
+            print(f"sdserve: error: {specs[index][0]}: {outcome}", file=sys.stderr)
+            continue
+        paths = _output_paths(args, index, len(outcome.images))
+        for k, (path, image) in enumerate(zip(paths, outcome.images)):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(encode_png(image, outcome.parameters(k)))
+            print(f"{path}  seed={outcome.request.seed}")
+    print(f"{len(outcomes) - failed} request(s) in {elapsed:.2f} s", file=sys.stderr)
+    return EXIT_FAILURE if failed else 0

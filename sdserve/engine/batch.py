@@ -1,0 +1,68 @@
+"""A batch: the rows of several requests that share one UNet call.
+
+Each request owns a contiguous range of rows (`[uncond × n, cond × n]` under guidance). Per-row
+data is gathered here so that a backend sees plain tensors; later kinds of per-row conditioning
+(adapter slots and scales, ControlNet residuals, IP-Adapter image tokens) are added as further
+per-row fields of the same batch, filled from each request's state at each step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sdserve.engine.state import GroupKey, RequestState
+
+
+@dataclass
+class BatchEntry:
+    state: RequestState
+    row_start: int
+    row_stop: int
+    timestep: torch.Tensor  # the scheduler's own 0-d timestep for this step
+
+
+@dataclass
+class Batch:
+    key: GroupKey
+    entries: list[BatchEntry]
+    sample: torch.Tensor  # [rows, C, h, w], each request's latents scaled by its scheduler
+    timesteps: torch.Tensor  # [rows] float32: exact for integer timesteps, same as the UNet's cast
+    encoder_hidden_states: torch.Tensor  # [rows, seq, dim]
+    text_embeds: torch.Tensor | None  # [rows, pooled_dim] (SDXL)
+    time_ids: torch.Tensor | None  # [rows, 6] (SDXL)
+
+    @property
+    def num_rows(self) -> int:
+        return self.sample.shape[0]
+
+
+def assemble_batch(key: GroupKey, states: list[RequestState]) -> Batch:
+    entries: list[BatchEntry] = []
+    samples, timesteps, hidden, pooled, time_ids = [], [], [], [], []
+    row = 0
+    for state in states:
+        t = state.timesteps[state.step_index]
+        latents = state.latents
+        x = torch.cat([latents] * 2) if state.request.guidance else latents  # [rows_i, C, h, w]
+        x = state.scheduler.scale_model_input(x, t)
+        samples.append(x)
+        rows = x.shape[0]
+        timesteps.append(t.to(torch.float32).reshape(1).expand(rows))
+        cond = state.conditioning
+        hidden.append(cond.encoder_hidden_states)
+        if cond.text_embeds is not None:
+            pooled.append(cond.text_embeds)
+            time_ids.append(cond.time_ids)
+        entries.append(BatchEntry(state=state, row_start=row, row_stop=row + rows, timestep=t))
+        row += rows
+    return Batch(
+        key=key,
+        entries=entries,
+        sample=torch.cat(samples),
+        timesteps=torch.cat(timesteps).to(samples[0].device),
+        encoder_hidden_states=torch.cat(hidden),
+        text_embeds=torch.cat(pooled) if pooled else None,
+        time_ids=torch.cat(time_ids) if time_ids else None,
+    )

@@ -1,0 +1,32 @@
+"""The engine's configuration: one frozen dataclass, passed as one object."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch_rows: int = 16
+    """Most UNet rows (images × CFG rows) stepped in one UNet call; a request's rows never split."""
+    device: str = "auto"
+    """"auto" (CUDA when present, else CPU), "cpu", "cuda" or "cuda:N"."""
+    dtype: str = "auto"
+    """"auto" (float32 on CPU, float16 on CUDA), "float32", "float16" or "bfloat16"."""
+    max_decode_batch: int = 8
+    """Most images decoded by the VAE in one call."""
+    max_admit_per_step: int = 16
+    """Most queued requests prepared (prompts encoded, noise drawn) at one step boundary, so a burst
+    of arrivals does not stall the running batch for long."""
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.float16 if self.torch_device().type == "cuda" else torch.float32
+        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[self.dtype]

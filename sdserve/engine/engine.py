@@ -1,0 +1,255 @@
+"""The engine: validation, admission, batched steps, decode, and events, in one loop.
+
+The engine is single-threaded by design: one owner calls `step()` (the CLI directly, the server
+from its engine thread) and everything else talks to it through `submit` and `cancel`, which
+only enqueue. Each `step()` is one step boundary: drop cancelled or expired requests, admit
+queued ones, run one UNet call for one size group, advance those requests, decode the finished.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from sdserve.engine.batch import assemble_batch
+from sdserve.engine.batcher import Batcher
+from sdserve.engine.config import EngineConfig
+from sdserve.engine.decode import decode_latents
+from sdserve.engine.model import ModelStore
+from sdserve.engine.png import parameters_text
+from sdserve.engine.request import EngineRequest, RequestSpec, resolve
+from sdserve.engine.runner import Runner
+from sdserve.engine.state import RequestState, Timings, prepare_state
+from sdserve.errors import Cancelled, DeadlineExceeded, Internal, SdserveError
+
+
+@dataclass
+class GenerationResult:
+    request: EngineRequest
+    images: list[np.ndarray]  # each [H, W, 3] uint8
+    timings: dict[str, float]
+
+    def parameters(self, index: int = 0) -> str:
+        return parameters_text(self.request, index)
+
+
+@dataclass
+class EngineEvent:
+    """What a listener hears about its request: "admitted", "step", "done" or "error"."""
+
+    kind: str
+    request_id: str
+    step: int = 0
+    total_steps: int = 0
+    result: GenerationResult | None = None
+    error: SdserveError | None = None
+
+
+Listener = Callable[[EngineEvent], None]
+
+
+@dataclass
+class _Submission:
+    request: EngineRequest
+    listener: Listener | None
+    timings: Timings = field(default_factory=Timings)
+
+
+class Engine:
+    def __init__(self, config: EngineConfig | None = None, models: ModelStore | None = None) -> None:
+        self.config = config or EngineConfig()
+        self.models = models or ModelStore(self.config)
+        self.batcher = Batcher(self.config.max_batch_rows)
+        self.runner = Runner()
+        self._queue: queue.SimpleQueue[_Submission] = queue.SimpleQueue()
+        self._cancelled: set[str] = set()
+        self._listeners: dict[str, Listener | None] = {}
+        self._arrivals = 0
+        self._batch_calls = 0
+        self.observers: list[Listener] = []  # hear every request's events (progress bars, metrics)
+
+    # -- the outside world: thread-safe, enqueue only ------------------------------------------
+
+    def validate(
+        self, spec: RequestSpec, request_id: str = "", tenant: str = "", deadline: float | None = None
+    ) -> EngineRequest:
+        """Check a request against its model; raises InvalidArgument / NotFound naming the field."""
+        info = self.models.info(spec.model)
+        return resolve(
+            spec,
+            info,
+            max_batch_rows=self.config.max_batch_rows,
+            request_id=request_id,
+            tenant=tenant,
+            deadline=deadline,
+        )
+
+    def submit(self, request: EngineRequest, listener: Listener | None = None) -> None:
+        self._queue.put(_Submission(request, listener))
+
+    def cancel(self, request_id: str) -> None:
+        """The request leaves the batch at the next step boundary."""
+        self._cancelled.add(request_id)
+
+    # -- the loop: one owner ---------------------------------------------------------------
+
+    @property
+    def idle(self) -> bool:
+        return self._queue.empty() and len(self.batcher) == 0
+
+    def step(self) -> bool:
+        """One step boundary and at most one UNet call. False when there was nothing to do."""
+        self._drop_cancelled_and_expired()
+        self._admit()
+        picked = self.batcher.next_batch()
+        if picked is None:
+            return False
+        key, states = picked
+        model = states[0].model
+        try:
+            batch = assemble_batch(key, states)
+            self.runner.step(model, batch)
+        except Exception as exc:  # a failed UNet call fails its requests, not the engine
+            for state in states:
+                self._fail(state, Internal("the model failed on this request's batch"), exc)
+            return True
+        now = time.monotonic()
+        finished = []
+        for state in states:
+            if state.timings.first_step is None:
+                state.timings.first_step = now
+            self._emit(state.request, EngineEvent("step", state.request.request_id, state.step_index, state.num_steps))
+            if state.done:
+                state.timings.denoised = now
+                finished.append(state)
+        if finished:
+            self._decode(finished)
+        return True
+
+    def run_until_idle(self) -> None:
+        while self.step() or not self.idle:
+            pass
+
+    def generate(self, requests: Iterable[EngineRequest]) -> list[GenerationResult | SdserveError]:
+        """Run `requests` together; results (or each request's error) in input order."""
+        requests = list(requests)
+        outcomes: dict[int, GenerationResult | SdserveError] = {}
+
+        def listener_for(index: int) -> Listener:
+            def on_event(event: EngineEvent) -> None:
+                if event.kind == "done":
+                    outcomes[index] = event.result
+                elif event.kind == "error":
+                    outcomes[index] = event.error
+
+            return on_event
+
+        self._batch_calls += 1
+        for index, request in enumerate(requests):
+            # Listeners are keyed by request id, so ids must be unique within the engine.
+            request = _with_id(request, f"{request.request_id or 'gen'}#{self._batch_calls}.{index}")
+            self.submit(request, listener_for(index))
+        self.run_until_idle()
+        return [outcomes[i] for i in range(len(requests))]
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _emit(self, request: EngineRequest, event: EngineEvent) -> None:
+        for observer in self.observers:
+            observer(event)
+        listener = self._listeners.get(request.request_id)
+        if listener is not None:
+            listener(event)
+
+    def _fail(self, state_or_request, error: SdserveError, cause: BaseException | None = None) -> None:
+        request = state_or_request.request if isinstance(state_or_request, RequestState) else state_or_request
+        if isinstance(state_or_request, RequestState):
+            self.batcher.remove(state_or_request)
+        if cause is not None:
+            error.__cause__ = cause
+        self._emit(request, EngineEvent("error", request.request_id, error=error))
+        self._listeners.pop(request.request_id, None)
+
+    def _drop_cancelled_and_expired(self) -> None:
+        now = time.monotonic()
+        for state in self.batcher.active():
+            request = state.request
+            if request.request_id in self._cancelled:
+                self._cancelled.discard(request.request_id)
+                self._fail(state, Cancelled("the request was cancelled"))
+            elif request.deadline is not None and now > request.deadline:
+                self._fail(state, DeadlineExceeded("the request's deadline passed"))
+
+    def _admit(self) -> None:
+        for _ in range(self.config.max_admit_per_step):
+            try:
+                submission = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            request = submission.request
+            self._listeners[request.request_id] = submission.listener
+            if request.request_id in self._cancelled:
+                self._cancelled.discard(request.request_id)
+                self._fail(request, Cancelled("the request was cancelled"))
+                continue
+            if request.deadline is not None and time.monotonic() > request.deadline:
+                self._fail(request, DeadlineExceeded("the request's deadline passed"))
+                continue
+            try:
+                model = self.models.get(request.model)
+                submission.timings.admitted = time.monotonic()
+                state = prepare_state(request, model, self._arrivals, submission.timings)
+            except SdserveError as exc:
+                self._fail(request, exc)
+                continue
+            except Exception as exc:
+                self._fail(request, Internal("the request could not be prepared"), exc)
+                continue
+            self._arrivals += 1
+            self.batcher.add(state)
+            self._emit(request, EngineEvent("admitted", request.request_id, 0, state.num_steps))
+
+    def _decode(self, finished: list[RequestState]) -> None:
+        for state in finished:
+            self.batcher.remove(state)
+        model = finished[0].model
+        chunk: list[RequestState] = []
+        for state in finished:
+            chunk.append(state)
+            if sum(s.request.num_images for s in chunk) >= self.config.max_decode_batch:
+                self._decode_chunk(model, chunk)
+                chunk = []
+        if chunk:
+            self._decode_chunk(model, chunk)
+
+    def _decode_chunk(self, model, states: list[RequestState]) -> None:
+        try:
+            images = decode_latents(model, torch.cat([s.latents for s in states]))
+        except Exception as exc:
+            for state in states:
+                self._fail(state, Internal("decoding failed"), exc)
+            return
+        now = time.monotonic()
+        offset = 0
+        for state in states:
+            n = state.request.num_images
+            state.timings.decoded = now
+            result = GenerationResult(
+                request=state.request,
+                images=[images[offset + i] for i in range(n)],
+                timings=state.timings.as_dict(),
+            )
+            offset += n
+            self._emit(state.request, EngineEvent("done", state.request.request_id, result=result))
+            self._listeners.pop(state.request.request_id, None)
+
+
+def _with_id(request: EngineRequest, request_id: str) -> EngineRequest:
+    from dataclasses import replace
+
+    return replace(request, request_id=request_id)

@@ -1,0 +1,186 @@
+"""Loading a model: its components, its family, and what requests may ask of it.
+
+A model is a local diffusers-format directory (or a built-in name that resolves to one). Its
+`sdserve.json` records the family, the defaults a request's absent fields take, and the limits;
+a directory without one gets them inferred from its configs.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdserve.engine.config import EngineConfig
+from sdserve.errors import InvalidArgument, NotFound
+from sdserve.models.builtin import METADATA_FILE, builtin_names, builtin_path
+from sdserve.models.configs import ModelDefaults, ModelLimits
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the engine and the validator need to know about a model, without its weights."""
+
+    name: str
+    path: Path
+    family: str  # "sd1" | "sd2" | "sdxl"
+    defaults: ModelDefaults
+    limits: ModelLimits
+    vae_scale_factor: int
+    latent_channels: int
+    scheduler_config: dict[str, Any] = field(repr=False)
+    description: str = ""
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+def _infer_family(path: Path, model_index: dict[str, Any]) -> str:
+    if "XL" in model_index.get("_class_name", "") or (path / "text_encoder_2").is_dir():
+        return "sdxl"
+    scheduler = _read_json(path / "scheduler" / "scheduler_config.json")
+    text = _read_json(path / "text_encoder" / "config.json")
+    if scheduler.get("prediction_type") == "v_prediction" or text.get("hidden_act") == "gelu":
+        return "sd2"
+    return "sd1"
+
+
+def read_model_info(name: str, path: Path) -> ModelInfo:
+    """Describe the model at `path`; NotFound if it is not a diffusers-format SD directory."""
+    index_file = path / "model_index.json"
+    if not index_file.is_file() or not (path / "unet" / "config.json").is_file():
+        raise NotFound(f"model {name!r} is not a diffusers-format Stable Diffusion directory", field="model")
+    model_index = _read_json(index_file)
+    unet = _read_json(path / "unet" / "config.json")
+    vae = _read_json(path / "vae" / "config.json")
+    scheduler_config = _read_json(path / "scheduler" / "scheduler_config.json")
+    vae_scale = 2 ** (len(vae.get("block_out_channels", [0])) - 1)
+    meta_file = path / METADATA_FILE
+    if meta_file.is_file():
+        meta = _read_json(meta_file)
+        family = meta["family"]
+        defaults = ModelDefaults(**meta["defaults"])
+        limits = ModelLimits(**meta.get("limits", {}))
+        description = meta.get("description", "")
+    else:
+        family = _infer_family(path, model_index)
+        side = int(unet.get("sample_size", 64)) * vae_scale
+        defaults = ModelDefaults(
+            width=side,
+            height=side,
+            steps=30 if family == "sdxl" else 25,
+            guidance_scale=5.0 if family == "sdxl" else 7.5,
+            scheduler=scheduler_config.get("_class_name", "EulerDiscreteScheduler"),
+        )
+        limits = ModelLimits()
+        description = f"{family} model from a local directory"
+    return ModelInfo(
+        name=name,
+        path=path,
+        family=family,
+        defaults=defaults,
+        limits=limits,
+        vae_scale_factor=vae_scale,
+        latent_channels=int(unet.get("in_channels", 4)),
+        scheduler_config=scheduler_config,
+        description=description,
+    )
+
+
+@dataclass
+class LoadedModel:
+    """A model's modules on the engine's device. Base weights are never mutated while serving."""
+
+    info: ModelInfo
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoders: list[torch.nn.Module]
+    tokenizers: list[Any]
+    force_zeros_for_empty_prompt: bool
+    device: torch.device
+    dtype: torch.dtype
+    vae_dtype: torch.dtype
+
+
+def load_model(info: ModelInfo, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    path = info.path
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
+    # diffusers upcasts SDXL's VAE to float32 when it runs in float16 (force_upcast); we keep it
+    # there for good, which is the same math without casting back and forth every decode.
+    force_upcast = _read_json(path / "vae" / "config.json").get("force_upcast", True)
+    vae_dtype = torch.float32 if (dtype == torch.float16 and force_upcast) else dtype
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=vae_dtype)
+    encoders: list[torch.nn.Module] = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)]
+    tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")]
+    if info.family == "sdxl":
+        encoders.append(
+            CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", dtype=dtype)
+        )
+        tokenizers.append(CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2"))
+    for module in (unet, vae, *encoders):
+        module.to(device).eval().requires_grad_(False)
+    model_index = _read_json(path / "model_index.json")
+    return LoadedModel(
+        info=info,
+        unet=unet,
+        vae=vae,
+        text_encoders=encoders,
+        tokenizers=tokenizers,
+        force_zeros_for_empty_prompt=bool(model_index.get("force_zeros_for_empty_prompt", True)),
+        device=device,
+        dtype=dtype,
+        vae_dtype=vae_dtype,
+    )
+
+
+class ModelStore:
+    """Names -> models. Built-in names and local directories; weights load once, on first use."""
+
+    def __init__(self, config: EngineConfig, default_model: str = "default") -> None:
+        self.config = config
+        self.default_model = default_model
+        self._infos: dict[str, ModelInfo] = {}
+        self._loaded: dict[str, LoadedModel] = {}
+        self._lock = threading.Lock()
+
+    def resolve_name(self, name: str) -> str:
+        return name or self.default_model
+
+    def info(self, name: str) -> ModelInfo:
+        name = self.resolve_name(name)
+        with self._lock:
+            if name not in self._infos:
+                self._infos[name] = self._describe(name)
+            return self._infos[name]
+
+    def _describe(self, name: str) -> ModelInfo:
+        if name in builtin_names():
+            return read_model_info(name, builtin_path(name))
+        path = Path(name).expanduser()
+        if path.is_dir():
+            return read_model_info(name, path.resolve())
+        # Do not echo the name back as a path: it may be a server path the caller probed for.
+        raise NotFound("unknown model; see `sdserve models list`", field="model")
+
+    def get(self, name: str) -> LoadedModel:
+        info = self.info(name)
+        with self._lock:
+            if info.name not in self._loaded:
+                self._loaded[info.name] = load_model(info, self.config.torch_device(), self.config.torch_dtype())
+            return self._loaded[info.name]
+
+    def check_known(self, name: str) -> None:
+        try:
+            self.info(name)
+        except NotFound:
+            raise
+        except (OSError, ValueError, KeyError) as exc:
+            raise InvalidArgument("model directory could not be read", field="model") from exc

@@ -1,0 +1,71 @@
+"""The runner: one denoising step for every row of a batch.
+
+A backend predicts the noise for all rows in one call; the runner then applies each request's
+guidance and its own scheduler step. The eager backend serves any mix of requests; compiled
+backends (fused weights, ONNX Runtime, TensorRT) will declare which requests they can serve.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from sdserve.engine.batch import Batch
+from sdserve.engine.model import LoadedModel
+from sdserve.engine.state import RequestState
+
+
+class UNetBackend(Protocol):
+    name: str
+
+    def serves(self, state: RequestState) -> bool: ...
+
+    def predict_noise(self, model: LoadedModel, batch: Batch) -> torch.Tensor:
+        """Noise (or v) prediction for every row: [rows, C, h, w]."""
+        ...
+
+
+class EagerBackend:
+    """The model's own PyTorch modules; serves every request."""
+
+    name = "eager"
+
+    def serves(self, state: RequestState) -> bool:
+        return True
+
+    def predict_noise(self, model: LoadedModel, batch: Batch) -> torch.Tensor:
+        added = None
+        if batch.text_embeds is not None:
+            added = {"text_embeds": batch.text_embeds, "time_ids": batch.time_ids}
+        return model.unet(
+            batch.sample,
+            batch.timesteps,
+            encoder_hidden_states=batch.encoder_hidden_states,
+            added_cond_kwargs=added,
+            return_dict=False,
+        )[0]
+
+
+def advance(batch: Batch, noise_pred: torch.Tensor) -> None:
+    """Guidance and the scheduler step, request by request, on that request's rows alone."""
+    for entry in batch.entries:
+        state = entry.state
+        pred = noise_pred[entry.row_start : entry.row_stop]  # [rows_i, C, h, w]
+        if state.request.guidance:
+            uncond, cond = pred.chunk(2)
+            pred = uncond + state.request.guidance_scale * (cond - uncond)
+        state.latents = state.scheduler.step(
+            pred, entry.timestep, state.latents, **state.step_kwargs, return_dict=False
+        )[0]
+        state.step_index += 1
+
+
+class Runner:
+    def __init__(self, backend: UNetBackend | None = None) -> None:
+        self.backend = backend or EagerBackend()
+
+    @torch.inference_mode()
+    def step(self, model: LoadedModel, batch: Batch) -> None:
+        noise_pred = self.backend.predict_noise(model, batch)
+        advance(batch, noise_pred)

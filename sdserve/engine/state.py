@@ -1,0 +1,120 @@
+"""One running request: its own noise scheduler, generator, latents and conditioning.
+
+Nothing in a `RequestState` is shared with another request, which is what makes a request's
+image independent of its batch-mates (ARCHITECTURE rule 4).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from sdserve.engine.families import RowConditioning, family_of
+from sdserve.engine.model import LoadedModel
+from sdserve.engine.request import EngineRequest
+from sdserve.engine.schedulers import make_scheduler, resolve_scheduler, step_kwargs_accepted
+
+GroupKey = tuple[str, int, int]  # (model name, latent height, latent width)
+
+
+@dataclass
+class Timings:
+    submitted: float = field(default_factory=time.monotonic)
+    admitted: float | None = None
+    first_step: float | None = None
+    denoised: float | None = None
+    decoded: float | None = None
+
+    def as_dict(self) -> dict[str, float]:
+        """Seconds spent queued, denoising and decoding."""
+        admitted = self.admitted or self.submitted
+        denoised = self.denoised or admitted
+        return {
+            "queue": admitted - self.submitted,
+            "denoise": denoised - admitted,
+            "decode": (self.decoded or denoised) - denoised,
+        }
+
+
+@dataclass
+class RequestState:
+    request: EngineRequest
+    model: LoadedModel
+    arrival: int  # admission order, for fair ordering inside a size group
+    scheduler: Any
+    generator: torch.Generator
+    timesteps: torch.Tensor  # [num_steps] in the scheduler's dtype (Euler's are fractional)
+    latents: torch.Tensor  # [num_images, C, h, w]
+    conditioning: RowConditioning
+    step_kwargs: dict[str, Any]
+    timings: Timings
+    step_index: int = 0
+    last_tick: int = -1  # batcher tick at which this request last stepped
+
+    @property
+    def num_steps(self) -> int:
+        """UNet evaluations the scheduler asks for: the N of the step-activity rule."""
+        return len(self.timesteps)
+
+    @property
+    def done(self) -> bool:
+        return self.step_index >= self.num_steps
+
+    @property
+    def rows(self) -> int:
+        return self.request.rows
+
+    @property
+    def group_key(self) -> GroupKey:
+        return (self.model.info.name, self.latents.shape[-2], self.latents.shape[-1])
+
+
+def prepare_state(request: EngineRequest, model: LoadedModel, arrival: int, timings: Timings) -> RequestState:
+    """Encode the prompts and draw the initial noise, in diffusers' order of generator use."""
+    info = model.info
+    family = family_of(info.family)
+    with torch.inference_mode():
+        conditioning = family.encode(
+            model,
+            request.prompt,
+            request.negative_prompt,
+            request.guidance,
+            request.num_images,
+            request.width,
+            request.height,
+        )
+    choice = resolve_scheduler(request.scheduler)
+    scheduler = make_scheduler(choice, info.scheduler_config)
+    scheduler.set_timesteps(request.steps, device=model.device)
+    generator = torch.Generator("cpu").manual_seed(request.seed)
+    shape = (
+        request.num_images,
+        info.latent_channels,
+        request.height // info.vae_scale_factor,
+        request.width // info.vae_scale_factor,
+    )
+    # One randn of the whole request from its CPU generator, as diffusers' prepare_latents draws it.
+    latents = randn_tensor(shape, generator=generator, device=model.device, dtype=model.dtype)
+    latents = latents * scheduler.init_noise_sigma
+    takes_eta, takes_generator = step_kwargs_accepted(choice.class_name)
+    step_kwargs: dict[str, Any] = {}
+    if takes_eta:
+        step_kwargs["eta"] = 0.0
+    if takes_generator:
+        step_kwargs["generator"] = generator
+    return RequestState(
+        request=request,
+        model=model,
+        arrival=arrival,
+        scheduler=scheduler,
+        generator=generator,
+        timesteps=scheduler.timesteps,
+        latents=latents,
+        conditioning=conditioning,
+        step_kwargs=step_kwargs,
+        timings=timings,
+    )

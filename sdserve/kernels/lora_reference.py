@@ -1,0 +1,88 @@
+"""Torch reference of multi-LoRA over tokens: the CPU path and the oracle of the Triton kernels.
+
+Fast on CPU by construction: rows are grouped by slot stack (`LoRABatchMeta.plan`, built once per
+step), each stack's adapters are sliced to their real rank and concatenated into one down and one
+up matrix, and every contiguous token run does two matmuls. Rows with an empty stack and slots of
+rank 0 cost nothing; no per-token Python loops.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sdserve.kernels.lora_meta import LoRABatchMeta
+
+
+def add_multi_lora_reference(
+    y: torch.Tensor,  # [T, d_out]
+    x: torch.Tensor,  # [T, d_in]
+    lora_a: torch.Tensor,  # [num_slots, max_rank, d_in]
+    lora_b: torch.Tensor,  # [num_slots, d_out, max_rank]
+    slot_ranks: torch.Tensor,  # [num_slots] int32
+    meta: LoRABatchMeta,
+) -> None:
+    """y[t] += sum_k scale[row(t),k] * B[slot[row(t),k]] @ (A[slot[row(t),k]] @ x[t]), in place.
+
+    A is [r, d_in] and B is [d_out, r] (PEFT orientation); products accumulate in float32.
+    """
+    check_lora_args(y, x, lora_a, lora_b, slot_ranks, meta)
+    ranks = slot_ranks.tolist()  # one host read per call, never per token
+    if ranks and (min(ranks) < 0 or max(ranks) > lora_a.shape[1]):
+        raise ValueError(f"slot ranks must lie in [0, {lora_a.shape[1]}], got {ranks}")
+    compute_dtype = torch.float32
+    direct = y.dtype == compute_dtype and x.dtype == compute_dtype
+    for group in meta.plan:
+        entries = [(index, slot, ranks[slot]) for index, slot in enumerate(group.slots) if ranks[slot] > 0]
+        if not entries:
+            continue
+        # Stack the real-rank slices: down [R, d_in], up_t [R, d_out], R = sum of ranks.
+        down = torch.cat([lora_a[slot, :rank] for _, slot, rank in entries]).to(compute_dtype)
+        up_t = torch.cat([lora_b[slot, :, :rank].t() for _, slot, rank in entries]).to(compute_dtype)
+        for start, end, scales in group.runs:
+            x_run = x[start:end].to(compute_dtype)  # [n, d_in]
+            hidden = x_run @ down.t()  # [n, R]
+            if len(entries) == 1:
+                alpha = scales[entries[0][0]]
+            else:
+                alpha = 1.0
+                hidden *= _scale_vector(entries, scales, hidden.device)
+            if direct:
+                y[start:end].addmm_(hidden, up_t, alpha=alpha)
+            else:
+                y[start:end] += torch.mm(hidden, up_t).mul_(alpha)
+
+
+def _scale_vector(
+    entries: list[tuple[int, int, int]], scales: tuple[float, ...], device: torch.device
+) -> torch.Tensor:
+    """[R] float32: each entry's scale repeated over its rank."""
+    return torch.cat([torch.full((rank,), scales[index], dtype=torch.float32) for index, _, rank in entries]).to(
+        device
+    )
+
+
+def check_lora_args(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    slot_ranks: torch.Tensor,
+    meta: LoRABatchMeta,
+) -> None:
+    """Shape and dtype checks shared by the reference and the Triton wrapper."""
+    if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"x [T, d_in] and y [T, d_out] expected, got {tuple(x.shape)} and {tuple(y.shape)}")
+    if lora_a.dim() != 3 or lora_b.dim() != 3:
+        raise ValueError("lora_a [slots, max_rank, d_in] and lora_b [slots, d_out, max_rank] expected")
+    num_slots, max_rank, d_in = lora_a.shape
+    if d_in != x.shape[1]:
+        raise ValueError(f"lora_a has d_in {d_in}, x has {x.shape[1]}")
+    if tuple(lora_b.shape) != (num_slots, y.shape[1], max_rank):
+        raise ValueError(f"lora_b {tuple(lora_b.shape)} does not match ({num_slots}, {y.shape[1]}, {max_rank})")
+    if tuple(slot_ranks.shape) != (num_slots,):
+        raise ValueError(f"slot_ranks must be [{num_slots}], got {tuple(slot_ranks.shape)}")
+    if x.shape[0] != meta.num_tokens:
+        raise ValueError(f"x has {x.shape[0]} tokens, the batch metadata {meta.num_tokens}")
+    for dtype in (x.dtype, y.dtype, lora_a.dtype, lora_b.dtype):
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"unsupported dtype {dtype}")

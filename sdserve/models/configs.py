@@ -1,0 +1,217 @@
+"""Configs of the built-in models: tiny ones for each family (tests) and the SD 1.x `default`.
+
+Each built-in is a frozen `BuiltinSpec`; `sdserve.models.builtin` turns it into a diffusers-format
+directory deterministically (fixed seed, no network). The tiny configs follow the shapes diffusers'
+own tests use for each family, so they exercise the real code paths (cross-attention, linear
+projections, SDXL's text-time embedding, v-prediction) at a few hundred thousand parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# SD's training noise schedule, shared by every family (SD 2.x adds v-prediction on top).
+SD_SCHEDULE: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "steps_offset": 1,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "timestep_spacing": "leading",
+}
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """What a request's absent fields take for this model."""
+
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    scheduler: str
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """Bounds a request must respect for this model."""
+
+    max_steps: int = 250
+    """Most denoising steps one request may ask for (schedulers may lower it, e.g. LCM)."""
+    min_side: int = 8
+    """Smallest width/height in pixels."""
+    max_side: int = 2048
+    """Largest width/height in pixels."""
+    max_pixels: int = 2048 * 2048
+    """Largest width × height."""
+    max_num_images: int = 8
+    """Most images one request may ask for."""
+
+
+@dataclass(frozen=True)
+class BuiltinSpec:
+    name: str
+    family: str  # "sd1" | "sd2" | "sdxl"
+    description: str
+    defaults: ModelDefaults
+    limits: ModelLimits
+    unet: dict[str, Any]
+    vae: dict[str, Any]
+    text_encoder: dict[str, Any]
+    text_encoder_2: dict[str, Any] | None = None
+    scheduler_class: str = "EulerDiscreteScheduler"
+    scheduler: dict[str, Any] = field(default_factory=lambda: dict(SD_SCHEDULE))
+    pipeline_config: dict[str, Any] = field(default_factory=dict)
+    version: int = 1  # bump when the spec changes, so cached directories are rebuilt
+
+
+def _tiny_vae(scaling_factor: float = 0.18215, force_upcast: bool = True) -> dict[str, Any]:
+    return {
+        "block_out_channels": [32, 64],
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        "latent_channels": 4,
+        "sample_size": 32,
+        "scaling_factor": scaling_factor,
+        "force_upcast": force_upcast,
+    }
+
+
+def _tiny_text_encoder(hidden_act: str = "quick_gelu", projection_dim: int = 32) -> dict[str, Any]:
+    # vocab_size and token ids are filled in by the builder from the tokenizer it writes.
+    return {
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "layer_norm_eps": 1e-05,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 5,
+        "projection_dim": projection_dim,
+        "hidden_act": hidden_act,
+        "max_position_embeddings": 77,
+    }
+
+
+TINY_LIMITS = ModelLimits(max_side=256, max_pixels=256 * 256)
+
+TINY_SD1 = BuiltinSpec(
+    name="tiny-sd1",
+    family="sd1",
+    description="tiny SD 1.x (CLIP text encoder, epsilon prediction), random weights, for tests",
+    defaults=ModelDefaults(width=32, height=32, steps=4, guidance_scale=7.5, scheduler="euler"),
+    limits=TINY_LIMITS,
+    unet={
+        "block_out_channels": [32, 64],
+        "layers_per_block": 2,
+        "sample_size": 16,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+        "cross_attention_dim": 32,
+    },
+    vae=_tiny_vae(),
+    text_encoder=_tiny_text_encoder(),
+)
+
+TINY_SD2 = BuiltinSpec(
+    name="tiny-sd2",
+    family="sd2",
+    description="tiny SD 2.x (OpenCLIP-style gelu text encoder, linear projections, v-prediction), random weights",
+    defaults=ModelDefaults(width=32, height=32, steps=4, guidance_scale=7.5, scheduler="euler"),
+    limits=TINY_LIMITS,
+    unet={
+        "block_out_channels": [32, 64],
+        "layers_per_block": 2,
+        "sample_size": 16,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+        "cross_attention_dim": 32,
+        "attention_head_dim": [2, 4],
+        "use_linear_projection": True,
+    },
+    vae=_tiny_vae(),
+    text_encoder=_tiny_text_encoder(hidden_act="gelu", projection_dim=64),
+    scheduler=dict(SD_SCHEDULE, prediction_type="v_prediction"),
+)
+
+TINY_SDXL = BuiltinSpec(
+    name="tiny-sdxl",
+    family="sdxl",
+    description="tiny SDXL (two text encoders, pooled embeddings, size/crop time ids), random weights",
+    defaults=ModelDefaults(width=32, height=32, steps=4, guidance_scale=5.0, scheduler="euler"),
+    limits=TINY_LIMITS,
+    unet={
+        "block_out_channels": [32, 64],
+        "layers_per_block": 2,
+        "sample_size": 16,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+        "attention_head_dim": [2, 4],
+        "use_linear_projection": True,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 8,
+        "transformer_layers_per_block": [1, 2],
+        # 6 time ids × 8 + the pooled width of text_encoder_2 (32)
+        "projection_class_embeddings_input_dim": 80,
+        "cross_attention_dim": 64,
+        "norm_num_groups": 1,
+    },
+    vae=_tiny_vae(scaling_factor=0.13025),
+    text_encoder=_tiny_text_encoder(hidden_act="gelu"),
+    text_encoder_2=_tiny_text_encoder(hidden_act="gelu"),
+    pipeline_config={"force_zeros_for_empty_prompt": True},
+)
+
+# The embedded default: SD 1.x architecture (8x VAE, three UNet levels), small enough for a CPU.
+DEFAULT = BuiltinSpec(
+    name="default",
+    family="sd1",
+    description="embedded SD 1.x-architecture model (random weights until trained ones ship)",
+    defaults=ModelDefaults(width=64, height=64, steps=20, guidance_scale=7.5, scheduler="dpmpp_2m"),
+    limits=ModelLimits(max_side=512, max_pixels=512 * 512),
+    unet={
+        "block_out_channels": [32, 64, 128],
+        "layers_per_block": 1,
+        "sample_size": 8,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+        "cross_attention_dim": 64,
+        "attention_head_dim": 8,
+        "norm_num_groups": 16,
+    },
+    vae={
+        "block_out_channels": [32, 32, 64, 64],
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4,
+        "latent_channels": 4,
+        "layers_per_block": 1,
+        "norm_num_groups": 16,
+        "sample_size": 64,
+        "scaling_factor": 0.18215,
+    },
+    text_encoder={
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "layer_norm_eps": 1e-05,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 4,
+        "projection_dim": 64,
+        "hidden_act": "quick_gelu",
+        "max_position_embeddings": 77,
+    },
+)
+
+BUILTIN_SPECS: dict[str, BuiltinSpec] = {s.name: s for s in (DEFAULT, TINY_SD1, TINY_SD2, TINY_SDXL)}

@@ -1,0 +1,75 @@
+"""A CLIP tokenizer whose vocabulary sdserve builds itself (no download).
+
+CLIP's tokenizer is byte-level BPE: a word is split into byte-symbols, the last one carrying
+the `</w>` end-of-word marker, and merges join symbols by rank. We start from the 256 byte
+symbols (each also with `</w>`), so any text tokenizes, and add merges that build each given
+word into one token, so the words a model is trained on get one embedding each.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from transformers import CLIPTokenizer
+
+BOS = "<|startoftext|>"
+EOS = "<|endoftext|>"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """The reversible byte -> printable-character map that GPT-2/CLIP BPE uses."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in chars)))
+
+
+def build_vocab(words: Iterable[str]) -> tuple[dict[str, int], list[str]]:
+    """Return (vocab, merges) holding every byte symbol plus one whole-word token per word."""
+    symbols = list(_bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for token in symbols + [s + "</w>" for s in symbols]:
+        vocab.setdefault(token, len(vocab))
+    merges: list[str] = []
+    for word in sorted({w.lower() for w in words if w}):
+        byte_map = _bytes_to_unicode()
+        pieces = [byte_map[b] for b in word.encode("utf-8")]
+        pieces[-1] += "</w>"
+        current = pieces[0]
+        for nxt in pieces[1:]:
+            merge = f"{current} {nxt}"
+            if merge not in merges:
+                merges.append(merge)
+            current = current + nxt
+            vocab.setdefault(current, len(vocab))
+    for special in (BOS, EOS):
+        vocab.setdefault(special, len(vocab))
+    return vocab, merges
+
+
+def write_clip_tokenizer(out_dir: Path, words: Iterable[str] = (), model_max_length: int = 77) -> CLIPTokenizer:
+    """Write vocab.json/merges.txt (+ tokenizer config) to `out_dir`, loadable by `CLIPTokenizer`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vocab, merges = build_vocab(words)
+    (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, sort_keys=False))
+    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + ("\n" if merges else ""))
+    tokenizer = CLIPTokenizer(
+        vocab=str(out_dir / "vocab.json"), merges=str(out_dir / "merges.txt"), model_max_length=model_max_length
+    )
+    tokenizer.save_pretrained(out_dir)
+    return tokenizer
+
+
+def vocab_size(words: Iterable[str] = ()) -> int:
+    return len(build_vocab(words)[0])

@@ -1,0 +1,319 @@
+"""Train the embedded base model on the shapes world: VAE first, then UNet + text encoder.
+
+Stage 1 (VAE) minimises pixel MSE, with shape pixels weighted up (`fg_weight`) because shapes
+cover a few percent of an image and their colour is what the scorer and users read, plus SD's
+tiny KL term. Its exit check is the scorer's colour accuracy on reconstructions.
+Stage 2 trains the UNet and a CLIP text encoder jointly on SD's DDPM objective (epsilon,
+scaled_linear betas), with 10 % empty captions for classifier-free guidance, min-SNR-5 loss
+weights, warmup + cosine LR and an EMA of the weights, which is what gets saved.
+
+Each stage runs for a time budget (or `max_steps`), checkpoints every `checkpoint_s`, and
+resumes from its checkpoint with `resume`. The output is a diffusers StableDiffusionPipeline
+directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, PNDMScheduler, StableDiffusionPipeline
+from tqdm import tqdm
+
+from sdserve.models.shapes.captions import full_spec
+from sdserve.models.shapes.components import (
+    NOISE_SCHEDULE,
+    ComponentSizes,
+    build_text_encoder,
+    build_tokenizer,
+    build_unet,
+    build_vae,
+)
+from sdserve.models.shapes.scorer import score
+from sdserve.trainers.shapes_data import (
+    STAGE_UNET,
+    STAGE_VAE,
+    LatentPool,
+    batch_rng,
+    draw_scenes,
+    from_pixels,
+    to_pixels,
+)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a base-model training run depends on; the CLI mirrors these fields."""
+
+    out: Path
+    """Output directory: the pipeline, plus checkpoints/ and train_log.jsonl."""
+    world: str = "shapes"
+    """Synthetic world to train on (only "shapes" exists)."""
+    seed: int = 0
+    """Seeds weights, the data stream and the noise."""
+    vae_minutes: float = 12.0
+    """Wall-clock budget of the VAE stage."""
+    unet_minutes: float = 45.0
+    """Wall-clock budget of the UNet + text-encoder stage."""
+    vae_max_steps: int | None = None
+    """Stop the VAE stage after this many steps even if time is left (tests, exact reruns)."""
+    unet_max_steps: int | None = None
+    """Likewise for the UNet stage."""
+    resume: bool = False
+    """Continue from checkpoints in `out` instead of starting over."""
+    sizes: ComponentSizes = field(default_factory=ComponentSizes)
+    """Widths of the networks."""
+    vae_batch: int = 16
+    vae_lr: float = 1e-3
+    fg_weight: float = 8.0
+    """Loss weight of shape pixels relative to background pixels in the VAE stage."""
+    kl_weight: float = 1e-6
+    unet_batch: int = 64
+    unet_lr: float = 1e-3
+    warmup_steps: int = 100
+    cfg_dropout: float = 0.1
+    """Share of captions replaced by "" so the model also learns the unconditional branch."""
+    min_snr_gamma: float = 5.0
+    ema_decay: float = 0.998
+    pool_size: int = 8192
+    """Encoded scenes held in the latent ring (see shapes_data.LatentPool)."""
+    pool_refresh: int = 16
+    """Fresh scenes encoded into the ring per UNet step."""
+    checkpoint_s: float = 120.0
+    threads: int = 1
+    """torch intra-op threads; the shared CPU asks for 1 in spikes."""
+    progress: bool = True
+
+
+def _lr_factor(step: int, progress: float, warmup: int) -> float:
+    """Linear warmup, then cosine from 1 to 0.1 over the run's progress (time or steps)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _log(cfg: TrainConfig, record: dict) -> None:
+    with (cfg.out / "train_log.jsonl").open("a") as log:
+        log.write(json.dumps(record) + "\n")
+
+
+class _Stage:
+    """Budget, progress bar and checkpoint bookkeeping shared by both stages."""
+
+    def __init__(self, cfg: TrainConfig, name: str, minutes: float, max_steps: int | None):
+        self.cfg, self.name, self.max_steps = cfg, name, max_steps
+        self.budget_s = minutes * 60
+        self.path = cfg.out / "checkpoints" / f"{name}.pt"
+        self.step, self.elapsed_prior = 0, 0.0
+        self.start = time.monotonic()
+        self.last_ckpt = self.start
+        self.bar = tqdm(total=max_steps, desc=name, disable=not cfg.progress, dynamic_ncols=True)
+
+    def load(self) -> dict | None:
+        if not (self.cfg.resume and self.path.exists()):
+            return None
+        state = torch.load(self.path, weights_only=True)
+        self.step, self.elapsed_prior = state["step"], state["elapsed_s"]
+        self.bar.update(self.step)
+        return state
+
+    @property
+    def elapsed(self) -> float:
+        return self.elapsed_prior + time.monotonic() - self.start
+
+    @property
+    def progress(self) -> float:
+        by_time = self.elapsed / self.budget_s if self.budget_s > 0 else 1.0
+        by_steps = self.step / max(self.max_steps, 1) if self.max_steps is not None else 0.0
+        return max(by_time, by_steps)
+
+    def running(self) -> bool:
+        return self.progress < 1.0
+
+    def tick(self, loss: float, save: Callable[[], dict]) -> None:
+        self.step += 1
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.4f}", min=f"{self.elapsed / 60:.1f}")
+        if self.step % 25 == 0:
+            _log(self.cfg, {"stage": self.name, "step": self.step, "loss": loss, "elapsed_s": self.elapsed})
+        if time.monotonic() - self.last_ckpt > self.cfg.checkpoint_s:
+            self.save(save(), done=False)
+
+    def save(self, state: dict, done: bool) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        state |= {"step": self.step, "elapsed_s": self.elapsed, "done": done}
+        torch.save(state, self.path.with_suffix(".tmp"))
+        self.path.with_suffix(".tmp").replace(self.path)  # never leave a torn checkpoint
+        self.last_ckpt = time.monotonic()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def vae_color_accuracy(vae, seed: int, count: int = 256) -> dict[str, float]:
+    """Scorer accuracy on VAE reconstructions of fixed scenes: the VAE stage's exit check."""
+    scenes = draw_scenes(batch_rng(seed, 0, 0), count)
+    totals: dict[str, float] = {}
+    with torch.no_grad():
+        for start in range(0, count, 64):
+            chunk = scenes[start : start + 64]
+            pixels, _ = to_pixels(chunk)
+            recon = vae.decode(vae.encode(pixels).latent_dist.mode()).sample  # [B, 3, 64, 64]
+            for scene, image in zip(chunk, from_pixels(recon)):
+                for key, ok in score(full_spec(scene), image).items():
+                    totals[key] = totals.get(key, 0.0) + bool(ok) / count
+    return totals
+
+
+def train_vae(cfg: TrainConfig):
+    vae = build_vae(cfg.sizes)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    stage = _Stage(cfg, "vae", cfg.vae_minutes, cfg.vae_max_steps)
+    state = stage.load()
+    if state is not None:
+        vae.load_state_dict(state["vae"])
+        optimizer.load_state_dict(state["optimizer"])
+    generator = torch.Generator().manual_seed(cfg.seed)
+    while state is None or not state.get("done"):
+        if not stage.running():
+            break
+        pixels, masks = to_pixels(draw_scenes(batch_rng(cfg.seed, STAGE_VAE, stage.step), cfg.vae_batch))
+        posterior = vae.encode(pixels).latent_dist
+        recon = vae.decode(posterior.sample(generator)).sample  # [B, 3, 64, 64]
+        weights = 1.0 + (cfg.fg_weight - 1.0) * masks  # [B, 1, 64, 64]
+        loss = (weights * (recon - pixels) ** 2).mean() / weights.mean()
+        loss = loss + cfg.kl_weight * posterior.kl().mean()
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.vae_lr * _lr_factor(stage.step, stage.progress, cfg.warmup_steps)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        stage.tick(loss.item(), lambda: {"vae": vae.state_dict(), "optimizer": optimizer.state_dict()})
+    stage.close()
+    vae.eval()
+    if state is None or not state.get("done"):
+        stage.save({"vae": vae.state_dict(), "optimizer": optimizer.state_dict()}, done=True)
+        _log(cfg, {"stage": "vae", "eval": vae_color_accuracy(vae, cfg.seed), "steps": stage.step})
+    return vae
+
+
+@torch.no_grad()
+def _encode(vae, scenes, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled posterior mean and std, [B, 4, h, w] each."""
+    posterior = vae.encode(to_pixels(scenes)[0]).latent_dist
+    factor = vae.config.scaling_factor
+    return posterior.mean * factor, posterior.std * factor
+
+
+def _set_scaling_factor(vae, seed: int) -> None:
+    """SD scales latents to unit variance; measure this VAE's factor on fixed scenes."""
+    with torch.no_grad():
+        latents = vae.encode(to_pixels(draw_scenes(batch_rng(seed, 0, 1), 256))[0]).latent_dist.mean
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+
+
+def train_unet(cfg: TrainConfig, vae, tokenizer):
+    latent_size = 64 // cfg.sizes.vae_downsample
+    unet = build_unet(cfg.sizes, latent_size)
+    text_encoder = build_text_encoder(cfg.sizes, tokenizer)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
+    ema = [p.detach().clone() for p in params]
+    stage = _Stage(cfg, "unet", cfg.unet_minutes, cfg.unet_max_steps)
+    state = stage.load()
+    if state is not None:
+        unet.load_state_dict(state["unet"])
+        text_encoder.load_state_dict(state["text_encoder"])
+        optimizer.load_state_dict(state["optimizer"])
+        ema = list(state["ema"])
+    noise_scheduler = DDPMScheduler(**NOISE_SCHEDULE)
+    alphas = noise_scheduler.alphas_cumprod  # [1000]
+    snr = alphas / (1 - alphas)  # [1000]
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + stage.step)
+    pool_size = cfg.pool_size if stage.running() and not (state and state.get("done")) else 0
+    pool_scenes = draw_scenes(batch_rng(cfg.seed, STAGE_UNET, 10**9 + stage.step), pool_size)
+    encoded = [_encode(vae, pool_scenes[i : i + 256], generator) for i in range(0, pool_size, 256)]
+    pool = LatentPool(pool_scenes, *(torch.cat(parts) for parts in zip(*encoded))) if encoded else None
+
+    def snapshot() -> dict:
+        return {
+            "unet": unet.state_dict(),
+            "text_encoder": text_encoder.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "ema": ema,
+        }
+
+    while (state is None or not state.get("done")) and stage.running():
+        rng = batch_rng(cfg.seed, STAGE_UNET, stage.step)
+        fresh = draw_scenes(rng, cfg.pool_refresh)
+        pool.replace(fresh, *_encode(vae, fresh, generator))
+        latents, captions = pool.sample(rng, generator, cfg.unet_batch)  # [B, 4, h, w]
+        captions = ["" if rng.random() < cfg.cfg_dropout else c for c in captions]
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids  # [B, T]
+        timesteps = torch.randint(0, len(alphas), (len(captions),), generator=generator)  # [B]
+        noise = torch.randn(latents.shape, generator=generator)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        states = text_encoder(ids)[0]  # [B, T, text_hidden]
+        pred = unet(noisy, timesteps, states).sample  # [B, 4, h, w]
+        # min-SNR-gamma weights for epsilon prediction: min(snr, gamma) / snr.
+        weight = torch.clamp(snr[timesteps], max=cfg.min_snr_gamma) / snr[timesteps]  # [B]
+        loss = (weight * F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3))).mean()
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.unet_lr * _lr_factor(stage.step, stage.progress, cfg.warmup_steps)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        decay = min(cfg.ema_decay, (1 + stage.step) / (10 + stage.step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
+        stage.tick(loss.item(), snapshot)
+    stage.close()
+    if state is None or not state.get("done"):
+        stage.save(snapshot(), done=True)
+    with torch.no_grad():  # ship the EMA weights
+        for p, e in zip(params, ema):
+            p.copy_(e)
+    return unet.eval(), text_encoder.eval()
+
+
+def save_pipeline(out: Path, vae, unet, text_encoder, tokenizer) -> StableDiffusionPipeline:
+    """Write a stock-loadable SD 1.x pipeline directory (no safety checker)."""
+    # SD 1.x ships PNDM for sampling with the same betas the model was trained on.
+    scheduler = PNDMScheduler(
+        **{k: v for k, v in NOISE_SCHEDULE.items() if k != "clip_sample"},
+        skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    return pipe
+
+
+def train_base(cfg: TrainConfig) -> Path:
+    """Run both stages and write the pipeline to `cfg.out`; returns that path."""
+    if cfg.world != "shapes":
+        raise ValueError(f"unknown world {cfg.world!r}; only 'shapes' exists")
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)  # diffusers' init draws only from torch; this pins anything else
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    if not cfg.resume:
+        (cfg.out / "train_log.jsonl").unlink(missing_ok=True)
+    _log(cfg, {"config": json.loads(json.dumps(asdict(cfg), default=str))})
+    tokenizer = build_tokenizer(cfg.out / "tokenizer")
+    vae = train_vae(cfg)
+    _set_scaling_factor(vae, cfg.seed)
+    unet, text_encoder = train_unet(cfg, vae, tokenizer)
+    save_pipeline(cfg.out, vae, unet, text_encoder, tokenizer)
+    return cfg.out
