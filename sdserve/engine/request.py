@@ -11,7 +11,7 @@ import random
 from dataclasses import dataclass, field, fields
 
 from sdserve.engine.model import ModelInfo
-from sdserve.engine.schedulers import max_steps_for, resolve_scheduler
+from sdserve.engine.schedulers import make_scheduler, max_steps_for, resolve_scheduler
 from sdserve.errors import InvalidArgument
 
 MAX_SEED = 2**63 - 1
@@ -102,6 +102,12 @@ def resolve(
         if max_steps < limits.max_steps:
             rule += f" for scheduler {scheduler}"
         raise InvalidArgument(f"{rule} (got {steps})", field="steps")
+    try:
+        # Some schedulers have rules of their own (PNDM's Runge-Kutta warm-up needs enough steps);
+        # setting the timesteps once here is cheap and turns them into a validation error.
+        make_scheduler(choice, info.scheduler_config).set_timesteps(steps)
+    except (ValueError, IndexError) as exc:
+        raise InvalidArgument(f"scheduler {scheduler} cannot take {steps} steps", field="steps") from exc
 
     guidance = spec.guidance_scale if spec.guidance_scale is not None else defaults.guidance_scale
     if not (0.0 <= guidance <= MAX_GUIDANCE):  # also refuses NaN

@@ -21,6 +21,7 @@ SD_SCHEDULE: dict[str, Any] = {
     "clip_sample": False,
     "set_alpha_to_one": False,
     "timestep_spacing": "leading",
+    "skip_prk_steps": True,  # as SD 1.5 ships PNDM: PLMS only
 }
 
 
@@ -65,7 +66,7 @@ class BuiltinSpec:
     scheduler_class: str = "EulerDiscreteScheduler"
     scheduler: dict[str, Any] = field(default_factory=lambda: dict(SD_SCHEDULE))
     pipeline_config: dict[str, Any] = field(default_factory=dict)
-    version: int = 1  # bump when the spec changes, so cached directories are rebuilt
+    version: int = 2  # bump when the spec changes, so cached directories are rebuilt
 
 
 def _tiny_vae(scaling_factor: float = 0.18215, force_upcast: bool = True) -> dict[str, Any]:
