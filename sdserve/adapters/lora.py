@@ -132,7 +132,7 @@ def parse_lora_file(source: Source, name: str, targets: Mapping[str, TargetSpec]
     if layout == "kohya":
         pairs = parse_kohya(name, raw.tensors, targets.keys())
     else:
-        pairs = parse_peft(name, raw.tensors, raw.metadata)
+        pairs = parse_peft(name, raw.tensors, raw.metadata, targets)
     return ParsedLoRA(layout=layout, pairs=pairs, is_slider=detect.is_slider(raw.metadata))
 
 
@@ -155,8 +155,10 @@ def _check_pair(name: str, pair: RawPair, spec: TargetSpec, max_rank: int) -> in
         raise AdapterError(name, f"{where}: rank {rank} exceeds the maximum of {max_rank}")
     kh, kw = spec.kernel_size
     if spec.kind == "linear":
-        down_ok = down.shape == (rank, spec.in_features)
-        up_ok = up.shape == (spec.out_features, rank)
+        # LoRAs trained where proj_in/proj_out were 1x1 convs (SD 1.x) keep 1x1 factors when
+        # used on models where they are linear (SD 2.x, SDXL): the same product.
+        down_ok = down.shape in ((rank, spec.in_features), (rank, spec.in_features, 1, 1))
+        up_ok = up.shape in ((spec.out_features, rank), (spec.out_features, rank, 1, 1))
         need_down = f"[{rank}, {spec.in_features}]"
         need_up = f"[{spec.out_features}, {rank}]"
     else:

@@ -19,6 +19,7 @@ import torch
 from sdserve.adapters.formats.kohya import flatten
 from sdserve.adapters.formats.peft import METADATA_KEY
 from sdserve.adapters.lora import LoRAAdapter, LoRAModule
+from sdserve.adapters.targets import portable_path
 
 SLIDER_METADATA_KEY = "sdserve_slider"
 
@@ -35,14 +36,18 @@ def _factors(module: LoRAModule) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _peft_config(modules: list[tuple[str, LoRAModule]]) -> dict[str, object]:
-    """A LoraConfig dict (as diffusers writes it) that gives every module its rank and scale."""
+    """A LoraConfig dict (as diffusers writes it) that gives every module its rank and scale.
+
+    Paths are written without the text encoders' "text_model." level and patterns unanchored:
+    PEFT matches both as dotted suffixes, so the config fits a CLIP model with or without that
+    level (diffusers drops it from the weights' keys, but not from the config).
+    """
     ranks = Counter(module.rank for _, module in modules)
     alphas = Counter(module.scale * module.rank for _, module in modules)
     r, lora_alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
     rank_pattern, alpha_pattern = {}, {}
     for path, module in modules:
-        # Anchored full paths, as diffusers writes them, so no pattern matches another module.
-        pattern = "^" + re.escape(path)
+        pattern = re.escape(path)
         if module.rank != r:
             rank_pattern[pattern] = module.rank
         if module.scale * module.rank != lora_alpha:
@@ -71,10 +76,11 @@ def lora_state_dict(
         per_component: dict[str, list[tuple[str, LoRAModule]]] = {}
         for target, module in adapter.modules.items():
             down, up = _factors(module)
-            tensors[f"{target}.lora_A.weight"] = down
-            tensors[f"{target}.lora_B.weight"] = up
             component, _, path = target.partition(".")
-            per_component.setdefault(component, []).append((path, module))
+            stem = f"{component}.{portable_path(component, path)}"
+            tensors[f"{stem}.lora_A.weight"] = down
+            tensors[f"{stem}.lora_B.weight"] = up
+            per_component.setdefault(component, []).append((path.removeprefix("text_model."), module))
         packed = {
             f"{component}.{key}": value
             for component, modules in per_component.items()
@@ -87,7 +93,7 @@ def lora_state_dict(
         prefixes = {"unet": "lora_unet_", "text_encoder": te_prefix, "text_encoder_2": "lora_te2_"}
         for target, module in adapter.modules.items():
             component, _, path = target.partition(".")
-            stem = prefixes[component] + flatten(path)
+            stem = prefixes[component] + flatten(portable_path(component, path))
             down, up = _factors(module)
             tensors[f"{stem}.lora_down.weight"] = down
             tensors[f"{stem}.lora_up.weight"] = up

@@ -68,6 +68,35 @@ def spec_of(module: torch.nn.Module) -> TargetSpec | None:
     return None
 
 
+# transformers 5 flattened CLIPTextModel (no "text_model." level) while CLIPTextModelWithProjection
+# keeps one; LoRA files from either era name text-encoder modules with or without it.
+_CLIP_WRAPPER = "text_model."
+_CLIP_INNER = ("embeddings.", "encoder.", "final_layer_norm")
+
+
+def resolve_target(target: str, targets: Mapping[str, TargetSpec]) -> str | None:
+    """The target name under which the base model has `target`, allowing for the text encoders'
+    optional "text_model." level; None when the model has no such module."""
+    if target in targets:
+        return target
+    component, _, path = target.partition(".")
+    if not component.startswith("text_encoder"):
+        return None
+    if path.startswith(_CLIP_WRAPPER):
+        alias = f"{component}.{path.removeprefix(_CLIP_WRAPPER)}"
+    else:
+        alias = f"{component}.{_CLIP_WRAPPER}{path}"
+    return alias if alias in targets else None
+
+
+def portable_path(component: str, path: str) -> str:
+    """The module path as files written before transformers 5 spell it (with "text_model."),
+    which every loader accepts: diffusers drops the level where the model lacks it."""
+    if component.startswith("text_encoder") and path.startswith(_CLIP_INNER):
+        return _CLIP_WRAPPER + path
+    return path
+
+
 def targets_of(components: Mapping[str, torch.nn.Module]) -> dict[str, TargetSpec]:
     """Every LoRA-targetable module of the given components, keyed "<component>.<module path>".
 

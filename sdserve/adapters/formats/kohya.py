@@ -18,6 +18,7 @@ import torch
 
 from sdserve.adapters.formats.common import RawPair, short
 from sdserve.adapters.formats.sgm import sgm_aliases
+from sdserve.adapters.targets import portable_path
 from sdserve.errors import AdapterError
 
 # kohya prefix -> component; lora_te_ and lora_te1_ both name the first text encoder.
@@ -50,6 +51,8 @@ def kohya_names(targets: Iterable[str]) -> dict[str, str | None]:
     for prefix, component in PREFIXES.items():
         for path in by_component.get(component, []):
             add(prefix + flatten(path), f"{component}.{path}")
+            # Text-encoder files name modules with "text_model." even where the model has none.
+            add(prefix + flatten(portable_path(component, path)), f"{component}.{path}")
     for sgm_path, path in sgm_aliases(by_component.get("unet", [])).items():
         add("lora_unet_" + flatten(sgm_path), f"unet.{path}")
     return table

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from sdserve.adapters.formats.common import RawPair, short
-from sdserve.adapters.targets import COMPONENTS
+from sdserve.adapters.targets import COMPONENTS, TargetSpec, resolve_target
 from sdserve.errors import AdapterError
 
 METADATA_KEY = "lora_adapter_metadata"
@@ -141,8 +141,17 @@ def _role_and_module(key: str) -> tuple[str, str, str] | None:
     return None
 
 
-def parse_peft(name: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> list[RawPair]:
-    """Pair up the factors of a diffusers/PEFT-layout file and attach each module's alpha."""
+def parse_peft(
+    name: str,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str],
+    targets: Mapping[str, TargetSpec],
+) -> list[RawPair]:
+    """Pair up the factors of a diffusers/PEFT-layout file and attach each module's alpha.
+
+    Targets are resolved to the base model's spelling where they differ only by the text
+    encoders' "text_model." level; unresolved ones are kept for validation to report.
+    """
     configs = parse_configs(name, metadata)
     factors: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     for key, tensor in tensors.items():
@@ -150,7 +159,8 @@ def parse_peft(name: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping
         if found is None:
             raise AdapterError(name, f"unexpected key {short(key)!r} in a LoRA file")
         role, component, module = found
-        slot = factors.setdefault(f"{component}.{module}", {})
+        target = f"{component}.{module}"
+        slot = factors.setdefault(resolve_target(target, targets) or target, {})
         if role in slot:
             raise AdapterError(name, f"two LoRA weights for the same module ({short(key)!r})")
         slot[role] = (key, tensor)
@@ -162,7 +172,9 @@ def parse_peft(name: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping
             raise AdapterError(name, f"LoRA key {short(present)!r} has no matching up/down partner")
         down_key, down = slot["down"]
         _, up = slot["up"]
-        component, _, module = target.partition(".")
+        # Config patterns (often "^"-anchored) were written against the file's own spelling
+        # of the module path, so they are matched against that, not the resolved target.
+        _, component, module = _role_and_module(down_key) or ("", "", "")
         config = None if configs is None else configs.get(component, configs.get(""))
         pairs.append(
             RawPair(
