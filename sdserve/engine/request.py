@@ -7,6 +7,8 @@ that names the field and the rule.
 
 from __future__ import annotations
 
+import math
+import os
 import random
 from dataclasses import dataclass, field, fields
 
@@ -17,6 +19,35 @@ from sdserve.errors import InvalidArgument
 MAX_SEED = 2**63 - 1
 MAX_PROMPT_CHARS = 4096
 MAX_GUIDANCE = 100.0
+MAX_ADAPTER_SCALE = 100.0
+
+
+MAX_STACK = 8  # adapters in one request's stack
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """One entry of a request's adapter stack: the proto's AdapterRef (None = absent).
+
+    The engine needs `path`; `name`, when given, is only the label errors and responses use."""
+
+    name: str = ""
+    path: str = ""
+    scale: float | None = None
+    start: float | None = None
+    end: float | None = None
+
+
+@dataclass(frozen=True)
+class StackEntry:
+    """A validated stack entry. `source` is a file path the engine can read; `name` is what
+    errors and responses call it (the registered name, or the file name for the CLI)."""
+
+    name: str
+    source: str
+    scale: float
+    start: float
+    end: float
 
 
 @dataclass(frozen=True)
@@ -33,6 +64,7 @@ class RequestSpec:
     width: int | None = None
     height: int | None = None
     num_images: int | None = None
+    adapters: tuple[AdapterSpec, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -49,6 +81,7 @@ class EngineRequest:
     width: int
     height: int
     num_images: int
+    adapters: tuple[StackEntry, ...] = ()
     request_id: str = ""
     tenant: str = ""
     deadline: float | None = field(default=None, compare=False)  # time.monotonic() seconds
@@ -66,6 +99,30 @@ class EngineRequest:
 
 def spec_field_names() -> list[str]:
     return [f.name for f in fields(RequestSpec)]
+
+
+def _resolve_stack(specs: tuple[AdapterSpec, ...]) -> tuple[StackEntry, ...]:
+    if len(specs) > MAX_STACK:
+        raise InvalidArgument(f"at most {MAX_STACK} adapters per request (got {len(specs)})", field="adapters")
+    entries = []
+    for index, spec in enumerate(specs):
+        where = f"adapters[{index}]"
+        # The engine reads files: the server maps registered names to its own files before this,
+        # keeping the name as the label that errors and responses show.
+        if not spec.path:
+            raise InvalidArgument("names an adapter this engine cannot resolve; give a path", field=where)
+        scale = 1.0 if spec.scale is None else float(spec.scale)
+        start = 0.0 if spec.start is None else float(spec.start)
+        end = 1.0 if spec.end is None else float(spec.end)
+        if not math.isfinite(scale) or abs(scale) > MAX_ADAPTER_SCALE:
+            raise InvalidArgument(f"must be between -{MAX_ADAPTER_SCALE:g} and {MAX_ADAPTER_SCALE:g}", field=f"{where}.scale")
+        if not (0.0 <= start <= 1.0):
+            raise InvalidArgument(f"must be between 0 and 1 (got {start})", field=f"{where}.start")
+        if not (start <= end <= 1.0):
+            raise InvalidArgument(f"must be between start ({start}) and 1 (got {end})", field=f"{where}.end")
+        label = spec.name or os.path.basename(spec.path)
+        entries.append(StackEntry(name=label, source=spec.path, scale=scale, start=start, end=end))
+    return tuple(entries)
 
 
 def _check_int(name: str, value: int, low: int, high: int) -> int:
@@ -135,6 +192,7 @@ def resolve(
 
     seed = spec.seed if spec.seed is not None else random.SystemRandom().randrange(2**32)
     _check_int("seed", seed, 0, MAX_SEED)
+    adapters = _resolve_stack(spec.adapters)
 
     return EngineRequest(
         model=info.name,
@@ -147,6 +205,7 @@ def resolve(
         width=width,
         height=height,
         num_images=num_images,
+        adapters=adapters,
         request_id=request_id,
         tenant=tenant,
         deadline=deadline,

@@ -16,7 +16,7 @@ from typing import Any
 from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 
-from sdserve.engine.request import RequestSpec, spec_field_names
+from sdserve.engine.request import AdapterSpec, RequestSpec, spec_field_names
 from sdserve.errors import InvalidArgument
 from sdserve.protos.sdserve.v1 import sdserve_pb2 as pb
 
@@ -129,10 +129,23 @@ def spec_from_pb(message: pb.GenerateRequest) -> RequestSpec:
     values: dict[str, Any] = {}
     for name in spec_field_names():
         field = message.DESCRIPTOR.fields_by_name[name]
+        if name == "adapters":
+            values[name] = tuple(adapter_spec_from_pb(ref) for ref in message.adapters)
+            continue
         if field.has_presence and not message.HasField(name):
             continue
         values[name] = getattr(message, name)
     return RequestSpec(**values)
+
+
+def adapter_spec_from_pb(ref: pb.AdapterRef) -> AdapterSpec:
+    return AdapterSpec(
+        name=ref.name,
+        path=ref.path,
+        scale=ref.scale if ref.HasField("scale") else None,
+        start=ref.start if ref.HasField("start") else None,
+        end=ref.end if ref.HasField("end") else None,
+    )
 
 
 def spec_from_dict(data: dict[str, Any]) -> RequestSpec:
