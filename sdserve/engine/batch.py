@@ -32,6 +32,7 @@ class Batch:
     encoder_hidden_states: torch.Tensor  # [rows, seq, dim]
     text_embeds: torch.Tensor | None  # [rows, pooled_dim] (SDXL)
     time_ids: torch.Tensor | None  # [rows, 6] (SDXL)
+    row_stacks: list[list[tuple[int, float]]]  # per row: (slot, scale) of the adapters active now
 
     @property
     def num_rows(self) -> int:
@@ -41,6 +42,7 @@ class Batch:
 def assemble_batch(key: GroupKey, states: list[RequestState]) -> Batch:
     entries: list[BatchEntry] = []
     samples, timesteps, hidden, pooled, time_ids = [], [], [], [], []
+    row_stacks: list[list[tuple[int, float]]] = []
     row = 0
     for state in states:
         t = state.timesteps[state.step_index]
@@ -55,6 +57,7 @@ def assemble_batch(key: GroupKey, states: list[RequestState]) -> Batch:
         if cond.text_embeds is not None:
             pooled.append(cond.text_embeds)
             time_ids.append(cond.time_ids)
+        row_stacks.extend([state.stack_at(state.step_index)] * rows)
         entries.append(BatchEntry(state=state, row_start=row, row_stop=row + rows, timestep=t))
         row += rows
     return Batch(
@@ -65,4 +68,5 @@ def assemble_batch(key: GroupKey, states: list[RequestState]) -> Batch:
         encoder_hidden_states=torch.cat(hidden),
         text_embeds=torch.cat(pooled) if pooled else None,
         time_ids=torch.cat(time_ids) if time_ids else None,
+        row_stacks=row_stacks,
     )

@@ -2,9 +2,25 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+
+@dataclass(frozen=True)
+class ResidencyConfig:
+    """Where adapters live: host memory and a model's device slots (see engine.residency)."""
+
+    device_slots: int = 16
+    """Adapters resident in the device slot pools of one model at once."""
+    host_budget_bytes: int = 4 << 30
+    """Bytes of parsed adapters kept in host memory; least-recently-used ones beyond it are dropped."""
+    max_rank: int = 128
+    """Highest LoRA rank accepted."""
+    load_threads: int = 1
+    """Background threads that read and validate adapter files."""
+
+
 
 
 @dataclass(frozen=True)
@@ -17,6 +33,8 @@ class EngineConfig:
     """"auto" (float32 on CPU, float16 on CUDA), "float32", "float16" or "bfloat16"."""
     max_decode_batch: int = 8
     """Most images decoded by the VAE in one call."""
+    residency: ResidencyConfig = field(default_factory=ResidencyConfig)
+    """Adapter tiers: slots, host budget, maximum rank."""
     max_admit_per_step: int = 16
     """Most queued requests prepared (prompts encoded, noise drawn) at one step boundary, so a burst
     of arrivals does not stall the running batch for long."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import queue
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,9 +21,10 @@ from sdserve.engine.batch import assemble_batch
 from sdserve.engine.batcher import Batcher
 from sdserve.engine.config import EngineConfig
 from sdserve.engine.decode import decode_latents
-from sdserve.engine.model import ModelStore
+from sdserve.engine.model import LoadedModel, ModelStore
 from sdserve.engine.png import parameters_text
 from sdserve.engine.request import EngineRequest, RequestSpec, resolve
+from sdserve.engine.residency import AdapterRuntime
 from sdserve.engine.runner import Runner
 from sdserve.engine.state import RequestState, Timings, prepare_state
 from sdserve.errors import Cancelled, DeadlineExceeded, Internal, SdserveError
@@ -67,6 +69,10 @@ class Engine:
         self.batcher = Batcher(self.config.max_batch_rows)
         self.runner = Runner()
         self._queue: queue.SimpleQueue[_Submission] = queue.SimpleQueue()
+        self._waiting: list[_Submission] = []  # admitted to the engine, adapters still loading
+        self._loader = ThreadPoolExecutor(
+            max_workers=self.config.residency.load_threads, thread_name_prefix="sdserve-adapter-load"
+        )
         self._cancelled: set[str] = set()
         self._listeners: dict[str, Listener | None] = {}
         self._arrivals = 0
@@ -100,7 +106,15 @@ class Engine:
 
     @property
     def idle(self) -> bool:
-        return self._queue.empty() and len(self.batcher) == 0
+        return self._queue.empty() and not self._waiting and len(self.batcher) == 0
+
+    def adapter_runtime(self, model: LoadedModel) -> AdapterRuntime:
+        """The model's adapter machinery, attached once (its layers wrapped) when first loaded."""
+        if model.adapters is None:
+            model.adapters = AdapterRuntime(
+                model, self.config.residency, max_rows=self.config.max_batch_rows, executor=self._loader
+            )
+        return model.adapters
 
     def step(self) -> bool:
         """One step boundary and at most one UNet call. False when there was nothing to do."""
@@ -132,8 +146,9 @@ class Engine:
         return True
 
     def run_until_idle(self) -> None:
-        while self.step() or not self.idle:
-            pass
+        while not self.idle:
+            if not self.step():
+                time.sleep(0.002)  # only requests waiting for adapter loads: let the loader run
 
     def generate(self, requests: Iterable[EngineRequest]) -> list[GenerationResult | SdserveError]:
         """Run `requests` together; results (or each request's error) in input order."""
@@ -170,6 +185,7 @@ class Engine:
         request = state_or_request.request if isinstance(state_or_request, RequestState) else state_or_request
         if isinstance(state_or_request, RequestState):
             self.batcher.remove(state_or_request)
+            self._release_slots(request, state_or_request.adapter_slots)
         if cause is not None:
             error.__cause__ = cause
         self._emit(request, EngineEvent("error", request.request_id, error=error))
@@ -186,37 +202,61 @@ class Engine:
                 self._fail(state, DeadlineExceeded("the request's deadline passed"))
 
     def _admit(self) -> None:
+        # Requests whose adapters were loading go first, then new arrivals, in order.
+        pending, self._waiting = self._waiting, []
         for _ in range(self.config.max_admit_per_step):
             try:
                 submission = self._queue.get_nowait()
             except queue.Empty:
-                return
-            request = submission.request
-            self._listeners[request.request_id] = submission.listener
-            if request.request_id in self._cancelled:
-                self._cancelled.discard(request.request_id)
-                self._fail(request, Cancelled("the request was cancelled"))
-                continue
-            if request.deadline is not None and time.monotonic() > request.deadline:
-                self._fail(request, DeadlineExceeded("the request's deadline passed"))
-                continue
-            try:
-                model = self.models.get(request.model)
-                submission.timings.admitted = time.monotonic()
-                state = prepare_state(request, model, self._arrivals, submission.timings)
-            except SdserveError as exc:
-                self._fail(request, exc)
-                continue
-            except Exception as exc:
-                self._fail(request, Internal("the request could not be prepared"), exc)
-                continue
-            self._arrivals += 1
-            self.batcher.add(state)
-            self._emit(request, EngineEvent("admitted", request.request_id, 0, state.num_steps))
+                break
+            self._listeners[submission.request.request_id] = submission.listener
+            pending.append(submission)
+        for submission in pending:
+            self._try_admit(submission)
+
+    def _try_admit(self, submission: _Submission) -> None:
+        request = submission.request
+        if request.request_id in self._cancelled:
+            self._cancelled.discard(request.request_id)
+            self._fail(request, Cancelled("the request was cancelled"))
+            return
+        if request.deadline is not None and time.monotonic() > request.deadline:
+            self._fail(request, DeadlineExceeded("the request's deadline passed"))
+            return
+        slots: list[int] = []
+        try:
+            model = self.models.get(request.model)
+            runtime = self.adapter_runtime(model)
+            if request.adapters:
+                digests = runtime.poll(request.adapters)
+                acquired = runtime.acquire(digests) if digests is not None else None
+                if acquired is None:
+                    self._waiting.append(submission)  # loading, or every slot pinned: next step
+                    return
+                slots = acquired
+            submission.timings.admitted = time.monotonic()
+            state = prepare_state(request, model, self._arrivals, submission.timings, tuple(slots))
+        except SdserveError as exc:
+            self._release_slots(request, slots)
+            self._fail(request, exc)
+            return
+        except Exception as exc:
+            self._release_slots(request, slots)
+            self._fail(request, Internal("the request could not be prepared"), exc)
+            return
+        self._arrivals += 1
+        self.batcher.add(state)
+        self._emit(request, EngineEvent("admitted", request.request_id, 0, state.num_steps))
+
+    def _release_slots(self, request: EngineRequest, slots: list[int] | tuple[int, ...]) -> None:
+        if slots:
+            model = self.models.get(request.model)
+            model.adapters.release(list(slots))
 
     def _decode(self, finished: list[RequestState]) -> None:
         for state in finished:
             self.batcher.remove(state)
+            self._release_slots(state.request, state.adapter_slots)
         model = finished[0].model
         chunk: list[RequestState] = []
         for state in finished:

@@ -105,6 +105,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     vae_dtype: torch.dtype
+    adapters: Any = None  # engine.residency.AdapterRuntime, attached once at load by the engine
 
 
 def load_model(info: ModelInfo, device: torch.device, dtype: torch.dtype) -> LoadedModel:

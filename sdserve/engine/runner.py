@@ -38,6 +38,13 @@ class EagerBackend:
         added = None
         if batch.text_embeds is not None:
             added = {"text_embeds": batch.text_embeds, "time_ids": batch.time_ids}
+        if model.adapters is not None:
+            with model.adapters.context.rows(batch.row_stacks):
+                return self._unet(model, batch, added)
+        return self._unet(model, batch, added)
+
+    @staticmethod
+    def _unet(model: LoadedModel, batch: Batch, added: dict | None) -> torch.Tensor:
         return model.unet(
             batch.sample,
             batch.timesteps,

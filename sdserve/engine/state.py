@@ -7,12 +7,14 @@ image independent of its batch-mates (ARCHITECTURE rule 4).
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from sdserve.engine.activity import active_at
 from sdserve.engine.families import RowConditioning, family_of
 from sdserve.engine.model import LoadedModel
 from sdserve.engine.request import EngineRequest
@@ -52,8 +54,17 @@ class RequestState:
     conditioning: RowConditioning
     step_kwargs: dict[str, Any]
     timings: Timings
+    adapter_slots: tuple[int, ...] = ()  # device slot of each stack entry, pinned while running
     step_index: int = 0
     last_tick: int = -1  # batcher tick at which this request last stepped
+
+    def stack_at(self, step: int) -> list[tuple[int, float]]:
+        """(slot, scale) of the adapters active at `step`, in stack order."""
+        return [
+            (slot, entry.scale)
+            for slot, entry in zip(self.adapter_slots, self.request.adapters)
+            if active_at(step, self.num_steps, entry.start, entry.end)
+        ]
 
     @property
     def num_steps(self) -> int:
@@ -73,11 +84,28 @@ class RequestState:
         return (self.model.info.name, self.latents.shape[-2], self.latents.shape[-1])
 
 
-def prepare_state(request: EngineRequest, model: LoadedModel, arrival: int, timings: Timings) -> RequestState:
+def prepare_state(
+    request: EngineRequest,
+    model: LoadedModel,
+    arrival: int,
+    timings: Timings,
+    adapter_slots: tuple[int, ...] = (),
+) -> RequestState:
     """Encode the prompts and draw the initial noise, in diffusers' order of generator use."""
     info = model.info
     family = family_of(info.family)
-    with torch.inference_mode():
+    choice = resolve_scheduler(request.scheduler)
+    scheduler = make_scheduler(choice, info.scheduler_config)
+    scheduler.set_timesteps(request.steps, device=model.device)
+    num_steps = len(scheduler.timesteps)
+    # Prompts are encoded once, so an adapter's text-encoder part applies when it is active at
+    # the first step.
+    text_stack = [
+        (slot, entry.scale)
+        for slot, entry in zip(adapter_slots, request.adapters)
+        if active_at(0, num_steps, entry.start, entry.end)
+    ]
+    with torch.inference_mode(), _text_adapters(model, text_stack):
         conditioning = family.encode(
             model,
             request.prompt,
@@ -87,9 +115,6 @@ def prepare_state(request: EngineRequest, model: LoadedModel, arrival: int, timi
             request.width,
             request.height,
         )
-    choice = resolve_scheduler(request.scheduler)
-    scheduler = make_scheduler(choice, info.scheduler_config)
-    scheduler.set_timesteps(request.steps, device=model.device)
     generator = torch.Generator("cpu").manual_seed(request.seed)
     shape = (
         request.num_images,
@@ -117,4 +142,12 @@ def prepare_state(request: EngineRequest, model: LoadedModel, arrival: int, timi
         conditioning=conditioning,
         step_kwargs=step_kwargs,
         timings=timings,
+        adapter_slots=adapter_slots,
     )
+
+
+def _text_adapters(model: LoadedModel, stack: list[tuple[int, float]]):
+    """Every text-encoder call of a request encodes one prompt: one row reading `stack`."""
+    if model.adapters is None or not stack:
+        return nullcontext()
+    return model.adapters.context.rows([stack])

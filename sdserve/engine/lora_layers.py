@@ -1,0 +1,187 @@
+"""Adapter-aware layers: the model's Linear/Conv2d modules, wrapped once at load.
+
+A wrapped module computes its base output, then adds the LoRA deltas of the adapters that each
+batch row's stack holds at this step: `y[t] += Σ_k s[row(t),k] · B[slot] @ (A[slot] @ x[t])`
+(kernels.add_multi_lora). Which rows read which slots is set once per model call on the shared
+`AdapterContext`; the weights live in per-module slot pools (`ModulePool`). Base weights are
+never written (ARCHITECTURE rule 2): a hot swap changes which slots a row reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from sdserve.adapters import TargetSpec
+from sdserve.kernels import LoRABatchMeta, add_multi_lora, add_multi_lora_conv
+
+RowStack = Sequence[tuple[int, float]]  # (slot, scale) of each adapter active for one row
+
+
+class AdapterContext:
+    """The rows of the current model call and their stacks, read by every wrapped module.
+
+    Batch metadata is allocated once per token count per row (each UNet resolution has its own)
+    and refilled in place once per call, the first time a module of that resolution asks.
+    """
+
+    def __init__(self, max_rows: int, max_stack: int, device: torch.device) -> None:
+        self.max_rows = max_rows
+        self.max_stack = max_stack
+        self.device = device
+        self.stacks: list[list[tuple[int, float]]] | None = None  # None: no row reads an adapter
+        self.num_rows = 0
+        self._generation = 0
+        self._metas: dict[int, LoRABatchMeta] = {}
+        self._filled: dict[int, int] = {}
+
+    @contextmanager
+    def rows(self, stacks: Sequence[RowStack]) -> Iterator[None]:
+        """Within the block, row i of every wrapped module's input reads `stacks[i]`."""
+        clean = [list(stack) for stack in stacks]
+        self.stacks = clean if any(clean) else None
+        self.num_rows = len(clean)
+        self._generation += 1
+        try:
+            yield
+        finally:
+            self.stacks = None
+            self.num_rows = 0
+
+    def meta_for(self, tokens_per_row: int) -> LoRABatchMeta:
+        meta = self._metas.get(tokens_per_row)
+        if meta is None or meta.max_rows < self.num_rows:
+            meta = LoRABatchMeta.allocate(
+                max_rows=max(self.max_rows, self.num_rows),
+                max_tokens=max(self.max_rows, self.num_rows) * tokens_per_row,
+                max_stack=self.max_stack,
+                device=self.device,
+            )
+            self._metas[tokens_per_row] = meta
+            self._filled.pop(tokens_per_row, None)
+        if self._filled.get(tokens_per_row) != self._generation:
+            assert self.stacks is not None
+            meta.fill([tokens_per_row] * self.num_rows, self.stacks)
+            self._filled[tokens_per_row] = self._generation
+        return meta
+
+
+class ModulePool:
+    """One target module's device slots: A `[slots, rank_cap, in(·k·k)]`, B `[slots, out, rank_cap]`.
+
+    The rank capacity grows (a reallocation, rare) when an adapter of a higher rank is placed;
+    the module's alpha/r scale is folded into B when an adapter is placed.
+    """
+
+    def __init__(self, spec: TargetSpec, num_slots: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.spec = spec
+        self.num_slots = num_slots
+        self.device = device
+        self.dtype = dtype
+        self.rank_capacity = 0
+        self.a = torch.zeros(num_slots, 0, spec.a_columns, device=device, dtype=dtype)
+        self.b = torch.zeros(num_slots, spec.out_features, 0, device=device, dtype=dtype)
+        self.ranks = torch.zeros(num_slots, dtype=torch.int32, device=device)  # 0 = slot unused here
+        self.used = 0  # slots holding a non-zero rank, so idle modules skip the kernel
+
+    @property
+    def nbytes(self) -> int:
+        return self.a.numel() * self.a.element_size() + self.b.numel() * self.b.element_size()
+
+    def _grow(self, rank: int) -> None:
+        a = torch.zeros(self.num_slots, rank, self.spec.a_columns, device=self.device, dtype=self.dtype)
+        b = torch.zeros(self.num_slots, self.spec.out_features, rank, device=self.device, dtype=self.dtype)
+        a[:, : self.rank_capacity] = self.a
+        b[:, :, : self.rank_capacity] = self.b
+        self.a, self.b, self.rank_capacity = a, b, rank
+
+    def place(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+        """a [r, in(·k·k)], b [out, r] -> slot; the delta is scale · b @ a."""
+        rank = a.shape[0]
+        if rank > self.rank_capacity:
+            self._grow(rank)
+        if int(self.ranks[slot]) == 0:
+            self.used += 1
+        self.a[slot, :rank] = a.to(self.device, self.dtype)
+        self.a[slot, rank:] = 0
+        self.b[slot, :, :rank] = (b.to(torch.float32) * scale).to(self.device, self.dtype)
+        self.b[slot, :, rank:] = 0
+        self.ranks[slot] = rank
+
+    def clear(self, slot: int) -> None:
+        if int(self.ranks[slot]) != 0:
+            self.used -= 1
+            self.ranks[slot] = 0
+
+
+class AdapterLinear(nn.Module):
+    def __init__(self, base: nn.Linear, context: AdapterContext) -> None:
+        super().__init__()
+        self.base = base
+        self.context = context
+        self.pool: ModulePool | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        context, pool = self.context, self.pool
+        if context.stacks is None or pool is None or pool.used == 0:
+            return y
+        d_in, d_out = x.shape[-1], y.shape[-1]
+        tokens = x.numel() // d_in
+        if tokens % context.num_rows:
+            raise RuntimeError(f"{tokens} tokens do not split over {context.num_rows} rows")
+        flat_y = y.reshape(tokens, d_out)  # a view: F.linear's output is contiguous
+        add_multi_lora(
+            flat_y, x.reshape(tokens, d_in), pool.a, pool.b, pool.ranks, context.meta_for(tokens // context.num_rows)
+        )
+        return y
+
+
+class AdapterConv2d(nn.Module):
+    def __init__(self, base: nn.Conv2d, context: AdapterContext) -> None:
+        super().__init__()
+        self.base = base
+        self.context = context
+        self.pool: ModulePool | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        context, pool = self.context, self.pool
+        if context.stacks is None or pool is None or pool.used == 0:
+            return y
+        if x.shape[0] != context.num_rows:
+            raise RuntimeError(f"conv input has {x.shape[0]} samples for {context.num_rows} rows")
+        base = self.base
+        add_multi_lora_conv(
+            y, x, pool.a, pool.b, pool.ranks, context.meta_for(1),
+            kernel_size=base.kernel_size, stride=base.stride, padding=base.padding, dilation=base.dilation,
+        )
+        return y
+
+
+WrappedLayer = AdapterLinear | AdapterConv2d
+
+
+def wrap_targets(
+    components: Mapping[str, nn.Module], targets: Mapping[str, TargetSpec], context: AdapterContext
+) -> dict[str, WrappedLayer]:
+    """Replace every target module in place by its adapter-aware wrapper; -> target -> wrapper."""
+    wrapped: dict[str, WrappedLayer] = {}
+    for target in targets:
+        component_name, _, path = target.partition(".")
+        root = components[component_name]
+        parent_path, _, child = path.rpartition(".")
+        parent = root.get_submodule(parent_path) if parent_path else root
+        base = getattr(parent, child)
+        if isinstance(base, nn.Linear):
+            layer: WrappedLayer = AdapterLinear(base, context)
+        elif isinstance(base, nn.Conv2d):
+            layer = AdapterConv2d(base, context)
+        else:  # pragma: no cover - targets_of lists only these two
+            continue
+        setattr(parent, child, layer)
+        wrapped[target] = layer
+    return wrapped
