@@ -1,7 +1,8 @@
 """`sdserve generate`: run requests through the engine in-process and write PNGs.
 
 Flags are GenerateRequest's field names with dashes (generated from the proto, so the CLI and
-the API cannot drift), plus shorthands: `--guidance` for `--guidance-scale`. With `--requests`,
+the API cannot drift), plus shorthands: `--guidance` for `--guidance-scale`, and
+`--lora PATH[:SCALE[:START[:END]]]` (repeatable) for an entry of `adapters`. With `--requests`,
 every line of a JSON-lines file is one request with the proto's field names; all of them go
 through the engine together, and `DIR/0000.png`, `DIR/0001.png`, ... come out in input order.
 """
@@ -14,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sdserve.cli.common import EXIT_FAILURE, fail, fail_on, quiet_libraries
+from sdserve.cli.common import EXIT_FAILURE, EXIT_USAGE, fail, fail_on, quiet_libraries
 from sdserve.errors import SdserveError
 
 SHORTHANDS = {"guidance_scale": ["--guidance"]}
@@ -33,6 +34,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     for field in request_fields():
         flags = [f"--{field.name.replace('_', '-')}", *SHORTHANDS.get(field.name, [])]
         fields.add_argument(*flags, dest=field.name, type=field.python_type, default=None, help=field.comment)
+    fields.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE[:START[:END]]]",
+        help="add a LoRA / Concept Slider to the stack (repeatable); scale 1, start 0, end 1 by default",
+    )
     io = parser.add_argument_group("input and output")
     io.add_argument("--out", type=Path, help="output PNG (one request from flags)")
     io.add_argument("--requests", type=Path, help="JSON-lines file, one GenerateRequest per line")
@@ -45,6 +53,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def parse_lora_flag(text: str) -> dict[str, Any]:
+    """`PATH[:SCALE[:START[:END]]]` -> an AdapterRef dict. Trailing numbers are options, so a
+    path may itself contain ':' as long as what follows its last ':' is not a number."""
+    parts = text.split(":")
+    numbers: list[float] = []
+    while len(parts) > 1 and len(numbers) < 3:
+        try:
+            numbers.insert(0, float(parts[-1]))
+        except ValueError:
+            break
+        parts.pop()
+    path = ":".join(parts)
+    if not path:
+        raise ValueError("missing path")
+    return {"path": path, **dict(zip(("scale", "start", "end"), numbers))}
+
+
 def _specs_from_args(args: argparse.Namespace) -> list[tuple[str, Any]]:
     from sdserve.server.convert import request_fields, spec_from_dict, spec_from_json_line
 
@@ -53,6 +78,8 @@ def _specs_from_args(args: argparse.Namespace) -> list[tuple[str, Any]]:
             fail("--requests needs --out-dir")
         if args.prompt is not None:
             fail("give either --prompt or --requests, not both")
+        if args.lora:
+            fail("--lora sets one request's stack; in a requests file use \"adapters\": [{\"path\": ...}]")
         try:
             lines = args.requests.read_text().splitlines()
         except (OSError, UnicodeDecodeError) as exc:
@@ -78,7 +105,17 @@ def _specs_from_args(args: argparse.Namespace) -> list[tuple[str, Any]]:
         fail("give --out FILE.png (or --requests FILE --out-dir DIR)")
     if args.prompt is None:
         fail("--prompt is required")
-    values = {f.name: getattr(args, f.name) for f in request_fields() if getattr(args, f.name) is not None}
+    values: dict[str, Any] = {
+        f.name: getattr(args, f.name) for f in request_fields() if getattr(args, f.name) is not None
+    }
+    adapters = []
+    for text in args.lora:
+        try:
+            adapters.append(parse_lora_flag(text))
+        except ValueError as exc:
+            fail(f"--lora {text!r}: {exc}")
+    if adapters:
+        values["adapters"] = adapters
     try:
         return [("request", spec_from_dict(values))]
     except SdserveError as exc:
@@ -129,9 +166,11 @@ def run(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - started
 
     failed = 0
+    bad_input = True  # exit 2 when every failure was the input's fault (a bad adapter file, ...)
     for index, outcome in enumerate(outcomes):
         if isinstance(outcome, SdserveError):
             failed += 1
+            bad_input = bad_input and outcome.status in ("INVALID_ARGUMENT", "NOT_FOUND")
             print(f"sdserve: error: {specs[index][0]}: {outcome}", file=sys.stderr)
             continue
         paths = _output_paths(args, index, len(outcome.images))
@@ -140,4 +179,6 @@ def run(args: argparse.Namespace) -> int:
             path.write_bytes(encode_png(image, outcome.parameters(k)))
             print(f"{path}  seed={outcome.request.seed}")
     print(f"{len(outcomes) - failed} request(s) in {elapsed:.2f} s", file=sys.stderr)
-    return EXIT_FAILURE if failed else 0
+    if not failed:
+        return 0
+    return EXIT_USAGE if bad_input else EXIT_FAILURE

@@ -125,3 +125,42 @@ def test_bad_requests_file_line_is_named(tmp_path, capsys, line, needle):
     assert "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_lora_flag_parsing():
+    from sdserve.cli.generate_cmd import parse_lora_flag
+
+    assert parse_lora_flag("a.safetensors") == {"path": "a.safetensors"}
+    assert parse_lora_flag("a.safetensors:-0.5") == {"path": "a.safetensors", "scale": -0.5}
+    assert parse_lora_flag("d/x.st:1:0.25:0.75") == {"path": "d/x.st", "scale": 1.0, "start": 0.25, "end": 0.75}
+    assert parse_lora_flag("c:/odd:name.st:2") == {"path": "c:/odd:name.st", "scale": 2.0}
+
+
+def test_generate_with_lora_flags_equals_engine(tmp_path, capsys):
+    from sdserve.engine.request import AdapterSpec
+    from tests.engine.lora_cases import write_model_lora
+
+    lora = write_model_lora("tiny-sd1", tmp_path, "style", rank=4, alpha=4.0, text_encoder=True)
+    out = tmp_path / "x.png"
+    code, _, err = sdserve_in_process(
+        capsys, "generate", "--model", "tiny-sd1", "--prompt", "a cat", "--seed", "3", "--steps", "3",
+        "--lora", f"{lora}:0.8", "--lora", f"{lora}:-0.3:0.5:1", "--out", str(out), "--quiet",
+    )
+    assert code == 0, err
+    engine = Engine(EngineConfig())
+    spec = RequestSpec(model="tiny-sd1", prompt="a cat", seed=3, steps=3, adapters=(
+        AdapterSpec(path=str(lora), scale=0.8), AdapterSpec(path=str(lora), scale=-0.3, start=0.5, end=1.0)))
+    expected = engine.generate([engine.validate(spec)])[0].images[0]
+    assert max_pixel_difference(np.asarray(Image.open(out)), expected) == 0
+
+
+def test_bad_lora_file_is_one_line_exit_2(tmp_path, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x80\x04not a safetensors file")
+    code, _, err = sdserve_in_process(
+        capsys, "generate", "--model", "tiny-sd1", "--prompt", "a cat", "--steps", "2",
+        "--lora", str(bad), "--out", str(tmp_path / "x.png"), "--quiet",
+    )
+    assert code == 2
+    assert "adapter 'bad.safetensors': not a valid safetensors file" in err
+    assert "Traceback" not in err and str(tmp_path) not in err.split("error:", 1)[1]
