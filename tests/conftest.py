@@ -13,6 +13,8 @@ import tempfile
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("SDSERVE_HOME", tempfile.mkdtemp(prefix="sdserve-test-home-"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Triton kernels run in its interpreter on machines without a GPU; set before triton is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 

@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import tempfile
+import types
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,13 +21,46 @@ from triton.backends.compiler import GPUTarget
 
 @dataclass(frozen=True)
 class KernelSpec:
-    """One launch configuration of a kernel: what the host wrapper passes for one dtype/tile."""
+    """One launch configuration of a kernel, specialised the way Triton's JIT would specialise it.
+
+    At launch, Triton's JIT treats an int argument equal to 1 as a constant and marks pointers and
+    ints divisible by 16; that decides vectorisation and register use, so the AOT compile mirrors
+    it (see `make_spec`) for the shapes the serving path sees.
+    """
 
     name: str
     kernel: Any  # a @triton.jit function (or its interpreted twin)
     signature: dict[str, str]  # every kernel parameter -> "*fp16", "i32", "fp32" or "constexpr"
     constexprs: dict[str, Any]
+    attrs: dict[tuple[int, ...], list[list[Any]]]  # (arg index,) -> [["tt.divisibility", 16]]
     num_warps: int
+
+
+def make_spec(
+    name: str,
+    kernel: Any,
+    pointers: dict[str, str],
+    constexprs: dict[str, Any],
+    num_warps: int,
+    ones: tuple[str, ...] = (),
+    not_divisible: tuple[str, ...] = (),
+    floats: tuple[str, ...] = (),
+) -> KernelSpec:
+    """Spec of `kernel`: `pointers` map names to "*dtype" (16-byte aligned), `ones` are ints equal
+    to 1 (contiguous strides), `floats` are fp32 scalars, other ints are i32 and divisible by 16
+    unless listed in `not_divisible`.
+    """
+    constexprs = {**constexprs, **dict.fromkeys(ones, 1)}
+    signature: dict[str, str] = {}
+    attrs: dict[tuple[int, ...], list[list[Any]]] = {}
+    for index, arg in enumerate(kernel.arg_names):
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+            continue
+        signature[arg] = pointers.get(arg) or ("fp32" if arg in floats else "i32")
+        if arg not in floats and arg not in not_divisible:
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    return KernelSpec(name, kernel, signature, constexprs, attrs, num_warps)
 
 
 @dataclass(frozen=True)
@@ -40,37 +74,46 @@ class ResourceUsage:
 
     @property
     def spills(self) -> bool:
-        return self.spill_store_bytes > 0 or self.spill_load_bytes > 0 or self.local_bytes > 0
-
-
-def make_signature(
-    kernel: Any, pointers: dict[str, str], constexprs: dict[str, Any], floats: tuple[str, ...] = ()
-) -> dict[str, str]:
-    """Signature of `kernel`: `pointers` map names to "*dtype", `floats` are fp32, the rest i32."""
-    signature = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in pointers:
-            signature[name] = pointers[name]
-        elif name in floats:
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-    return signature
+        # Spills land in the stack frame (STACK) or local memory.
+        return (
+            self.spill_store_bytes > 0
+            or self.spill_load_bytes > 0
+            or self.local_bytes > 0
+            or self.stack_bytes > 0
+        )
 
 
 def _jit_function(kernel: Any) -> Any:
-    """The compilable JITFunction, also when TRITON_INTERPRET=1 made `kernel` an interpreted one."""
+    """The compilable JITFunction, also when TRITON_INTERPRET=1 made `kernel` an interpreted one.
+
+    An interpreted kernel's globals hold interpreted helpers too, so the function is rebuilt over
+    a copy of its globals in which every interpreted function is swapped for a JITFunction.
+    """
     if isinstance(kernel, triton.runtime.jit.JITFunction):
         return kernel
-    return triton.runtime.jit.JITFunction(kernel.fn)
+    if kernel in _JIT_TWINS:
+        return _JIT_TWINS[kernel]
+    from triton.runtime.interpreter import InterpretedFunction
+
+    fn = kernel.fn
+    namespace = dict(fn.__globals__)
+    for name in fn.__code__.co_names:
+        if isinstance(namespace.get(name), InterpretedFunction):
+            namespace[name] = _jit_function(namespace[name])
+    rebuilt = types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__, fn.__closure__)
+    rebuilt.__module__ = fn.__module__
+    rebuilt.__qualname__ = fn.__qualname__
+    _JIT_TWINS[kernel] = triton.runtime.jit.JITFunction(rebuilt)
+    return _JIT_TWINS[kernel]
+
+
+_JIT_TWINS: dict[Any, Any] = {}
 
 
 def compile_for_arch(spec: KernelSpec, arch: int) -> Any:
     """Compile `spec` to a cubin for sm_<arch>; returns Triton's CompiledKernel."""
     source = triton.compiler.ASTSource(
-        fn=_jit_function(spec.kernel), signature=spec.signature, constexprs=spec.constexprs
+        fn=_jit_function(spec.kernel), signature=spec.signature, constexprs=spec.constexprs, attrs=spec.attrs
     )
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": spec.num_warps})
 
@@ -105,8 +148,10 @@ def resource_usage(compiled: Any, arch: int) -> ResourceUsage:
             [cuobjdump, "--dump-resource-usage", cubin], capture_output=True, text=True, check=True
         ).stdout
         gpu_name = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+        # The flags Triton's own make_cubin passes, so the spill report matches its cubin.
+        flags = ["-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu_name}"]
         verbose = subprocess.run(
-            [ptxas, "-v", f"--gpu-name={gpu_name}", ptx, "-o", os.path.join(tmp, "check.cubin")],
+            [ptxas, *flags, ptx, "-o", os.path.join(tmp, "check.cubin")],
             capture_output=True,
             text=True,
             check=True,
@@ -118,7 +163,8 @@ def resource_usage(compiled: Any, arch: int) -> ResourceUsage:
 
 def parse_resource_usage(cuobjdump_text: str, ptxas_verbose: str) -> ResourceUsage:
     """Parse `cuobjdump --dump-resource-usage` and `ptxas -v` output of one kernel."""
-    fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", cuobjdump_text))
+    # Only the kernel's own function block (the cubin may hold helpers).
+    fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", cuobjdump_text.split("Function", 1)[-1]))
     if "REG" not in fields:
         raise ValueError(f"no resource usage in cuobjdump output: {cuobjdump_text!r}")
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", ptxas_verbose)

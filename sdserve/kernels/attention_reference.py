@@ -83,12 +83,18 @@ def check_attention_args(
         raise ValueError(f"k_image and v_image must be [B, NB, H, Li, D], got {tuple(k_image.shape)}")
     num_branches = k_image.shape[1]
     if k_image.shape[0] != batch or k_image.shape[2] != heads or k_image.shape[4] != head_dim:
-        raise ValueError(f"k_image must be [{batch}, NB, {heads}, Li, {head_dim}], got {tuple(k_image.shape)}")
-    if tuple(image_scales.shape) != (batch, num_branches) or tuple(image_present.shape) != (batch, num_branches):
+        raise ValueError(
+            f"k_image must be [{batch}, NB, {heads}, Li, {head_dim}], got {tuple(k_image.shape)}"
+        )
+    if tuple(image_scales.shape) != (batch, num_branches) or tuple(image_present.shape) != (
+        batch,
+        num_branches,
+    ):
         raise ValueError(f"image_scales and image_present must be [{batch}, {num_branches}]")
     if image_present.dtype != torch.bool:
         raise TypeError("image_present must be bool")
-    if image_lengths is not None:
-        if tuple(image_lengths.shape) != (batch, num_branches) or image_lengths.dtype != torch.int32:
-            raise ValueError(f"image_lengths must be [{batch}, {num_branches}] int32")
+    if image_lengths is not None and (
+        tuple(image_lengths.shape) != (batch, num_branches) or image_lengths.dtype != torch.int32
+    ):
+        raise ValueError(f"image_lengths must be [{batch}, {num_branches}] int32")
     return num_branches

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sdserve.kernels.aot import KernelSpec, make_signature
+from sdserve.kernels.aot import KernelSpec, make_spec
 from sdserve.kernels.attention_reference import check_attention_args
 from sdserve.kernels.triton_common import TRITON_DTYPES, dot_precision
 
@@ -60,7 +60,7 @@ def _attend_branch(
             mask=mask_n[:, None] & mask_d[None, :],
             other=0.0,
         )  # [BLOCK_N, BLOCK_D]
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
     return acc / l_i[:, None]
 
@@ -123,7 +123,9 @@ def _multi_branch_attention_kernel(
 
     q_base = q_ptr + batch.to(tl.int64) * stride_q_b + head * stride_q_h
     q = tl.load(
-        q_base + offs_m[:, None] * stride_q_m + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0
+        q_base + offs_m[:, None] * stride_q_m + offs_d[None, :],
+        mask=mask_m[:, None] & mask_d[None, :],
+        other=0.0,
     )
     out = _attend_branch(
         q,
@@ -147,8 +149,14 @@ def _multi_branch_attention_kernel(
             image_len = tl.load(lengths_ptr + batch * num_branches + branch)
             attended = _attend_branch(
                 q,
-                k_image_ptr + batch.to(tl.int64) * stride_ki_b + branch * stride_ki_branch + head * stride_ki_h,
-                v_image_ptr + batch.to(tl.int64) * stride_vi_b + branch * stride_vi_branch + head * stride_vi_h,
+                k_image_ptr
+                + batch.to(tl.int64) * stride_ki_b
+                + branch * stride_ki_branch
+                + head * stride_ki_h,
+                v_image_ptr
+                + batch.to(tl.int64) * stride_vi_b
+                + branch * stride_vi_branch
+                + head * stride_vi_h,
                 image_len,
                 stride_ki_n,
                 stride_vi_n,
@@ -170,14 +178,22 @@ def _multi_branch_attention_kernel(
     )
 
 
-def attention_blocks(head_dim: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps) for a head dim; SD uses 40, 64, 80 and 160."""
+def attention_blocks(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps) for SD's head dims (40, 64, 80, 160).
+
+    Chosen so that no configuration spills on sm_80/sm_90 (tests/kernels/test_aot.py): fp32
+    operands take twice the registers, so their tiles are smaller.
+    """
     block_d = max(16, triton.next_power_of_2(head_dim))
+    if dtype == torch.float32:
+        if block_d <= 64:
+            return 32, 16, block_d, 4
+        return (16, 16, block_d, 4) if block_d <= 128 else (16, 16, block_d, 8)
     if block_d <= 64:
         return 64, 32, block_d, 4
     if block_d <= 128:
-        return 64, 32, block_d, 4
-    return 32, 32, block_d, 4
+        return 64, 32, block_d, 8
+    return 32, 32, block_d, 8
 
 
 def scaled_multi_branch_attention_triton(
@@ -211,7 +227,7 @@ def scaled_multi_branch_attention_triton(
     present = image_present.contiguous().view(torch.int8)
     lengths = image_lengths.contiguous()
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    block_m, block_n, block_d, num_warps = attention_blocks(head_dim)
+    block_m, block_n, block_d, num_warps = attention_blocks(head_dim, q.dtype)
 
     _multi_branch_attention_kernel[(triton.cdiv(q_len, block_m), batch * heads)](
         # pointers
@@ -264,27 +280,40 @@ def scaled_multi_branch_attention_triton(
 
 def aot_specs() -> list[KernelSpec]:
     """The configurations the wrapper launches: every dtype and SD head dim (40, 64, 80, 160)."""
-    configs = [(name, "tf32") for name in TRITON_DTYPES.values()]
-    configs.append(("fp32", "ieee"))
+    configs = [(dtype, "tf32") for dtype in TRITON_DTYPES]
+    configs.append((torch.float32, "ieee"))
     specs = []
-    for name, precision in configs:
+    for dtype, precision in configs:
+        name = TRITON_DTYPES[dtype]
         for head_dim in (40, 64, 80, 160):
-            block_m, block_n, block_d, num_warps = attention_blocks(head_dim)
-            constexprs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "DOT_PRECISION": precision}
-            pointers = {
-                **{p: f"*{name}" for p in ("q_ptr", "k_text_ptr", "v_text_ptr", "k_image_ptr", "v_image_ptr")},
-                "out_ptr": f"*{name}",
-                "scales_ptr": "*fp32",
-                "present_ptr": "*i8",
-                "lengths_ptr": "*i32",
-            }
+            block_m, block_n, block_d, num_warps = attention_blocks(head_dim, dtype)
+            sizes = ("num_heads", "q_len", "text_len", "num_branches", "head_dim")
+            # Strides are multiples of the head dim: divisible by 16 only when it is.
+            strides = tuple(
+                arg for arg in _multi_branch_attention_kernel.arg_names if arg.startswith("stride_")
+            )
             specs.append(
-                KernelSpec(
+                make_spec(
                     name=f"multi_branch_attention_{name}_{precision}_d{head_dim}",
                     kernel=_multi_branch_attention_kernel,
-                    signature=make_signature(_multi_branch_attention_kernel, pointers, constexprs, floats=("qk_scale",)),
-                    constexprs=constexprs,
+                    pointers={
+                        **dict.fromkeys(
+                            ("q_ptr", "k_text_ptr", "v_text_ptr", "k_image_ptr", "v_image_ptr", "out_ptr"),
+                            f"*{name}",
+                        ),
+                        "scales_ptr": "*fp32",
+                        "present_ptr": "*i8",
+                        "lengths_ptr": "*i32",
+                    },
+                    constexprs={
+                        "BLOCK_M": block_m,
+                        "BLOCK_N": block_n,
+                        "BLOCK_D": block_d,
+                        "DOT_PRECISION": precision,
+                    },
                     num_warps=num_warps,
+                    not_divisible=sizes + (strides if head_dim % 16 else ()),
+                    floats=("qk_scale",),
                 )
             )
     return specs

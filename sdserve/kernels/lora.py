@@ -37,6 +37,10 @@ def add_multi_lora(
     A is [r, d_in] and B is [d_out, r] (PEFT orientation); tokens t belong to batch rows
     (`meta.row_starts`), stacks to rows (`meta.slot_table`, `meta.scale_table`). Accumulates in
     float32 whatever the dtype of x and y (fp32, fp16, bf16).
+
+    Layout contract: rows of A and columns of B past a slot's rank are zero. The reference never
+    reads them; the Triton path reads them up to the rank rounded up to its tile and relies on
+    the zeros.
     """
     if use_triton(x):
         from sdserve.kernels.lora_triton import add_multi_lora_triton

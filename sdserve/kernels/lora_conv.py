@@ -40,12 +40,16 @@ def add_multi_lora_conv_reference(
     kh, kw = _pair(kernel_size)
     num_slots, max_rank, fan_in = lora_a.shape
     if x.dim() != 4 or y.dim() != 4 or x.shape[0] != y.shape[0]:
-        raise ValueError(f"x [N, in, H, W] and y [N, out, H', W'] expected, got {tuple(x.shape)}, {tuple(y.shape)}")
+        raise ValueError(
+            f"x [N, in, H, W] and y [N, out, H', W'] expected, got {tuple(x.shape)}, {tuple(y.shape)}"
+        )
     in_channels, out_channels = x.shape[1], y.shape[1]
     if fan_in != in_channels * kh * kw:
         raise ValueError(f"lora_a fan-in {fan_in} != in {in_channels} * {kh} * {kw}")
     if tuple(lora_b.shape) != (num_slots, out_channels, max_rank):
-        raise ValueError(f"lora_b must be [{num_slots}, {out_channels}, {max_rank}], got {tuple(lora_b.shape)}")
+        raise ValueError(
+            f"lora_b must be [{num_slots}, {out_channels}, {max_rank}], got {tuple(lora_b.shape)}"
+        )
     if meta.num_tokens != x.shape[0]:
         raise ValueError(f"meta covers {meta.num_tokens} samples, x has {x.shape[0]}")
     ranks = slot_ranks.tolist()
@@ -70,7 +74,9 @@ def add_multi_lora_conv_reference(
             scaled_up = (up * scale_vector).view(out_channels, total_rank, 1, 1)
             delta = F.conv2d(hidden, scaled_up)  # [n, out, H', W']
             if delta.shape[2:] != y.shape[2:]:
-                raise ValueError(f"LoRA output {tuple(delta.shape[2:])} != y spatial size {tuple(y.shape[2:])}")
+                raise ValueError(
+                    f"LoRA output {tuple(delta.shape[2:])} != y spatial size {tuple(y.shape[2:])}"
+                )
             y[start:end] += delta
 
 
@@ -90,4 +96,6 @@ def add_multi_lora_conv(
 
     Dispatch point kept for symmetry with `add_multi_lora`: the reference serves CPU and CUDA.
     """
-    add_multi_lora_conv_reference(y, x, lora_a, lora_b, slot_ranks, meta, kernel_size, stride, padding, dilation)
+    add_multi_lora_conv_reference(
+        y, x, lora_a, lora_b, slot_ranks, meta, kernel_size, stride, padding, dilation
+    )

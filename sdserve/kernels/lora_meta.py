@@ -41,7 +41,7 @@ class LoRABatchMeta:
     max_rows: int
     max_tokens: int
     max_stack: int
-    block_m: int
+    block_m: int  # BLOCK_M of the Triton kernels (token rows per program)
     row_starts: torch.Tensor  # [max_rows + 1] int32, token offset of each row; row i = [rs[i], rs[i+1])
     slot_table: torch.Tensor  # [max_rows, max_stack] int32, adapter slot per stack entry, -1 = empty
     scale_table: torch.Tensor  # [max_rows, max_stack] float32, scale per stack entry (0 where empty)
@@ -66,6 +66,8 @@ class LoRABatchMeta:
         device: torch.device | str = "cpu",
         block_m: int = DEFAULT_BLOCK_M,
     ) -> LoRABatchMeta:
+        if block_m < 16 or block_m & (block_m - 1):
+            raise ValueError(f"block_m must be a power of two >= 16 (tl.dot tile), got {block_m}")
         # Each row adds at most one partial block on top of the full ones.
         max_blocks = -(-max_tokens // block_m) + max_rows
         i32 = {"dtype": torch.int32, "device": device}

@@ -56,9 +56,9 @@ def _scale_vector(
     entries: list[tuple[int, int, int]], scales: tuple[float, ...], device: torch.device
 ) -> torch.Tensor:
     """[R] float32: each entry's scale repeated over its rank."""
-    return torch.cat([torch.full((rank,), scales[index], dtype=torch.float32) for index, _, rank in entries]).to(
-        device
-    )
+    return torch.cat(
+        [torch.full((rank,), scales[index], dtype=torch.float32) for index, _, rank in entries]
+    ).to(device)
 
 
 def check_lora_args(
@@ -78,7 +78,9 @@ def check_lora_args(
     if d_in != x.shape[1]:
         raise ValueError(f"lora_a has d_in {d_in}, x has {x.shape[1]}")
     if tuple(lora_b.shape) != (num_slots, y.shape[1], max_rank):
-        raise ValueError(f"lora_b {tuple(lora_b.shape)} does not match ({num_slots}, {y.shape[1]}, {max_rank})")
+        raise ValueError(
+            f"lora_b {tuple(lora_b.shape)} does not match ({num_slots}, {y.shape[1]}, {max_rank})"
+        )
     if tuple(slot_ranks.shape) != (num_slots,):
         raise ValueError(f"slot_ranks must be [{num_slots}], got {tuple(slot_ranks.shape)}")
     if x.shape[0] != meta.num_tokens:

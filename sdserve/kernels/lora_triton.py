@@ -14,12 +14,11 @@ import torch
 import triton
 import triton.language as tl
 
-from sdserve.kernels.aot import KernelSpec, make_signature
+from sdserve.kernels.aot import KernelSpec, make_spec
 from sdserve.kernels.lora_meta import DEFAULT_BLOCK_M, LoRABatchMeta
 from sdserve.kernels.lora_reference import check_lora_args
 from sdserve.kernels.triton_common import TRITON_DTYPES, dot_precision
 
-SHRINK_BLOCK_K = 64
 EXPAND_BLOCK_N = 64
 NUM_WARPS = 4
 
@@ -37,6 +36,7 @@ def _lora_shrink_kernel(
     block_starts_ptr,  # [blocks] int32
     # sizes
     d_in,
+    max_rank,
     # strides
     stride_x_t,
     stride_x_k,
@@ -73,7 +73,9 @@ def _lora_shrink_kernel(
     offs_m = token_start + tl.arange(0, BLOCK_M)
     mask_m = offs_m < token_end
     offs_r = r_start + tl.arange(0, BLOCK_R)
-    mask_r = offs_r < rank
+    # Columns past the rank are zero padding (layout contract): reading and writing them up to
+    # max_rank keeps the masks uniform, so loads vectorise; the expand multiplies them by zeros.
+    mask_r = offs_r < max_rank
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_x_t + offs_k[None, :] * stride_x_k
     # A read transposed: [BLOCK_K, BLOCK_R]
@@ -93,7 +95,10 @@ def _lora_shrink_kernel(
         a_ptrs += BLOCK_K * stride_a_k
 
     inter_ptrs = (
-        inter_ptr + offs_m.to(tl.int64)[:, None] * stride_i_t + entry * stride_i_e + offs_r[None, :] * stride_i_r
+        inter_ptr
+        + offs_m.to(tl.int64)[:, None] * stride_i_t
+        + entry * stride_i_e
+        + offs_r[None, :] * stride_i_r
     )
     tl.store(inter_ptrs, acc, mask=mask_m[:, None] & mask_r[None, :])
 
@@ -112,6 +117,7 @@ def _lora_expand_kernel(
     block_starts_ptr,  # [blocks] int32
     # sizes
     d_out,
+    max_rank,
     num_entries,
     # strides
     stride_i_t,
@@ -151,7 +157,10 @@ def _lora_expand_kernel(
         # Empty entries get rank 0, so the rank loop below runs zero times.
         rank = tl.where(slot >= 0, tl.load(slot_ranks_ptr + tl.maximum(slot, 0)), 0)
         inter_ptrs = (
-            inter_ptr + offs_m.to(tl.int64)[:, None] * stride_i_t + entry * stride_i_e + offs_r[None, :] * stride_i_r
+            inter_ptr
+            + offs_m.to(tl.int64)[:, None] * stride_i_t
+            + entry * stride_i_e
+            + offs_r[None, :] * stride_i_r
         )
         # B read transposed: [BLOCK_R, BLOCK_N]
         b_ptrs = (
@@ -161,11 +170,12 @@ def _lora_expand_kernel(
             + offs_r[:, None] * stride_b_r
         )
         for r_start in range(0, rank, BLOCK_R):
-            mask_r = offs_r < rank - r_start
-            hidden = tl.load(inter_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+            mask_r = offs_r < max_rank - r_start  # zero padding up to max_rank, see the shrink
+            hidden = tl.load(inter_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0) * scale
             b_tile = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-            # Half-precision adapters multiply in their own dtype on tensor cores (fp32 accumulate).
-            acc += scale * tl.dot(hidden.to(b_tile.dtype), b_tile, input_precision=DOT_PRECISION)
+            # Half-precision adapters multiply in their own dtype on tensor cores (fp32 accumulate);
+            # the scale goes on the small operand so the dot accumulates in place.
+            acc = tl.dot(hidden.to(b_tile.dtype), b_tile, acc, input_precision=DOT_PRECISION)
             inter_ptrs += BLOCK_R * stride_i_r
             b_ptrs += BLOCK_R * stride_b_r
 
@@ -175,9 +185,18 @@ def _lora_expand_kernel(
     tl.store(y_ptrs, (y_tile.to(tl.float32) + acc).to(y_tile.dtype), mask=mask_y)
 
 
-def rank_block(max_rank: int) -> int:
-    """BLOCK_R of both kernels: tl.dot needs >= 16; above 64 the rank is tiled."""
-    return min(max(16, triton.next_power_of_2(max_rank)), 64)
+def shrink_tiles(max_rank: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_K) of the shrink: tl.dot needs >= 16; ranks above 64 span rank blocks.
+
+    Tiles are chosen so that no configuration spills on sm_80/sm_90 (tests/kernels/test_aot.py).
+    """
+    block_r = min(max(16, triton.next_power_of_2(max_rank)), 64)
+    return block_r, (32 if dtype == torch.float32 else 64)
+
+
+def expand_rank_block(max_rank: int, dtype: torch.dtype) -> int:
+    """BLOCK_R of the expand (its loop walks the rank); fp32 operands take twice the registers."""
+    return min(max(16, triton.next_power_of_2(max_rank)), 16 if dtype == torch.float32 else 32)
 
 
 def add_multi_lora_triton(
@@ -205,11 +224,12 @@ def add_multi_lora_triton(
     if num_blocks == 0 or num_entries == 0 or x.shape[0] == 0:
         return
     max_rank = lora_a.shape[1]
-    block_r = rank_block(max_rank)
+    shrink_block_r, shrink_block_k = shrink_tiles(max_rank, x.dtype)
+    expand_block_r = expand_rank_block(max_rank, lora_b.dtype)
     precision = dot_precision(x.dtype)
     inter = torch.empty((x.shape[0], num_entries, max_rank), dtype=torch.float32, device=x.device)
 
-    _lora_shrink_kernel[(num_blocks, num_entries, triton.cdiv(max_rank, block_r))](
+    _lora_shrink_kernel[(num_blocks, num_entries, triton.cdiv(max_rank, shrink_block_r))](
         # pointers
         x_ptr=x,
         lora_a_ptr=lora_a,
@@ -221,6 +241,7 @@ def add_multi_lora_triton(
         block_starts_ptr=meta.block_starts,
         # sizes
         d_in=x.shape[1],
+        max_rank=max_rank,
         # strides
         stride_x_t=x.stride(0),
         stride_x_k=x.stride(1),
@@ -233,8 +254,8 @@ def add_multi_lora_triton(
         stride_slot_row=meta.slot_table.stride(0),
         # meta
         BLOCK_M=meta.block_m,
-        BLOCK_R=block_r,
-        BLOCK_K=SHRINK_BLOCK_K,
+        BLOCK_R=shrink_block_r,
+        BLOCK_K=shrink_block_k,
         DOT_PRECISION=precision,
         num_warps=NUM_WARPS,
     )
@@ -251,6 +272,7 @@ def add_multi_lora_triton(
         block_starts_ptr=meta.block_starts,
         # sizes
         d_out=y.shape[1],
+        max_rank=max_rank,
         num_entries=num_entries,
         # strides
         stride_i_t=inter.stride(0),
@@ -266,62 +288,68 @@ def add_multi_lora_triton(
         # meta
         BLOCK_M=meta.block_m,
         BLOCK_N=EXPAND_BLOCK_N,
-        BLOCK_R=block_r,
+        BLOCK_R=expand_block_r,
         DOT_PRECISION=precision,
         num_warps=NUM_WARPS,
     )
 
 
 def aot_specs() -> list[KernelSpec]:
-    """The configurations `add_multi_lora_triton` launches: every dtype and rank block."""
+    """The configurations `add_multi_lora_triton` launches: every dtype, dot precision, rank block."""
+    configs = [(dtype, "tf32") for dtype in TRITON_DTYPES]
+    configs.append((torch.float32, "ieee"))
+    index_ptrs = dict.fromkeys(
+        ("slot_ranks_ptr", "row_starts_ptr", "slot_table_ptr", "block_rows_ptr", "block_starts_ptr"), "*i32"
+    )
+    # Contiguous inner strides are 1 at launch; stack-sized ints are rarely multiples of 16.
+    stack_sized = ("stride_slot_row", "stride_scale_row", "num_entries", "stride_i_t")
     specs = []
-    configs = [(name, "tf32") for name in TRITON_DTYPES.values()]
-    configs.append(("fp32", "ieee"))
-    for name, precision in configs:
-        for block_r in (16, 32, 64):
-            index_ptrs = {
-                "slot_ranks_ptr": "*i32",
-                "row_starts_ptr": "*i32",
-                "slot_table_ptr": "*i32",
-                "block_rows_ptr": "*i32",
-                "block_starts_ptr": "*i32",
-            }
-            shrink = {
-                "BLOCK_M": DEFAULT_BLOCK_M,
-                "BLOCK_R": block_r,
-                "BLOCK_K": SHRINK_BLOCK_K,
-                "DOT_PRECISION": precision,
-            }
-            shrink_ptrs = {"x_ptr": f"*{name}", "lora_a_ptr": f"*{name}", "inter_ptr": "*fp32", **index_ptrs}
+    for dtype, precision in configs:
+        name = TRITON_DTYPES[dtype]
+        shrink_configs = sorted({shrink_tiles(rank, dtype) for rank in (16, 32, 64, 128)})
+        for block_r, block_k in shrink_configs:
             specs.append(
-                KernelSpec(
+                make_spec(
                     name=f"lora_shrink_{name}_{precision}_r{block_r}",
                     kernel=_lora_shrink_kernel,
-                    signature=make_signature(_lora_shrink_kernel, shrink_ptrs, shrink),
-                    constexprs=shrink,
+                    pointers={
+                        "x_ptr": f"*{name}",
+                        "lora_a_ptr": f"*{name}",
+                        "inter_ptr": "*fp32",
+                        **index_ptrs,
+                    },
+                    constexprs={
+                        "BLOCK_M": DEFAULT_BLOCK_M,
+                        "BLOCK_R": block_r,
+                        "BLOCK_K": block_k,
+                        "DOT_PRECISION": precision,
+                    },
                     num_warps=NUM_WARPS,
+                    ones=("stride_x_k", "stride_a_k", "stride_i_r"),
+                    not_divisible=stack_sized,
                 )
             )
-            expand = {
-                "BLOCK_M": DEFAULT_BLOCK_M,
-                "BLOCK_N": EXPAND_BLOCK_N,
-                "BLOCK_R": block_r,
-                "DOT_PRECISION": precision,
-            }
-            expand_ptrs = {
-                "inter_ptr": "*fp32",
-                "lora_b_ptr": f"*{name}",
-                "y_ptr": f"*{name}",
-                "scale_table_ptr": "*fp32",
-                **index_ptrs,
-            }
+        for block_r in sorted({expand_rank_block(rank, dtype) for rank in (16, 32, 64, 128)}):
             specs.append(
-                KernelSpec(
+                make_spec(
                     name=f"lora_expand_{name}_{precision}_r{block_r}",
                     kernel=_lora_expand_kernel,
-                    signature=make_signature(_lora_expand_kernel, expand_ptrs, expand),
-                    constexprs=expand,
+                    pointers={
+                        "inter_ptr": "*fp32",
+                        "lora_b_ptr": f"*{name}",
+                        "y_ptr": f"*{name}",
+                        "scale_table_ptr": "*fp32",
+                        **index_ptrs,
+                    },
+                    constexprs={
+                        "BLOCK_M": DEFAULT_BLOCK_M,
+                        "BLOCK_N": EXPAND_BLOCK_N,
+                        "BLOCK_R": block_r,
+                        "DOT_PRECISION": precision,
+                    },
                     num_warps=NUM_WARPS,
+                    ones=("stride_i_r", "stride_b_r", "stride_y_n"),
+                    not_divisible=stack_sized,
                 )
             )
     return specs

@@ -1,0 +1,158 @@
+"""Does step-level batching pay? 16 requests one by one vs together through the sdserve engine,
+and the same 16 through the stock diffusers pipeline, one call each, in the same run.
+
+Models: `default` (the embedded SD 1.x model) and an SD1.5-shaped UNet (real widths 320/640/1280,
+cross-attention 768, random weights) at 32×32 latents (256×256 pixels) with a small VAE and text
+encoder, since only the UNet's shape matters for batching.
+
+    python -m bench.engine_batching            # both models
+    python -m bench.engine_batching --quick    # `default` only, fewer steps (make bench)
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import diffusers
+import torch
+
+from bench.common import machine, print_table, write_json
+from sdserve.cli.common import quiet_libraries
+from sdserve.engine import Engine, EngineConfig, RequestSpec
+from sdserve.engine.schedulers import resolve_scheduler
+from sdserve.models.builtin import build_model, builtin_path, cache_root
+from sdserve.models.configs import DEFAULT, ModelDefaults, ModelLimits
+
+SD15_SHAPED = replace(
+    DEFAULT,
+    name="sd15-shaped",
+    description="SD1.5-shaped UNet (320/640/1280, cross-attention 768), random weights, for benchmarks",
+    defaults=ModelDefaults(width=256, height=256, steps=8, guidance_scale=7.5, scheduler="euler"),
+    limits=ModelLimits(max_side=512, max_pixels=512 * 512),
+    unet={
+        "block_out_channels": [320, 640, 1280, 1280],
+        "layers_per_block": 2,
+        "sample_size": 32,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+        "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+        "cross_attention_dim": 768,
+        "attention_head_dim": 8,
+    },
+    text_encoder={
+        "hidden_size": 768,
+        "intermediate_size": 1024,
+        "layer_norm_eps": 1e-05,
+        "num_attention_heads": 12,
+        "num_hidden_layers": 2,
+        "projection_dim": 768,
+        "hidden_act": "quick_gelu",
+        "max_position_embeddings": 77,
+    },
+)
+
+PROMPTS = ["a red circle", "a blue square on the left", "a cat", "a green triangle at the top"]
+SCHEDULERS = ["euler", "euler_a", "dpmpp_2m", "ddim"]
+
+
+def sd15_shaped_path() -> Path:
+    path = cache_root() / "bench" / f"sd15-shaped-v{SD15_SHAPED.version}"
+    if not (path / "sdserve.json").exists():
+        print("building the SD1.5-shaped model (once) ...", flush=True)
+        build_model(SD15_SHAPED, path)
+    return path
+
+
+def make_specs(model: str, steps: int, count: int = 16) -> list[RequestSpec]:
+    return [
+        RequestSpec(
+            model=model,
+            prompt=PROMPTS[i % len(PROMPTS)],
+            seed=1000 + i,
+            steps=steps + (i % 3),  # mixed step counts
+            scheduler=SCHEDULERS[i % len(SCHEDULERS)],
+            guidance_scale=7.5,
+        )
+        for i in range(count)
+    ]
+
+
+def run_diffusers(path: Path, requests) -> float:
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    base_config = pipe.scheduler.config
+
+    def one(request):
+        choice = resolve_scheduler(request.scheduler)
+        pipe.scheduler = getattr(diffusers, choice.class_name).from_config(base_config, **choice.overrides)
+        pipe(request.prompt, num_inference_steps=request.steps, guidance_scale=request.guidance_scale,
+             width=request.width, height=request.height, generator=torch.Generator().manual_seed(request.seed),
+             output_type="np")
+
+    one(requests[0])  # warm-up
+    started = time.perf_counter()
+    for request in requests:
+        one(request)
+    return time.perf_counter() - started
+
+
+def bench_model(label: str, model: str, path: Path, steps: int, count: int) -> dict:
+    engine = Engine(EngineConfig(max_batch_rows=2 * count))
+    requests = [engine.validate(spec) for spec in make_specs(model, steps, count)]
+    engine.generate(requests[:1])  # warm-up: load weights, first-call allocations
+    started = time.perf_counter()
+    for request in requests:
+        engine.generate([request])
+    one_by_one = time.perf_counter() - started
+    started = time.perf_counter()
+    engine.generate(requests)
+    together = time.perf_counter() - started
+    del engine
+    diffusers_seconds = run_diffusers(path, requests)
+    unet_steps = sum(r.steps for r in requests)
+    return {
+        "model": label,
+        "requests": count,
+        "size": f"{requests[0].width}x{requests[0].height}",
+        "unet_steps_total": unet_steps,
+        "seconds": {"diffusers": diffusers_seconds, "sdserve_one_by_one": one_by_one, "sdserve_together": together},
+        "ratios": {
+            "together_vs_diffusers": diffusers_seconds / together,
+            "together_vs_one_by_one": one_by_one / together,
+            "one_by_one_vs_diffusers": diffusers_seconds / one_by_one,
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="`default` only, fewer steps")
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    quiet_libraries()
+    runs = [bench_model("default", "default", builtin_path("default"), 4 if args.quick else 20, args.requests)]
+    if not args.quick:
+        path = sd15_shaped_path()
+        runs.append(bench_model("sd15-shaped (32x32 latents)", str(path), path, 4, args.requests))
+    print(f"\nengine batching: {args.requests} requests, CFG 7.5, mixed schedulers and steps; {machine()['cpu']}, "
+          f"{machine()['torch_threads']} threads (CPU timings: read the ratios, not the seconds)\n")
+    print_table(
+        ["model", "size", "diffusers s", "one-by-one s", "together s", "together/diffusers", "together/one-by-one"],
+        [
+            [r["model"], r["size"], r["seconds"]["diffusers"], r["seconds"]["sdserve_one_by_one"],
+             r["seconds"]["sdserve_together"], r["ratios"]["together_vs_diffusers"], r["ratios"]["together_vs_one_by_one"]]
+            for r in runs
+        ],
+    )
+    path = write_json("engine_batching", {"runs": runs, "command": "python -m bench.engine_batching"
+                                          + (" --quick" if args.quick else "")}, args.out)
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
