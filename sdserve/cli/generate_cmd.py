@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="PATH[:SCALE[:START[:END]]]",
         help="add a LoRA / Concept Slider to the stack (repeatable); scale 1, start 0, end 1 by default",
     )
+    images = parser.add_argument_group("image inputs (init_image, mask, outpaint)")
+    images.add_argument("--init-image", type=Path, metavar="FILE", help="PNG/JPEG for image-to-image or inpainting")
+    images.add_argument("--mask", type=Path, metavar="FILE", help="inpainting mask (white repaints)")
+    images.add_argument("--outpaint", metavar="L,T,R,B", help="grow the init image by these margins and paint them")
     io = parser.add_argument_group("input and output")
     io.add_argument("--out", type=Path, help="output PNG (one request from flags)")
     io.add_argument("--requests", type=Path, help="JSON-lines file, one GenerateRequest per line")
@@ -94,8 +99,6 @@ def _specs_from_args(args: argparse.Namespace) -> list[tuple[str, Any]]:
             except SdserveError as exc:
                 fail_on(exc, where)
             if not spec.model and args.model:
-                from dataclasses import replace
-
                 spec = replace(spec, model=args.model)
             specs.append((where, spec))
         if not specs:
@@ -117,9 +120,29 @@ def _specs_from_args(args: argparse.Namespace) -> list[tuple[str, Any]]:
     if adapters:
         values["adapters"] = adapters
     try:
-        return [("request", spec_from_dict(values))]
+        spec = spec_from_dict(values)
     except SdserveError as exc:
         fail_on(exc)
+    return [("request", replace(spec, **_image_fields(args)))]
+
+
+def _image_fields(args: argparse.Namespace) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for name, path in (("init_image", args.init_image), ("mask", args.mask)):
+        if path is not None:
+            try:
+                fields[name] = path.read_bytes()
+            except OSError as exc:
+                fail(f"--{name.replace('_', '-')}: cannot read {path.name} ({exc.__class__.__name__})")
+    if args.outpaint is not None:
+        try:
+            margins = tuple(int(v) for v in args.outpaint.split(","))
+        except ValueError:
+            margins = ()
+        if len(margins) != 4:
+            fail("--outpaint: give four integers L,T,R,B")
+        fields["outpaint"] = margins
+    return fields
 
 
 def _output_paths(args: argparse.Namespace, index: int, num_images: int) -> list[Path]:

@@ -8,10 +8,12 @@ per-row fields of the same batch, filled from each request's state at each step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from sdserve.engine.activity import active_at
+from sdserve.engine.controlnet import ControlSegment
 from sdserve.engine.state import GroupKey, RequestState
 
 
@@ -33,6 +35,8 @@ class Batch:
     text_embeds: torch.Tensor | None  # [rows, pooled_dim] (SDXL)
     time_ids: torch.Tensor | None  # [rows, 6] (SDXL)
     row_stacks: list[list[tuple[int, float]]]  # per row: (slot, scale) of the adapters active now
+    # (ControlNet model, unit index) -> the row ranges that run it now, their images and scales
+    controls: dict[tuple[str, int], list[ControlSegment]] = field(default_factory=dict)
 
     @property
     def num_rows(self) -> int:
@@ -43,12 +47,19 @@ def assemble_batch(key: GroupKey, states: list[RequestState]) -> Batch:
     entries: list[BatchEntry] = []
     samples, timesteps, hidden, pooled, time_ids = [], [], [], [], []
     row_stacks: list[list[tuple[int, float]]] = []
+    controls: dict[tuple[str, int], list[ControlSegment]] = {}
     row = 0
     for state in states:
         t = state.timesteps[state.step_index]
         latents = state.latents
         x = torch.cat([latents] * 2) if state.request.guidance else latents  # [rows_i, C, h, w]
         x = state.scheduler.scale_model_input(x, t)
+        inpainting = state.inpainting
+        if inpainting is not None and inpainting.mode == "concat":
+            copies = 2 if state.request.guidance else 1
+            mask = torch.cat([inpainting.mask] * copies)
+            masked = torch.cat([inpainting.masked_image_latents] * copies)
+            x = torch.cat([x, mask, masked], dim=1)  # [rows_i, 4 + 1 + 4, h, w]
         samples.append(x)
         rows = x.shape[0]
         timesteps.append(t.to(torch.float32).reshape(1).expand(rows))
@@ -58,6 +69,12 @@ def assemble_batch(key: GroupKey, states: list[RequestState]) -> Batch:
             pooled.append(cond.text_embeds)
             time_ids.append(cond.time_ids)
         row_stacks.extend([state.stack_at(state.step_index)] * rows)
+        for unit_index, control in enumerate(state.controls):
+            unit = control.unit
+            if active_at(state.step_index, state.num_steps, unit.start, unit.end):
+                cond = torch.cat([control.cond] * 2) if state.request.guidance else control.cond
+                segment = ControlSegment(row, row + rows, cond, unit.scale)
+                controls.setdefault((unit.model, unit_index), []).append(segment)
         entries.append(BatchEntry(state=state, row_start=row, row_stop=row + rows, timestep=t))
         row += rows
     return Batch(
@@ -69,4 +86,5 @@ def assemble_batch(key: GroupKey, states: list[RequestState]) -> Batch:
         text_embeds=torch.cat(pooled) if pooled else None,
         time_ids=torch.cat(time_ids) if time_ids else None,
         row_stacks=row_stacks,
+        controls=controls,
     )

@@ -90,6 +90,7 @@ class Engine:
             spec,
             info,
             max_batch_rows=self.config.max_batch_rows,
+            controlnet_store=self.runner.controlnets,
             request_id=request_id,
             tenant=tenant,
             deadline=deadline,

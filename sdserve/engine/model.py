@@ -31,7 +31,8 @@ class ModelInfo:
     defaults: ModelDefaults
     limits: ModelLimits
     vae_scale_factor: int
-    latent_channels: int
+    latent_channels: int  # the VAE's latent channels (4)
+    unet_in_channels: int  # 4, or 9 for inpainting UNets (latents + mask + masked-image latents)
     scheduler_config: dict[str, Any] = field(repr=False)
     description: str = ""
 
@@ -86,7 +87,8 @@ def read_model_info(name: str, path: Path) -> ModelInfo:
         defaults=defaults,
         limits=limits,
         vae_scale_factor=vae_scale,
-        latent_channels=int(unet.get("in_channels", 4)),
+        latent_channels=int(vae.get("latent_channels", 4)),
+        unet_in_channels=int(unet.get("in_channels", 4)),
         scheduler_config=scheduler_config,
         description=description,
     )

@@ -11,7 +11,9 @@ import math
 import os
 import random
 from dataclasses import dataclass, field, fields
+from typing import Any
 
+from sdserve.engine.controlnet import ControlNetStore, ControlSpec, ControlUnit, resolve_units
 from sdserve.engine.model import ModelInfo
 from sdserve.engine.schedulers import make_scheduler, max_steps_for, resolve_scheduler
 from sdserve.errors import InvalidArgument
@@ -65,6 +67,11 @@ class RequestSpec:
     height: int | None = None
     num_images: int | None = None
     adapters: tuple[AdapterSpec, ...] = ()
+    init_image: bytes | None = None  # PNG/JPEG bytes
+    strength: float | None = None
+    mask: bytes | None = None  # PNG/JPEG bytes
+    outpaint: tuple[int, int, int, int] | None = None  # left, top, right, bottom
+    controlnets: tuple[ControlSpec, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -82,6 +89,11 @@ class EngineRequest:
     height: int
     num_images: int
     adapters: tuple[StackEntry, ...] = ()
+    init_image: Any = field(default=None, compare=False, repr=False)  # PIL RGB, width × height
+    mask_image: Any = field(default=None, compare=False, repr=False)  # PIL L, width × height
+    strength: float = 1.0  # fraction of the schedule run from the init image (1.0 without one)
+    outpaint: tuple[int, int, int, int] | None = None
+    controlnets: tuple[ControlUnit, ...] = field(default=(), compare=False, repr=False)
     request_id: str = ""
     tenant: str = ""
     deadline: float | None = field(default=None, compare=False)  # time.monotonic() seconds
@@ -90,6 +102,13 @@ class EngineRequest:
     def guidance(self) -> bool:
         """Classifier-free guidance runs only when the scale is > 1 (diffusers' rule)."""
         return self.guidance_scale > 1.0
+
+    @property
+    def mode(self) -> str:
+        """"txt2img", "img2img" or "inpaint" (outpainting is inpainting on a grown canvas)."""
+        if self.mask_image is not None:
+            return "inpaint"
+        return "img2img" if self.init_image is not None else "txt2img"
 
     @property
     def rows(self) -> int:
@@ -125,6 +144,42 @@ def _resolve_stack(specs: tuple[AdapterSpec, ...]) -> tuple[StackEntry, ...]:
     return tuple(entries)
 
 
+def _resolve_images(spec: RequestSpec, info: ModelInfo) -> tuple[Any, Any, float]:
+    """Decode and check image inputs -> (init image, mask, strength); header sizes are checked
+    before any pixel is decoded."""
+    limits = info.limits
+    needs_mask = info.unet_in_channels == 9
+    if spec.init_image is None:
+        for name, value in (("mask", spec.mask), ("outpaint", spec.outpaint), ("strength", spec.strength)):
+            if value is not None:
+                raise InvalidArgument("needs an init_image", field=name)
+        if needs_mask:
+            raise InvalidArgument("this inpainting model needs init_image and mask (or outpaint)", field="init_image")
+        return None, None, 1.0
+    from sdserve.engine.images import decode_image, decode_mask, outpaint_canvas
+
+    image = decode_image(spec.init_image, "init_image", max_pixels=limits.max_pixels)
+    mask = None
+    if spec.outpaint is not None:
+        if spec.mask is not None:
+            raise InvalidArgument("give either mask or outpaint, not both", field="outpaint")
+        left, top, right, bottom = spec.outpaint
+        if min(spec.outpaint) < 0 or max(spec.outpaint) > limits.max_side:
+            raise InvalidArgument(f"margins must be between 0 and {limits.max_side}", field="outpaint")
+        image, mask = outpaint_canvas(image, left, top, right, bottom)
+        if image.width * image.height > limits.max_pixels:
+            raise InvalidArgument(f"the grown canvas exceeds {limits.max_pixels} pixels", field="outpaint")
+    elif spec.mask is not None:
+        mask = decode_mask(spec.mask, "mask", image.size)
+    elif needs_mask:
+        raise InvalidArgument("this inpainting model needs a mask (or outpaint)", field="mask")
+    default_strength = 1.0 if mask is not None else 0.8
+    strength = default_strength if spec.strength is None else float(spec.strength)
+    if not (0.0 < strength <= 1.0):
+        raise InvalidArgument(f"must be in (0, 1] (got {strength})", field="strength")
+    return image, mask, strength
+
+
 def _check_int(name: str, value: int, low: int, high: int) -> int:
     if not (low <= value <= high):
         raise InvalidArgument(f"must be between {low} and {high} (got {value})", field=name)
@@ -136,6 +191,7 @@ def resolve(
     info: ModelInfo,
     *,
     max_batch_rows: int,
+    controlnet_store: ControlNetStore | None = None,
     request_id: str = "",
     tenant: str = "",
     deadline: float | None = None,
@@ -170,8 +226,14 @@ def resolve(
     if not (0.0 <= guidance <= MAX_GUIDANCE):  # also refuses NaN
         raise InvalidArgument(f"must be between 0 and {MAX_GUIDANCE:g} (got {guidance})", field="guidance_scale")
 
-    width = spec.width if spec.width is not None else defaults.width
-    height = spec.height if spec.height is not None else defaults.height
+    init_image, mask_image, strength = _resolve_images(spec, info)
+    if init_image is not None:
+        for name, given, actual in (("width", spec.width, init_image.width), ("height", spec.height, init_image.height)):
+            if given is not None and given != actual:
+                what = "the outpainted canvas" if spec.outpaint else "init_image"
+                raise InvalidArgument(f"is {given} but {what} is {actual} pixels", field=name)
+    width = init_image.width if init_image is not None else spec.width if spec.width is not None else defaults.width
+    height = init_image.height if init_image is not None else spec.height if spec.height is not None else defaults.height
     for name, side in (("width", width), ("height", height)):
         if side % 8 != 0:
             raise InvalidArgument(f"must be a multiple of 8 (got {side})", field=name)
@@ -193,6 +255,15 @@ def resolve(
     seed = spec.seed if spec.seed is not None else random.SystemRandom().randrange(2**32)
     _check_int("seed", seed, 0, MAX_SEED)
     adapters = _resolve_stack(spec.adapters)
+    controlnets: tuple[ControlUnit, ...] = ()
+    if spec.controlnets:
+        if controlnet_store is None:
+            raise InvalidArgument("ControlNet units are not served here", field="controlnets")
+        controlnets = resolve_units(spec.controlnets, info, controlnet_store)
+    if init_image is not None and int(steps * strength) < 1:
+        raise InvalidArgument(
+            f"steps × strength must be at least 1 (got {steps} × {strength:g})", field="strength"
+        )
 
     return EngineRequest(
         model=info.name,
@@ -206,6 +277,11 @@ def resolve(
         height=height,
         num_images=num_images,
         adapters=adapters,
+        init_image=init_image,
+        mask_image=mask_image,
+        strength=strength,
+        outpaint=spec.outpaint,
+        controlnets=controlnets,
         request_id=request_id,
         tenant=tenant,
         deadline=deadline,

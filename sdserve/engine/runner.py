@@ -12,6 +12,8 @@ from typing import Protocol
 import torch
 
 from sdserve.engine.batch import Batch
+from sdserve.engine.controlnet import ControlNetStore, control_residuals
+from sdserve.engine.init_latents import blend_known_latents
 from sdserve.engine.model import LoadedModel
 from sdserve.engine.state import RequestState
 
@@ -31,6 +33,9 @@ class EagerBackend:
 
     name = "eager"
 
+    def __init__(self, controlnets: ControlNetStore | None = None) -> None:
+        self.controlnets = controlnets or ControlNetStore()
+
     def serves(self, state: RequestState) -> bool:
         return True
 
@@ -43,13 +48,15 @@ class EagerBackend:
                 return self._unet(model, batch, added)
         return self._unet(model, batch, added)
 
-    @staticmethod
-    def _unet(model: LoadedModel, batch: Batch, added: dict | None) -> torch.Tensor:
+    def _unet(self, model: LoadedModel, batch: Batch, added: dict | None) -> torch.Tensor:
+        down, mid = control_residuals(batch, model, self.controlnets)
         return model.unet(
             batch.sample,
             batch.timesteps,
             encoder_hidden_states=batch.encoder_hidden_states,
             added_cond_kwargs=added,
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
             return_dict=False,
         )[0]
 
@@ -65,12 +72,17 @@ def advance(batch: Batch, noise_pred: torch.Tensor) -> None:
         state.latents = state.scheduler.step(
             pred, entry.timestep, state.latents, **state.step_kwargs, return_dict=False
         )[0]
+        if state.inpainting is not None and state.inpainting.mode == "blend":
+            state.latents = blend_known_latents(
+                state.latents, state.inpainting, state.scheduler, state.timesteps, state.step_index
+            )
         state.step_index += 1
 
 
 class Runner:
     def __init__(self, backend: UNetBackend | None = None) -> None:
         self.backend = backend or EagerBackend()
+        self.controlnets: ControlNetStore = getattr(self.backend, "controlnets", ControlNetStore())
 
     @torch.inference_mode()
     def step(self, model: LoadedModel, batch: Batch) -> None:

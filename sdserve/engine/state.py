@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 
 from sdserve.engine.activity import active_at
+from sdserve.engine.controlnet import PreparedControl, prepare_controls
 from sdserve.engine.families import RowConditioning, family_of
+from sdserve.engine.init_latents import Inpainting, prepare_latents, strength_timesteps
 from sdserve.engine.model import LoadedModel
 from sdserve.engine.request import EngineRequest
 from sdserve.engine.schedulers import make_scheduler, resolve_scheduler, step_kwargs_accepted
@@ -54,6 +55,8 @@ class RequestState:
     conditioning: RowConditioning
     step_kwargs: dict[str, Any]
     timings: Timings
+    inpainting: Inpainting | None = None
+    controls: list[PreparedControl] = field(default_factory=list)
     adapter_slots: tuple[int, ...] = ()  # device slot of each stack entry, pinned while running
     step_index: int = 0
     last_tick: int = -1  # batcher tick at which this request last stepped
@@ -97,7 +100,10 @@ def prepare_state(
     choice = resolve_scheduler(request.scheduler)
     scheduler = make_scheduler(choice, info.scheduler_config)
     scheduler.set_timesteps(request.steps, device=model.device)
-    num_steps = len(scheduler.timesteps)
+    timesteps = scheduler.timesteps
+    if request.init_image is not None:
+        timesteps = strength_timesteps(scheduler, request.steps, request.strength)
+    num_steps = len(timesteps)
     # Prompts are encoded once, so an adapter's text-encoder part applies when it is active at
     # the first step.
     text_stack = [
@@ -116,15 +122,8 @@ def prepare_state(
             request.height,
         )
     generator = torch.Generator("cpu").manual_seed(request.seed)
-    shape = (
-        request.num_images,
-        info.latent_channels,
-        request.height // info.vae_scale_factor,
-        request.width // info.vae_scale_factor,
-    )
-    # One randn of the whole request from its CPU generator, as diffusers' prepare_latents draws it.
-    latents = randn_tensor(shape, generator=generator, device=model.device, dtype=model.dtype)
-    latents = latents * scheduler.init_noise_sigma
+    with torch.inference_mode():
+        latents, inpainting = prepare_latents(request, model, scheduler, generator, timesteps)
     takes_eta, takes_generator = step_kwargs_accepted(choice.class_name)
     step_kwargs: dict[str, Any] = {}
     if takes_eta:
@@ -137,8 +136,10 @@ def prepare_state(
         arrival=arrival,
         scheduler=scheduler,
         generator=generator,
-        timesteps=scheduler.timesteps,
+        timesteps=timesteps,
         latents=latents,
+        inpainting=inpainting,
+        controls=prepare_controls(request, model),
         conditioning=conditioning,
         step_kwargs=step_kwargs,
         timings=timings,

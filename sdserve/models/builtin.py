@@ -112,7 +112,7 @@ def build_model(spec: BuiltinSpec, out_dir: Path, seed: int = 0) -> None:
         pipeline_class = "StableDiffusionXLPipeline"
     else:
         components.update(safety_checker=[None, None], feature_extractor=[None, None], image_encoder=[None, None])
-        pipeline_class = "StableDiffusionPipeline"
+        pipeline_class = spec.pipeline_class or "StableDiffusionPipeline"
     model_index = {"_class_name": pipeline_class, "_diffusers_version": diffusers.__version__, **components}
     if spec.family != "sdxl":
         model_index["requires_safety_checker"] = False

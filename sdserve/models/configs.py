@@ -66,6 +66,7 @@ class BuiltinSpec:
     scheduler_class: str = "EulerDiscreteScheduler"
     scheduler: dict[str, Any] = field(default_factory=lambda: dict(SD_SCHEDULE))
     pipeline_config: dict[str, Any] = field(default_factory=dict)
+    pipeline_class: str | None = None  # default: StableDiffusion(XL)Pipeline by family
     version: int = 2  # bump when the spec changes, so cached directories are rebuilt
 
 
@@ -215,4 +216,18 @@ DEFAULT = BuiltinSpec(
     },
 )
 
-BUILTIN_SPECS: dict[str, BuiltinSpec] = {s.name: s for s in (DEFAULT, TINY_SD1, TINY_SD2, TINY_SDXL)}
+TINY_SD1_INPAINT = BuiltinSpec(
+    name="tiny-sd1-inpaint",
+    family="sd1",
+    description="tiny SD 1.x inpainting model (9-channel UNet: latents, mask, masked-image latents), random weights",
+    defaults=TINY_SD1.defaults,
+    limits=TINY_LIMITS,
+    unet={**TINY_SD1.unet, "in_channels": 9},
+    vae=_tiny_vae(),
+    text_encoder=_tiny_text_encoder(),
+    pipeline_class="StableDiffusionInpaintPipeline",
+)
+
+BUILTIN_SPECS: dict[str, BuiltinSpec] = {
+    s.name: s for s in (DEFAULT, TINY_SD1, TINY_SD2, TINY_SDXL, TINY_SD1_INPAINT)
+}

@@ -16,6 +16,7 @@ from typing import Any
 from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 
+from sdserve.engine.controlnet import ControlSpec
 from sdserve.engine.request import AdapterSpec, RequestSpec, spec_field_names
 from sdserve.errors import InvalidArgument
 from sdserve.protos.sdserve.v1 import sdserve_pb2 as pb
@@ -75,8 +76,8 @@ def request_fields() -> tuple[RequestField, ...]:
     comments = _proto_comments("GenerateRequest")
     out = []
     for field in pb.GenerateRequest.DESCRIPTOR.fields:
-        if field.type == FieldDescriptor.TYPE_MESSAGE:
-            continue  # nested fields get their own CLI shorthands
+        if field.type in (FieldDescriptor.TYPE_MESSAGE, FieldDescriptor.TYPE_BYTES):
+            continue  # nested fields and images get their own CLI flags (files, shorthands)
         optional = field.has_presence and field.containing_oneof is not None
         out.append(RequestField(field.name, _python_type(field), optional, comments.get(field.name, "")))
     return tuple(out)
@@ -132,6 +133,27 @@ def spec_from_pb(message: pb.GenerateRequest) -> RequestSpec:
         if name == "adapters":
             values[name] = tuple(adapter_spec_from_pb(ref) for ref in message.adapters)
             continue
+        if name in ("init_image", "mask"):
+            values[name] = getattr(message, name) or None  # proto3 bytes: empty = absent
+            continue
+        if name == "controlnets":
+            values[name] = tuple(
+                ControlSpec(
+                    model=unit.model,
+                    image=unit.image,
+                    preprocess=unit.preprocess,
+                    scale=unit.scale if unit.HasField("scale") else None,
+                    start=unit.start if unit.HasField("start") else None,
+                    end=unit.end if unit.HasField("end") else None,
+                )
+                for unit in message.controlnets
+            )
+            continue
+        if name == "outpaint":
+            if message.HasField("outpaint"):
+                o = message.outpaint
+                values[name] = (o.left, o.top, o.right, o.bottom)
+            continue
         if field.has_presence and not message.HasField(name):
             continue
         values[name] = getattr(message, name)
@@ -158,3 +180,172 @@ def spec_from_json_line(line: str) -> RequestSpec:
     except json.JSONDecodeError as exc:
         raise InvalidArgument(f"malformed JSON ({exc.msg} at column {exc.colno})") from None
     return spec_from_dict(data)
+
+
+# -- the services: responses, events and registration (server side) ----------------------------
+
+SERVICE_NAMES = tuple(
+    pb.DESCRIPTOR.services_by_name[name].full_name for name in ("ImageGeneration", "Adapters", "Models")
+)
+
+
+def add_services(server: Any, generation: Any, adapters: Any, models: Any) -> None:
+    """Register the three sdserve.v1 servicers (duck-typed: any object with the methods)."""
+    from sdserve.protos.sdserve.v1 import sdserve_pb2_grpc as rpc
+
+    rpc.add_ImageGenerationServicer_to_server(generation, server)
+    rpc.add_AdaptersServicer_to_server(adapters, server)
+    rpc.add_ModelsServicer_to_server(models, server)
+
+
+@dataclass(frozen=True)
+class AdapterUse:
+    """One adapter a request used: the name it gave, the file's digest, and whether it is shared."""
+
+    name: str
+    sha256: str
+    shared: bool
+
+
+def generate_response(
+    request_id: str,
+    model: str,
+    seed: int,
+    images: list[tuple[bytes, int, int]],
+    timings: dict[str, float],
+    adapters: list[AdapterUse],
+) -> pb.GenerateResponse:
+    """`images` are (png bytes, width, height); `timings` has queue, adapter_load, denoise, decode, total."""
+    return pb.GenerateResponse(
+        images=[pb.GeneratedImage(png=png, width=w, height=h, index=i) for i, (png, w, h) in enumerate(images)],
+        seed=seed,
+        timings=pb.GenerationTimings(**{k: float(timings.get(k, 0.0)) for k in pb.GenerationTimings.DESCRIPTOR.fields_by_name}),
+        adapters=[pb.AdapterUsed(name=a.name, sha256=a.sha256, shared=a.shared) for a in adapters],
+        model=model,
+        request_id=request_id,
+    )
+
+
+def queued_event(request_id: str, position: int) -> pb.GenerateEvent:
+    return pb.GenerateEvent(queued=pb.Queued(request_id=request_id, queue_position=position))
+
+
+def progress_event(step: int, total_steps: int, preview_png: bytes = b"") -> pb.GenerateEvent:
+    return pb.GenerateEvent(progress=pb.Progress(step=step, total_steps=total_steps, preview_png=preview_png))
+
+
+def result_event(response: pb.GenerateResponse) -> pb.GenerateEvent:
+    return pb.GenerateEvent(result=response)
+
+
+@dataclass(frozen=True)
+class UploadHeader:
+    name: str
+    kind: str
+    family: str
+    sha256: str
+    shared: bool
+    size: int
+
+
+def upload_part(chunk: pb.UploadAdapterChunk) -> UploadHeader | bytes | None:
+    """A chunk's content: the header, the data bytes, or None for an empty chunk."""
+    which = chunk.WhichOneof("chunk")
+    if which == "header":
+        h = chunk.header
+        return UploadHeader(h.name, h.kind, h.family, h.sha256.lower(), h.shared, h.size)
+    if which == "data":
+        return chunk.data
+    return None
+
+
+def adapter_info(record: Any) -> pb.AdapterInfo:
+    """A registry record (name, kind, family, sha256, size, shared, created) -> AdapterInfo."""
+    return pb.AdapterInfo(
+        name=record.name,
+        kind=record.kind,
+        family=record.family,
+        sha256=record.sha256,
+        size=record.size,
+        shared=record.shared,
+        created=record.created,
+    )
+
+
+def list_adapters_response(records: list[Any]) -> pb.ListAdaptersResponse:
+    return pb.ListAdaptersResponse(adapters=[adapter_info(r) for r in records])
+
+
+def delete_adapter_response(sha256: str) -> pb.DeleteAdapterResponse:
+    return pb.DeleteAdapterResponse(sha256=sha256)
+
+
+def list_models_response(infos: list[Any], default: str) -> pb.ListModelsResponse:
+    """`infos` are engine ModelInfo objects, in the order to list them."""
+    models = []
+    for info in infos:
+        d, lim = info.defaults, info.limits
+        models.append(
+            pb.ModelDescription(
+                name=info.name,
+                family=info.family,
+                description=info.description,
+                is_default=info.name == default,
+                defaults=pb.ModelDefaultsInfo(
+                    width=d.width, height=d.height, steps=d.steps, guidance_scale=d.guidance_scale, scheduler=d.scheduler
+                ),
+                limits=pb.ModelLimitsInfo(
+                    max_steps=lim.max_steps,
+                    min_side=lim.min_side,
+                    max_side=lim.max_side,
+                    max_pixels=lim.max_pixels,
+                    max_num_images=lim.max_num_images,
+                ),
+            )
+        )
+    return pb.ListModelsResponse(models=models)
+
+
+# -- the client side ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stubs:
+    generation: Any
+    adapters: Any
+    models: Any
+
+
+def stubs(channel: Any) -> Stubs:
+    from sdserve.protos.sdserve.v1 import sdserve_pb2_grpc as rpc
+
+    return Stubs(rpc.ImageGenerationStub(channel), rpc.AdaptersStub(channel), rpc.ModelsStub(channel))
+
+
+def upload_chunks(header: UploadHeader, data: Any, chunk_bytes: int = 1 << 20) -> Any:
+    """Yield an upload stream: the header, then `data` (bytes or an iterable of bytes) in chunks."""
+    yield pb.UploadAdapterChunk(
+        header=pb.AdapterHeader(
+            name=header.name,
+            kind=header.kind,
+            family=header.family,
+            sha256=header.sha256,
+            shared=header.shared,
+            size=header.size,
+        )
+    )
+    pieces = [data] if isinstance(data, bytes | bytearray | memoryview) else data
+    for piece in pieces:
+        piece = bytes(piece)
+        for offset in range(0, len(piece), chunk_bytes):
+            yield pb.UploadAdapterChunk(data=piece[offset : offset + chunk_bytes])
+
+
+def request_message(kind: str, **fields_: Any) -> Any:
+    """A request message of the simple RPCs by name: ListAdaptersRequest, GetAdapterRequest, ..."""
+    return getattr(pb, kind)(**fields_)
+
+
+def to_dict(message: Any) -> dict[str, Any]:
+    """A response as a JSON-ready dict with the proto's field names (bytes as base64)."""
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)

@@ -10,7 +10,8 @@ Every optional part is independent: a shape may name its size and place or not, 
 background phrase, which closes the caption, belongs to the whole scene. Two-shape captions list
 shapes left-to-right (then top-to-bottom), the order `world.sample_scene` gives them. The
 phrases never share a prefix ambiguously ("on the ..." is a place, "on a ..." the background),
-so one regular expression parses the language.
+so one regular expression parses the language. The article is always "a" (also before
+"orange"): one spelling per meaning keeps the vocabulary and the parser exact.
 
 Training drops each optional part with some probability (`describe`), so a prompt that leaves
 an attribute out is in-distribution; the scorer scores only what a prompt names.
@@ -127,4 +128,3 @@ def parse_caption(text: str) -> PromptSpec:
         if color is not None:
             shapes.append(ShapePrompt(color, kind, size, _PHRASE_PLACE[place] if place else None))
     return PromptSpec(tuple(shapes), groups[8])
-

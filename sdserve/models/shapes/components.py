@@ -41,7 +41,7 @@ class ComponentSizes:
     """4 or 8: spatial reduction of the VAE (latent side = 64 / vae_downsample)."""
     vae_channels: int = 32
     """Channels of the VAE's first level; deeper levels use 2x this."""
-    unet_channels: tuple[int, int, int] = (64, 128, 128)
+    unet_channels: tuple[int, int, int] = (32, 64, 128)
     """Channels of the UNet's three levels (latent side, /2, /4)."""
     unet_head_dim: int = 32
     """Attention head width in the UNet."""
@@ -51,7 +51,9 @@ class ComponentSizes:
 
     @staticmethod
     def tiny() -> ComponentSizes:
-        return ComponentSizes(vae_channels=8, unet_channels=(16, 16, 16), unet_head_dim=8, text_hidden=16, text_layers=1)
+        return ComponentSizes(
+            vae_channels=8, unet_channels=(16, 16, 16), unet_head_dim=8, text_hidden=16, text_layers=1
+        )
 
 
 def build_vae(sizes: ComponentSizes, image_size: int = 64) -> AutoencoderKL:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18sdserve/v1/sdserve.proto\x12\nsdserve.v1\"\x82\x03\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x1c\n\x0fnegative_prompt\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x01\x88\x01\x01\x12\x12\n\x05steps\x18\x05 \x01(\x05H\x02\x88\x01\x01\x12\x1b\n\x0eguidance_scale\x18\x06 \x01(\x01H\x03\x88\x01\x01\x12\x16\n\tscheduler\x18\x07 \x01(\tH\x04\x88\x01\x01\x12\x12\n\x05width\x18\x08 \x01(\x05H\x05\x88\x01\x01\x12\x13\n\x06height\x18\t \x01(\x05H\x06\x88\x01\x01\x12\x17\n\nnum_images\x18\n \x01(\x05H\x07\x88\x01\x01\x12(\n\x08\x61\x64\x61pters\x18\x0b \x03(\x0b\x32\x16.sdserve.v1.AdapterRefB\x12\n\x10_negative_promptB\x07\n\x05_seedB\x08\n\x06_stepsB\x11\n\x0f_guidance_scaleB\x0c\n\n_schedulerB\x08\n\x06_widthB\t\n\x07_heightB\r\n\x0b_num_images\"~\n\nAdapterRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x12\n\x05scale\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05start\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\x10\n\x03\x65nd\x18\x05 \x01(\x01H\x02\x88\x01\x01\x42\x08\n\x06_scaleB\x08\n\x06_startB\x06\n\x04_endb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18sdserve/v1/sdserve.proto\x12\nsdserve.v1\"\xa1\x04\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x1c\n\x0fnegative_prompt\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x01\x88\x01\x01\x12\x12\n\x05steps\x18\x05 \x01(\x05H\x02\x88\x01\x01\x12\x1b\n\x0eguidance_scale\x18\x06 \x01(\x01H\x03\x88\x01\x01\x12\x16\n\tscheduler\x18\x07 \x01(\tH\x04\x88\x01\x01\x12\x12\n\x05width\x18\x08 \x01(\x05H\x05\x88\x01\x01\x12\x13\n\x06height\x18\t \x01(\x05H\x06\x88\x01\x01\x12\x17\n\nnum_images\x18\n \x01(\x05H\x07\x88\x01\x01\x12(\n\x08\x61\x64\x61pters\x18\x0b \x03(\x0b\x32\x16.sdserve.v1.AdapterRef\x12\x12\n\ninit_image\x18\x0c \x01(\x0c\x12\x15\n\x08strength\x18\r \x01(\x01H\x08\x88\x01\x01\x12\x0c\n\x04mask\x18\x0e \x01(\x0c\x12&\n\x08outpaint\x18\x0f \x01(\x0b\x32\x14.sdserve.v1.Outpaint\x12/\n\x0b\x63ontrolnets\x18\x10 \x03(\x0b\x32\x1a.sdserve.v1.ControlNetUnitB\x12\n\x10_negative_promptB\x07\n\x05_seedB\x08\n\x06_stepsB\x11\n\x0f_guidance_scaleB\x0c\n\n_schedulerB\x08\n\x06_widthB\t\n\x07_heightB\r\n\x0b_num_imagesB\x0b\n\t_strength\"\x98\x01\n\x0e\x43ontrolNetUnit\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\x12\n\npreprocess\x18\x03 \x01(\t\x12\x12\n\x05scale\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05start\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x10\n\x03\x65nd\x18\x06 \x01(\x01H\x02\x88\x01\x01\x42\x08\n\x06_scaleB\x08\n\x06_startB\x06\n\x04_end\"D\n\x08Outpaint\x12\x0c\n\x04left\x18\x01 \x01(\x05\x12\x0b\n\x03top\x18\x02 \x01(\x05\x12\r\n\x05right\x18\x03 \x01(\x05\x12\x0e\n\x06\x62ottom\x18\x04 \x01(\x05\"~\n\nAdapterRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x12\n\x05scale\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05start\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\x10\n\x03\x65nd\x18\x05 \x01(\x01H\x02\x88\x01\x01\x42\x08\n\x06_scaleB\x08\n\x06_startB\x06\n\x04_end\"\xca\x01\n\x10GenerateResponse\x12*\n\x06images\x18\x01 \x03(\x0b\x32\x1a.sdserve.v1.GeneratedImage\x12\x0c\n\x04seed\x18\x02 \x01(\x03\x12.\n\x07timings\x18\x03 \x01(\x0b\x32\x1d.sdserve.v1.GenerationTimings\x12)\n\x08\x61\x64\x61pters\x18\x04 \x03(\x0b\x32\x17.sdserve.v1.AdapterUsed\x12\r\n\x05model\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"K\n\x0eGeneratedImage\x12\x0b\n\x03png\x18\x01 \x01(\x0c\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12\r\n\x05index\x18\x04 \x01(\x05\"h\n\x11GenerationTimings\x12\r\n\x05queue\x18\x01 \x01(\x01\x12\x14\n\x0c\x61\x64\x61pter_load\x18\x02 \x01(\x01\x12\x0f\n\x07\x64\x65noise\x18\x03 \x01(\x01\x12\x0e\n\x06\x64\x65\x63ode\x18\x04 \x01(\x01\x12\r\n\x05total\x18\x05 \x01(\x01\";\n\x0b\x41\x64\x61pterUsed\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0e\n\x06shared\x18\x03 \x01(\x08\"\x98\x01\n\rGenerateEvent\x12$\n\x06queued\x18\x01 \x01(\x0b\x32\x12.sdserve.v1.QueuedH\x00\x12(\n\x08progress\x18\x02 \x01(\x0b\x32\x14.sdserve.v1.ProgressH\x00\x12.\n\x06result\x18\x03 \x01(\x0b\x32\x1c.sdserve.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent\"4\n\x06Queued\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0equeue_position\x18\x02 \x01(\x05\"B\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x05\x12\x13\n\x0bpreview_png\x18\x03 \x01(\x0c\"Z\n\x12UploadAdapterChunk\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.sdserve.v1.AdapterHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05\x63hunk\"i\n\rAdapterHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x03 \x01(\t\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x0e\n\x06shared\x18\x05 \x01(\x08\x12\x0c\n\x04size\x18\x06 \x01(\x03\"x\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x03 \x01(\t\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x0c\n\x04size\x18\x05 \x01(\x03\x12\x0e\n\x06shared\x18\x06 \x01(\x08\x12\x0f\n\x07\x63reated\x18\x07 \x01(\x01\"%\n\x13ListAdaptersRequest\x12\x0e\n\x06\x66\x61mily\x18\x01 \x01(\t\"A\n\x14ListAdaptersResponse\x12)\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x17.sdserve.v1.AdapterInfo\"!\n\x11GetAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"4\n\x14\x44\x65leteAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06shared\x18\x02 \x01(\x08\"\'\n\x15\x44\x65leteAdapterResponse\x12\x0e\n\x06sha256\x18\x01 \x01(\t\"\x13\n\x11ListModelsRequest\"B\n\x12ListModelsResponse\x12,\n\x06models\x18\x01 \x03(\x0b\x32\x1c.sdserve.v1.ModelDescription\"\xb7\x01\n\x10ModelDescription\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x12\n\nis_default\x18\x04 \x01(\x08\x12/\n\x08\x64\x65\x66\x61ults\x18\x05 \x01(\x0b\x32\x1d.sdserve.v1.ModelDefaultsInfo\x12+\n\x06limits\x18\x06 \x01(\x0b\x32\x1b.sdserve.v1.ModelLimitsInfo\"l\n\x11ModelDefaultsInfo\x12\r\n\x05width\x18\x01 \x01(\x05\x12\x0e\n\x06height\x18\x02 \x01(\x05\x12\r\n\x05steps\x18\x03 \x01(\x05\x12\x16\n\x0eguidance_scale\x18\x04 \x01(\x01\x12\x11\n\tscheduler\x18\x05 \x01(\t\"t\n\x0fModelLimitsInfo\x12\x11\n\tmax_steps\x18\x01 \x01(\x05\x12\x10\n\x08min_side\x18\x02 \x01(\x05\x12\x10\n\x08max_side\x18\x03 \x01(\x05\x12\x12\n\nmax_pixels\x18\x04 \x01(\x03\x12\x16\n\x0emax_num_images\x18\x05 \x01(\x05\x32\xa4\x01\n\x0fImageGeneration\x12\x45\n\x08Generate\x12\x1b.sdserve.v1.GenerateRequest\x1a\x1c.sdserve.v1.GenerateResponse\x12J\n\x0eGenerateStream\x12\x1b.sdserve.v1.GenerateRequest\x1a\x19.sdserve.v1.GenerateEvent0\x01\x32\xc5\x02\n\x08\x41\x64\x61pters\x12J\n\rUploadAdapter\x12\x1e.sdserve.v1.UploadAdapterChunk\x1a\x17.sdserve.v1.AdapterInfo(\x01\x12Q\n\x0cListAdapters\x12\x1f.sdserve.v1.ListAdaptersRequest\x1a .sdserve.v1.ListAdaptersResponse\x12\x44\n\nGetAdapter\x12\x1d.sdserve.v1.GetAdapterRequest\x1a\x17.sdserve.v1.AdapterInfo\x12T\n\rDeleteAdapter\x12 .sdserve.v1.DeleteAdapterRequest\x1a!.sdserve.v1.DeleteAdapterResponse2U\n\x06Models\x12K\n\nListModels\x12\x1d.sdserve.v1.ListModelsRequest\x1a\x1e.sdserve.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,7 +32,57 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sdserve.v1.sdserve_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST']._serialized_start=41
-  _globals['_GENERATEREQUEST']._serialized_end=427
-  _globals['_ADAPTERREF']._serialized_start=429
-  _globals['_ADAPTERREF']._serialized_end=555
+  _globals['_GENERATEREQUEST']._serialized_end=586
+  _globals['_CONTROLNETUNIT']._serialized_start=589
+  _globals['_CONTROLNETUNIT']._serialized_end=741
+  _globals['_OUTPAINT']._serialized_start=743
+  _globals['_OUTPAINT']._serialized_end=811
+  _globals['_ADAPTERREF']._serialized_start=813
+  _globals['_ADAPTERREF']._serialized_end=939
+  _globals['_GENERATERESPONSE']._serialized_start=942
+  _globals['_GENERATERESPONSE']._serialized_end=1144
+  _globals['_GENERATEDIMAGE']._serialized_start=1146
+  _globals['_GENERATEDIMAGE']._serialized_end=1221
+  _globals['_GENERATIONTIMINGS']._serialized_start=1223
+  _globals['_GENERATIONTIMINGS']._serialized_end=1327
+  _globals['_ADAPTERUSED']._serialized_start=1329
+  _globals['_ADAPTERUSED']._serialized_end=1388
+  _globals['_GENERATEEVENT']._serialized_start=1391
+  _globals['_GENERATEEVENT']._serialized_end=1543
+  _globals['_QUEUED']._serialized_start=1545
+  _globals['_QUEUED']._serialized_end=1597
+  _globals['_PROGRESS']._serialized_start=1599
+  _globals['_PROGRESS']._serialized_end=1665
+  _globals['_UPLOADADAPTERCHUNK']._serialized_start=1667
+  _globals['_UPLOADADAPTERCHUNK']._serialized_end=1757
+  _globals['_ADAPTERHEADER']._serialized_start=1759
+  _globals['_ADAPTERHEADER']._serialized_end=1864
+  _globals['_ADAPTERINFO']._serialized_start=1866
+  _globals['_ADAPTERINFO']._serialized_end=1986
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=1988
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=2025
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=2027
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=2092
+  _globals['_GETADAPTERREQUEST']._serialized_start=2094
+  _globals['_GETADAPTERREQUEST']._serialized_end=2127
+  _globals['_DELETEADAPTERREQUEST']._serialized_start=2129
+  _globals['_DELETEADAPTERREQUEST']._serialized_end=2181
+  _globals['_DELETEADAPTERRESPONSE']._serialized_start=2183
+  _globals['_DELETEADAPTERRESPONSE']._serialized_end=2222
+  _globals['_LISTMODELSREQUEST']._serialized_start=2224
+  _globals['_LISTMODELSREQUEST']._serialized_end=2243
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2245
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2311
+  _globals['_MODELDESCRIPTION']._serialized_start=2314
+  _globals['_MODELDESCRIPTION']._serialized_end=2497
+  _globals['_MODELDEFAULTSINFO']._serialized_start=2499
+  _globals['_MODELDEFAULTSINFO']._serialized_end=2607
+  _globals['_MODELLIMITSINFO']._serialized_start=2609
+  _globals['_MODELLIMITSINFO']._serialized_end=2725
+  _globals['_IMAGEGENERATION']._serialized_start=2728
+  _globals['_IMAGEGENERATION']._serialized_end=2892
+  _globals['_ADAPTERS']._serialized_start=2895
+  _globals['_ADAPTERS']._serialized_end=3220
+  _globals['_MODELS']._serialized_start=3222
+  _globals['_MODELS']._serialized_end=3307
 # @@protoc_insertion_point(module_scope)

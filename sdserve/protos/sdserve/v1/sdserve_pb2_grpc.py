@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from . import sdserve_pb2 as sdserve_dot_v1_dot_sdserve__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -22,3 +23,443 @@ if _version_not_supported:
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
+
+
+class ImageGenerationStub:
+    """---------------------------------------------------------------------------------------------
+    Image generation.
+
+    Image generation: one request in, its images (or its progress, then its images) out.
+    Optional call metadata: "sdserve-priority" (an integer, default 0; higher goes first among the
+    caller's own queued requests) and, for GenerateStream, "sdserve-preview-every" (N > 0 asks
+    for a small preview every N steps where the server supports previews).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Generate = channel.unary_unary(
+                '/sdserve.v1.ImageGeneration/Generate',
+                request_serializer=sdserve_dot_v1_dot_sdserve__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=sdserve_dot_v1_dot_sdserve__pb2.GenerateResponse.FromString,
+                _registered_method=True)
+        self.GenerateStream = channel.unary_stream(
+                '/sdserve.v1.ImageGeneration/GenerateStream',
+                request_serializer=sdserve_dot_v1_dot_sdserve__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=sdserve_dot_v1_dot_sdserve__pb2.GenerateEvent.FromString,
+                _registered_method=True)
+
+
+class ImageGenerationServicer:
+    """---------------------------------------------------------------------------------------------
+    Image generation.
+
+    Image generation: one request in, its images (or its progress, then its images) out.
+    Optional call metadata: "sdserve-priority" (an integer, default 0; higher goes first among the
+    caller's own queued requests) and, for GenerateStream, "sdserve-preview-every" (N > 0 asks
+    for a small preview every N steps where the server supports previews).
+    """
+
+    def Generate(self, request, context):
+        """Generate the request's images; the call's deadline is the request's deadline.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateStream(self, request, context):
+        """The same work, reporting queueing and every step before the result.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ImageGenerationServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Generate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=sdserve_dot_v1_dot_sdserve__pb2.GenerateRequest.FromString,
+                    response_serializer=sdserve_dot_v1_dot_sdserve__pb2.GenerateResponse.SerializeToString,
+            ),
+            'GenerateStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.GenerateStream,
+                    request_deserializer=sdserve_dot_v1_dot_sdserve__pb2.GenerateRequest.FromString,
+                    response_serializer=sdserve_dot_v1_dot_sdserve__pb2.GenerateEvent.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'sdserve.v1.ImageGeneration', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('sdserve.v1.ImageGeneration', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class ImageGeneration:
+    """---------------------------------------------------------------------------------------------
+    Image generation.
+
+    Image generation: one request in, its images (or its progress, then its images) out.
+    Optional call metadata: "sdserve-priority" (an integer, default 0; higher goes first among the
+    caller's own queued requests) and, for GenerateStream, "sdserve-preview-every" (N > 0 asks
+    for a small preview every N steps where the server supports previews).
+    """
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sdserve.v1.ImageGeneration/Generate',
+            sdserve_dot_v1_dot_sdserve__pb2.GenerateRequest.SerializeToString,
+            sdserve_dot_v1_dot_sdserve__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/sdserve.v1.ImageGeneration/GenerateStream',
+            sdserve_dot_v1_dot_sdserve__pb2.GenerateRequest.SerializeToString,
+            sdserve_dot_v1_dot_sdserve__pb2.GenerateEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class AdaptersStub:
+    """---------------------------------------------------------------------------------------------
+    Adapters.
+
+    Adapter registry, scoped per tenant; admins may publish shared adapters every tenant can use.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.UploadAdapter = channel.stream_unary(
+                '/sdserve.v1.Adapters/UploadAdapter',
+                request_serializer=sdserve_dot_v1_dot_sdserve__pb2.UploadAdapterChunk.SerializeToString,
+                response_deserializer=sdserve_dot_v1_dot_sdserve__pb2.AdapterInfo.FromString,
+                _registered_method=True)
+        self.ListAdapters = channel.unary_unary(
+                '/sdserve.v1.Adapters/ListAdapters',
+                request_serializer=sdserve_dot_v1_dot_sdserve__pb2.ListAdaptersRequest.SerializeToString,
+                response_deserializer=sdserve_dot_v1_dot_sdserve__pb2.ListAdaptersResponse.FromString,
+                _registered_method=True)
+        self.GetAdapter = channel.unary_unary(
+                '/sdserve.v1.Adapters/GetAdapter',
+                request_serializer=sdserve_dot_v1_dot_sdserve__pb2.GetAdapterRequest.SerializeToString,
+                response_deserializer=sdserve_dot_v1_dot_sdserve__pb2.AdapterInfo.FromString,
+                _registered_method=True)
+        self.DeleteAdapter = channel.unary_unary(
+                '/sdserve.v1.Adapters/DeleteAdapter',
+                request_serializer=sdserve_dot_v1_dot_sdserve__pb2.DeleteAdapterRequest.SerializeToString,
+                response_deserializer=sdserve_dot_v1_dot_sdserve__pb2.DeleteAdapterResponse.FromString,
+                _registered_method=True)
+
+
+class AdaptersServicer:
+    """---------------------------------------------------------------------------------------------
+    Adapters.
+
+    Adapter registry, scoped per tenant; admins may publish shared adapters every tenant can use.
+    """
+
+    def UploadAdapter(self, request_iterator, context):
+        """Upload one adapter file: the first chunk carries the header, the following ones the bytes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAdapters(self, request, context):
+        """The adapters the caller can use: its own, then the shared ones.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAdapter(self, request, context):
+        """One adapter the caller can use, by name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteAdapter(self, request, context):
+        """Remove one of the caller's adapters (shared ones: admins only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AdaptersServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'UploadAdapter': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadAdapter,
+                    request_deserializer=sdserve_dot_v1_dot_sdserve__pb2.UploadAdapterChunk.FromString,
+                    response_serializer=sdserve_dot_v1_dot_sdserve__pb2.AdapterInfo.SerializeToString,
+            ),
+            'ListAdapters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAdapters,
+                    request_deserializer=sdserve_dot_v1_dot_sdserve__pb2.ListAdaptersRequest.FromString,
+                    response_serializer=sdserve_dot_v1_dot_sdserve__pb2.ListAdaptersResponse.SerializeToString,
+            ),
+            'GetAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAdapter,
+                    request_deserializer=sdserve_dot_v1_dot_sdserve__pb2.GetAdapterRequest.FromString,
+                    response_serializer=sdserve_dot_v1_dot_sdserve__pb2.AdapterInfo.SerializeToString,
+            ),
+            'DeleteAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteAdapter,
+                    request_deserializer=sdserve_dot_v1_dot_sdserve__pb2.DeleteAdapterRequest.FromString,
+                    response_serializer=sdserve_dot_v1_dot_sdserve__pb2.DeleteAdapterResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'sdserve.v1.Adapters', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('sdserve.v1.Adapters', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Adapters:
+    """---------------------------------------------------------------------------------------------
+    Adapters.
+
+    Adapter registry, scoped per tenant; admins may publish shared adapters every tenant can use.
+    """
+
+    @staticmethod
+    def UploadAdapter(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/sdserve.v1.Adapters/UploadAdapter',
+            sdserve_dot_v1_dot_sdserve__pb2.UploadAdapterChunk.SerializeToString,
+            sdserve_dot_v1_dot_sdserve__pb2.AdapterInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAdapters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sdserve.v1.Adapters/ListAdapters',
+            sdserve_dot_v1_dot_sdserve__pb2.ListAdaptersRequest.SerializeToString,
+            sdserve_dot_v1_dot_sdserve__pb2.ListAdaptersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sdserve.v1.Adapters/GetAdapter',
+            sdserve_dot_v1_dot_sdserve__pb2.GetAdapterRequest.SerializeToString,
+            sdserve_dot_v1_dot_sdserve__pb2.AdapterInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sdserve.v1.Adapters/DeleteAdapter',
+            sdserve_dot_v1_dot_sdserve__pb2.DeleteAdapterRequest.SerializeToString,
+            sdserve_dot_v1_dot_sdserve__pb2.DeleteAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class ModelsStub:
+    """---------------------------------------------------------------------------------------------
+    Models.
+
+    The models this server serves.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ListModels = channel.unary_unary(
+                '/sdserve.v1.Models/ListModels',
+                request_serializer=sdserve_dot_v1_dot_sdserve__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=sdserve_dot_v1_dot_sdserve__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
+
+
+class ModelsServicer:
+    """---------------------------------------------------------------------------------------------
+    Models.
+
+    The models this server serves.
+    """
+
+    def ListModels(self, request, context):
+        """Every model, with its defaults and limits.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ModelsServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=sdserve_dot_v1_dot_sdserve__pb2.ListModelsRequest.FromString,
+                    response_serializer=sdserve_dot_v1_dot_sdserve__pb2.ListModelsResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'sdserve.v1.Models', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('sdserve.v1.Models', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Models:
+    """---------------------------------------------------------------------------------------------
+    Models.
+
+    The models this server serves.
+    """
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sdserve.v1.Models/ListModels',
+            sdserve_dot_v1_dot_sdserve__pb2.ListModelsRequest.SerializeToString,
+            sdserve_dot_v1_dot_sdserve__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
