@@ -37,6 +37,7 @@ class Batch:
     row_stacks: list[list[tuple[int, float]]]  # per row: (slot, scale) of the adapters active now
     # (ControlNet model, unit index) -> the row ranges that run it now, their images and scales
     controls: dict[tuple[str, int], list[ControlSegment]] = field(default_factory=dict)
+    ip_rows: list[list] | None = None  # per row: (IP-Adapter weights, tokens [T, dim], scale) branches
 
     @property
     def num_rows(self) -> int:
@@ -48,6 +49,7 @@ def assemble_batch(key: GroupKey, states: list[RequestState]) -> Batch:
     samples, timesteps, hidden, pooled, time_ids = [], [], [], [], []
     row_stacks: list[list[tuple[int, float]]] = []
     controls: dict[tuple[str, int], list[ControlSegment]] = {}
+    ip_rows: list[list] = []
     row = 0
     for state in states:
         t = state.timesteps[state.step_index]
@@ -69,6 +71,8 @@ def assemble_batch(key: GroupKey, states: list[RequestState]) -> Batch:
             pooled.append(cond.text_embeds)
             time_ids.append(cond.time_ids)
         row_stacks.extend([state.stack_at(state.step_index)] * rows)
+        for r in range(rows):
+            ip_rows.append([(b.weights, b.tokens[r], b.scale) for b in state.ip_branches])
         for unit_index, control in enumerate(state.controls):
             unit = control.unit
             if active_at(state.step_index, state.num_steps, unit.start, unit.end):
@@ -87,4 +91,5 @@ def assemble_batch(key: GroupKey, states: list[RequestState]) -> Batch:
         time_ids=torch.cat(time_ids) if time_ids else None,
         row_stacks=row_stacks,
         controls=controls,
+        ip_rows=ip_rows if any(ip_rows) else None,
     )

@@ -21,6 +21,7 @@ from sdserve.engine.batch import assemble_batch
 from sdserve.engine.batcher import Batcher
 from sdserve.engine.config import EngineConfig
 from sdserve.engine.decode import decode_latents
+from sdserve.engine.ip_adapter import IPAdapterStore
 from sdserve.engine.model import LoadedModel, ModelStore
 from sdserve.engine.png import parameters_text
 from sdserve.engine.request import EngineRequest, RequestSpec, resolve
@@ -68,6 +69,7 @@ class Engine:
         self.models = models or ModelStore(self.config)
         self.batcher = Batcher(self.config.max_batch_rows)
         self.runner = Runner()
+        self.ip_adapters = IPAdapterStore()
         self._queue: queue.SimpleQueue[_Submission] = queue.SimpleQueue()
         self._waiting: list[_Submission] = []  # admitted to the engine, adapters still loading
         self._loader = ThreadPoolExecutor(
@@ -91,6 +93,7 @@ class Engine:
             info,
             max_batch_rows=self.config.max_batch_rows,
             controlnet_store=self.runner.controlnets,
+            ip_adapter_store=self.ip_adapters,
             request_id=request_id,
             tenant=tenant,
             deadline=deadline,
@@ -236,7 +239,9 @@ class Engine:
                     return
                 slots = acquired
             submission.timings.admitted = time.monotonic()
-            state = prepare_state(request, model, self._arrivals, submission.timings, tuple(slots))
+            state = prepare_state(
+                request, model, self._arrivals, submission.timings, tuple(slots), ip_store=self.ip_adapters
+            )
         except SdserveError as exc:
             self._release_slots(request, slots)
             self._fail(request, exc)

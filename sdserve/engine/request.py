@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from sdserve.engine.controlnet import ControlNetStore, ControlSpec, ControlUnit, resolve_units
+from sdserve.engine.ip_adapter import IPAdapterSpec, IPAdapterStore, IPAdapterUnit, resolve_ip_units
 from sdserve.engine.model import ModelInfo
 from sdserve.engine.schedulers import make_scheduler, max_steps_for, resolve_scheduler
 from sdserve.errors import InvalidArgument
@@ -72,6 +73,7 @@ class RequestSpec:
     mask: bytes | None = None  # PNG/JPEG bytes
     outpaint: tuple[int, int, int, int] | None = None  # left, top, right, bottom
     controlnets: tuple[ControlSpec, ...] = ()
+    ip_adapters: tuple[IPAdapterSpec, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,7 @@ class EngineRequest:
     strength: float = 1.0  # fraction of the schedule run from the init image (1.0 without one)
     outpaint: tuple[int, int, int, int] | None = None
     controlnets: tuple[ControlUnit, ...] = field(default=(), compare=False, repr=False)
+    ip_adapters: tuple[IPAdapterUnit, ...] = field(default=(), compare=False, repr=False)
     request_id: str = ""
     tenant: str = ""
     deadline: float | None = field(default=None, compare=False)  # time.monotonic() seconds
@@ -192,6 +195,7 @@ def resolve(
     *,
     max_batch_rows: int,
     controlnet_store: ControlNetStore | None = None,
+    ip_adapter_store: IPAdapterStore | None = None,
     request_id: str = "",
     tenant: str = "",
     deadline: float | None = None,
@@ -260,6 +264,11 @@ def resolve(
         if controlnet_store is None:
             raise InvalidArgument("ControlNet units are not served here", field="controlnets")
         controlnets = resolve_units(spec.controlnets, info, controlnet_store)
+    ip_adapters: tuple[IPAdapterUnit, ...] = ()
+    if spec.ip_adapters:
+        if ip_adapter_store is None:
+            raise InvalidArgument("IP-Adapters are not served here", field="ip_adapters")
+        ip_adapters = resolve_ip_units(spec.ip_adapters, info, ip_adapter_store)
     if init_image is not None and int(steps * strength) < 1:
         raise InvalidArgument(
             f"steps × strength must be at least 1 (got {steps} × {strength:g})", field="strength"
@@ -282,6 +291,7 @@ def resolve(
         strength=strength,
         outpaint=spec.outpaint,
         controlnets=controlnets,
+        ip_adapters=ip_adapters,
         request_id=request_id,
         tenant=tenant,
         deadline=deadline,

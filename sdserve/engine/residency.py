@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from sdserve.adapters import LoRAAdapter, load_lora, targets_of
 from sdserve.engine.config import ResidencyConfig
+from sdserve.engine.ip_adapter import IPContext, install_processors
 from sdserve.engine.lora_layers import AdapterContext, ModulePool, wrap_targets
 from sdserve.engine.request import MAX_STACK, StackEntry
 from sdserve.errors import AdapterError
@@ -86,6 +87,9 @@ class AdapterRuntime:
         self.targets = targets_of(components)
         self.context = AdapterContext(max_rows=max_rows, max_stack=MAX_STACK, device=model.device)
         self.layers = wrap_targets(components, self.targets, self.context)
+        # IP-Adapter branches: row-aware processors on every cross-attention layer, installed once.
+        self.ip_context = IPContext()
+        install_processors(model.unet, self.ip_context)
         self.pools: dict[str, ModulePool] = {}
         self.slots = [_Slot() for _ in range(config.device_slots)]
         self.digest_slot: dict[str, int] = {}

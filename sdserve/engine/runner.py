@@ -44,8 +44,12 @@ class EagerBackend:
         if batch.text_embeds is not None:
             added = {"text_embeds": batch.text_embeds, "time_ids": batch.time_ids}
         if model.adapters is not None:
-            with model.adapters.context.rows(batch.row_stacks):
-                return self._unet(model, batch, added)
+            model.adapters.ip_context.set_rows(batch.ip_rows)
+            try:
+                with model.adapters.context.rows(batch.row_stacks):
+                    return self._unet(model, batch, added)
+            finally:
+                model.adapters.ip_context.set_rows(None)
         return self._unet(model, batch, added)
 
     def _unet(self, model: LoadedModel, batch: Batch, added: dict | None) -> torch.Tensor:

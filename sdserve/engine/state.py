@@ -17,6 +17,7 @@ from sdserve.engine.activity import active_at
 from sdserve.engine.controlnet import PreparedControl, prepare_controls
 from sdserve.engine.families import RowConditioning, family_of
 from sdserve.engine.init_latents import Inpainting, prepare_latents, strength_timesteps
+from sdserve.engine.ip_adapter import PreparedIP
 from sdserve.engine.model import LoadedModel
 from sdserve.engine.request import EngineRequest
 from sdserve.engine.schedulers import make_scheduler, resolve_scheduler, step_kwargs_accepted
@@ -57,6 +58,7 @@ class RequestState:
     timings: Timings
     inpainting: Inpainting | None = None
     controls: list[PreparedControl] = field(default_factory=list)
+    ip_branches: list[PreparedIP] = field(default_factory=list)
     adapter_slots: tuple[int, ...] = ()  # device slot of each stack entry, pinned while running
     step_index: int = 0
     last_tick: int = -1  # batcher tick at which this request last stepped
@@ -93,6 +95,7 @@ def prepare_state(
     arrival: int,
     timings: Timings,
     adapter_slots: tuple[int, ...] = (),
+    ip_store=None,
 ) -> RequestState:
     """Encode the prompts and draw the initial noise, in diffusers' order of generator use."""
     info = model.info
@@ -124,6 +127,11 @@ def prepare_state(
     generator = torch.Generator("cpu").manual_seed(request.seed)
     with torch.inference_mode():
         latents, inpainting = prepare_latents(request, model, scheduler, generator, timesteps)
+    ip_branches = [
+        PreparedIP(weights, weights.image_tokens(unit.image, request.num_images, request.guidance), unit.scale)
+        for unit in request.ip_adapters
+        for weights in [ip_store.get(unit.model, model)]
+    ] if request.ip_adapters else []
     takes_eta, takes_generator = step_kwargs_accepted(choice.class_name)
     step_kwargs: dict[str, Any] = {}
     if takes_eta:
@@ -140,6 +148,7 @@ def prepare_state(
         latents=latents,
         inpainting=inpainting,
         controls=prepare_controls(request, model),
+        ip_branches=ip_branches,
         conditioning=conditioning,
         step_kwargs=step_kwargs,
         timings=timings,

@@ -17,6 +17,7 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 
 from sdserve.engine.controlnet import ControlSpec
+from sdserve.engine.ip_adapter import IPAdapterSpec
 from sdserve.engine.request import AdapterSpec, RequestSpec, spec_field_names
 from sdserve.errors import InvalidArgument
 from sdserve.protos.sdserve.v1 import sdserve_pb2 as pb
@@ -147,6 +148,12 @@ def spec_from_pb(message: pb.GenerateRequest) -> RequestSpec:
                     end=unit.end if unit.HasField("end") else None,
                 )
                 for unit in message.controlnets
+            )
+            continue
+        if name == "ip_adapters":
+            values[name] = tuple(
+                IPAdapterSpec(model=u.model, image=u.image, scale=u.scale if u.HasField("scale") else None)
+                for u in message.ip_adapters
             )
             continue
         if name == "outpaint":

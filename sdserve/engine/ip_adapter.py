@@ -1,0 +1,246 @@
+"""IP-Adapter per request: image branches in cross-attention, only on the rows that ask.
+
+A model directory holds `ip_adapter.safetensors` (`image_proj.*`, `ip_adapter.*`) and
+`image_encoder/` (CLIPVisionModelWithProjection), the layout diffusers' `load_ip_adapter` reads.
+For a request, the image encoder's embedding (zeros for the unconditional CFG rows, as diffusers
+does) goes through the adapter's projection to `num_tokens` image tokens. At every cross-attention
+layer, rows with branches compute
+
+    out[b] = softmax(q K_text^T / sqrt(d)) V_text + Σ_i scale[b,i] · softmax(q K_i^T / sqrt(d)) V_i
+
+(`kernels.scaled_multi_branch_attention`), K_i/V_i being the adapter's `to_k_ip`/`to_v_ip` of the
+row's image tokens; rows of requests without an IP-Adapter get no image branch at all, and a
+batch with none runs diffusers' own processor unchanged.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sdserve.engine.model import ModelInfo
+from sdserve.errors import InvalidArgument, NotFound
+from sdserve.kernels import scaled_multi_branch_attention
+
+MAX_IP_ADAPTERS = 2
+
+
+@dataclass(frozen=True)
+class IPAdapterSpec:
+    """One entry of a request's `ip_adapters` as given (None = absent)."""
+
+    model: str
+    image: bytes
+    scale: float | None = None
+
+
+@dataclass(frozen=True)
+class IPAdapterUnit:
+    model: str  # key of the IPAdapterStore
+    image: Any  # PIL RGB
+    scale: float
+
+
+class IPAdapterWeights:
+    """One IP-Adapter's modules: image encoder, projection, and per-layer to_k_ip / to_v_ip."""
+
+    def __init__(self, path: Path, unet, device: torch.device, dtype: torch.dtype) -> None:
+        import safetensors.torch
+        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+        state = safetensors.torch.load_file(str(path / "ip_adapter.safetensors"))
+        image_proj = {k.removeprefix("image_proj."): v for k, v in state.items() if k.startswith("image_proj.")}
+        layers = {k.removeprefix("ip_adapter."): v for k, v in state.items() if k.startswith("ip_adapter.")}
+        if "proj.weight" not in image_proj:
+            raise InvalidArgument("only plain IP-Adapter models (image_proj.proj) are served", field="ip_adapters")
+        self.projection = unet._convert_ip_adapter_image_proj_to_diffusers(image_proj, low_cpu_mem_usage=False)
+        self.projection = self.projection.to(device, dtype).eval().requires_grad_(False)
+        self.image_encoder = CLIPVisionModelWithProjection.from_pretrained(path / "image_encoder", dtype=dtype)
+        self.image_encoder = self.image_encoder.to(device).eval().requires_grad_(False)
+        size = self.image_encoder.config.image_size
+        self.feature_extractor = CLIPImageProcessor(size=size, crop_size=size)
+        self.num_tokens = self.projection.num_image_text_embeds
+        # diffusers numbers the original checkpoint's cross-attention layers 1, 3, 5, ... in the
+        # order of unet.attn_processors.
+        self.to_k: dict[str, nn.Linear] = {}
+        self.to_v: dict[str, nn.Linear] = {}
+        key_id = 1
+        for name in unet.attn_processors:
+            if name.endswith("attn1.processor"):
+                continue
+            layer = name.removesuffix(".processor")
+            for table, kind in ((self.to_k, "to_k_ip"), (self.to_v, "to_v_ip")):
+                weight = layers[f"{key_id}.{kind}.weight"]
+                linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+                linear.weight.data.copy_(weight)
+                table[layer] = linear.to(device, dtype).eval().requires_grad_(False)
+            key_id += 2
+        self.device, self.dtype = device, dtype
+
+    @torch.inference_mode()
+    def image_tokens(self, image, num_images: int, guidance: bool) -> torch.Tensor:
+        """[rows, num_tokens, cross_dim]: zeros-embedding tokens for the uncond rows first."""
+        pixels = self.feature_extractor(image, return_tensors="pt").pixel_values
+        embeds = self.image_encoder(pixels.to(self.device, self.dtype)).image_embeds  # [1, D]
+        embeds = embeds.repeat_interleave(num_images, dim=0)
+        if guidance:
+            embeds = torch.cat([torch.zeros_like(embeds), embeds])
+        return self.projection(embeds)
+
+
+class IPAdapterStore:
+    def __init__(self, allow_paths: bool = True) -> None:
+        self.allow_paths = allow_paths
+        self._registered: dict[str, Path] = {}
+        self._loaded: dict[tuple[str, str], IPAdapterWeights] = {}
+        self._lock = threading.Lock()
+
+    def register(self, name: str, path: Path) -> None:
+        self._registered[name] = Path(path)
+
+    def path_of(self, name: str, field: str) -> Path:
+        if name in self._registered:
+            return self._registered[name]
+        path = Path(name)
+        if self.allow_paths and (path / "ip_adapter.safetensors").is_file() and (path / "image_encoder").is_dir():
+            return path.resolve()
+        raise NotFound("unknown IP-Adapter model", field=field)
+
+    def check_fits(self, name: str, info: ModelInfo, field: str) -> None:
+        import json
+
+        from safetensors import safe_open
+
+        path = self.path_of(name, field)
+        unet = json.loads((info.path / "unet" / "config.json").read_text())
+        with safe_open(str(path / "ip_adapter.safetensors"), "pt") as f:
+            keys = list(f.keys())
+            if "image_proj.proj.weight" not in keys:
+                raise InvalidArgument("only plain IP-Adapter models are served", field=field)
+            k_shape = f.get_slice("ip_adapter.1.to_k_ip.weight").get_shape()
+        if k_shape[1] != unet.get("cross_attention_dim"):
+            raise InvalidArgument(
+                f"was made for another base model (cross-attention {k_shape[1]} vs {unet.get('cross_attention_dim')})",
+                field=field,
+            )
+
+    def get(self, name: str, model) -> IPAdapterWeights:
+        key = (name, model.info.name)
+        with self._lock:
+            if key not in self._loaded:
+                self._loaded[key] = IPAdapterWeights(self.path_of(name, "ip_adapters"), model.unet, model.device,
+                                                     model.dtype)
+            return self._loaded[key]
+
+
+def resolve_ip_units(specs: tuple[IPAdapterSpec, ...], info: ModelInfo, store: IPAdapterStore):
+    from sdserve.engine.images import decode_image
+
+    if len(specs) > MAX_IP_ADAPTERS:
+        raise InvalidArgument(f"at most {MAX_IP_ADAPTERS} IP-Adapters per request", field="ip_adapters")
+    units = []
+    for index, spec in enumerate(specs):
+        where = f"ip_adapters[{index}]"
+        store.check_fits(spec.model, info, f"{where}.model")
+        if not spec.image:
+            raise InvalidArgument("needs an image", field=f"{where}.image")
+        image = decode_image(spec.image, f"{where}.image", max_pixels=info.limits.max_pixels)
+        scale = 1.0 if spec.scale is None else float(spec.scale)
+        if not (-10.0 <= scale <= 10.0):
+            raise InvalidArgument("must be between -10 and 10", field=f"{where}.scale")
+        units.append(IPAdapterUnit(spec.model, image, scale))
+    return tuple(units)
+
+
+@dataclass
+class PreparedIP:
+    weights: IPAdapterWeights
+    tokens: torch.Tensor  # [rows_i, num_tokens, cross_dim]
+    scale: float
+
+
+class IPContext:
+    """The image branches of the current UNet call, read by every cross-attention processor."""
+
+    def __init__(self) -> None:
+        self.branches: list[list[tuple[IPAdapterWeights, torch.Tensor, float] | None]] | None = None
+
+    def set_rows(self, per_row: list[list[tuple[IPAdapterWeights, torch.Tensor, float]]] | None) -> None:
+        """per_row[r]: the (weights, tokens [T, dim], scale) branches of row r; None = no branch anywhere."""
+        self.branches = per_row if per_row and any(per_row) else None
+
+
+class RowBranchAttnProcessor:
+    """diffusers' AttnProcessor2_0, plus per-row IP-Adapter branches when the context has any."""
+
+    def __init__(self, layer: str, context: IPContext, plain) -> None:
+        self.layer = layer
+        self.context = context
+        self.plain = plain  # the processor diffusers had installed: used as is without branches
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        rows = self.context.branches
+        if rows is None or encoder_hidden_states is None:
+            return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        batch = encoder_hidden_states.shape[0]
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        inner_dim = key.shape[-1]
+        head_dim = inner_dim // attn.heads
+
+        def heads(x: torch.Tensor) -> torch.Tensor:  # [B, L, inner] -> [B, H, L, d]
+            return x.view(x.shape[0], -1, attn.heads, head_dim).transpose(1, 2)
+
+        query, key, value = heads(query), heads(key), heads(value)
+        num_branches = max(len(r) for r in rows)
+        max_tokens = max(t.shape[0] for r in rows for _, t, _ in r)
+        k_image = query.new_zeros(batch, num_branches, attn.heads, max_tokens, head_dim)
+        v_image = torch.zeros_like(k_image)
+        scales = torch.zeros(batch, num_branches, dtype=torch.float32, device=query.device)
+        present = torch.zeros(batch, num_branches, dtype=torch.bool, device=query.device)
+        lengths = torch.full((batch, num_branches), max_tokens, dtype=torch.int32, device=query.device)
+        for row, branches in enumerate(rows):
+            for b, (weights, tokens, scale) in enumerate(branches):
+                count = tokens.shape[0]
+                k_image[row, b, :, :count] = heads(weights.to_k[self.layer](tokens[None]))[0]
+                v_image[row, b, :, :count] = heads(weights.to_v[self.layer](tokens[None]))[0]
+                scales[row, b] = scale
+                present[row, b] = scale != 0.0  # diffusers skips a branch at scale 0
+                lengths[row, b] = count
+        out = scaled_multi_branch_attention(query, key, value, k_image, v_image, scales, present, lengths)
+        hidden_states = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+def install_processors(unet, context: IPContext) -> None:
+    """Once per model, at load: every cross-attention layer gets a row-aware processor."""
+    processors = {}
+    for name, processor in unet.attn_processors.items():
+        if name.endswith("attn2.processor"):
+            processors[name] = RowBranchAttnProcessor(name.removesuffix(".processor"), context, processor)
+        else:
+            processors[name] = processor
+    unet.set_attn_processor(processors)
