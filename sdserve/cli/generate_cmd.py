@@ -46,6 +46,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     images.add_argument("--init-image", type=Path, metavar="FILE", help="PNG/JPEG for image-to-image or inpainting")
     images.add_argument("--mask", type=Path, metavar="FILE", help="inpainting mask (white repaints)")
     images.add_argument("--outpaint", metavar="L,T,R,B", help="grow the init image by these margins and paint them")
+    images.add_argument("--controlnet", action="append", default=[], metavar="DIR:IMAGE[:SCALE[:START[:END]]]",
+                        help="a ControlNet unit (repeatable): model directory and control image")
+    images.add_argument("--control-preprocess", choices=["none", "canny"], default=None,
+                        help="preprocess every --controlnet image (default: none, the image is a control map)")
+    images.add_argument("--ip-adapter", action="append", default=[], metavar="DIR:IMAGE[:SCALE]",
+                        help="an IP-Adapter reference image (repeatable)")
     io = parser.add_argument_group("input and output")
     io.add_argument("--out", type=Path, help="output PNG (one request from flags)")
     io.add_argument("--requests", type=Path, help="JSON-lines file, one GenerateRequest per line")
@@ -126,8 +132,48 @@ def _specs_from_args(args: argparse.Namespace) -> list[tuple[str, Any]]:
     return [("request", replace(spec, **_image_fields(args)))]
 
 
+def _split_model_image(text: str, flag: str, max_numbers: int) -> tuple[str, Path, list[float]]:
+    """`MODEL:IMAGE[:N...]` -> (model, image path, trailing numbers)."""
+    parts = text.split(":")
+    numbers: list[float] = []
+    while len(parts) > 2 and len(numbers) < max_numbers:
+        try:
+            numbers.insert(0, float(parts[-1]))
+        except ValueError:
+            break
+        parts.pop()
+    if len(parts) < 2:
+        fail(f"{flag} {text!r}: expected MODEL:IMAGE")
+    return ":".join(parts[:-1]), Path(parts[-1]), numbers
+
+
+def _read(path: Path, flag: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        fail(f"{flag}: cannot read {path.name} ({exc.__class__.__name__})")
+
+
 def _image_fields(args: argparse.Namespace) -> dict[str, Any]:
+    from sdserve.engine.controlnet import ControlSpec
+    from sdserve.engine.ip_adapter import IPAdapterSpec
+
     fields: dict[str, Any] = {}
+    units = []
+    for text in args.controlnet:
+        model, image, numbers = _split_model_image(text, "--controlnet", 3)
+        options = dict(zip(("scale", "start", "end"), numbers))
+        units.append(ControlSpec(model=model, image=_read(image, "--controlnet"),
+                                 preprocess=args.control_preprocess or "none", **options))
+    if units:
+        fields["controlnets"] = tuple(units)
+    ip_units = []
+    for text in args.ip_adapter:
+        model, image, numbers = _split_model_image(text, "--ip-adapter", 1)
+        ip_units.append(IPAdapterSpec(model=model, image=_read(image, "--ip-adapter"),
+                                      scale=numbers[0] if numbers else None))
+    if ip_units:
+        fields["ip_adapters"] = tuple(ip_units)
     for name, path in (("init_image", args.init_image), ("mask", args.mask)):
         if path is not None:
             try:
