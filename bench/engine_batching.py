@@ -12,12 +12,14 @@ encoder, since only the UNet's shape matters for batching.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import diffusers
 import torch
+from tqdm import tqdm
 
 from bench.common import machine, print_table, write_json
 from sdserve.cli.common import quiet_libraries
@@ -81,49 +83,53 @@ def make_specs(model: str, steps: int, count: int = 16) -> list[RequestSpec]:
     ]
 
 
-def run_diffusers(path: Path, requests) -> float:
+def diffusers_runner(path: Path):
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(path)
     pipe.set_progress_bar_config(disable=True)
     base_config = pipe.scheduler.config
 
-    def one(request):
+    def one(request) -> None:
         choice = resolve_scheduler(request.scheduler)
         pipe.scheduler = getattr(diffusers, choice.class_name).from_config(base_config, **choice.overrides)
         pipe(request.prompt, num_inference_steps=request.steps, guidance_scale=request.guidance_scale,
              width=request.width, height=request.height, generator=torch.Generator().manual_seed(request.seed),
              output_type="np")
 
-    one(requests[0])  # warm-up
-    started = time.perf_counter()
-    for request in requests:
-        one(request)
-    return time.perf_counter() - started
+    return one
 
 
-def bench_model(label: str, model: str, path: Path, steps: int, count: int) -> dict:
+def bench_model(label: str, model: str, path: Path, steps: int, count: int, rounds: int) -> dict:
+    """The three ways of running the same requests, interleaved round by round (median kept),
+    so that whatever else the machine does hits all three alike."""
     engine = Engine(EngineConfig(max_batch_rows=2 * count))
     requests = [engine.validate(spec) for spec in make_specs(model, steps, count)]
+    one_diffusers = diffusers_runner(path)
     engine.generate(requests[:1])  # warm-up: load weights, first-call allocations
-    started = time.perf_counter()
-    for request in requests:
-        engine.generate([request])
-    one_by_one = time.perf_counter() - started
-    started = time.perf_counter()
-    engine.generate(requests)
-    together = time.perf_counter() - started
-    del engine
-    diffusers_seconds = run_diffusers(path, requests)
-    unet_steps = sum(r.steps for r in requests)
+    one_diffusers(requests[0])
+    modes = {
+        "diffusers": lambda: [one_diffusers(r) for r in requests],
+        "sdserve_one_by_one": lambda: [engine.generate([r]) for r in requests],
+        "sdserve_together": lambda: engine.generate(requests),
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in modes}
+    for _ in tqdm(range(rounds), desc=label, unit="round"):
+        for name, run in modes.items():
+            started = time.perf_counter()
+            run()
+            seconds[name].append(time.perf_counter() - started)
+    median = {name: statistics.median(values) for name, values in seconds.items()}
     return {
         "model": label,
         "requests": count,
+        "rounds": rounds,
         "size": f"{requests[0].width}x{requests[0].height}",
-        "unet_steps_total": unet_steps,
-        "seconds": {"diffusers": diffusers_seconds, "sdserve_one_by_one": one_by_one, "sdserve_together": together},
+        "unet_steps_total": sum(r.steps for r in requests),
+        "seconds": median,
+        "seconds_all": seconds,
         "ratios": {
-            "together_vs_diffusers": diffusers_seconds / together,
-            "together_vs_one_by_one": one_by_one / together,
-            "one_by_one_vs_diffusers": diffusers_seconds / one_by_one,
+            "together_vs_diffusers": median["diffusers"] / median["sdserve_together"],
+            "together_vs_one_by_one": median["sdserve_one_by_one"] / median["sdserve_together"],
+            "one_by_one_vs_diffusers": median["diffusers"] / median["sdserve_one_by_one"],
         },
     }
 
@@ -132,13 +138,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="`default` only, fewer steps")
     parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     quiet_libraries()
-    runs = [bench_model("default", "default", builtin_path("default"), 4 if args.quick else 20, args.requests)]
+    rounds = 1 if args.quick else args.rounds
+    runs = [bench_model("default", "default", builtin_path("default"), 4 if args.quick else 20, args.requests, rounds)]
     if not args.quick:
         path = sd15_shaped_path()
-        runs.append(bench_model("sd15-shaped (32x32 latents)", str(path), path, 4, args.requests))
+        runs.append(bench_model("sd15-shaped (32x32 latents)", str(path), path, 4, args.requests, rounds))
     print(f"\nengine batching: {args.requests} requests, CFG 7.5, mixed schedulers and steps; {machine()['cpu']}, "
           f"{machine()['torch_threads']} threads (CPU timings: read the ratios, not the seconds)\n")
     print_table(
