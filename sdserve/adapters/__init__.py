@@ -6,6 +6,18 @@ This package imports nothing of sdserve except the leaf module `sdserve.errors`.
 """
 
 from sdserve.adapters.detect import Layout, check_kind, detect_layout, is_slider
+from sdserve.adapters.embeddings import (
+    ExtraRowsEmbedding,
+    TextualInversion,
+    TokenizedPrompt,
+    embed_tokens,
+    expand_prompt,
+    extra_token_rows,
+    load_embedding,
+    placeholder_token_ids,
+    tokenize_with_embeddings,
+)
+from sdserve.adapters.hypernetwork import Hypernetwork, HypernetworkMLP, apply_hypernetwork, load_hypernetwork
 from sdserve.adapters.lora import (
     DEFAULT_MAX_RANK,
     LoRAAdapter,
@@ -39,4 +51,18 @@ __all__ = [
     "spec_of",
     "targets_of",
     "validate_lora",
+    # textual inversion and hypernetworks
+    "ExtraRowsEmbedding",
+    "Hypernetwork",
+    "HypernetworkMLP",
+    "TextualInversion",
+    "TokenizedPrompt",
+    "apply_hypernetwork",
+    "embed_tokens",
+    "expand_prompt",
+    "extra_token_rows",
+    "load_embedding",
+    "load_hypernetwork",
+    "placeholder_token_ids",
+    "tokenize_with_embeddings",
 ]

@@ -169,9 +169,7 @@ def _resolve_images(spec: RequestSpec, info: ModelInfo) -> tuple[Any, Any, float
         left, top, right, bottom = spec.outpaint
         if min(spec.outpaint) < 0 or max(spec.outpaint) > limits.max_side:
             raise InvalidArgument(f"margins must be between 0 and {limits.max_side}", field="outpaint")
-        image, mask = outpaint_canvas(image, left, top, right, bottom)
-        if image.width * image.height > limits.max_pixels:
-            raise InvalidArgument(f"the grown canvas exceeds {limits.max_pixels} pixels", field="outpaint")
+        image, mask = outpaint_canvas(image, left, top, right, bottom, max_pixels=limits.max_pixels)
     elif spec.mask is not None:
         mask = decode_mask(spec.mask, "mask", image.size)
     elif needs_mask:
