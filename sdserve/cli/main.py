@@ -16,6 +16,9 @@ SUBCOMMANDS = (
     "sdserve.cli.models_cmd",
     "sdserve.cli.generate_cmd",
     "sdserve.cli.train",
+    "sdserve.cli.serve_cmd",
+    "sdserve.cli.client_cmd",
+    "sdserve.cli.adapters_cmd",
 )
 
 
