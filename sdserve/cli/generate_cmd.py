@@ -50,6 +50,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="a ControlNet unit (repeatable): model directory and control image")
     images.add_argument("--control-preprocess", choices=["none", "canny"], default=None,
                         help="preprocess every --controlnet image (default: none, the image is a control map)")
+    images.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
+                        help="a textual-inversion embedding (repeatable); TOKEN overrides the file's token")
+    images.add_argument("--hypernetwork", action="append", default=[], metavar="FILE[:STRENGTH]",
+                        help="an A1111-style hypernetwork in sdserve's layout (repeatable; convert .pt first)")
     images.add_argument("--ip-adapter", action="append", default=[], metavar="DIR:IMAGE[:SCALE]",
                         help="an IP-Adapter reference image (repeatable)")
     io = parser.add_argument_group("input and output")
@@ -174,6 +178,22 @@ def _image_fields(args: argparse.Namespace) -> dict[str, Any]:
                                       scale=numbers[0] if numbers else None))
     if ip_units:
         fields["ip_adapters"] = tuple(ip_units)
+    from sdserve.engine.request import EmbeddingSpec, HypernetworkSpec
+
+    embeddings = []
+    for text in args.embedding:
+        path, _, token = text.rpartition(":") if ":" in text and not Path(text).exists() else (text, "", "")
+        embeddings.append(EmbeddingSpec(path=path, token=token))
+    if embeddings:
+        fields["embeddings"] = tuple(embeddings)
+    hypernetworks = []
+    for text in args.hypernetwork:
+        entry = parse_lora_flag(text)  # PATH[:NUMBER]: the same trailing-number rule
+        if set(entry) - {"path", "scale"}:
+            fail(f"--hypernetwork {text!r}: expected FILE[:STRENGTH]")
+        hypernetworks.append(HypernetworkSpec(path=entry["path"], strength=entry.get("scale")))
+    if hypernetworks:
+        fields["hypernetworks"] = tuple(hypernetworks)
     for name, path in (("init_image", args.init_image), ("mask", args.mask)):
         if path is not None:
             try:

@@ -38,6 +38,7 @@ class Batch:
     # (ControlNet model, unit index) -> the row ranges that run it now, their images and scales
     controls: dict[tuple[str, int], list[ControlSegment]] = field(default_factory=dict)
     ip_rows: list[list] | None = None  # per row: (IP-Adapter weights, tokens [T, dim], scale) branches
+    hypernetwork_rows: list[tuple] | None = None  # per row: ((hypernetwork, strength), ...)
 
     @property
     def num_rows(self) -> int:
@@ -50,6 +51,7 @@ def assemble_batch(key: GroupKey, states: list[RequestState]) -> Batch:
     row_stacks: list[list[tuple[int, float]]] = []
     controls: dict[tuple[str, int], list[ControlSegment]] = {}
     ip_rows: list[list] = []
+    hypernetwork_rows: list[tuple] = []
     row = 0
     for state in states:
         t = state.timesteps[state.step_index]
@@ -71,6 +73,7 @@ def assemble_batch(key: GroupKey, states: list[RequestState]) -> Batch:
             pooled.append(cond.text_embeds)
             time_ids.append(cond.time_ids)
         row_stacks.extend([state.stack_at(state.step_index)] * rows)
+        hypernetwork_rows.extend([state.request.hypernetworks] * rows)
         for r in range(rows):
             ip_rows.append([(b.weights, b.tokens[r], b.scale) for b in state.ip_branches])
         for unit_index, control in enumerate(state.controls):
@@ -92,4 +95,5 @@ def assemble_batch(key: GroupKey, states: list[RequestState]) -> Batch:
         row_stacks=row_stacks,
         controls=controls,
         ip_rows=ip_rows if any(ip_rows) else None,
+        hypernetwork_rows=hypernetwork_rows if any(hypernetwork_rows) else None,
     )

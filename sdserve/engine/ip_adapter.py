@@ -21,8 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from sdserve.adapters.hypernetwork import apply_hypernetwork
 from sdserve.engine.model import ModelInfo
 from sdserve.errors import InvalidArgument, NotFound
 from sdserve.kernels import scaled_multi_branch_attention
@@ -165,27 +167,59 @@ class PreparedIP:
 
 
 class IPContext:
-    """The image branches of the current UNet call, read by every cross-attention processor."""
+    """The per-row attention extras of the current UNet call, read by every attention processor:
+    IP-Adapter image branches (cross-attention) and hypernetworks (all attention layers)."""
 
     def __init__(self) -> None:
-        self.branches: list[list[tuple[IPAdapterWeights, torch.Tensor, float] | None]] | None = None
+        self.branches: list[list[tuple[IPAdapterWeights, torch.Tensor, float]]] | None = None
+        self.hypernetworks: list[tuple[tuple[Any, float], ...]] | None = None
 
-    def set_rows(self, per_row: list[list[tuple[IPAdapterWeights, torch.Tensor, float]]] | None) -> None:
-        """per_row[r]: the (weights, tokens [T, dim], scale) branches of row r; None = no branch anywhere."""
+    def set_rows(self, per_row=None, hypernetworks=None) -> None:
+        """per_row[r]: (weights, tokens [T, dim], scale) branches of row r; hypernetworks[r]: the row's
+        ((hypernetwork, strength), ...). None, or all rows empty, means nothing extra anywhere."""
         self.branches = per_row if per_row and any(per_row) else None
+        self.hypernetworks = hypernetworks if hypernetworks and any(hypernetworks) else None
+
+
+def hypernetwork_contexts(context: torch.Tensor, rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """A1111: k and v read `context + MLP(context) · strength`, each row through its own chain.
+
+    context [B, L, width] -> (context for to_k, context for to_v), both [B, L, width].
+    """
+    width = context.shape[-1]
+    key_context, value_context = context.clone(), context.clone()
+    groups: dict[tuple, list[int]] = {}
+    for row, chain in enumerate(rows):
+        if chain:
+            groups.setdefault(tuple((id(net), strength) for net, strength in chain), []).append(row)
+    for row_list in groups.values():
+        chain = rows[row_list[0]]
+        index = torch.tensor(row_list, device=context.device)
+        k, v = context[index], context[index]
+        for net, strength in chain:
+            mlps = net.modules.get(width)
+            if mlps is None:  # A1111 skips widths a hypernetwork has no module for
+                continue
+            k = apply_hypernetwork(k, mlps[0], strength)
+            v = apply_hypernetwork(v, mlps[1], strength)
+        key_context[index], value_context[index] = k, v
+    return key_context, value_context
 
 
 class RowBranchAttnProcessor:
-    """diffusers' AttnProcessor2_0, plus per-row IP-Adapter branches when the context has any."""
+    """diffusers' AttnProcessor2_0, plus per-row IP-Adapter branches and hypernetworks when the
+    context has any; without them the processor diffusers installed runs unchanged."""
 
-    def __init__(self, layer: str, context: IPContext, plain) -> None:
+    def __init__(self, layer: str, context: IPContext, plain, cross: bool) -> None:
         self.layer = layer
         self.context = context
-        self.plain = plain  # the processor diffusers had installed: used as is without branches
+        self.plain = plain
+        self.cross = cross
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        rows = self.context.branches
-        if rows is None or encoder_hidden_states is None:
+        branches = self.context.branches if self.cross else None
+        hypernetworks = self.context.hypernetworks
+        if (branches is None and hypernetworks is None) or attention_mask is not None:
             return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
         residual = hidden_states
         if attn.spatial_norm is not None:
@@ -194,14 +228,19 @@ class RowBranchAttnProcessor:
         if input_ndim == 4:
             batch, channel, height, width = hidden_states.shape
             hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
-        batch = encoder_hidden_states.shape[0]
+        batch = hidden_states.shape[0]
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         query = attn.to_q(hidden_states)
-        if attn.norm_cross:
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
+        key_context = value_context = encoder_hidden_states
+        if hypernetworks is not None:
+            key_context, value_context = hypernetwork_contexts(encoder_hidden_states, hypernetworks)
+        key = attn.to_k(key_context)
+        value = attn.to_v(value_context)
         inner_dim = key.shape[-1]
         head_dim = inner_dim // attn.heads
 
@@ -209,9 +248,28 @@ class RowBranchAttnProcessor:
             return x.view(x.shape[0], -1, attn.heads, head_dim).transpose(1, 2)
 
         query, key, value = heads(query), heads(key), heads(value)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if branches is None:
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False)
+        else:
+            out = self._with_branches(query, key, value, branches, attn.heads, head_dim, heads)
+        hidden_states = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+    def _with_branches(self, query, key, value, rows, num_heads, head_dim, heads):
+        batch = query.shape[0]
         num_branches = max(len(r) for r in rows)
         max_tokens = max(t.shape[0] for r in rows for _, t, _ in r)
-        k_image = query.new_zeros(batch, num_branches, attn.heads, max_tokens, head_dim)
+        k_image = query.new_zeros(batch, num_branches, num_heads, max_tokens, head_dim)
         v_image = torch.zeros_like(k_image)
         scales = torch.zeros(batch, num_branches, dtype=torch.float32, device=query.device)
         present = torch.zeros(batch, num_branches, dtype=torch.bool, device=query.device)
@@ -224,23 +282,13 @@ class RowBranchAttnProcessor:
                 scales[row, b] = scale
                 present[row, b] = scale != 0.0  # diffusers skips a branch at scale 0
                 lengths[row, b] = count
-        out = scaled_multi_branch_attention(query, key, value, k_image, v_image, scales, present, lengths)
-        hidden_states = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        return scaled_multi_branch_attention(query, key, value, k_image, v_image, scales, present, lengths)
 
 
 def install_processors(unet, context: IPContext) -> None:
-    """Once per model, at load: every cross-attention layer gets a row-aware processor."""
+    """Once per model, at load: every attention layer gets a row-aware processor."""
     processors = {}
     for name, processor in unet.attn_processors.items():
-        if name.endswith("attn2.processor"):
-            processors[name] = RowBranchAttnProcessor(name.removesuffix(".processor"), context, processor)
-        else:
-            processors[name] = processor
+        cross = name.endswith("attn2.processor")
+        processors[name] = RowBranchAttnProcessor(name.removesuffix(".processor"), context, processor, cross)
     unet.set_attn_processor(processors)

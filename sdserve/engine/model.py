@@ -34,6 +34,8 @@ class ModelInfo:
     latent_channels: int  # the VAE's latent channels (4)
     unet_in_channels: int  # 4, or 9 for inpainting UNets (latents + mask + masked-image latents)
     scheduler_config: dict[str, Any] = field(repr=False)
+    text_widths: dict[str, int] = field(default_factory=dict)  # text encoder component -> hidden size
+    attention_widths: tuple[int, ...] = ()  # widths of the UNet's attention contexts (self and cross)
     description: str = ""
 
 
@@ -80,7 +82,16 @@ def read_model_info(name: str, path: Path) -> ModelInfo:
         )
         limits = ModelLimits()
         description = f"{family} model from a local directory"
+    text_widths = {
+        component: int(_read_json(path / component / "config.json")["hidden_size"])
+        for component in ("text_encoder", "text_encoder_2")
+        if (path / component / "config.json").is_file()
+    }
+    cross = unet.get("cross_attention_dim", 768)
+    attention_widths = tuple(sorted(set(unet.get("block_out_channels", [])) | {int(cross)}))
     return ModelInfo(
+        attention_widths=attention_widths,
+        text_widths=text_widths,
         name=name,
         path=path,
         family=family,

@@ -54,6 +54,22 @@ class StackEntry:
 
 
 @dataclass(frozen=True)
+class EmbeddingSpec:
+    """A textual-inversion embedding as given (the engine reads `path`; `name` labels it)."""
+
+    name: str = ""
+    path: str = ""
+    token: str = ""
+
+
+@dataclass(frozen=True)
+class HypernetworkSpec:
+    name: str = ""
+    path: str = ""
+    strength: float | None = None
+
+
+@dataclass(frozen=True)
 class RequestSpec:
     """A request as given, field for field the proto's GenerateRequest; None = absent."""
 
@@ -74,6 +90,8 @@ class RequestSpec:
     outpaint: tuple[int, int, int, int] | None = None  # left, top, right, bottom
     controlnets: tuple[ControlSpec, ...] = ()
     ip_adapters: tuple[IPAdapterSpec, ...] = ()
+    embeddings: tuple[EmbeddingSpec, ...] = ()
+    hypernetworks: tuple[HypernetworkSpec, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -97,6 +115,8 @@ class EngineRequest:
     outpaint: tuple[int, int, int, int] | None = None
     controlnets: tuple[ControlUnit, ...] = field(default=(), compare=False, repr=False)
     ip_adapters: tuple[IPAdapterUnit, ...] = field(default=(), compare=False, repr=False)
+    embeddings: tuple[Any, ...] = field(default=(), compare=False, repr=False)  # TextualInversion
+    hypernetworks: tuple[tuple[Any, float], ...] = field(default=(), compare=False, repr=False)  # (net, strength)
     request_id: str = ""
     tenant: str = ""
     deadline: float | None = field(default=None, compare=False)  # time.monotonic() seconds
@@ -145,6 +165,48 @@ def _resolve_stack(specs: tuple[AdapterSpec, ...]) -> tuple[StackEntry, ...]:
         label = spec.name or os.path.basename(spec.path)
         entries.append(StackEntry(name=label, source=spec.path, scale=scale, start=start, end=end))
     return tuple(entries)
+
+
+MAX_EMBEDDINGS = 8
+MAX_HYPERNETWORKS = 4
+
+
+def _load_embeddings(specs: tuple[EmbeddingSpec, ...], info: ModelInfo) -> tuple[Any, ...]:
+    """Read each embedding file and check it against the model's text encoders."""
+    from sdserve.adapters.embeddings import load_embedding
+
+    if len(specs) > MAX_EMBEDDINGS:
+        raise InvalidArgument(f"at most {MAX_EMBEDDINGS} embeddings per request", field="embeddings")
+    loaded = []
+    tokens: set[str] = set()
+    for index, spec in enumerate(specs):
+        if not spec.path:
+            raise InvalidArgument("names an embedding this engine cannot resolve; give a path", field=f"embeddings[{index}]")
+        label = spec.name or os.path.basename(spec.path)
+        embedding = load_embedding(spec.path, label, info.text_widths, token=spec.token or None)
+        if embedding.token in tokens:
+            raise InvalidArgument(f"token {embedding.token!r} is used twice", field=f"embeddings[{index}].token")
+        tokens.add(embedding.token)
+        loaded.append(embedding)
+    return tuple(loaded)
+
+
+def _load_hypernetworks(specs: tuple[HypernetworkSpec, ...], info: ModelInfo) -> tuple[tuple[Any, float], ...]:
+    from sdserve.adapters.hypernetwork import load_hypernetwork
+
+    if len(specs) > MAX_HYPERNETWORKS:
+        raise InvalidArgument(f"at most {MAX_HYPERNETWORKS} hypernetworks per request", field="hypernetworks")
+    loaded = []
+    for index, spec in enumerate(specs):
+        where = f"hypernetworks[{index}]"
+        if not spec.path:
+            raise InvalidArgument("names a hypernetwork this engine cannot resolve; give a path", field=where)
+        strength = 1.0 if spec.strength is None else float(spec.strength)
+        if not (math.isfinite(strength) and -10.0 <= strength <= 10.0):
+            raise InvalidArgument("must be between -10 and 10", field=f"{where}.strength")
+        label = spec.name or os.path.basename(spec.path)
+        loaded.append((load_hypernetwork(spec.path, label, info.attention_widths), strength))
+    return tuple(loaded)
 
 
 def _resolve_images(spec: RequestSpec, info: ModelInfo) -> tuple[Any, Any, float]:
@@ -262,6 +324,8 @@ def resolve(
         if controlnet_store is None:
             raise InvalidArgument("ControlNet units are not served here", field="controlnets")
         controlnets = resolve_units(spec.controlnets, info, controlnet_store)
+    embeddings = _load_embeddings(spec.embeddings, info)
+    hypernetworks = _load_hypernetworks(spec.hypernetworks, info)
     ip_adapters: tuple[IPAdapterUnit, ...] = ()
     if spec.ip_adapters:
         if ip_adapter_store is None:
@@ -290,6 +354,8 @@ def resolve(
         outpaint=spec.outpaint,
         controlnets=controlnets,
         ip_adapters=ip_adapters,
+        embeddings=embeddings,
+        hypernetworks=hypernetworks,
         request_id=request_id,
         tenant=tenant,
         deadline=deadline,

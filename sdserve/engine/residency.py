@@ -22,7 +22,10 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import torch
+
 from sdserve.adapters import LoRAAdapter, load_lora, targets_of
+from sdserve.adapters.embeddings import ExtraRowsEmbedding
 from sdserve.engine.config import ResidencyConfig
 from sdserve.engine.ip_adapter import IPContext, install_processors
 from sdserve.engine.lora_layers import AdapterContext, ModulePool, wrap_targets
@@ -88,6 +91,8 @@ class AdapterRuntime:
         self.context = AdapterContext(max_rows=max_rows, max_stack=MAX_STACK, device=model.device)
         self.layers = wrap_targets(components, self.targets, self.context)
         # IP-Adapter branches: row-aware processors on every cross-attention layer, installed once.
+        for encoder in model.text_encoders:
+            wrap_token_table(encoder)
         self.ip_context = IPContext()
         install_processors(model.unet, self.ip_context)
         self.pools: dict[str, ModulePool] = {}
@@ -198,3 +203,10 @@ class AdapterRuntime:
 
     def resident(self) -> list[str]:
         return [s.digest for s in self.slots if s.digest is not None]
+
+
+def wrap_token_table(encoder) -> None:
+    """Wrap a CLIP text encoder's token table once, so requests can bring textual-inversion rows."""
+    for path, module in list(encoder.named_modules()):
+        if path.endswith("embeddings") and isinstance(getattr(module, "token_embedding", None), torch.nn.Embedding):
+            module.token_embedding = ExtraRowsEmbedding(module.token_embedding)

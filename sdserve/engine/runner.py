@@ -44,7 +44,7 @@ class EagerBackend:
         if batch.text_embeds is not None:
             added = {"text_embeds": batch.text_embeds, "time_ids": batch.time_ids}
         if model.adapters is not None:
-            model.adapters.ip_context.set_rows(batch.ip_rows)
+            model.adapters.ip_context.set_rows(batch.ip_rows, batch.hypernetwork_rows)
             try:
                 with model.adapters.context.rows(batch.row_stacks):
                     return self._unet(model, batch, added)

@@ -123,6 +123,7 @@ def prepare_state(
             request.num_images,
             request.width,
             request.height,
+            request.embeddings,
         )
     generator = torch.Generator("cpu").manual_seed(request.seed)
     with torch.inference_mode():

@@ -18,7 +18,7 @@ from google.protobuf.descriptor import FieldDescriptor
 
 from sdserve.engine.controlnet import ControlSpec
 from sdserve.engine.ip_adapter import IPAdapterSpec
-from sdserve.engine.request import AdapterSpec, RequestSpec, spec_field_names
+from sdserve.engine.request import AdapterSpec, EmbeddingSpec, HypernetworkSpec, RequestSpec, spec_field_names
 from sdserve.errors import InvalidArgument
 from sdserve.protos.sdserve.v1 import sdserve_pb2 as pb
 
@@ -156,6 +156,15 @@ def spec_from_pb(message: pb.GenerateRequest) -> RequestSpec:
                 for u in message.ip_adapters
             )
             continue
+        if name == "embeddings":
+            values[name] = tuple(EmbeddingSpec(name=e.name, path=e.path, token=e.token) for e in message.embeddings)
+            continue
+        if name == "hypernetworks":
+            values[name] = tuple(
+                HypernetworkSpec(name=h.name, path=h.path, strength=h.strength if h.HasField("strength") else None)
+                for h in message.hypernetworks
+            )
+            continue
         if name == "outpaint":
             if message.HasField("outpaint"):
                 o = message.outpaint
@@ -212,6 +221,7 @@ class AdapterUse:
     name: str
     sha256: str
     shared: bool
+    kind: str = "lora"
 
 
 def generate_response(
@@ -227,7 +237,7 @@ def generate_response(
         images=[pb.GeneratedImage(png=png, width=w, height=h, index=i) for i, (png, w, h) in enumerate(images)],
         seed=seed,
         timings=pb.GenerationTimings(**{k: float(timings.get(k, 0.0)) for k in pb.GenerationTimings.DESCRIPTOR.fields_by_name}),
-        adapters=[pb.AdapterUsed(name=a.name, sha256=a.sha256, shared=a.shared) for a in adapters],
+        adapters=[pb.AdapterUsed(name=a.name, sha256=a.sha256, shared=a.shared, kind=a.kind) for a in adapters],
         model=model,
         request_id=request_id,
     )

@@ -164,3 +164,28 @@ def test_bad_lora_file_is_one_line_exit_2(tmp_path, capsys):
     assert code == 2
     assert "adapter 'bad.safetensors': not a valid safetensors file" in err
     assert "Traceback" not in err and str(tmp_path) not in err.split("error:", 1)[1]
+
+
+def test_image_and_conditioning_flags_equal_engine(tmp_path, capsys):
+    import safetensors.torch
+    import torch
+
+    from sdserve.engine.request import EmbeddingSpec
+    from tests.engine.test_image_inputs import mask_image, png, scene
+
+    (tmp_path / "init.png").write_bytes(png(scene()))
+    (tmp_path / "mask.png").write_bytes(png(mask_image()))
+    safetensors.torch.save_file({"<x>": torch.randn(2, 32)}, str(tmp_path / "x.safetensors"))
+    out = tmp_path / "o.png"
+    code, _, err = sdserve_in_process(
+        capsys, "generate", "--model", "tiny-sd1", "--prompt", "a <x>", "--seed", "2", "--steps", "3",
+        "--init-image", str(tmp_path / "init.png"), "--mask", str(tmp_path / "mask.png"), "--strength", "0.9",
+        "--embedding", str(tmp_path / "x.safetensors"), "--out", str(out), "--quiet",
+    )
+    assert code == 0, err
+    engine = Engine(EngineConfig())
+    spec = RequestSpec(model="tiny-sd1", prompt="a <x>", seed=2, steps=3, init_image=png(scene()),
+                       mask=png(mask_image()), strength=0.9,
+                       embeddings=(EmbeddingSpec(path=str(tmp_path / "x.safetensors")),))
+    expected = engine.generate([engine.validate(spec)])[0].images[0]
+    assert max_pixel_difference(np.asarray(Image.open(out)), expected) == 0

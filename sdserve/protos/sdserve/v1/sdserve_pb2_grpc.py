@@ -31,8 +31,8 @@ class ImageGenerationStub:
 
     Image generation: one request in, its images (or its progress, then its images) out.
     Optional call metadata: "sdserve-priority" (an integer, default 0; higher goes first among the
-    caller's own queued requests) and, for GenerateStream, "sdserve-preview-every" (N > 0 asks
-    for a small preview every N steps where the server supports previews).
+    caller's own queued requests). "sdserve-preview-every" (N > 0: a small preview every N steps
+    of GenerateStream) is reserved; this server version sends no previews yet.
     """
 
     def __init__(self, channel):
@@ -59,8 +59,8 @@ class ImageGenerationServicer:
 
     Image generation: one request in, its images (or its progress, then its images) out.
     Optional call metadata: "sdserve-priority" (an integer, default 0; higher goes first among the
-    caller's own queued requests) and, for GenerateStream, "sdserve-preview-every" (N > 0 asks
-    for a small preview every N steps where the server supports previews).
+    caller's own queued requests). "sdserve-preview-every" (N > 0: a small preview every N steps
+    of GenerateStream) is reserved; this server version sends no previews yet.
     """
 
     def Generate(self, request, context):
@@ -104,8 +104,8 @@ class ImageGeneration:
 
     Image generation: one request in, its images (or its progress, then its images) out.
     Optional call metadata: "sdserve-priority" (an integer, default 0; higher goes first among the
-    caller's own queued requests) and, for GenerateStream, "sdserve-preview-every" (N > 0 asks
-    for a small preview every N steps where the server supports previews).
+    caller's own queued requests). "sdserve-preview-every" (N > 0: a small preview every N steps
+    of GenerateStream) is reserved; this server version sends no previews yet.
     """
 
     @staticmethod
