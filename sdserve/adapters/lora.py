@@ -219,7 +219,10 @@ def validate_lora(
         )
         offset += a_size + b_size
     # Checked after the cast, so values that overflow the serving dtype are caught too.
-    if not bool(torch.isfinite(buffer).all()):
+    # aminmax is one pass without full-size temporaries (isfinite(...).all() built several):
+    # a NaN or ±inf anywhere shows up in the minimum or the maximum.
+    low, high = torch.aminmax(buffer) if buffer.numel() else (torch.zeros(()), torch.zeros(()))
+    if not (math.isfinite(float(low)) and math.isfinite(float(high))):
         bad = next(t for t, m in modules.items() if not (torch.isfinite(m.a).all() and torch.isfinite(m.b).all()))
         raise AdapterError(name, f"module {short(bad)!r}: weights contain NaN or infinite values"
                                  + ("" if dtype == torch.float32 else f" in {str(dtype).removeprefix('torch.')}"))

@@ -105,10 +105,15 @@ class ModulePool:
             self._grow(rank)
         if int(self.ranks[slot]) == 0:
             self.used += 1
-        self.a[slot, :rank] = a.to(self.device, self.dtype)
-        self.a[slot, rank:] = 0
-        self.b[slot, :, :rank] = (b.to(torch.float32) * scale).to(self.device, self.dtype)
-        self.b[slot, :, rank:] = 0
+        self.a[slot, :rank].copy_(a)
+        if self.dtype == torch.float32 and b.dtype == torch.float32 and b.device == self.device:
+            torch.mul(b, scale, out=self.b[slot, :, :rank])  # no temporary
+        else:
+            self.b[slot, :, :rank].copy_(b.to(torch.float32) * scale)
+        # The Triton path reads padding up to its rank tile: it must be zero.
+        if rank < self.rank_capacity:
+            self.a[slot, rank:] = 0
+            self.b[slot, :, rank:] = 0
         self.ranks[slot] = rank
 
     def clear(self, slot: int) -> None:
