@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     base.add_argument("--out", type=Path, required=True, help="output pipeline directory")
     base.add_argument("--seed", type=int, default=0)
     base.add_argument("--minutes", type=float, default=57.0, help="total wall-clock budget")
-    base.add_argument("--vae-minutes", type=float, help=f"VAE budget (default {VAE_SHARE:.0%} of --minutes)")
+    base.add_argument("--vae-minutes", type=float, help=f"VAE budget (default {VAE_SHARE:.0%}% of --minutes)")
     base.add_argument("--unet-minutes", type=float, help="UNet budget (default: the rest of --minutes)")
     base.add_argument("--vae-max-steps", type=int)
     base.add_argument("--unet-max-steps", type=int)

@@ -1,0 +1,180 @@
+"""`sdserve client`: call a running sdserve server.
+
+    sdserve client generate --target 127.0.0.1:50051 --prompt "a red circle" --out out.png
+    sdserve client generate --prompt "..." --adapter style:0.8 --out out.png --stream
+    sdserve client adapters upload style.safetensors --name style --family sd1
+    sdserve client adapters list | get NAME | delete NAME
+    sdserve client models
+    sdserve client health
+
+The API key comes from --api-key or $SDSERVE_API_KEY (sent as `authorization: Bearer <key>`).
+Request flags are GenerateRequest's field names with dashes, as for `sdserve generate`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from sdserve.cli.common import EXIT_FAILURE, EXIT_USAGE, fail
+
+STATUS_EXIT = {"INVALID_ARGUMENT": EXIT_USAGE, "NOT_FOUND": EXIT_USAGE}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "client", help="call a running server", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--target", default="127.0.0.1:50051", help="server HOST:PORT (default 127.0.0.1:50051)")
+    parser.add_argument("--api-key", default=None, help="API key (default: $SDSERVE_API_KEY)")
+    parser.add_argument("--timeout", type=float, default=None, help="call deadline in seconds")
+    actions = parser.add_subparsers(dest="client_command", required=True, metavar="ACTION")
+
+    generate = actions.add_parser("generate", help="generate images")
+    _add_request_flags(generate)
+    generate.add_argument("--adapter", action="append", default=[], metavar="NAME[:SCALE[:START[:END]]]",
+                          help="a registered adapter of the request's stack; repeat to stack several")
+    generate.add_argument("--out", type=Path, required=True, help="output PNG (FILE_1.png, ... for several images)")
+    generate.add_argument("--stream", action="store_true", help="show step progress (GenerateStream)")
+    generate.add_argument("--priority", type=int, default=None, help="priority among your own queued requests")
+    generate.set_defaults(func=run, action=_generate)
+
+    adapters = actions.add_parser("adapters", help="manage adapters").add_subparsers(
+        dest="adapters_command", required=True, metavar="ACTION"
+    )
+    upload = adapters.add_parser("upload", help="upload a safetensors adapter file")
+    upload.add_argument("file", type=Path)
+    upload.add_argument("--name", required=True, help="name to register it under")
+    upload.add_argument("--family", required=True, choices=["sd1", "sd2", "sdxl"], help="model family it is for")
+    upload.add_argument("--kind", default="lora", help="adapter kind (default lora)")
+    upload.add_argument("--shared", action="store_true", help="publish for every tenant (admins only)")
+    upload.set_defaults(func=run, action=_upload)
+    listing = adapters.add_parser("list", help="list the adapters you can use")
+    listing.add_argument("--family", default="", help="only this family")
+    listing.set_defaults(func=run, action=_list)
+    get = adapters.add_parser("get", help="describe one adapter")
+    get.add_argument("name")
+    get.set_defaults(func=run, action=_get)
+    delete = adapters.add_parser("delete", help="delete one of your adapters")
+    delete.add_argument("name")
+    delete.add_argument("--shared", action="store_true", help="delete the shared adapter (admins only)")
+    delete.set_defaults(func=run, action=_delete)
+
+    actions.add_parser("models", help="list the served models").set_defaults(func=run, action=_models)
+    actions.add_parser("health", help="the server's health status").set_defaults(func=run, action=_health)
+
+
+def _add_request_flags(parser: argparse.ArgumentParser) -> None:
+    from sdserve.server.convert import request_fields
+
+    group = parser.add_argument_group("request fields (GenerateRequest)")
+    for field in request_fields():
+        flags = [f"--{field.name.replace('_', '-')}"] + (["--guidance"] if field.name == "guidance_scale" else [])
+        group.add_argument(*flags, dest=field.name, type=field.python_type, default=None, help=field.comment)
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from sdserve.client import Client
+
+    return Client(args.target, api_key=args.api_key or os.environ.get("SDSERVE_API_KEY"), timeout=args.timeout)
+
+
+def _parse_adapter(text: str) -> dict[str, Any]:
+    name, *numbers = text.split(":")
+    if not name or len(numbers) > 3:
+        fail(f"--adapter {text!r}: expected NAME[:SCALE[:START[:END]]]")
+    try:
+        values = [float(n) for n in numbers]
+    except ValueError:
+        fail(f"--adapter {text!r}: SCALE, START and END must be numbers")
+    return {"name": name, **dict(zip(("scale", "start", "end"), values))}
+
+
+def _print_json(message: Any) -> None:
+    from sdserve.server.convert import to_dict
+
+    print(json.dumps(to_dict(message), indent=2))
+
+
+def _generate(args: argparse.Namespace, client: Any) -> None:
+    from sdserve.server.convert import request_fields
+
+    if args.prompt is None:
+        fail("--prompt is required")
+    request: dict[str, Any] = {f.name: getattr(args, f.name) for f in request_fields() if getattr(args, f.name) is not None}
+    if args.adapter:
+        request["adapters"] = [_parse_adapter(a) for a in args.adapter]
+    if args.stream:
+        response = None
+        for event in client.generate_stream(request, priority=args.priority):
+            kind = event.WhichOneof("event")
+            if kind == "queued":
+                print(f"queued as {event.queued.request_id} (position {event.queued.queue_position})", file=sys.stderr)
+            elif kind == "progress":
+                print(f"\rstep {event.progress.step}/{event.progress.total_steps}", end="", file=sys.stderr)
+            elif kind == "result":
+                print(file=sys.stderr)
+                response = event.result
+        if response is None:
+            fail("the stream ended without a result", EXIT_FAILURE)
+    else:
+        response = client.generate(request, priority=args.priority)
+    out: Path = args.out
+    for image in response.images:
+        path = out if len(response.images) == 1 else out.with_name(f"{out.stem}_{image.index}{out.suffix}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(image.png)
+        print(f"{path}  seed={response.seed}")
+    t = response.timings
+    print(f"queue {t.queue:.3f} s, adapters {t.adapter_load:.3f} s, denoise {t.denoise:.3f} s, "
+          f"decode {t.decode:.3f} s, total {t.total:.3f} s", file=sys.stderr)
+    for used in response.adapters:
+        print(f"adapter {used.name} sha256={used.sha256}{' (shared)' if used.shared else ''}", file=sys.stderr)
+
+
+def _upload(args: argparse.Namespace, client: Any) -> None:
+    try:
+        data = args.file.read_bytes()
+    except OSError as exc:
+        fail(f"{args.file}: cannot read ({exc.__class__.__name__})")
+    _print_json(client.upload_adapter(data, name=args.name, family=args.family, kind=args.kind, shared=args.shared))
+
+
+def _list(args: argparse.Namespace, client: Any) -> None:
+    for info in client.list_adapters(args.family).adapters:
+        scope = "shared" if info.shared else "own"
+        print(f"{info.name:32} {info.family:5} {info.kind:5} {scope:6} {info.size:>10}  {info.sha256}")
+
+
+def _get(args: argparse.Namespace, client: Any) -> None:
+    _print_json(client.get_adapter(args.name))
+
+
+def _delete(args: argparse.Namespace, client: Any) -> None:
+    print(f"deleted {args.name} (sha256 {client.delete_adapter(args.name, shared=args.shared).sha256})")
+
+
+def _models(args: argparse.Namespace, client: Any) -> None:
+    _print_json(client.list_models())
+
+
+def _health(args: argparse.Namespace, client: Any) -> None:
+    print(client.health())
+
+
+def run(args: argparse.Namespace) -> int:
+    import grpc
+
+    client = _client(args)
+    try:
+        args.action(args, client)
+    except grpc.RpcError as exc:
+        code = exc.code()
+        fail(f"{code.name}: {exc.details()}", STATUS_EXIT.get(code.name, EXIT_FAILURE))
+    finally:
+        client.close()
+    return 0

@@ -1,0 +1,69 @@
+"""`sdserve serve`: run the gRPC server.
+
+Configuration is one TOML file (sections [server], [models], [engine], [admission], [registry],
+[[tenants]]; see `sdserve.server.config`); flags override the file. Without a file the server
+serves `default` on 127.0.0.1:50051 to one local tenant with no API key.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from sdserve.cli.common import fail_on, quiet_libraries
+from sdserve.errors import SdserveError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="run the gRPC server",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", type=Path, help="TOML configuration file")
+    parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="gRPC port (default 50051; 0 picks a free one)")
+    parser.add_argument(
+        "--model",
+        action="append",
+        metavar="NAME|DIR",
+        help="model to serve: a built-in name or a diffusers-format directory; repeat for several, "
+        "the first is the default (replaces [models] serve)",
+    )
+    parser.add_argument("--metrics-port", type=int, help="Prometheus endpoint port (default: off)")
+    parser.add_argument("--data-dir", help="adapter registry directory (default $SDSERVE_HOME/server)")
+    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING, ...")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    quiet_libraries()
+    import asyncio
+
+    from sdserve.server.app import serve
+    from sdserve.server.config import load_config, with_overrides
+
+    try:
+        config = load_config(args.config)
+        config = with_overrides(
+            config,
+            server__host=args.host,
+            server__port=args.port,
+            server__metrics_port=args.metrics_port,
+            server__log_level=args.log_level,
+            models__serve=tuple(args.model) if args.model else None,
+            models__default=args.model[0] if args.model else None,
+            registry__data_dir=args.data_dir,
+            engine__device=args.device,
+        )
+    except SdserveError as exc:
+        fail_on(exc, str(args.config) if args.config else "")
+    try:
+        asyncio.run(serve(config))
+    except SdserveError as exc:
+        fail_on(exc)
+    except OSError as exc:
+        fail_on(SdserveError(f"could not start the server ({exc})"))
+    return 0

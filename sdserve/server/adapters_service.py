@@ -1,0 +1,139 @@
+"""The Adapters service (upload, list, get, delete) and the Models service.
+
+Uploads are checked claim by claim before anything is registered: the header (name, kind,
+family, size, quota), the bytes as they arrive (size), their sha256, and finally the file
+itself against this server's model of the declared family (safetensors only, every LoRA key
+matching a module with the right shapes). Only then does the registry name the file. A failed
+upload leaves no file and no name behind.
+
+Tenancy: a tenant sees its own adapters and the shared ones; another tenant's adapter is
+NOT_FOUND with the same message as one that does not exist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from typing import Any
+
+import grpc
+
+from sdserve.adapters import load_embedding, load_hypernetwork, load_lora
+from sdserve.errors import AdapterError, InvalidArgument
+from sdserve.server import convert, status
+from sdserve.server.auth import require_admin
+from sdserve.server.core import Core
+from sdserve.server.registry import SHA256, SHARED, Quota, check_name
+
+KINDS = ("lora", "embedding", "hypernetwork")
+
+
+class AdaptersService:
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        self.outcome = core.metrics.outcome
+
+    @status.unary_method
+    async def UploadAdapter(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+        core = self.core
+        tenant = core.begin(context)
+        chunks = request_iterator.__aiter__()
+        first = await anext(chunks, None)
+        header = convert.upload_part(first) if first is not None else None
+        if not isinstance(header, convert.UploadHeader):
+            raise InvalidArgument("the first chunk of an upload must be the header", field="header")
+        check_name(header.name, "header.name")
+        kind = header.kind or "lora"
+        if kind not in KINDS:
+            raise InvalidArgument(f"kind {kind[:32]!r} is not served; kinds: {', '.join(KINDS)}", field="header.kind")
+        info = core.family_model(header.family)  # INVALID_ARGUMENT if this server serves none
+        if not SHA256.match(header.sha256):
+            raise InvalidArgument("must be the file's sha256 as 64 hex digits", field="header.sha256")
+        if header.shared:
+            require_admin(tenant, "publishing a shared adapter")
+        scope = SHARED if header.shared else tenant.name
+        quota = Quota(tenant.max_adapters, tenant.max_adapter_bytes_total)
+        limit = core.config.registry.max_adapter_bytes
+        if header.size > limit:
+            raise InvalidArgument(f"the file has {header.size} bytes, more than the limit of {limit}", field="header.size")
+        # Refuse an upload over quota before receiving its bytes; the registry checks again when
+        # it names the file, in the same transaction.
+        core.registry.check_quota(scope, header.name, max(header.size, 0), quota)
+
+        with core.registry.staging_file() as (staged, handle):
+            hasher = hashlib.sha256()
+            received = 0
+            async for chunk in chunks:
+                part = convert.upload_part(chunk)
+                if isinstance(part, convert.UploadHeader):
+                    raise InvalidArgument("only the first chunk may be a header", field="header")
+                if not part:
+                    continue
+                received += len(part)
+                if received > limit:
+                    raise InvalidArgument(f"the file exceeds the limit of {limit} bytes", field="data")
+                hasher.update(part)
+                handle.write(part)
+            handle.close()
+            if header.size and received != header.size:
+                raise InvalidArgument(
+                    f"received {received} bytes, the header declared {header.size} (truncated upload?)", field="data"
+                )
+            digest = hasher.hexdigest()
+            if digest != header.sha256:
+                raise InvalidArgument(
+                    f"the received bytes have sha256 {digest}, not the declared one", field="header.sha256"
+                )
+            await asyncio.to_thread(self._validate, staged, header.name, kind, info)
+            record = await asyncio.to_thread(
+                core.registry.register, scope, header.name, kind, header.family, staged, digest, quota
+            )
+        core.metrics.adapter_upload_bytes.inc(record.size)
+        return convert.adapter_info(record)
+
+    def _validate(self, staged: Any, name: str, kind: str, info: Any) -> None:
+        """Load the file as the engine will, against this server's model of its family."""
+        try:
+            if kind == "lora":
+                load_lora(staged, name, self.core.targets(info.family), max_rank=self.core.config.registry.max_rank)
+            elif kind == "embedding":
+                load_embedding(staged, name, info.text_widths)
+            else:
+                load_hypernetwork(staged, name, info.attention_widths)
+        except AdapterError as exc:
+            # AdapterError names the adapter; as an upload error it is about the data sent.
+            raise InvalidArgument(str(exc.message), field="data") from None
+
+    @status.unary_method
+    async def ListAdapters(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        tenant = self.core.begin(context)
+        records = await asyncio.to_thread(self.core.registry.list, tenant.name, request.family)
+        return convert.list_adapters_response(records)
+
+    @status.unary_method
+    async def GetAdapter(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        tenant = self.core.begin(context)
+        check_name(request.name)
+        record = await asyncio.to_thread(self.core.registry.resolve, tenant.name, request.name)
+        return convert.adapter_info(record)
+
+    @status.unary_method
+    async def DeleteAdapter(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        tenant = self.core.begin(context)
+        check_name(request.name)
+        if request.shared:
+            require_admin(tenant, "deleting a shared adapter")
+        scope = SHARED if request.shared else tenant.name
+        record = await asyncio.to_thread(self.core.registry.delete, scope, request.name)
+        return convert.delete_adapter_response(record.sha256)
+
+
+class ModelsService:
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        self.outcome = core.metrics.outcome
+
+    @status.unary_method
+    async def ListModels(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        self.core.begin(context)
+        return convert.list_models_response(list(self.core.served.values()), self.core.default_model)

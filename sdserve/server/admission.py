@@ -1,0 +1,165 @@
+"""Admission by cost, and fair release into the engine.
+
+cost = width × height × steps × UNet rows (pixels × steps × CFG rows): what a request will cost
+the engine, known from the validated request alone.
+
+Two bounds decide at arrival, in O(1) and before any encoding work:
+- the server's pending cost (queued + running) may not pass `max_pending_cost`;
+- one tenant's pending cost may not pass `max_tenant_pending_cost`, so a tenant flooding the
+  server leaves room for the others.
+A request beyond either is refused with RESOURCE_EXHAUSTED at once.
+
+Admitted requests wait in one queue per tenant (highest priority first, then arrival order)
+and are released into the engine while the cost running there stays within
+`max_inflight_cost`. The next request released is the head of the queue of the tenant with the
+least cost running (ties: the tenant served least recently), so a burst from one tenant does
+not delay another tenant's request by more than the time it takes for one running request's
+cost to drain.
+
+One owner: every method runs on the asyncio event loop; nothing here locks.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sdserve.engine.request import EngineRequest, RequestSpec
+from sdserve.errors import ResourceExhausted
+from sdserve.models.configs import ModelDefaults, ModelLimits
+from sdserve.server.config import AdmissionConfig
+
+
+def request_cost(request: EngineRequest) -> int:
+    return request.width * request.height * request.steps * request.rows
+
+
+def estimated_cost(spec: RequestSpec, defaults: ModelDefaults, limits: ModelLimits) -> int:
+    """The cost a request will have if it is valid: its fields, else the model's defaults, each
+    clamped to the model's limits (so a wild value estimates as the largest valid request).
+
+    Lets a loaded server refuse before validating (validation builds a noise scheduler, about a
+    millisecond: under a burst, refusals would otherwise queue behind that work)."""
+    width = min(spec.width if spec.width is not None else defaults.width, limits.max_side)
+    height = min(spec.height if spec.height is not None else defaults.height, limits.max_side)
+    steps = min(spec.steps if spec.steps is not None else defaults.steps, limits.max_steps)
+    guidance = spec.guidance_scale if spec.guidance_scale is not None else defaults.guidance_scale
+    images = min(spec.num_images if spec.num_images is not None else 1, limits.max_num_images)
+    rows = max(images, 0) * (2 if guidance > 1.0 else 1)
+    return max(width, 0) * max(height, 0) * max(steps, 0) * rows
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One admitted request, from admission until it leaves the engine (or is withdrawn)."""
+
+    request: EngineRequest
+    tenant: str
+    priority: int
+    cost: int
+    seq: int
+    release: Callable[[Ticket], None] = field(repr=False)
+    released: bool = False
+    finished: bool = False
+
+
+class Admission:
+    def __init__(self, config: AdmissionConfig) -> None:
+        self.config = config
+        self._queues: dict[str, list[tuple[int, int, Ticket]]] = {}  # tenant -> heap of (-priority, seq, ticket)
+        self._pending_by_tenant: dict[str, int] = {}
+        self._inflight_by_tenant: dict[str, int] = {}
+        self._last_served: dict[str, int] = {}
+        self._seq = itertools.count()
+        self._releases = itertools.count()
+        self.pending_cost = 0
+        self.inflight_cost = 0
+        self.queued = 0
+        self.running = 0
+
+    def check(self, cost: int, tenant: str) -> None:
+        """Raise ResourceExhausted if a request of `cost` from `tenant` would pass a bound now."""
+        limits = self.config
+        tenant_pending = self._pending_by_tenant.get(tenant, 0)
+        if self.pending_cost + cost > limits.max_pending_cost:
+            raise ResourceExhausted(
+                f"the server is at capacity (pending cost {self.pending_cost} + this request's {cost} "
+                f"> {limits.max_pending_cost}); retry later or ask for less"
+            )
+        if tenant_pending + cost > limits.max_tenant_pending_cost:
+            raise ResourceExhausted(
+                f"this tenant's share is used up (pending cost {tenant_pending} + this request's {cost} "
+                f"> {limits.max_tenant_pending_cost}); retry when earlier requests finish"
+            )
+
+    def admit(
+        self, request: EngineRequest, tenant: str, release: Callable[[Ticket], None], priority: int = 0
+    ) -> Ticket:
+        """Admit or refuse at once; an admitted ticket is released (maybe before this returns)."""
+        cost = request_cost(request)
+        self.check(cost, tenant)
+        tenant_pending = self._pending_by_tenant.get(tenant, 0)
+        ticket = Ticket(request, tenant, priority, cost, next(self._seq), release)
+        self.pending_cost += cost
+        self._pending_by_tenant[tenant] = tenant_pending + cost
+        heapq.heappush(self._queues.setdefault(tenant, []), (-priority, ticket.seq, ticket))
+        self.queued += 1
+        self._release_ready()
+        return ticket
+
+    def withdraw(self, ticket: Ticket) -> bool:
+        """Drop a ticket still queued (its caller went away). False if it was already released."""
+        if ticket.released or ticket.finished:
+            return False
+        queue = self._queues.get(ticket.tenant, [])
+        for index, entry in enumerate(queue):
+            if entry[2] is ticket:
+                queue.pop(index)
+                heapq.heapify(queue)
+                break
+        self.queued -= 1
+        ticket.finished = True
+        self._forget(ticket)
+        self._release_ready()
+        return True
+
+    def finish(self, ticket: Ticket) -> None:
+        """A released request left the engine (done, failed, cancelled or expired)."""
+        if ticket.finished:
+            return
+        ticket.finished = True
+        if ticket.released:
+            self.inflight_cost -= ticket.cost
+            self.running -= 1
+            self._inflight_by_tenant[ticket.tenant] -= ticket.cost
+        self._forget(ticket)
+        self._release_ready()
+
+    def _forget(self, ticket: Ticket) -> None:
+        self.pending_cost -= ticket.cost
+        self._pending_by_tenant[ticket.tenant] -= ticket.cost
+        if not self._pending_by_tenant[ticket.tenant]:
+            del self._pending_by_tenant[ticket.tenant]
+
+    def _next_tenant(self) -> str | None:
+        waiting = [t for t, q in self._queues.items() if q]
+        if not waiting:
+            return None
+        return min(waiting, key=lambda t: (self._inflight_by_tenant.get(t, 0), self._last_served.get(t, -1)))
+
+    def _release_ready(self) -> None:
+        while (tenant := self._next_tenant()) is not None:
+            head = self._queues[tenant][0][2]
+            # A request larger than the whole bound still runs, alone, rather than never.
+            if self.inflight_cost and self.inflight_cost + head.cost > self.config.max_inflight_cost:
+                return
+            heapq.heappop(self._queues[tenant])
+            self.queued -= 1
+            self.running += 1
+            self.inflight_cost += head.cost
+            self._inflight_by_tenant[tenant] = self._inflight_by_tenant.get(tenant, 0) + head.cost
+            self._last_served[tenant] = next(self._releases)
+            head.released = True
+            head.release(head)

@@ -1,0 +1,201 @@
+"""The server process: build the pieces, serve, and drain on SIGTERM.
+
+Start-up loads every configured model (so the first request does not pay for it), starts the
+engine thread, the gRPC server (sdserve.v1 services, grpc.health.v1, reflection) and the
+metrics endpoint. Shutdown drains: health turns NOT_SERVING, new sdserve.v1 calls get
+UNAVAILABLE, running and queued requests get `grace_seconds` to finish; what is left is
+cancelled, then the gRPC server and the engine thread stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2
+from grpc_reflection.v1alpha import reflection
+
+from sdserve.engine import Engine, ModelStore
+from sdserve.engine.loop import EngineThread
+from sdserve.server import convert
+from sdserve.server.adapters_service import AdaptersService, ModelsService
+from sdserve.server.admission import Admission
+from sdserve.server.auth import Authenticator
+from sdserve.server.config import Config
+from sdserve.server.core import Core
+from sdserve.server.generation import GenerationService
+from sdserve.server.metrics import Metrics
+from sdserve.server.registry import Registry
+
+log = logging.getLogger("sdserve.server")
+
+
+def data_dir(config: Config) -> Path:
+    if config.registry.data_dir:
+        return Path(config.registry.data_dir).expanduser()
+    from sdserve.models.builtin import cache_root
+
+    return cache_root() / "server"
+
+
+class Server:
+    def __init__(self, config: Config, engine: Engine | None = None) -> None:
+        self.config = config
+        if engine is None:
+            store = ModelStore(config.engine, default_model=config.models.default_model)
+            engine = Engine(config.engine, models=store)
+        self.engine = engine
+        self._lock_down_model_stores()
+        self.metrics = Metrics()
+        self.health = health.aio.HealthServicer()
+        self.port = 0
+        self.metrics_port: int | None = None
+        self.core: Core | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self._stopped = asyncio.Event()
+
+    def _lock_down_model_stores(self) -> None:
+        """Clients name ControlNet and IP-Adapter models; only the operator's configured ones
+        resolve, never a directory a request names (the engine allows those for the CLI)."""
+        stores = (
+            (getattr(getattr(self.engine, "runner", None), "controlnets", None), self.config.models.controlnets),
+            (getattr(self.engine, "ip_adapters", None), self.config.models.ip_adapters),
+        )
+        for store, registered in stores:
+            if store is None:
+                continue
+            store.allow_paths = False
+            for name, directory in registered.items():
+                store.register(name, Path(directory).expanduser())
+
+    async def start(self) -> None:
+        config = self.config
+        served = {}
+        for name in dict.fromkeys((config.models.default_model, *config.models.serve)):
+            info = self.engine.models.info(name)
+            log.info("loading model %r (%s)", name, info.family)
+            await asyncio.to_thread(self.engine.models.get, name)  # weights load once, before serving
+            served[name] = info
+        engine_thread = EngineThread(self.engine).start()
+        self.engine.observers.append(self.metrics.on_engine_event)
+        engine_thread.step_hooks.append(self.metrics.on_step)
+        self.metrics.watch_adapters(lambda: self._residency_stats(served))
+        self.core = Core(
+            config=config,
+            engine=self.engine,
+            engine_thread=engine_thread,
+            admission=Admission(config.admission),
+            registry=Registry(data_dir(config)),
+            auth=Authenticator(config.tenants),
+            metrics=self.metrics,
+            served=served,
+            default_model=config.models.default_model,
+        )
+        for family in self.core.families():
+            await asyncio.to_thread(self.core.targets, family)  # before any request wraps layers
+        options = [
+            ("grpc.max_receive_message_length", config.server.max_receive_message_bytes),
+            ("grpc.max_send_message_length", config.server.max_send_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        server = grpc.aio.server(options=options)
+        convert.add_services(
+            server, GenerationService(self.core), AdaptersService(self.core), ModelsService(self.core)
+        )
+        health_pb2_grpc_add(self.health, server)
+        reflection.enable_server_reflection((*convert.SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        self.port = server.add_insecure_port(f"{config.server.host}:{config.server.port}")
+        if self.port == 0:
+            raise OSError(f"could not bind {config.server.host}:{config.server.port}")
+        await server.start()
+        self._grpc = server
+        for name in ("", *convert.SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if config.server.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(config.server.host, config.server.metrics_port)
+
+    def _residency_stats(self, served: dict) -> list:
+        stats = []
+        for name in served:
+            runtime = getattr(self.engine.models.get(name), "adapters", None)
+            if runtime is not None and hasattr(runtime, "stats"):
+                stats.append(runtime.stats)
+        return stats
+
+    async def drain(self, grace: float | None = None) -> None:
+        """Stop taking work, let running requests finish within `grace` seconds, then stop."""
+        core = self.core
+        if core is None or core.draining:
+            return
+        grace = self.config.server.grace_seconds if grace is None else grace
+        core.draining = True
+        await self.health.enter_graceful_shutdown()  # every service NOT_SERVING, for good
+        log.info("draining: %d request(s) running or queued, grace %.0f s", len(core.jobs), grace)
+        deadline = time.monotonic() + grace
+        while core.jobs and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if core.jobs:
+            log.warning("grace period over: cancelling %d request(s)", len(core.jobs))
+            for job in list(core.jobs.values()):
+                job.abandon()
+        await self.stop()
+
+    async def stop(self) -> None:
+        if self._grpc is not None:
+            await self._grpc.stop(grace=1.0)
+            self._grpc = None
+        if self.core is not None:
+            await asyncio.to_thread(self.core.engine_thread.stop)
+            self.core.registry.close()
+        self.metrics.close()
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+def health_pb2_grpc_add(servicer: health.aio.HealthServicer, server: grpc.aio.Server) -> None:
+    from grpc_health.v1 import health_pb2_grpc
+
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+
+
+def describe_access(config: Config) -> str:
+    tenants = config.tenants
+    if len(tenants) == 1 and not tenants[0].key_sha256:
+        return f"one tenant {tenants[0].name!r} with no API key: anyone who can reach the port can call it"
+    keyed = sum(1 for t in tenants if t.key_sha256)
+    text = f"{len(tenants)} tenant(s), {keyed} with API keys (authorization: Bearer <key>)"
+    if config.open_access:
+        text += "; calls without a key act as the keyless tenant"
+    return text
+
+
+async def serve(config: Config) -> None:
+    """Run until SIGTERM or SIGINT, then drain."""
+    logging.basicConfig(
+        level=getattr(logging, config.server.log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    log.info(
+        "sdserve: starting on %s:%d, model %r, %s",
+        config.server.host,
+        config.server.port,
+        config.models.default_model,
+        describe_access(config),
+    )
+    server = Server(config)
+    await server.start()
+    log.info("sdserve: serving %s on %s:%d (pid %d)", ", ".join(server.core.served), config.server.host, server.port, os.getpid())
+    if server.metrics_port is not None:
+        log.info("sdserve: metrics on http://%s:%d/metrics", config.server.host, server.metrics_port)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, lambda: asyncio.ensure_future(server.drain()))
+    await server.wait_stopped()
+    log.info("sdserve: stopped")

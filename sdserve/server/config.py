@@ -1,0 +1,267 @@
+"""The server's configuration: one TOML file parsed into one frozen dataclass per domain.
+
+    [server]      host, port, metrics_port, grace period, message sizes, log level
+    [models]      which models to serve and which is the default
+    [engine]      the engine's own EngineConfig (batch rows, device, dtype, ...)
+    [admission]   cost bounds and fair sharing between tenants
+    [registry]    where adapters live and how large they may be
+    [[tenants]]   API keys -> tenants, admin flag, quotas
+
+Every section and key is optional; an empty file (or no file) serves `default` on
+127.0.0.1:50051 to one local tenant without a key. Unknown keys are errors, so a typo does not
+silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from sdserve.engine import EngineConfig
+from sdserve.errors import InvalidArgument
+
+LOCAL_TENANT = "local"
+TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """How the gRPC server listens and shuts down."""
+
+    host: str = "127.0.0.1"
+    """Address to bind; 127.0.0.1 keeps the server local, 0.0.0.0 exposes it."""
+    port: int = 50051
+    """gRPC port; 0 picks a free one (the chosen port is logged)."""
+    metrics_port: int | None = None
+    """Port of the Prometheus text endpoint on the same host; None disables it, 0 picks a free one."""
+    grace_seconds: float = 30.0
+    """On SIGTERM, how long running requests may take to finish before they are cancelled."""
+    max_receive_message_bytes: int = 64 * 1024 * 1024
+    """Largest message a client may send: a request may carry init/mask/ControlNet images as PNG;
+    adapter uploads arrive in chunks of ~1 MiB."""
+    max_send_message_bytes: int = 256 * 1024 * 1024
+    """Largest message the server sends: a response carries every image of a request as PNG."""
+    log_level: str = "INFO"
+    """Python logging level name."""
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    """Which models the server serves."""
+
+    serve: tuple[str, ...] = ("default",)
+    """Built-in model names or local diffusers-format directories; all are loaded at start-up."""
+    default: str = ""
+    """The model an empty GenerateRequest.model selects; "" = the first of `serve`."""
+    controlnets: dict[str, str] = field(default_factory=dict)
+    """ControlNet models requests may name: name -> local diffusers-format directory. Requests
+    can name only these (never a directory of their own)."""
+    ip_adapters: dict[str, str] = field(default_factory=dict)
+    """IP-Adapter models requests may name: name -> directory with ip_adapter.safetensors and
+    image_encoder/. Requests can name only these."""
+
+    @property
+    def default_model(self) -> str:
+        return self.default or self.serve[0]
+
+
+@dataclass(frozen=True)
+class AdmissionConfig:
+    """Admission by cost: cost = width × height × steps × UNet rows (pixels × steps × CFG rows)."""
+
+    max_pending_cost: int = 64 * 512 * 512 * 50
+    """Most cost queued and running at once; a request beyond it is refused with RESOURCE_EXHAUSTED
+    at once, before any encoding work."""
+    max_tenant_pending_cost: int = 32 * 512 * 512 * 50
+    """Most cost one tenant may have queued and running: keeps room for the other tenants when
+    one of them floods the server."""
+    max_inflight_cost: int = 16 * 512 * 512 * 50
+    """Most cost released into the engine at once; the rest waits in per-tenant queues and is
+    released fairly (the tenant with the least cost running goes first)."""
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    """The adapter registry: a content-addressed store and an SQLite index."""
+
+    data_dir: str = ""
+    """Directory holding `adapters/` (files by sha256) and `registry.db`; "" = $SDSERVE_HOME/server."""
+    max_adapter_bytes: int = 512 * 1024 * 1024
+    """Largest adapter file accepted by an upload."""
+    max_rank: int = 128
+    """Largest LoRA rank accepted by an upload."""
+
+
+@dataclass(frozen=True)
+class TenantConfig:
+    """One tenant: who it is, how it proves it, and what it may store."""
+
+    name: str
+    """Tenant name: adapter names are scoped by it; appears in logs and metrics."""
+    key_sha256: str = ""
+    """sha256 (hex) of the tenant's API key; "" = the anonymous tenant (calls without a key)."""
+    admin: bool = False
+    """Admins may publish and delete shared adapters."""
+    max_adapters: int = 100
+    """Most adapters the tenant may register."""
+    max_adapter_bytes_total: int = 4 * 1024 * 1024 * 1024
+    """Most bytes of adapter files the tenant may register."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole server configuration, passed around as one object."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    tenants: tuple[TenantConfig, ...] = (TenantConfig(LOCAL_TENANT, admin=True),)
+    """No [[tenants]] in the file = one local admin tenant without a key (`make serve`)."""
+
+    @property
+    def open_access(self) -> bool:
+        """True when some tenant needs no key (anyone who reaches the port can call)."""
+        return any(not t.key_sha256 for t in self.tenants)
+
+
+def _section(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise InvalidArgument(f"[{where}] must be a table")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise InvalidArgument(f"[{where}] unknown key {unknown[0]!r}; keys are {', '.join(known)}")
+    # TOML arrays become tuples: the dataclasses are frozen and hashable all the way down.
+    values = {key: tuple(value) if isinstance(value, list) else value for key, value in data.items()}
+    for key, value in values.items():
+        factory = known[key].default_factory
+        if isinstance(value, dict) and factory is not dataclasses.MISSING and dataclasses.is_dataclass(factory):
+            values[key] = _section(factory, value, f"{where}.{key}")  # a nested table, e.g. [engine.residency]
+            continue
+        _check_type(f"{where}.{key}", str(known[key].type), value)
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise InvalidArgument(f"[{where}] {exc}") from None
+
+
+_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,),
+    "float": (int, float),
+    "str": (str,),
+    "bool": (bool,),
+    "tuple[str, ...]": (tuple,),
+}
+
+
+def _check_type(where: str, annotation: str, value: Any) -> None:
+    """TOML values are typed already; a wrong type is a mistake worth a clear start-up error."""
+    optional = annotation.endswith(" | None")
+    wanted = _TYPES.get(annotation.removesuffix(" | None"))
+    if wanted is None or (optional and value is None):
+        return
+    if (isinstance(value, bool) and bool not in wanted) or not isinstance(value, wanted):
+        raise InvalidArgument(f"{where}: must be of type {annotation.removesuffix(' | None')}")
+    if isinstance(value, tuple) and not all(isinstance(v, str) for v in value):
+        raise InvalidArgument(f"{where}: must be an array of strings")
+
+
+def _tenant(data: Any, index: int) -> TenantConfig:
+    where = f"tenants[{index}]"
+    if not isinstance(data, dict):
+        raise InvalidArgument(f"{where} must be a table")
+    data = dict(data)
+    key = data.pop("key", None)
+    if key is not None:
+        # Plain keys are accepted for local set-ups; only their hash is kept in memory.
+        if data.get("key_sha256"):
+            raise InvalidArgument(f"{where}: give key or key_sha256, not both")
+        data["key_sha256"] = hash_key(str(key))
+    tenant = _section(TenantConfig, data, where)
+    if not TENANT_NAME.match(tenant.name):
+        raise InvalidArgument(f"{where}.name: letters, digits, '_', '-', '.' only (1 to 64)")
+    if tenant.key_sha256 and not re.fullmatch(r"[0-9a-f]{64}", tenant.key_sha256):
+        raise InvalidArgument(f"{where}.key_sha256: must be 64 lowercase hex digits")
+    return tenant
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    known = {"server", "models", "engine", "admission", "registry", "tenants"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise InvalidArgument(f"unknown section [{unknown[0]}]; sections are {', '.join(sorted(known))}")
+    parts: dict[str, Any] = {}
+    for name, cls in (
+        ("server", ServerConfig),
+        ("models", ModelsConfig),
+        ("engine", EngineConfig),
+        ("admission", AdmissionConfig),
+        ("registry", RegistryConfig),
+    ):
+        if name in data:
+            parts[name] = _section(cls, data[name], name)
+    if "tenants" in data:
+        if not isinstance(data["tenants"], list) or not data["tenants"]:
+            raise InvalidArgument("[[tenants]] must be a non-empty array of tables")
+        parts["tenants"] = tuple(_tenant(t, i) for i, t in enumerate(data["tenants"]))
+    config = Config(**parts)
+    check(config)
+    return config
+
+
+def check(config: Config) -> None:
+    """Rules across fields, so that a bad file fails at start-up rather than on the first call."""
+    names = [t.name for t in config.tenants]
+    if len(set(names)) != len(names):
+        raise InvalidArgument("[[tenants]] names must be unique")
+    keys = [t.key_sha256 for t in config.tenants]
+    if len(set(keys)) != len(keys):
+        raise InvalidArgument("[[tenants]] keys must be unique (at most one tenant without a key)")
+    for table in ("controlnets", "ip_adapters"):
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in getattr(config.models, table).items()):
+            raise InvalidArgument(f"[models.{table}] maps names to directory strings")
+    if not config.models.serve:
+        raise InvalidArgument("[models] serve must name at least one model")
+    if config.models.default and config.models.default not in config.models.serve:
+        raise InvalidArgument("[models] default must be one of serve")
+    admission = config.admission
+    if min(admission.max_pending_cost, admission.max_tenant_pending_cost, admission.max_inflight_cost) <= 0:
+        raise InvalidArgument("[admission] bounds must be positive")
+
+
+def load_config(path: Path | None) -> Config:
+    """Parse the TOML file at `path` (None = all defaults)."""
+    if path is None:
+        return config_from_dict({})
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except OSError as exc:
+        raise InvalidArgument(f"config file could not be read ({exc.__class__.__name__})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidArgument(f"config file is not valid TOML ({exc})") from None
+    return config_from_dict(data)
+
+
+def with_overrides(config: Config, **changes: Any) -> Config:
+    """`config` with some `section__key=value` overrides (from CLI flags); None means keep."""
+    sections: dict[str, dict[str, Any]] = {}
+    for dotted, value in changes.items():
+        if value is None:
+            continue
+        section, key = dotted.split("__", 1)
+        sections.setdefault(section, {})[key] = value
+    updated = {name: dataclasses.replace(getattr(config, name), **values) for name, values in sections.items()}
+    result = dataclasses.replace(config, **updated)
+    check(result)
+    return result

@@ -1,0 +1,104 @@
+"""What the servicers share: config, engine thread, admission, registry, tenants, metrics.
+
+`begin` is the first line of every sdserve.v1 handler: refuse while draining, then find the
+caller's tenant. Health and reflection do not go through it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from sdserve.adapters import TargetSpec, targets_of
+from sdserve.engine import Engine, ModelInfo
+from sdserve.engine.loop import EngineThread
+from sdserve.errors import InvalidArgument, NotFound, Unavailable
+from sdserve.server.admission import Admission
+from sdserve.server.auth import Authenticator
+from sdserve.server.config import Config, TenantConfig
+from sdserve.server.metrics import Metrics
+from sdserve.server.registry import Registry
+
+log = logging.getLogger("sdserve.server")
+
+PRIORITY_HEADER = "sdserve-priority"
+MAX_PRIORITY = 1000
+
+
+@dataclass
+class Core:
+    config: Config
+    engine: Engine
+    engine_thread: EngineThread
+    admission: Admission
+    registry: Registry
+    auth: Authenticator
+    metrics: Metrics
+    served: Mapping[str, ModelInfo]  # name -> info, default first
+    default_model: str
+    draining: bool = False
+    jobs: dict[str, Any] = field(default_factory=dict)  # request id -> running Job
+    _targets: dict[str, dict[str, TargetSpec]] = field(default_factory=dict)
+
+    def begin(self, context: grpc.aio.ServicerContext) -> TenantConfig:
+        if self.draining:
+            raise Unavailable("the server is shutting down; retry shortly or on another replica")
+        if not self.engine_thread.alive:
+            raise Unavailable("the engine stopped; the server log has details")
+        return self.auth.tenant_for(context.invocation_metadata())
+
+    def model_info(self, name: str) -> ModelInfo:
+        """A served model by name ("" = the default); only configured models are reachable, so a
+        request can never make the server open a directory of its choosing."""
+        info = self.served.get(name or self.default_model)
+        if info is None:
+            raise NotFound("unknown model; ListModels names the models this server serves", field="model")
+        return info
+
+    def families(self) -> list[str]:
+        return sorted({info.family for info in self.served.values()})
+
+    def family_model(self, family: str, field_name: str = "header.family") -> ModelInfo:
+        """This server's first model of `family`: what uploads for that family are checked against."""
+        info = next((i for i in self.served.values() if i.family == family), None)
+        if info is None:
+            raise InvalidArgument(
+                f"this server serves no {family[:16]!r} model (families: {', '.join(self.families())})",
+                field=field_name,
+            )
+        return info
+
+    def targets(self, family: str) -> Mapping[str, TargetSpec]:
+        """The LoRA-targetable modules of this server's first model of `family` (for uploads)."""
+        if family not in self._targets:
+            info = self.family_model(family)
+            model = self.engine.models.get(info.name)
+            runtime = getattr(model, "adapters", None)
+            if runtime is not None:
+                # The engine wraps targeted layers once it serves adapters; its runtime kept the
+                # description of the unwrapped model.
+                self._targets[family] = runtime.targets
+            else:
+                components: dict[str, Any] = {"unet": model.unet}
+                for index, encoder in enumerate(model.text_encoders):
+                    components["text_encoder" if index == 0 else f"text_encoder_{index + 1}"] = encoder
+                self._targets[family] = targets_of(components)
+        return self._targets[family]
+
+
+def priority_of(context: grpc.aio.ServicerContext) -> int:
+    for key, value in context.invocation_metadata() or ():
+        if key.lower() == PRIORITY_HEADER:
+            text = value.decode() if isinstance(value, bytes) else value
+            try:
+                priority = int(text)
+            except ValueError:
+                raise InvalidArgument("must be an integer", field=PRIORITY_HEADER) from None
+            if abs(priority) > MAX_PRIORITY:
+                raise InvalidArgument(f"must be between -{MAX_PRIORITY} and {MAX_PRIORITY}", field=PRIORITY_HEADER)
+            return priority
+    return 0

@@ -1,0 +1,203 @@
+"""The ImageGeneration service: Generate and GenerateStream.
+
+A call's path: authenticate, convert from pb, map adapter names to the registry's files,
+validate against the model (cheap, no weights), admit by cost (or refuse at once), wait in the
+fair queue, run on the engine thread, encode PNGs off the event loop, convert back.
+
+The engine calls a Job's listener on the engine thread; the Job hops each event to the event
+loop with call_soon_threadsafe, so everything else here runs on the loop (one owner).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from sdserve.engine import EngineEvent, GenerationResult, RequestSpec
+from sdserve.engine.png import encode_png
+from sdserve.errors import InvalidArgument, SdserveError, Unavailable
+from sdserve.server import convert, status
+from sdserve.server.admission import Ticket, estimated_cost
+from sdserve.server.config import TenantConfig
+from sdserve.server.core import Core, priority_of
+
+log = logging.getLogger("sdserve.server")
+
+# Request fields whose entries name adapter files, and the registry kind each must be.
+NAMED_FILE_FIELDS = (("adapters", "lora"), ("embeddings", "embedding"), ("hypernetworks", "hypernetwork"))
+
+
+class Job:
+    """One Generate call between admission and its result."""
+
+    def __init__(self, core: Core, loop: asyncio.AbstractEventLoop, arrived: float) -> None:
+        self.core = core
+        self.loop = loop
+        self.arrived = arrived
+        self.events: asyncio.Queue[EngineEvent] = asyncio.Queue()
+        self.ticket: Ticket | None = None
+        self.released_at: float | None = None
+
+    def release(self, ticket: Ticket) -> None:
+        """Admission's callback (on the loop): hand the request to the engine thread."""
+        self.released_at = time.monotonic()
+        self.core.metrics.track_rows(ticket.request.request_id, ticket.request.rows)
+        self.core.engine_thread.submit(ticket.request, self.listener)
+
+    def listener(self, event: EngineEvent) -> None:
+        """Runs on the engine thread."""
+        # A closed loop means the server is gone and nobody is listening.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self._on_event, event)
+
+    def _on_event(self, event: EngineEvent) -> None:
+        if event.kind in ("done", "error") and self.ticket is not None:
+            self.core.admission.finish(self.ticket)
+            self.core.jobs.pop(event.request_id, None)
+            self.core.metrics.pending_cost.set(self.core.admission.pending_cost)
+            self.core.metrics.inflight_cost.set(self.core.admission.inflight_cost)
+        self.events.put_nowait(event)
+
+    def abandon(self) -> None:
+        """The caller went away (cancelled, deadline): free the request's queue slot or rows."""
+        ticket = self.ticket
+        if ticket is None or ticket.finished:
+            return
+        if not self.core.admission.withdraw(ticket):
+            self.core.engine_thread.cancel(ticket.request.request_id)
+        else:
+            self.core.jobs.pop(ticket.request.request_id, None)
+
+
+class GenerationService:
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        self.outcome = core.metrics.outcome
+
+    @status.unary_method
+    async def Generate(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        result = None
+        async for event in self._run(request, context, stream=False):
+            result = event
+        return result
+
+    @status.stream_method
+    async def GenerateStream(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async for event in self._run(request, context, stream=True):
+            yield event
+
+    async def _run(self, request_pb: Any, context: grpc.aio.ServicerContext, stream: bool) -> AsyncIterator[Any]:
+        core = self.core
+        arrived = time.monotonic()
+        tenant = core.begin(context)
+        priority = priority_of(context)
+        spec = convert.spec_from_pb(request_pb)
+        info = core.model_info(spec.model)
+        if core.admission.pending_cost:
+            # Loaded: refuse what will not fit before spending time on validation. (Idle, a
+            # request is validated first, so an invalid one hears what is wrong with it.)
+            try:
+                core.admission.check(estimated_cost(spec, info.defaults, info.limits), tenant.name)
+            except SdserveError:
+                core.metrics.refused.labels(tenant=tenant.name).inc()
+                raise
+        spec, used = self._resolve_adapters(tenant, spec, info.name, info.family)
+        remaining = context.time_remaining()
+        deadline = arrived + remaining if remaining is not None else None
+        request_id = uuid.uuid4().hex[:16]
+        # Validation builds a noise scheduler and may decode images or read embedding files: on a
+        # worker thread, so the event loop keeps refusing, cancelling and answering meanwhile.
+        validate = functools.partial(core.engine.validate, spec, request_id=request_id, tenant=tenant.name,
+                                     deadline=deadline)
+        engine_request = await asyncio.to_thread(validate)
+
+        if core.draining:  # the drain began while this request was being validated
+            raise Unavailable("the server is shutting down; retry shortly or on another replica")
+        job = Job(core, asyncio.get_running_loop(), arrived)
+        try:
+            job.ticket = core.admission.admit(engine_request, tenant.name, job.release, priority)
+        except SdserveError:
+            core.metrics.refused.labels(tenant=tenant.name).inc()
+            raise
+        core.jobs[request_id] = job
+        core.metrics.pending_cost.set(core.admission.pending_cost)
+        core.metrics.inflight_cost.set(core.admission.inflight_cost)
+        log.debug("request %s from %s admitted (cost %d)", request_id, tenant.name, job.ticket.cost)
+        try:
+            if stream:
+                yield convert.queued_event(request_id, core.admission.queued + core.admission.running - 1)
+            while True:
+                event = await job.events.get()
+                if event.kind == "step":
+                    if stream:
+                        yield convert.progress_event(event.step, event.total_steps)
+                elif event.kind == "error":
+                    assert event.error is not None
+                    raise event.error
+                elif event.kind == "done":
+                    assert event.result is not None
+                    response = await self._response(job, event.result, used)
+                    yield convert.result_event(response) if stream else response
+                    return
+        finally:
+            job.abandon()
+
+    def _resolve_adapters(
+        self, tenant: TenantConfig, spec: RequestSpec, model: str, family: str
+    ) -> tuple[RequestSpec, list[convert.AdapterUse]]:
+        """Registered names -> this server's files, for every request field that names adapter
+        files (LoRAs, embeddings, hypernetworks). Clients never name files (ARCHITECTURE rule 8)."""
+        changes: dict[str, tuple] = {}
+        used: list[convert.AdapterUse] = []
+        for field_name, kind in NAMED_FILE_FIELDS:
+            entries = getattr(spec, field_name, ())
+            resolved = []
+            for index, entry in enumerate(entries):
+                where = f"{field_name}[{index}]"
+                if entry.path:
+                    raise InvalidArgument(
+                        "the server does not read client paths; upload the file and give its name",
+                        field=f"{where}.path",
+                    )
+                if not entry.name:
+                    raise InvalidArgument(f"must name a registered {kind}", field=f"{where}.name")
+                record = self.core.registry.resolve(tenant.name, entry.name, field=f"{where}.name")
+                if record.kind != kind:
+                    raise InvalidArgument(
+                        f"{entry.name!r} is registered as kind {record.kind!r}, not {kind!r}", field=f"{where}.name"
+                    )
+                if record.family != family:
+                    raise InvalidArgument(
+                        f"{kind} {entry.name!r} is for {record.family} models; model {model!r} is {family}",
+                        field=f"{where}.name",
+                    )
+                resolved.append(dataclasses.replace(entry, path=str(self.core.registry.blob_path(record.sha256))))
+                used.append(convert.AdapterUse(entry.name, record.sha256, record.shared, kind))
+            if entries:
+                changes[field_name] = tuple(resolved)
+        return (dataclasses.replace(spec, **changes) if changes else spec), used
+
+    async def _response(self, job: Job, result: GenerationResult, used: list[convert.AdapterUse]) -> Any:
+        request = result.request
+        # PNG encoding is CPU work proportional to pixels: keep it off the event loop.
+        images = await asyncio.to_thread(
+            lambda: [(encode_png(image, result.parameters(k)), request.width, request.height)
+                     for k, image in enumerate(result.images)]
+        )
+        timings = dict(result.timings)
+        released = job.released_at or job.arrived
+        timings["queue"] = (released - job.arrived) + timings.get("queue", 0.0)
+        timings["total"] = time.monotonic() - job.arrived
+        metrics = self.core.metrics
+        metrics.queue_duration.observe(timings["queue"])
+        metrics.request_duration.observe(timings["total"])
+        return convert.generate_response(request.request_id, request.model, request.seed, images, timings, used)

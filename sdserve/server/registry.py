@@ -1,0 +1,249 @@
+"""The adapter registry: content-addressed files on disk and names -> digests in SQLite.
+
+Layout under the data directory:
+
+    adapters/<first two hex>/<sha256>.safetensors   immutable files, named by their digest
+    tmp/                                            uploads being received
+    registry.db                                     SQLite (WAL): (scope, name) -> digest
+
+Crash safety comes from the order of operations: a file is complete and fsynced under a
+temporary name, renamed to its digest (atomic; the directory is fsynced), and only then named
+in one SQLite transaction. A crash before the commit leaves an unnamed file, which `collect`
+removes at the next start; a crash after it leaves the new state. Deleting is the reverse:
+the name goes in one transaction, then the file if nothing else names it. So the names a
+client can see always point at complete, validated files.
+
+Scopes: a tenant's own adapters live in the scope of its name; shared (admin-published)
+adapters in SHARED, which no tenant name can equal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdserve.errors import InvalidArgument, NotFound, ResourceExhausted
+
+SHARED = ""  # the scope of shared adapters; tenant names are never empty
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}$")
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS adapters (
+    scope   TEXT NOT NULL,
+    name    TEXT NOT NULL,
+    kind    TEXT NOT NULL,
+    family  TEXT NOT NULL,
+    sha256  TEXT NOT NULL,
+    size    INTEGER NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (scope, name)
+)
+"""
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    scope: str
+    name: str
+    kind: str
+    family: str
+    sha256: str
+    size: int
+    created: float
+
+    @property
+    def shared(self) -> bool:
+        return self.scope == SHARED
+
+
+@dataclass(frozen=True)
+class Quota:
+    max_adapters: int
+    max_bytes: int
+
+
+def check_name(name: str, field: str = "name") -> None:
+    if not ADAPTER_NAME.match(name or "") or ".." in name:
+        raise InvalidArgument(
+            "must be 1 to 64 letters, digits, '_', '-' or '.' (not first), without path characters", field=field
+        )
+
+
+class Registry:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.blobs = self.root / "adapters"
+        self.tmp = self.root / "tmp"
+        for directory in (self.root, self.blobs, self.tmp):
+            directory.mkdir(parents=True, exist_ok=True)
+        # One connection shared by the worker threads that call us, behind one lock: the
+        # registry's operations are few and short, and the lock also orders file moves with
+        # the transactions that name them.
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.root / "registry.db", check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(_SCHEMA)
+        self.collect()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def blob_path(self, sha256: str) -> Path:
+        return self.blobs / sha256[:2] / f"{sha256}.safetensors"
+
+    def _row(self, scope: str, name: str) -> AdapterRecord | None:
+        row = self._db.execute(
+            "SELECT scope, name, kind, family, sha256, size, created FROM adapters WHERE scope=? AND name=?",
+            (scope, name),
+        ).fetchone()
+        return AdapterRecord(*row) if row else None
+
+    def resolve(self, tenant: str, name: str, field: str = "name") -> AdapterRecord:
+        """The tenant's own adapter of that name, else the shared one; NotFound otherwise, with the
+        same message whether or not another tenant has one of that name."""
+        with self._lock:
+            record = self._row(tenant, name) or self._row(SHARED, name)
+        if record is None:
+            raise NotFound(f"no adapter named {name[:64]!r}", field=field)
+        return record
+
+    def list(self, tenant: str, family: str = "") -> list[AdapterRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT scope, name, kind, family, sha256, size, created FROM adapters"
+                " WHERE (scope=? OR scope=?) AND (?='' OR family=?) ORDER BY scope=? DESC, name",
+                (tenant, SHARED, family, family, tenant),
+            ).fetchall()
+        return [AdapterRecord(*row) for row in rows]
+
+    def usage(self, scope: str) -> tuple[int, int]:
+        """(number of adapters, bytes) registered in `scope`."""
+        with self._lock:
+            return self._usage(scope)
+
+    def _usage(self, scope: str, excluding: str | None = None) -> tuple[int, int]:
+        count, size = self._db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM adapters WHERE scope=? AND name IS NOT ?",
+            (scope, excluding),
+        ).fetchone()
+        return int(count), int(size)
+
+    def check_quota(self, scope: str, name: str, size: int, quota: Quota) -> None:
+        with self._lock:
+            self._check_quota(scope, name, size, quota)
+
+    def _check_quota(self, scope: str, name: str, size: int, quota: Quota) -> None:
+        # Replacing an adapter of the same name frees its own count and bytes first.
+        count, used = self._usage(scope, excluding=name)
+        if count + 1 > quota.max_adapters:
+            raise ResourceExhausted(f"adapter quota reached ({quota.max_adapters} adapters)", field="name")
+        if used + size > quota.max_bytes:
+            raise ResourceExhausted(
+                f"adapter storage quota reached ({used} of {quota.max_bytes} bytes used, the file has {size})",
+                field="data",
+            )
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def staging_file(self) -> Iterator[tuple[Path, object]]:
+        """A temporary file to receive an upload into; removed unless `register` moved it."""
+        fd, name = _mkstemp(self.tmp)
+        path = Path(name)
+        handle = os.fdopen(fd, "wb")
+        try:
+            yield path, handle
+        finally:
+            handle.close()
+            path.unlink(missing_ok=True)
+
+    def register(
+        self, scope: str, name: str, kind: str, family: str, staged: Path, sha256: str, quota: Quota
+    ) -> AdapterRecord:
+        """Move a complete, validated staged file into the store and name it, atomically."""
+        size = staged.stat().st_size
+        target = self.blob_path(sha256)
+        with open(staged, "rb+") as handle:
+            os.fsync(handle.fileno())  # outside the lock: the slow part, and touches no shared state
+        with self._lock:
+            self._check_quota(scope, name, size, quota)
+            target.parent.mkdir(exist_ok=True)
+            if target.exists():
+                staged.unlink()  # same bytes already stored (content addressing)
+            else:
+                os.replace(staged, target)
+                _fsync_dir(target.parent)
+            old = self._row(scope, name)
+            record = AdapterRecord(scope, name, kind, family, sha256, size, time.time())
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.execute(
+                    "INSERT OR REPLACE INTO adapters VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (scope, name, kind, family, sha256, size, record.created),
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                self._drop_if_unreferenced(sha256)
+                raise
+            if old is not None and old.sha256 != sha256:
+                self._drop_if_unreferenced(old.sha256)
+        return record
+
+    def delete(self, scope: str, name: str) -> AdapterRecord:
+        with self._lock:
+            record = self._row(scope, name)
+            if record is None:
+                raise NotFound(f"no adapter named {name[:64]!r}", field="name")
+            self._db.execute("DELETE FROM adapters WHERE scope=? AND name=?", (scope, name))
+            self._drop_if_unreferenced(record.sha256)
+        return record
+
+    def _drop_if_unreferenced(self, sha256: str) -> None:
+        (count,) = self._db.execute("SELECT COUNT(*) FROM adapters WHERE sha256=?", (sha256,)).fetchone()
+        if count == 0:
+            self.blob_path(sha256).unlink(missing_ok=True)
+
+    def collect(self) -> int:
+        """Remove staged leftovers and files no name points to (what a crash can leave behind)."""
+        removed = 0
+        with self._lock:
+            for leftover in self.tmp.iterdir():
+                leftover.unlink(missing_ok=True)
+                removed += 1
+            named = {row[0] for row in self._db.execute("SELECT DISTINCT sha256 FROM adapters")}
+            for blob in self.blobs.glob("*/*.safetensors"):
+                if blob.stem not in named:
+                    blob.unlink(missing_ok=True)
+                    removed += 1
+        return removed
+
+    def files(self) -> list[Path]:
+        """Every file in the store and the staging area (for tests and audits)."""
+        return sorted([*self.blobs.glob("*/*"), *self.tmp.iterdir()])
+
+
+def _mkstemp(directory: Path) -> tuple[int, str]:
+    import tempfile
+
+    return tempfile.mkstemp(prefix="upload-", suffix=".part", dir=directory)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,106 @@
+"""The registry on its own: scoping, content addressing, and crash safety."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from sdserve.errors import NotFound, ResourceExhausted
+from sdserve.server.registry import SHARED, Quota, Registry
+
+QUOTA = Quota(max_adapters=100, max_bytes=1 << 30)
+
+
+def _stage(registry: Registry, data: bytes) -> tuple[Path, str]:
+    """Write `data` as a staged upload the way the servicer does (kept after the context)."""
+    path = registry.tmp / f"upload-{hashlib.md5(data).hexdigest()}.part"
+    path.write_bytes(data)
+    return path, hashlib.sha256(data).hexdigest()
+
+
+def test_scopes_and_content_addressing(tmp_path):
+    registry = Registry(tmp_path)
+    staged, digest = _stage(registry, b"one")
+    registry.register("alice", "x", "lora", "sd1", staged, digest, QUOTA)
+    staged, _ = _stage(registry, b"one")
+    registry.register("bob", "x", "lora", "sd1", staged, digest, QUOTA)  # same bytes, one file
+    assert [p.name for p in registry.files()] == [f"{digest}.safetensors"]
+    assert registry.resolve("alice", "x").scope == "alice"
+    with pytest.raises(NotFound):
+        registry.resolve("carol", "x")
+    staged, shared_digest = _stage(registry, b"shared")
+    registry.register(SHARED, "s", "lora", "sd1", staged, shared_digest, QUOTA)
+    assert registry.resolve("carol", "s").shared
+    assert [(r.scope, r.name) for r in registry.list("alice")] == [("alice", "x"), (SHARED, "s")]
+    registry.delete("alice", "x")
+    assert registry.blob_path(digest).exists()  # bob still names it
+    registry.delete("bob", "x")
+    assert not registry.blob_path(digest).exists()
+    with pytest.raises(ResourceExhausted):
+        staged, d = _stage(registry, b"toolarge")
+        registry.register("alice", "y", "lora", "sd1", staged, d, Quota(1, 4))
+    assert registry.list("alice") == [registry.resolve("alice", "s")]
+
+
+def test_leftovers_of_a_crash_are_collected_at_start(tmp_path):
+    registry = Registry(tmp_path)
+    staged, digest = _stage(registry, b"kept")
+    registry.register("alice", "kept", "lora", "sd1", staged, digest, QUOTA)
+    registry.close()
+    # A crash after the rename but before the commit, and one in the middle of an upload.
+    orphan = hashlib.sha256(b"orphan").hexdigest()
+    (tmp_path / "adapters" / orphan[:2]).mkdir(exist_ok=True)
+    (tmp_path / "adapters" / orphan[:2] / f"{orphan}.safetensors").write_bytes(b"orphan")
+    (tmp_path / "tmp" / "upload-x.part").write_bytes(b"half")
+    registry = Registry(tmp_path)
+    assert [p.name for p in registry.files()] == [f"{digest}.safetensors"]
+    assert registry.resolve("alice", "kept").sha256 == digest
+
+
+WRITER = textwrap.dedent(
+    """
+    import hashlib, sys
+    from pathlib import Path
+    from sdserve.errors import NotFound
+    from sdserve.server.registry import Quota, Registry
+    registry = Registry(Path(sys.argv[1]))
+    print("ready", flush=True)
+    i = 0
+    while True:
+        data = (f"adapter {i} " * 2000).encode()
+        path = registry.tmp / f"upload-{i}.part"
+        path.write_bytes(data)
+        registry.register("t", f"n{i % 7}", "lora", "sd1", path, hashlib.sha256(data).hexdigest(), Quota(100, 1 << 30))
+        if i % 3 == 0:
+            try:
+                registry.delete("t", f"n{(i + 3) % 7}")
+            except NotFound:
+                pass
+        i += 1
+    """
+)
+
+
+@pytest.mark.parametrize("delay", [0.15, 0.4, 0.7])
+def test_sigkill_at_any_moment_leaves_a_consistent_registry(tmp_path, delay):
+    process = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)], stdout=subprocess.PIPE,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert process.stdout.readline().strip() == b"ready"
+    time.sleep(delay)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    registry = Registry(tmp_path)  # start-up collects leftovers
+    records = registry.list("t")
+    assert records, "the writer registered nothing before the kill"
+    for record in records:
+        data = registry.blob_path(record.sha256).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == record.sha256 and len(data) == record.size
+    assert {p.stem for p in registry.files()} == {r.sha256 for r in records}
