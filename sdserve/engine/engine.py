@@ -235,6 +235,8 @@ class Engine:
                 digests = runtime.poll(request.adapters)
                 acquired = runtime.acquire(digests) if digests is not None else None
                 if acquired is None:
+                    if submission.timings.adapters_waiting is None:
+                        submission.timings.adapters_waiting = time.monotonic()
                     self._waiting.append(submission)  # loading, or every slot pinned: next step
                     return
                 slots = acquired

@@ -28,17 +28,20 @@ GroupKey = tuple[str, int, int]  # (model name, latent height, latent width)
 @dataclass
 class Timings:
     submitted: float = field(default_factory=time.monotonic)
+    adapters_waiting: float | None = None  # first admission attempt that found adapters cold
     admitted: float | None = None
     first_step: float | None = None
     denoised: float | None = None
     decoded: float | None = None
 
     def as_dict(self) -> dict[str, float]:
-        """Seconds spent queued, denoising and decoding."""
+        """Seconds spent queued, waiting for adapters to load, denoising and decoding."""
         admitted = self.admitted or self.submitted
         denoised = self.denoised or admitted
+        waiting = self.adapters_waiting or admitted
         return {
-            "queue": admitted - self.submitted,
+            "queue": waiting - self.submitted,
+            "adapter_load": admitted - waiting,
             "denoise": denoised - admitted,
             "decode": (self.decoded or denoised) - denoised,
         }
