@@ -25,13 +25,19 @@ from sdserve.cli.common import EXIT_FAILURE, EXIT_USAGE, fail
 STATUS_EXIT = {"INVALID_ARGUMENT": EXIT_USAGE, "NOT_FOUND": EXIT_USAGE}
 
 
+def _connection_flags(parser: argparse.ArgumentParser, default) -> None:
+    """SUPPRESS defaults, so a flag given at either level wins and an absent one changes nothing."""
+    parser.add_argument("--target", default=default, help="server HOST:PORT (default 127.0.0.1:50051)")
+    parser.add_argument("--api-key", default=default, help="API key (default: $SDSERVE_API_KEY)")
+    parser.add_argument("--timeout", type=float, default=default, help="call deadline in seconds")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "client", help="call a running server", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--target", default="127.0.0.1:50051", help="server HOST:PORT (default 127.0.0.1:50051)")
-    parser.add_argument("--api-key", default=None, help="API key (default: $SDSERVE_API_KEY)")
-    parser.add_argument("--timeout", type=float, default=None, help="call deadline in seconds")
+    _connection_flags(parser, argparse.SUPPRESS)
+    parser.set_defaults(target="127.0.0.1:50051", api_key=None, timeout=None)
     actions = parser.add_subparsers(dest="client_command", required=True, metavar="ACTION")
 
     generate = actions.add_parser("generate", help="generate images")
@@ -64,8 +70,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     delete.add_argument("--shared", action="store_true", help="delete the shared adapter (admins only)")
     delete.set_defaults(func=run, action=_delete)
 
-    actions.add_parser("models", help="list the served models").set_defaults(func=run, action=_models)
-    actions.add_parser("health", help="the server's health status").set_defaults(func=run, action=_health)
+    models = actions.add_parser("models", help="list the served models")
+    models.set_defaults(func=run, action=_models)
+    health = actions.add_parser("health", help="the server's health status")
+    health.set_defaults(func=run, action=_health)
+    # --target/--api-key/--timeout are accepted after the action too (`client generate --target ...`).
+    for action_parser in (generate, upload, listing, get, delete, models, health):
+        _connection_flags(action_parser, argparse.SUPPRESS)
 
 
 def _add_request_flags(parser: argparse.ArgumentParser) -> None:
