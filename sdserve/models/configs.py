@@ -67,7 +67,7 @@ class BuiltinSpec:
     scheduler: dict[str, Any] = field(default_factory=lambda: dict(SD_SCHEDULE))
     pipeline_config: dict[str, Any] = field(default_factory=dict)
     pipeline_class: str | None = None  # default: StableDiffusion(XL)Pipeline by family
-    version: int = 2  # bump when the spec changes, so cached directories are rebuilt
+    version: int = 3  # bump when the spec changes, so cached directories are rebuilt
 
 
 def _tiny_vae(scaling_factor: float = 0.18215, force_upcast: bool = True) -> dict[str, Any]:

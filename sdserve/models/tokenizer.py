@@ -35,22 +35,39 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, (chr(c) for c in chars)))
 
 
+def _apply_merges(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """BPE as the tokenizer runs it: repeatedly join the adjacent pair of lowest merge rank."""
+    pieces = list(pieces)
+    while len(pieces) > 1:
+        rank, index = min((ranks.get(pair, 1 << 30), i) for i, pair in enumerate(zip(pieces, pieces[1:])))
+        if rank == 1 << 30:
+            break
+        pieces[index : index + 2] = [pieces[index] + pieces[index + 1]]
+    return pieces
+
+
 def build_vocab(words: Iterable[str]) -> tuple[dict[str, int], list[str]]:
-    """Return (vocab, merges) holding every byte symbol plus one whole-word token per word."""
-    symbols = list(_bytes_to_unicode().values())
+    """Return (vocab, merges) holding every byte symbol plus one whole-word token per word.
+
+    Merges made for earlier words can fire inside later ones ("a n" of "and" inside "orange"),
+    so each word is first split the way the merges so far split it, and only the pieces left
+    are chained; every new merge ranks after the earlier ones, so earlier words stay whole.
+    """
+    byte_map = _bytes_to_unicode()
+    symbols = list(byte_map.values())
     vocab: dict[str, int] = {}
     for token in symbols + [s + "</w>" for s in symbols]:
         vocab.setdefault(token, len(vocab))
     merges: list[str] = []
+    ranks: dict[tuple[str, str], int] = {}
     for word in sorted({w.lower() for w in words if w}):
-        byte_map = _bytes_to_unicode()
         pieces = [byte_map[b] for b in word.encode("utf-8")]
         pieces[-1] += "</w>"
+        pieces = _apply_merges(pieces, ranks)
         current = pieces[0]
         for nxt in pieces[1:]:
-            merge = f"{current} {nxt}"
-            if merge not in merges:
-                merges.append(merge)
+            ranks[(current, nxt)] = len(merges)
+            merges.append(f"{current} {nxt}")
             current = current + nxt
             vocab.setdefault(current, len(vocab))
     for special in (BOS, EOS):

@@ -10,6 +10,10 @@ weights, warmup + cosine LR and an EMA of the weights, which is what gets saved.
 Each stage runs for a time budget (or `max_steps`), checkpoints every `checkpoint_s`, and
 resumes from its checkpoint with `resume`. The output is a diffusers StableDiffusionPipeline
 directory.
+
+Why a 4x VAE (spikes, 1 thread, 10 min, batch 16, same recipe, scorer on 256 reconstructions):
+4x (0.95 M params, 529 steps): colour 98.8 %, size 100 %, shape 66 %, shape count 93 %;
+8x (1.25 M params, 571 steps): colour 91.0 %, size 94 %, shape 45 %, shape count 77 %.
 """
 
 from __future__ import annotations
@@ -87,6 +91,8 @@ class TrainConfig:
     pool_refresh: int = 16
     """Fresh scenes encoded into the ring per UNet step."""
     checkpoint_s: float = 120.0
+    eval_scenes: int = 256
+    """Scenes for the VAE's exit check and for measuring the latent scaling factor."""
     threads: int = 1
     """torch intra-op threads; the shared CPU asks for 1 in spikes."""
     progress: bool = True
@@ -144,11 +150,11 @@ class _Stage:
         if self.step % 25 == 0:
             _log(self.cfg, {"stage": self.name, "step": self.step, "loss": loss, "elapsed_s": self.elapsed})
         if time.monotonic() - self.last_ckpt > self.cfg.checkpoint_s:
-            self.save(save(), done=False)
+            self.save(save())
 
-    def save(self, state: dict, done: bool) -> None:
+    def save(self, state: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        state |= {"step": self.step, "elapsed_s": self.elapsed, "done": done}
+        state |= {"step": self.step, "elapsed_s": self.elapsed}
         torch.save(state, self.path.with_suffix(".tmp"))
         self.path.with_suffix(".tmp").replace(self.path)  # never leave a torn checkpoint
         self.last_ckpt = time.monotonic()
@@ -180,10 +186,9 @@ def train_vae(cfg: TrainConfig):
     if state is not None:
         vae.load_state_dict(state["vae"])
         optimizer.load_state_dict(state["optimizer"])
-    generator = torch.Generator().manual_seed(cfg.seed)
-    while state is None or not state.get("done"):
-        if not stage.running():
-            break
+    generator = torch.Generator().manual_seed(cfg.seed + stage.step)
+    start_step = stage.step
+    while stage.running():
         pixels, masks = to_pixels(draw_scenes(batch_rng(cfg.seed, STAGE_VAE, stage.step), cfg.vae_batch))
         posterior = vae.encode(pixels).latent_dist
         recon = vae.decode(posterior.sample(generator)).sample  # [B, 3, 64, 64]
@@ -198,9 +203,10 @@ def train_vae(cfg: TrainConfig):
         stage.tick(loss.item(), lambda: {"vae": vae.state_dict(), "optimizer": optimizer.state_dict()})
     stage.close()
     vae.eval()
-    if state is None or not state.get("done"):
-        stage.save({"vae": vae.state_dict(), "optimizer": optimizer.state_dict()}, done=True)
-        _log(cfg, {"stage": "vae", "eval": vae_color_accuracy(vae, cfg.seed), "steps": stage.step})
+    if stage.step > start_step or state is None:
+        stage.save({"vae": vae.state_dict(), "optimizer": optimizer.state_dict()})
+        accuracy = vae_color_accuracy(vae, cfg.seed, cfg.eval_scenes)
+        _log(cfg, {"stage": "vae", "eval": accuracy, "steps": stage.step})
     return vae
 
 
@@ -212,10 +218,10 @@ def _encode(vae, scenes, generator) -> tuple[torch.Tensor, torch.Tensor]:
     return posterior.mean * factor, posterior.std * factor
 
 
-def _set_scaling_factor(vae, seed: int) -> None:
+def _set_scaling_factor(vae, seed: int, count: int) -> None:
     """SD scales latents to unit variance; measure this VAE's factor on fixed scenes."""
     with torch.no_grad():
-        latents = vae.encode(to_pixels(draw_scenes(batch_rng(seed, 0, 1), 256))[0]).latent_dist.mean
+        latents = vae.encode(to_pixels(draw_scenes(batch_rng(seed, 0, 1), count))[0]).latent_dist.mean
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
 
 
@@ -237,7 +243,8 @@ def train_unet(cfg: TrainConfig, vae, tokenizer):
     alphas = noise_scheduler.alphas_cumprod  # [1000]
     snr = alphas / (1 - alphas)  # [1000]
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + stage.step)
-    pool_size = cfg.pool_size if stage.running() and not (state and state.get("done")) else 0
+    start_step = stage.step
+    pool_size = cfg.pool_size if stage.running() else 0
     pool_scenes = draw_scenes(batch_rng(cfg.seed, STAGE_UNET, 10**9 + stage.step), pool_size)
     encoded = [_encode(vae, pool_scenes[i : i + 256], generator) for i in range(0, pool_size, 256)]
     pool = LatentPool(pool_scenes, *(torch.cat(parts) for parts in zip(*encoded))) if encoded else None
@@ -250,14 +257,19 @@ def train_unet(cfg: TrainConfig, vae, tokenizer):
             "ema": ema,
         }
 
-    while (state is None or not state.get("done")) and stage.running():
+    while stage.running():
         rng = batch_rng(cfg.seed, STAGE_UNET, stage.step)
         fresh = draw_scenes(rng, cfg.pool_refresh)
         pool.replace(fresh, *_encode(vae, fresh, generator))
         latents, captions = pool.sample(rng, generator, cfg.unet_batch)  # [B, 4, h, w]
         captions = ["" if rng.random() < cfg.cfg_dropout else c for c in captions]
-        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids  # [B, T]
+        ids = tokenizer(
+            captions,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids  # [B, T]
         timesteps = torch.randint(0, len(alphas), (len(captions),), generator=generator)  # [B]
         noise = torch.randn(latents.shape, generator=generator)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
@@ -277,8 +289,8 @@ def train_unet(cfg: TrainConfig, vae, tokenizer):
             torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
         stage.tick(loss.item(), snapshot)
     stage.close()
-    if state is None or not state.get("done"):
-        stage.save(snapshot(), done=True)
+    if stage.step > start_step or state is None:
+        stage.save(snapshot())
     with torch.no_grad():  # ship the EMA weights
         for p, e in zip(params, ema):
             p.copy_(e)
@@ -290,11 +302,19 @@ def save_pipeline(out: Path, vae, unet, text_encoder, tokenizer) -> StableDiffus
     # SD 1.x ships PNDM for sampling with the same betas the model was trained on.
     scheduler = PNDMScheduler(
         **{k: v for k, v in NOISE_SCHEDULE.items() if k != "clip_sample"},
-        skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1,
+        skip_prk_steps=True,
+        set_alpha_to_one=False,
+        steps_offset=1,
     )
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipe.save_pretrained(out, safe_serialization=True)
     return pipe
@@ -313,7 +333,7 @@ def train_base(cfg: TrainConfig) -> Path:
     _log(cfg, {"config": json.loads(json.dumps(asdict(cfg), default=str))})
     tokenizer = build_tokenizer(cfg.out / "tokenizer")
     vae = train_vae(cfg)
-    _set_scaling_factor(vae, cfg.seed)
+    _set_scaling_factor(vae, cfg.seed, cfg.eval_scenes)
     unet, text_encoder = train_unet(cfg, vae, tokenizer)
     save_pipeline(cfg.out, vae, unet, text_encoder, tokenizer)
     return cfg.out
