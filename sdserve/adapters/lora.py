@@ -8,7 +8,9 @@ flattened to `[r, in·kh·kw]`), B `[out, r]`, and the module's output gains
 
 Loading is two steps: `parse_lora_file` reads a file of any supported layout into raw pairs,
 `validate_lora` checks every pair against the base model and only then packs the buffer, so a
-file that fails any check leaves nothing behind.
+file that fails any check leaves nothing behind. Where the file's data section (read once into
+memory) already holds the factors in the serving dtype and in the buffer's order, as diffusers
+writes them, that memory is the buffer and nothing is copied again.
 """
 
 from __future__ import annotations
@@ -119,6 +121,7 @@ class ParsedLoRA:
     layout: detect.Layout
     pairs: list[RawPair]
     is_slider: bool
+    data: torch.Tensor | None = None  # [bytes] uint8: the file's data section, which pairs view
 
 
 def parse_lora_file(source: Source, name: str, targets: Mapping[str, TargetSpec]) -> ParsedLoRA:
@@ -126,14 +129,14 @@ def parse_lora_file(source: Source, name: str, targets: Mapping[str, TargetSpec]
 
     `targets` is needed already here because kohya names resolve only against real modules.
     """
-    raw = read_safetensors(source, name)
+    raw = read_safetensors(source, name, shared=True)
     detect.check_kind(name, raw.tensors.keys(), raw.metadata)
     layout = detect.detect_layout(name, raw.tensors.keys())
     if layout == "kohya":
         pairs = parse_kohya(name, raw.tensors, targets.keys())
     else:
         pairs = parse_peft(name, raw.tensors, raw.metadata, targets)
-    return ParsedLoRA(layout=layout, pairs=pairs, is_slider=detect.is_slider(raw.metadata))
+    return ParsedLoRA(layout=layout, pairs=pairs, is_slider=detect.is_slider(raw.metadata), data=raw.data)
 
 
 def _dims(tensor: torch.Tensor) -> str:
@@ -199,25 +202,23 @@ def validate_lora(
             raise AdapterError(name, f"LoRA key {short(pair.key)!r} does not match any module of the base model")
         checked.append((pair, spec, _check_pair(name, pair, spec, max_rank)))
 
-    total = sum(rank * (spec.a_columns + spec.out_features) for _, spec, rank in checked)
-    buffer = torch.empty(total, dtype=dtype)  # [sum over modules of r·(in·kh·kw + out)]
+    # Where the file already holds the packed buffer, it is used as read: no second copy.
+    buffer = _buffer_in_file(parsed.data, checked, dtype)
+    if buffer is None:
+        buffer = _pack(checked, dtype)
+    offsets = _offsets(checked)
     modules: dict[str, LoRAModule] = {}
-    offset = 0
-    for pair, spec, rank in checked:
-        a_size, b_size = rank * spec.a_columns, spec.out_features * rank
-        a = buffer[offset : offset + a_size].view(rank, spec.a_columns)
-        b = buffer[offset + a_size : offset + a_size + b_size].view(spec.out_features, rank)
-        a.copy_(pair.down.reshape(rank, spec.a_columns))
-        b.copy_(pair.up.reshape(spec.out_features, rank))
+    for (pair, spec, rank), (a_offset, b_offset) in zip(checked, offsets, strict=True):
+        a = buffer[a_offset : a_offset + rank * spec.a_columns].view(rank, spec.a_columns)
+        b = buffer[b_offset : b_offset + spec.out_features * rank].view(spec.out_features, rank)
         alpha = float(rank) if pair.alpha is None else pair.alpha
         scale = alpha / math.sqrt(rank) if pair.use_rslora else alpha / rank
         modules[pair.target] = LoRAModule(
             target=pair.target, kind=spec.kind, rank=rank, alpha=alpha, scale=scale, a=a, b=b,
-            a_offset=offset, b_offset=offset + a_size,
+            a_offset=a_offset, b_offset=b_offset,
             in_features=spec.in_features, out_features=spec.out_features, kernel_size=spec.kernel_size,
             stride=spec.stride, padding=spec.padding, dilation=spec.dilation,
         )
-        offset += a_size + b_size
     # Checked after the cast, so values that overflow the serving dtype are caught too.
     # aminmax is one pass without full-size temporaries (isfinite(...).all() built several):
     # a NaN or ±inf anywhere shows up in the minimum or the maximum.
@@ -233,6 +234,67 @@ def validate_lora(
         modules=MappingProxyType(modules),
         buffer=buffer,
     )
+
+
+# Bytes of a file's data section that may stay allocated beside a buffer kept from it, uncounted
+# by nbytes (scalars of another dtype, sorted apart by the writer): a page, plus 1 % of the buffer.
+_EXTRA_BYTES_PAGE = 4096
+_EXTRA_BYTES_FRACTION = 100
+
+
+def _offsets(checked: list[tuple[RawPair, TargetSpec, int]]) -> list[tuple[int, int]]:
+    """Element offsets of each module's (A, B) in the packed buffer: by target, A then B."""
+    offsets, offset = [], 0
+    for _, spec, rank in checked:
+        a_size = rank * spec.a_columns
+        offsets.append((offset, offset + a_size))
+        offset += a_size + spec.out_features * rank
+    return offsets
+
+
+def _pack(checked: list[tuple[RawPair, TargetSpec, int]], dtype: torch.dtype) -> torch.Tensor:
+    """Every factor copied (and cast) into a new buffer at its `_offsets`."""
+    total = sum(rank * (spec.a_columns + spec.out_features) for _, spec, rank in checked)
+    buffer = torch.empty(total, dtype=dtype)  # [sum over modules of r·(in·kh·kw + out)]
+    for (pair, spec, rank), (a_offset, b_offset) in zip(checked, _offsets(checked), strict=True):
+        buffer[a_offset : a_offset + rank * spec.a_columns].view(rank, spec.a_columns).copy_(
+            pair.down.reshape(rank, spec.a_columns))
+        buffer[b_offset : b_offset + spec.out_features * rank].view(spec.out_features, rank).copy_(
+            pair.up.reshape(spec.out_features, rank))
+    return buffer
+
+
+def _buffer_in_file(
+    data: torch.Tensor | None, checked: list[tuple[RawPair, TargetSpec, int]], dtype: torch.dtype,
+) -> torch.Tensor | None:
+    """The part of the file's data section that already is the packed buffer `_pack` would build.
+
+    That is: every factor a `dtype` view of `data`, and together back to back in `_pack`'s order
+    (modules by target, each A then B), aligned to the dtype. diffusers/PEFT files written by the
+    safetensors library in the serving dtype are laid out so (keys sorted, "lora_A" < "lora_B");
+    kohya files interleave their ".alpha" scalars and are copied. A conv's A `[r, in, kh, kw]`,
+    contiguous, is its `[r, in·kh·kw]` as is. None where anything differs: the caller copies.
+    """
+    if data is None or data.dtype != torch.uint8 or data.ndim != 1 or not data.is_contiguous():
+        return None
+    storage = data.untyped_storage().data_ptr()
+    base, size = data.data_ptr(), data.numel()
+    low = checked[0][0].down.data_ptr() - base
+    position = low
+    for pair, _, _ in checked:
+        for factor in (pair.down, pair.up):
+            if factor.dtype != dtype or factor.device != data.device or not factor.is_contiguous():
+                return None
+            if factor.untyped_storage().data_ptr() != storage or factor.data_ptr() - base != position:
+                return None
+            position += factor.numel() * dtype.itemsize
+    if low < 0 or position > size or (base + low) % dtype.itemsize:
+        return None
+    # Bytes outside [low, position) (alphas of another dtype, sorted apart) stay allocated with
+    # the buffer without being counted in nbytes; a few, or the file is copied instead.
+    if size - (position - low) > _EXTRA_BYTES_PAGE + (position - low) // _EXTRA_BYTES_FRACTION:
+        return None
+    return data[low:position].view(dtype)  # [sum over modules of r·(in·kh·kw + out)]
 
 
 def load_lora(

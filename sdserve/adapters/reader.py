@@ -1,7 +1,15 @@
 """Reading an adapter file: safetensors only, every failure one typed error.
 
 Pickle-based formats (.ckpt, .pt, .bin) are never opened here: a pickle can run code on load.
-The safetensors library's own messages are not passed on, as they may name server paths.
+
+The format is parsed here rather than by the safetensors library, so that a file's data section
+is read once, with one `readinto`, into one buffer that its tensors are views of: a LoRA whose
+factors already have the serving dtype can then keep that buffer as its packed buffer instead of
+copying every factor again (see `lora.validate_lora`). The header is checked as strictly as the
+library does (its `Metadata::validate`): a JSON object of `{dtype, shape, data_offsets}` entries
+whose byte ranges tile the data section exactly, from 0 to its end, with no hole or overlap.
+No memory map is kept: a file replaced or truncated after loading cannot change (or fault) an
+adapter that was validated.
 """
 
 from __future__ import annotations
@@ -10,9 +18,8 @@ import json
 import os
 import struct
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
-import safetensors
-import safetensors.torch
 import torch
 
 from sdserve.errors import AdapterError
@@ -20,57 +27,200 @@ from sdserve.errors import AdapterError
 Source = str | os.PathLike[str] | bytes | bytearray | memoryview
 
 NOT_SAFETENSORS = "not a valid safetensors file"
-# A safetensors header is JSON describing each tensor; 100 MB covers any real adapter's
-# hundreds of thousands of keys while refusing absurd headers before they are parsed.
-_MAX_HEADER_BYTES = 100 * 1024 * 1024
+# A safetensors header is JSON describing each tensor; the library refuses headers over 100 MB
+# (10^8 bytes), which covers any real adapter's hundreds of thousands of keys.
+_MAX_HEADER_BYTES = 100_000_000
+
+# safetensors dtype names -> torch dtypes. Integer and 8-bit float dtypes load too, so that the
+# callers can refuse them with a message naming the dtype; names torch has no dtype for do not.
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E5M2": torch.float8_e5m2, "F8_E4M3": torch.float8_e4m3fn,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool,
+}
+_ENTRY_FIELDS = frozenset(("dtype", "shape", "data_offsets"))
 
 
 @dataclass(frozen=True)
 class RawFile:
-    """The tensors and string metadata of one safetensors file, as stored (no conversion)."""
+    """The tensors and string metadata of one safetensors file, as stored (no conversion).
+
+    With `shared=True` reads, `data` is the file's whole data section (`[bytes]` uint8) and every
+    tensor is a view of it where its offset is aligned to its dtype; otherwise `data` is None and
+    every tensor owns its memory.
+    """
 
     tensors: dict[str, torch.Tensor]
     metadata: dict[str, str]
+    data: torch.Tensor | None = None  # [data section bytes] uint8
 
 
-def _check_header(head: bytes, file_size: int, name: str) -> None:
-    """Cheap structural check first, so garbage and pickles fail before the library sees them."""
+class _Entry(NamedTuple):
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # byte offsets into the data section
+    end: int
+
+
+class _Invalid(Exception):
+    """Anything wrong with the file's structure; becomes NOT_SAFETENSORS."""
+
+
+def _header_length(head: bytes, file_size: int) -> int:
+    """Cheap structural check first, so garbage and pickles fail before any parsing."""
     if len(head) < 8:
-        raise AdapterError(name, NOT_SAFETENSORS)
+        raise _Invalid
     (header_len,) = struct.unpack("<Q", head[:8])
     if header_len < 2 or header_len > _MAX_HEADER_BYTES or 8 + header_len > file_size:
-        raise AdapterError(name, NOT_SAFETENSORS)
+        raise _Invalid
+    return header_len
 
 
-def read_safetensors(source: Source, name: str) -> RawFile:
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise _Invalid  # two entries for one key: which one the file means is ambiguous
+    return result
+
+
+def _check_text(text: str) -> None:
+    # json accepts "\ud800" escapes; a lone surrogate is not Unicode (serde_json refuses it)
+    # and would fail later, when an error message quoting the key is encoded.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _Invalid from None
+
+
+def _is_count(value: object) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _parse_header(raw: bytes, data_len: int) -> tuple[list[_Entry], dict[str, str]]:
+    """The entries (sorted by offset) and the metadata, or _Invalid for any deviation."""
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_object)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise _Invalid from None
+    if not isinstance(header, dict):
+        raise _Invalid
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata  # JSON null: no metadata, as in the library
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _Invalid
+    if b"\\u" in raw:  # only an escape can spell a lone surrogate: valid UTF-8 cannot
+        for text in (*header, *metadata, *metadata.values()):
+            _check_text(text)
+    entries = []
+    for key, info in header.items():
+        if not isinstance(info, dict) or info.keys() != _ENTRY_FIELDS:
+            raise _Invalid
+        dtype = _DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
+        shape, offsets = info["shape"], info["data_offsets"]
+        if dtype is None or not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise _Invalid
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+            raise _Invalid
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        start, end = offsets
+        if end - start != numel * dtype.itemsize:
+            raise _Invalid  # the library's TensorInvalidInfo (also catches end < start)
+        entries.append(_Entry(key, dtype, tuple(shape), start, end))
+    entries.sort(key=lambda e: (e.start, e.end))
+    position = 0
+    for entry in entries:
+        if entry.start != position:
+            raise _Invalid  # a hole or an overlap (InvalidOffset)
+        position = entry.end
+    if position != data_len:
+        raise _Invalid  # bytes no tensor accounts for (MetadataIncompleteBuffer)
+    return entries, metadata
+
+
+def _read_into(handle: Any, target: torch.Tensor) -> None:
+    view = memoryview(target.numpy())
+    filled = 0
+    while filled < len(view):
+        count = handle.readinto(view[filled:])
+        if not count:
+            raise _Invalid  # the file shrank while being read
+        filled += count
+
+
+def _read_path(path: str | os.PathLike[str]) -> tuple[list[_Entry], dict[str, str], torch.Tensor]:
+    # One open file for header and data, sized by fstat: nothing can swap the file in between.
+    with open(path, "rb", buffering=0) as handle:
+        file_size = os.fstat(handle.fileno()).st_size
+        header_len = _header_length(handle.read(8), file_size)
+        raw_header = handle.read(header_len)
+        if len(raw_header) != header_len:
+            raise _Invalid
+        data_len = file_size - 8 - header_len
+        entries, metadata = _parse_header(raw_header, data_len)
+        data = torch.empty(data_len, dtype=torch.uint8)  # [data section bytes]
+        _read_into(handle, data)
+    return entries, metadata, data
+
+
+def _read_bytes(source: bytes | bytearray | memoryview) -> tuple[list[_Entry], dict[str, str], torch.Tensor]:
+    view = memoryview(source).cast("B")
+    header_len = _header_length(bytes(view[:8]), len(view))
+    data_len = len(view) - 8 - header_len
+    entries, metadata = _parse_header(bytes(view[8 : 8 + header_len]), data_len)
+    data = torch.empty(data_len, dtype=torch.uint8)  # [data section bytes]
+    memoryview(data.numpy())[:] = view[8 + header_len :]  # one copy: the caller's bytes may change
+    return entries, metadata, data
+
+
+def _is_view(entry: _Entry) -> bool:
+    return entry.start % entry.dtype.itemsize == 0 and entry.end > entry.start
+
+
+def _tensors(data: torch.Tensor, entries: list[_Entry], shared: bool) -> dict[str, torch.Tensor]:
+    """Each entry's tensor: a view of `data` where its offset is aligned to its dtype (cloned
+    unless `shared`), else an aligned copy. Keys by name, as the library's keys() gave them."""
+    typed: dict[torch.dtype, torch.Tensor] = {}  # data as each dtype, from its first byte
+    tensors = {}
+    for entry in sorted(entries, key=lambda e: e.key):
+        if not _is_view(entry):
+            # Writers that do not pad the header to 8 bytes can misalign a tensor.
+            tensor = torch.empty(entry.shape, dtype=entry.dtype)
+            tensor.view(-1).view(torch.uint8).copy_(data[entry.start : entry.end])
+        else:
+            size = entry.dtype.itemsize
+            whole = typed.get(entry.dtype)
+            if whole is None:
+                whole = typed[entry.dtype] = data[: data.numel() - data.numel() % size].view(entry.dtype)
+            strides, stride = [], 1
+            for dim in reversed(entry.shape):
+                strides.append(stride)
+                stride *= dim
+            tensor = whole.as_strided(entry.shape, strides[::-1], entry.start // size)
+            if not shared:
+                tensor = tensor.clone()
+        tensors[entry.key] = tensor
+    return tensors
+
+
+def read_safetensors(source: Source, name: str, *, shared: bool = False) -> RawFile:
     """Read every tensor and the metadata of a safetensors file given as a path or as bytes.
 
     `name` is how errors refer to the file (the caller's name for it, never its path).
+    `shared=True` leaves the tensors as views of one buffer (`RawFile.data`): no copy per
+    tensor, but any tensor kept keeps the whole data section alive.
     """
     try:
         if isinstance(source, bytes | bytearray | memoryview):
-            data = bytes(source)
-            _check_header(data[:8], len(data), name)
-            tensors = safetensors.torch.load(data)
-            header_len = struct.unpack("<Q", data[:8])[0]
-            header = json.loads(data[8 : 8 + header_len])
-            metadata = header.get("__metadata__") or {}
+            entries, metadata, data = _read_bytes(source)
         else:
-            size = os.path.getsize(source)
-            with open(source, "rb") as handle:
-                _check_header(handle.read(8), size, name)
-            with safetensors.safe_open(os.fspath(source), framework="pt", device="cpu") as handle:
-                metadata = handle.metadata() or {}
-                tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-    except AdapterError:
-        raise
+            entries, metadata, data = _read_path(source)
+    except _Invalid:
+        raise AdapterError(name, NOT_SAFETENSORS) from None
     except OSError:
         raise AdapterError(name, "file could not be read") from None
-    except Exception:
-        # SafetensorError, JSON and struct errors, unknown dtypes: all mean a broken file.
-        raise AdapterError(name, NOT_SAFETENSORS) from None
-    if not isinstance(metadata, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
-    ):
-        raise AdapterError(name, NOT_SAFETENSORS)
-    return RawFile(tensors=tensors, metadata=dict(metadata))
+    tensors = _tensors(data, entries, shared)
+    return RawFile(tensors=tensors, metadata=dict(metadata), data=data if shared else None)

@@ -138,7 +138,9 @@ def test_embeddings_and_hypernetworks_mix_in_one_batch(engine, tmp_path):
     saved, _ = a1111_hypernetwork([32, 64], [1, 2, 1], "tanh", True, False)
     torch.save(saved, tmp_path / "hn.pt")
     convert_file(tmp_path / "hn.pt", tmp_path / "hn.safetensors")
-    safetensors.torch.save_file({"<x>": torch.randn(2, 32)}, str(tmp_path / "x.safetensors"))
+    # Seeded and large enough that the embedding visibly changes the image.
+    vectors = torch.randn(2, 32, generator=torch.Generator().manual_seed(11)) * 3
+    safetensors.torch.save_file({"<x>": vectors}, str(tmp_path / "x.safetensors"))
     hn = HypernetworkSpec(path=str(tmp_path / "hn.safetensors"))
     emb = EmbeddingSpec(path=str(tmp_path / "x.safetensors"))
     specs = [
