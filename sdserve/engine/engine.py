@@ -24,6 +24,7 @@ from sdserve.engine.decode import decode_latents
 from sdserve.engine.ip_adapter import IPAdapterStore
 from sdserve.engine.model import LoadedModel, ModelStore
 from sdserve.engine.png import parameters_text
+from sdserve.engine.preview import latent_preview
 from sdserve.engine.request import EngineRequest, RequestSpec, resolve
 from sdserve.engine.residency import AdapterRuntime
 from sdserve.engine.runner import Runner
@@ -51,6 +52,7 @@ class EngineEvent:
     total_steps: int = 0
     result: GenerationResult | None = None
     error: SdserveError | None = None
+    preview: np.ndarray | None = None  # [h, w, 3] uint8 latent preview on some "step" events
 
 
 Listener = Callable[[EngineEvent], None]
@@ -141,7 +143,12 @@ class Engine:
         for state in states:
             if state.timings.first_step is None:
                 state.timings.first_step = now
-            self._emit(state.request, EngineEvent("step", state.request.request_id, state.step_index, state.num_steps))
+            every = state.request.preview_every
+            preview = None
+            if every and state.step_index % every == 0 and not state.done:
+                preview = latent_preview(state.latents[0])
+            event = EngineEvent("step", state.request.request_id, state.step_index, state.num_steps, preview=preview)
+            self._emit(state.request, event)
             if state.done:
                 state.timings.denoised = now
                 finished.append(state)

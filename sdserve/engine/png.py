@@ -31,9 +31,10 @@ def parameters_text(request: EngineRequest, image_index: int = 0) -> str:
 
 
 def encode_png(image: np.ndarray, parameters: str) -> bytes:
-    """uint8 [H, W, 3] -> PNG bytes carrying `parameters`."""
+    """uint8 [H, W, 3] -> PNG bytes carrying `parameters` (no text chunk when it is empty)."""
     info = PngInfo()
-    info.add_text("parameters", parameters)
+    if parameters:
+        info.add_text("parameters", parameters)
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()

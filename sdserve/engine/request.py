@@ -92,6 +92,7 @@ class RequestSpec:
     ip_adapters: tuple[IPAdapterSpec, ...] = ()
     embeddings: tuple[EmbeddingSpec, ...] = ()
     hypernetworks: tuple[HypernetworkSpec, ...] = ()
+    preview_every: int | None = None
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,7 @@ class EngineRequest:
     ip_adapters: tuple[IPAdapterUnit, ...] = field(default=(), compare=False, repr=False)
     embeddings: tuple[Any, ...] = field(default=(), compare=False, repr=False)  # TextualInversion
     hypernetworks: tuple[tuple[Any, float], ...] = field(default=(), compare=False, repr=False)  # (net, strength)
+    preview_every: int = 0  # a latent preview with every N-th step event (0: none)
     request_id: str = ""
     tenant: str = ""
     deadline: float | None = field(default=None, compare=False)  # time.monotonic() seconds
@@ -356,6 +358,7 @@ def resolve(
         ip_adapters=ip_adapters,
         embeddings=embeddings,
         hypernetworks=hypernetworks,
+        preview_every=_check_int("preview_every", spec.preview_every or 0, 0, steps),
         request_id=request_id,
         tenant=tenant,
         deadline=deadline,

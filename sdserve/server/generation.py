@@ -139,7 +139,8 @@ class GenerationService:
                 event = await job.events.get()
                 if event.kind == "step":
                     if stream:
-                        yield convert.progress_event(event.step, event.total_steps)
+                        preview = encode_png(event.preview, "") if event.preview is not None else b""
+                        yield convert.progress_event(event.step, event.total_steps, preview)
                 elif event.kind == "error":
                     assert event.error is not None
                     raise event.error

@@ -64,6 +64,37 @@ def test_generate_stream_reports_every_step_in_order_then_the_result(server, ref
     assert events[0].queued.request_id == events[-1].result.request_id
 
 
+def test_stream_previews_every_n_steps(server, reference_engine):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from sdserve.engine import RequestSpec
+
+    request = {"model": MODEL, "prompt": "a red circle", "seed": 3, "steps": 5, "preview_every": 2}
+    events = list(server.client().generate_stream(request, timeout=60))
+    progress = [e.progress for e in events if e.WhichOneof("event") == "progress"]
+    with_preview = [p.step for p in progress if p.preview_png]
+    assert with_preview == [2, 4]  # every 2nd step, none on the last (the result follows)
+    preview = np.asarray(Image.open(io.BytesIO(progress[1].preview_png)))
+    # The same request in-process, stopped after 2 steps, previews the same latents.
+    engine = reference_engine
+    state_request = engine.validate(RequestSpec(**{k: v for k, v in request.items()}))
+    latents = []
+
+    def keep(event):
+        if event.preview is not None:
+            latents.append(event.preview)
+
+    engine.observers.append(keep)
+    try:
+        engine.generate([state_request])
+    finally:
+        engine.observers.remove(keep)
+    assert preview.shape == latents[0].shape and np.abs(preview.astype(int) - latents[0].astype(int)).max() <= 2
+
+
 def test_server_picks_and_reports_a_seed(server, reference_engine):
     request = {"model": MODEL, "prompt": "a red circle", "steps": 2}
     response = server.client().generate(request, timeout=60)

@@ -31,8 +31,7 @@ class ImageGenerationStub:
 
     Image generation: one request in, its images (or its progress, then its images) out.
     Optional call metadata: "sdserve-priority" (an integer, default 0; higher goes first among the
-    caller's own queued requests). "sdserve-preview-every" (N > 0: a small preview every N steps
-    of GenerateStream) is reserved; this server version sends no previews yet.
+    caller's own queued requests). Previews are asked for with GenerateRequest.preview_every.
     """
 
     def __init__(self, channel):
@@ -59,8 +58,7 @@ class ImageGenerationServicer:
 
     Image generation: one request in, its images (or its progress, then its images) out.
     Optional call metadata: "sdserve-priority" (an integer, default 0; higher goes first among the
-    caller's own queued requests). "sdserve-preview-every" (N > 0: a small preview every N steps
-    of GenerateStream) is reserved; this server version sends no previews yet.
+    caller's own queued requests). Previews are asked for with GenerateRequest.preview_every.
     """
 
     def Generate(self, request, context):
@@ -104,8 +102,7 @@ class ImageGeneration:
 
     Image generation: one request in, its images (or its progress, then its images) out.
     Optional call metadata: "sdserve-priority" (an integer, default 0; higher goes first among the
-    caller's own queued requests). "sdserve-preview-every" (N > 0: a small preview every N steps
-    of GenerateStream) is reserved; this server version sends no previews yet.
+    caller's own queued requests). Previews are asked for with GenerateRequest.preview_every.
     """
 
     @staticmethod
