@@ -11,16 +11,19 @@ import re
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 
-from sdserve.engine.controlnet import ControlSpec
-from sdserve.engine.ip_adapter import IPAdapterSpec
-from sdserve.engine.request import AdapterSpec, EmbeddingSpec, HypernetworkSpec, RequestSpec, spec_field_names
 from sdserve.errors import InvalidArgument
 from sdserve.protos.sdserve.v1 import sdserve_pb2 as pb
+
+if TYPE_CHECKING:
+    from sdserve.engine.request import AdapterSpec, RequestSpec
+
+# The engine's request types are imported inside the functions that build them: the Python
+# client imports this module for the JSON/pb helpers and must not pay for torch.
 
 PROTO_FILE = Path(__file__).resolve().parents[1] / "protos" / "sdserve" / "v1" / "sdserve.proto"
 
@@ -128,6 +131,10 @@ def pb_from_dict(data: dict[str, Any]) -> pb.GenerateRequest:
 
 def spec_from_pb(message: pb.GenerateRequest) -> RequestSpec:
     """Proto -> RequestSpec, keeping absent optional fields absent."""
+    from sdserve.engine.controlnet import ControlSpec
+    from sdserve.engine.ip_adapter import IPAdapterSpec
+    from sdserve.engine.request import EmbeddingSpec, HypernetworkSpec, RequestSpec, spec_field_names
+
     values: dict[str, Any] = {}
     for name in spec_field_names():
         field = message.DESCRIPTOR.fields_by_name[name]
@@ -177,6 +184,8 @@ def spec_from_pb(message: pb.GenerateRequest) -> RequestSpec:
 
 
 def adapter_spec_from_pb(ref: pb.AdapterRef) -> AdapterSpec:
+    from sdserve.engine.request import AdapterSpec
+
     return AdapterSpec(
         name=ref.name,
         path=ref.path,
