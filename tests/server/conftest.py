@@ -144,7 +144,7 @@ def max_diff(a: np.ndarray, b: np.ndarray) -> int:
 
 @pytest.fixture(scope="session")
 def lora_bytes() -> dict[str, bytes]:
-    """Two valid PEFT-layout LoRAs for tiny-sd1 and one for tiny-sdxl, as file bytes."""
+    """Three valid PEFT-layout LoRAs for tiny-sd1 and one for tiny-sdxl, as file bytes."""
     import safetensors.torch
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
@@ -160,7 +160,7 @@ def lora_bytes() -> dict[str, bytes]:
         tensors, metadata = peft_file_contents(lora)
         return safetensors.torch.save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
 
-    return {"sd1_a": make(MODEL, 1), "sd1_b": make(MODEL, 2), "sdxl": make("tiny-sdxl", 3)}
+    return {"sd1_a": make(MODEL, 1), "sd1_b": make(MODEL, 2), "sd1_c": make(MODEL, 4), "sdxl": make("tiny-sdxl", 3)}
 
 
 def sha(data: bytes) -> str:

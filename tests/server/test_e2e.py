@@ -200,10 +200,7 @@ def test_two_tenants_upload_adapters_and_generate_with_them(server, reference_en
         if key is not None:
             sent["adapters"] = [{"name": "style", "scale": scale}]
         futures.append(client.generate_future(sent, timeout=120))
-    try:
-        responses = [f.result() for f in futures]
-    except grpc.RpcError as exc:
-        pytest.xfail(f"engine adapter serving not available yet: {exc.code()} {exc.details()}")
+    responses = [f.result() for f in futures]
     for response, (_, key, request, scale) in zip(responses, calls):
         local = {"model": MODEL, **request}
         if key is not None:
@@ -218,6 +215,39 @@ def test_two_tenants_upload_adapters_and_generate_with_them(server, reference_en
     plain = png_pixels(responses[2].images[0].png)
     assert max_diff(png_pixels(responses[0].images[0].png), plain) > 2
     assert max_diff(png_pixels(responses[0].images[0].png), png_pixels(responses[1].images[0].png)) > 2
+
+
+def test_16_concurrent_calls_with_different_stacks_from_two_tenants(server, reference_engine, lora_bytes, tmp_path):
+    """Two tenants upload three adapters; 16 concurrent calls with different stacks (some none,
+    some sharing an adapter at other scales or ranges) all match the in-process engine."""
+    uploads = {("alice", "ink"): "sd1_a", ("alice", "slider"): "sd1_c", ("bob", "ink"): "sd1_b"}
+    for (tenant, name), key in uploads.items():
+        server.client(tenant).upload_adapter(lora_bytes[key], name=f"{name}-16", family="sd1")
+    files = {}
+    for key in set(uploads.values()):
+        files[key] = tmp_path / f"{key}.safetensors"
+        files[key].write_bytes(lora_bytes[key])
+    stacks = [
+        [], [("ink", 1.0, 0.0, 1.0)], [("ink", 0.4, 0.0, 1.0)], [("slider", -1.5, 0.0, 1.0)],
+        [("slider", 2.0, 0.5, 1.0)], [("ink", 1.0, 0.0, 1.0), ("slider", -1.0, 0.0, 1.0)],
+        [("slider", 0.8, 0.0, 0.5), ("ink", 0.6, 0.25, 1.0)], [],
+    ]
+    calls = []
+    for index in range(16):
+        tenant = "alice" if index % 2 == 0 else "bob"
+        stack = stacks[index % len(stacks)] if tenant == "alice" else [s for s in stacks[index % 3] if s[0] == "ink"]
+        request = {"model": MODEL, "prompt": ["a red circle", "a cat", "a dog"][index % 3], "seed": 100 + index,
+                   "steps": 2 + index % 3, "scheduler": ["euler", "ddim", "euler_a", "dpmpp_2m"][index % 4]}
+        sent = {**request, "adapters": [{"name": f"{n}-16", "scale": s, "start": a, "end": b} for n, s, a, b in stack]}
+        local = {**request, "adapters": [
+            {"path": str(files[uploads[(tenant, n)]]), "scale": s, "start": a, "end": b} for n, s, a, b in stack]}
+        calls.append((server.client(tenant), sent, local))
+    with ThreadPoolExecutor(len(calls)) as pool:
+        responses = list(pool.map(lambda call: call[0].generate(call[1], timeout=180), calls))
+    for response, (_, sent, local) in zip(responses, calls):
+        _check_same(response, reference_images(reference_engine, local), sent)
+        assert len(response.adapters) == len(sent["adapters"])
+    assert {tuple(a.sha256 for a in r.adapters) for r in responses} >= {(), (sha(lora_bytes["sd1_b"]),)}
 
 
 def test_admin_shared_adapter_is_usable_by_every_tenant(server, lora_bytes):
