@@ -6,6 +6,7 @@ refusals and health checks must not wait behind UNet steps.
 
 from __future__ import annotations
 
+import os
 import statistics
 import threading
 import time
@@ -109,6 +110,19 @@ def test_overload_refuses_the_excess_at_once_while_busy(overload_server):
     print(f"refusal latency under load: median {statistics.median(refused) * 1e3:.1f} ms, "
           f"max {max(refused) * 1e3:.1f} ms (best of {len(bursts)} bursts)")
     assert max(refused) < 0.1
+
+    # Memory stays flat: more bursts of refusals do not grow the process.
+    def rss_bytes() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    before = rss_bytes()
+    for _ in range(5):
+        refused, completed = _burst(client, 24)
+        assert completed == 4 and len(refused) == 20
+    growth = rss_bytes() - before
+    print(f"RSS growth over 5 more bursts of 24: {growth / 2**20:.1f} MiB")
+    assert growth < 32 * 2**20
 
     # Health while busy, measured the same way.
     health = []
