@@ -30,6 +30,8 @@ def add_multi_lora_reference(
     if ranks and (min(ranks) < 0 or max(ranks) > lora_a.shape[1]):
         raise ValueError(f"slot ranks must lie in [0, {lora_a.shape[1]}], got {ranks}")
     compute_dtype = torch.float32
+    if _add_rows_batched(y, x, lora_a, lora_b, ranks, meta):
+        return
     direct = y.dtype == compute_dtype and x.dtype == compute_dtype
     for group in meta.plan:
         entries = [(index, slot, ranks[slot]) for index, slot in enumerate(group.slots) if ranks[slot] > 0]
@@ -50,6 +52,58 @@ def add_multi_lora_reference(
                 y[start:end].addmm_(hidden, up_t, alpha=alpha)
             else:
                 y[start:end] += torch.mm(hidden, up_t).mul_(alpha)
+
+
+# Below this many distinct stacks the grouped path is already a handful of ops per layer.
+BATCHED_MIN_GROUPS = 3
+
+
+def _add_rows_batched(
+    y: torch.Tensor,  # [T, d_out]
+    x: torch.Tensor,  # [T, d_in]
+    lora_a: torch.Tensor,  # [num_slots, max_rank, d_in]
+    lora_b: torch.Tensor,  # [num_slots, d_out, max_rank]
+    ranks: list[int],
+    meta: LoRABatchMeta,
+) -> bool:
+    """Many rows with different stacks and equal token counts: two bmm over rows instead of a
+    few small matmuls per distinct stack (what dominated on CPU: op count, not FLOPs).
+
+    y[row] += (x[row] @ A_row^T) @ (s_row · B_row)^T with A_row [S·r, d_in] the row's stack
+    gathered from the slot pools and cut to the widest rank r in use; rank padding and empty
+    entries are masked to zero (never multiplied: padding may hold anything). Returns False
+    (nothing done) when the batch does not have that shape.
+    """
+    rows = meta.num_rows
+    if rows < 2 or len(meta.plan) < BATCHED_MIN_GROUPS or meta.num_tokens % rows:
+        return False
+    tokens_per_row = meta.num_tokens // rows
+    if any(count != tokens_per_row for count in meta.row_token_counts()):
+        return False
+    stack = meta.active_stack
+    slots = meta.slot_table[:rows, :stack].long()  # [rows, S], -1 = empty
+    valid = slots >= 0
+    if int(valid.any(dim=1).sum()) * 2 < rows:  # mostly adapter-free rows: the grouped path skips them
+        return False
+    index = slots.clamp(min=0)
+    rank_of = torch.tensor(ranks, dtype=torch.long, device=slots.device)[index]  # [rows, S]
+    width = int(rank_of[valid].max()) if bool(valid.any()) else 0
+    if width == 0:
+        return True
+    keep = (torch.arange(width, device=slots.device) < rank_of[..., None]) & valid[..., None]  # [rows, S, r]
+    coef = torch.where(keep, meta.scale_table[:rows, :stack, None].to(slots.device), 0.0)  # [rows, S, r]
+    down = lora_a[index, :width].float()  # [rows, S, r, d_in]
+    down = torch.where(keep[..., None], down, 0.0).reshape(rows, stack * width, -1)
+    up = lora_b[index, :, :width].float().transpose(-1, -2)  # [rows, S, r, d_out]
+    up = torch.where(keep[..., None], up * coef[..., None], 0.0).reshape(rows, stack * width, -1)
+    x_rows = x.view(rows, tokens_per_row, -1).float()  # [rows, n, d_in]
+    hidden = torch.bmm(x_rows, down.transpose(1, 2))  # [rows, n, S·r]
+    y_rows = y.view(rows, tokens_per_row, -1)  # [rows, n, d_out]
+    if y.dtype == torch.float32:
+        y_rows.baddbmm_(hidden, up)
+    else:
+        y_rows += torch.bmm(hidden, up).to(y.dtype)
+    return True
 
 
 def _scale_vector(
