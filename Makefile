@@ -32,8 +32,12 @@ lint: $(STAMP)
 serve: $(STAMP)
 	$(VENV)/bin/sdserve serve --model default --host 127.0.0.1 --port 50051
 
+# The short default of the whole suite (<= 10 min on 2 CPU cores): kernels, engine batching, and
+# the load suite (sdserve vs the diffusers and homogeneous-batching baselines, 32 adapters).
 bench: $(STAMP)
+	$(PY) -m bench.kernels --quick
 	$(PY) -m bench.engine_batching --quick
+	$(PY) -m bench.load --suite quick
 
 protos: $(STAMP)
 	$(PY) -m sdserve.protos.generate

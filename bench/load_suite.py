@@ -1,0 +1,148 @@
+"""The load suite: sdserve against baselines (a) diffusers and (b) homogeneous batching, driven by
+the same generator with the same request sequence, in one run; tables, JSON and PNG plots.
+
+    python -m bench.load --suite quick     # make bench: 32 adapters at two offered loads
+    python -m bench.load --suite full      # 8, 32 and 128 adapters at two offered loads
+
+All three servers run at once (each its own process, one torch thread); runs take turns, one
+system at a time, so the machine's background load hits them alike. Before each system's first
+run at a given adapter count a short closed-loop warm-up (not recorded) loads weights and caches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bench.baselines import SYSTEMS, launch
+from bench.common import machine, print_table, write_json
+from bench.load import Workload, drive, run_one, upload_adapters
+from bench.plots import cdf_points, line_chart
+
+# Offered loads (requests/s) on 2 shared CPU cores with tiny-sd1, measured at 32 adapters:
+# baseline (a) serves 2 to 4 req/s (depending on what else the machine runs), (b) 7 to 9 and
+# sdserve 13 to 14. The low load is within everyone's capacity (latency is the difference), the
+# high one beyond both baselines' and within sdserve's.
+# "capacity" is a closed-loop run with that many requests in flight: each system's most
+# throughput, whatever the latency.
+SUITES: dict[str, dict[str, Any]] = {
+    "quick": {"adapters": (32,), "rates": (2.0, 10.0), "capacity": 16, "duration": 15.0, "warmup": 3.0,
+              "timeout": 20.0},
+    "full": {"adapters": (8, 32, 128), "rates": (2.0, 10.0), "capacity": 16, "duration": 20.0, "warmup": 4.0,
+             "timeout": 20.0},
+}
+TENANTS = 4
+
+
+def load_label(rate: float | None, concurrency: int | None) -> str:
+    return f"{rate:g}/s" if rate is not None else f"closed {concurrency}"
+
+
+def print_summaries(rows: list[tuple[str, int, str, dict]]) -> None:
+    print_table(
+        ["system", "adapters", "load", "sent", "ok", "thr req/s", "p50 s", "p90 s", "p99 s", "TTFP p50 s",
+         "SLO", "errors"],
+        [[system, m, load, s["requests"], s["ok"], s["throughput_rps"], s["latency_p50"] or float("nan"),
+          s["latency_p90"] or float("nan"), s["latency_p99"] or float("nan"),
+          s["first_progress_p50"] or float("nan"), f"{100 * s['slo_attainment']:.0f}%",
+          ",".join(f"{k}:{v}" for k, v in sorted(s["errors"].items())) or "-"]
+         for system, m, load, s in rows],
+    )
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}g}"
+
+
+def markdown(runs: list[dict]) -> str:
+    """One row per (adapters, offered load): each system's throughput and p99, and sdserve's ratios."""
+    lines = ["| adapters | offered load | system | throughput req/s | p50 s | p99 s | TTFP p50 s | SLO | errors |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---|"]
+    for run in runs:
+        s = run["summary"]
+        lines.append(f"| {run['adapters']} | {run['load']} | {run['system']} | {_fmt(s['throughput_rps'])} | "
+                     f"{_fmt(s['latency_p50'])} | {_fmt(s['latency_p99'])} | {_fmt(s['first_progress_p50'])} | "
+                     f"{100 * s['slo_attainment']:.0f}% | "
+                     f"{', '.join(f'{k} {v}' for k, v in sorted(s['errors'].items())) or '-'} |")
+    lines += ["", "| adapters | offered load | sdserve/diffusers throughput | diffusers p99 / sdserve p99 | "
+              "sdserve/homogeneous throughput | homogeneous p99 / sdserve p99 |", "|---:|---:|---:|---:|---:|---:|"]
+    keyed = {(r["adapters"], r["load"], r["system"]): r["summary"] for r in runs}
+    for adapters, load in dict.fromkeys((r["adapters"], r["load"]) for r in runs):
+        ours = keyed.get((adapters, load, "sdserve"))
+        if ours is None:
+            continue
+        cells = []
+        for other in ("diffusers", "homogeneous"):
+            theirs = keyed.get((adapters, load, other))
+            thr = ours["throughput_rps"] / theirs["throughput_rps"] if theirs and theirs["throughput_rps"] else None
+            p99 = (theirs["latency_p99"] / ours["latency_p99"]
+                   if theirs and theirs["latency_p99"] and ours["latency_p99"] else None)
+            cells += [_fmt(thr), _fmt(p99)]
+        lines.append(f"| {adapters} | {load} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(runs: list[dict], directory: Path, prefix: str = "load") -> list[Path]:
+    written = []
+    for adapters in sorted({r["adapters"] for r in runs}):
+        series = {f"{r['system']} @ {r['load']}": cdf_points(r["latencies"]) for r in runs
+                  if r["adapters"] == adapters}
+        written.append(line_chart(directory / f"{prefix}_cdf_{adapters}.png", f"end-to-end latency CDF, {adapters} adapters",
+                                  "latency, seconds", "fraction of successful requests", series, log_x=True,
+                                  markers=False))
+    for metric, label in (("throughput_rps", "throughput, req/s"), ("latency_p99", "p99 latency, s")):
+        series: dict[str, list[tuple[float, float]]] = {}
+        for r in runs:
+            value = r["summary"][metric]
+            if value is not None and r["rate"] is not None:  # closed-loop runs have no offered load
+                series.setdefault(f"{r['system']}, {r['adapters']} adapters", []).append((r["rate"], value))
+        name = "throughput" if metric == "throughput_rps" else "p99"
+        written.append(line_chart(directory / f"{prefix}_{name}.png", f"{label} against offered load",
+                                  "offered load, req/s", label, series))
+    return written
+
+
+def run_suite(name: str, out: Path, *, slo: float = 2.0, seed: int = 0, model: str = "tiny-sd1",
+              systems: tuple[str, ...] = SYSTEMS) -> int:
+    plan = SUITES[name]
+    runs: list[dict] = []
+    adapter_dir = out.parent / "adapters"
+    with tempfile.TemporaryDirectory(prefix="sdserve-load-") as tmp, contextlib.ExitStack() as stack:
+        targets = {system: stack.enter_context(launch(system, Path(tmp), model, TENANTS, log_dir=out.parent)) for system in systems}
+        for target in targets.values():
+            upload_adapters(target, model, max(plan["adapters"]), TENANTS, adapter_dir)
+        for adapters in plan["adapters"]:
+            for target in targets.values():  # warm-up, not recorded
+                warm = Workload(model=model, tenants=TENANTS, adapters=adapters, seed=seed + 99)
+                asyncio.run(drive(target, warm, concurrency=2, duration=plan["warmup"], max_requests=200,
+                                  timeout=plan["timeout"], progress=False))
+            loads = [(rate, None) for rate in plan["rates"]] + [(None, plan["capacity"])]
+            for rate, concurrency in loads:
+                workload = Workload(model=model, tenants=TENANTS, adapters=adapters, seed=seed)
+                for system, target in targets.items():
+                    load = load_label(rate, concurrency)
+                    result = run_one(target, workload, rate=rate, concurrency=concurrency, duration=plan["duration"],
+                                     max_requests=int((rate or 20) * plan["duration"] * 2) + 10,
+                                     timeout=plan["timeout"], slo=slo, label=f"{system} M={adapters} {load}")
+                    records = result.pop("records")
+                    result.update(system=system, adapters=adapters, load=load,
+                                  latencies=[round(r["latency"], 4) for r in records if r["status"] == "OK"])
+                    runs.append(result)
+                    print_summaries([(system, adapters, load, result["summary"])])
+    print(f"\nload suite {name!r}: {model}, {TENANTS} tenants, Zipf adapters, stacks of 0-3, mixed steps and "
+          f"schedulers; {machine()['cpu']}\n")
+    print_summaries([(r["system"], r["adapters"], r["load"], r["summary"]) for r in runs])
+    table = markdown(runs)
+    print("\n" + table)
+    path = write_json("load", {"suite": name, "plan": plan, "command": f"python -m bench.load --suite {name}",
+                               "runs": runs}, out)
+    out.with_suffix(".md").write_text(table)
+    pngs = plots(runs, out.parent, out.stem)
+    print(f"wrote {path}, {out.with_suffix('.md')}, " + ", ".join(str(p) for p in pngs))
+    unexpected = sum(r["summary"]["unexpected_errors"] for r in runs)
+    if unexpected:
+        print(f"FAILED: {unexpected} request(s) failed unexpectedly (see errors above)")
+    return 1 if unexpected else 0
