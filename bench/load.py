@@ -268,7 +268,7 @@ def run_one(target: str, workload: Workload, *, rate: float | None, concurrency:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=("quick", "full"), help="start the three servers and run the grid")
+    parser.add_argument("--suite", choices=("quick", "full", "goal"), help="start the three servers and run the grid")
     parser.add_argument("--target", help="HOST:PORT of a running server (loopback)")
     parser.add_argument("--rate", type=float, help="open-loop Poisson arrivals per second")
     parser.add_argument("--concurrency", type=int, help="closed loop: this many requests in flight")

@@ -33,6 +33,9 @@ SUITES: dict[str, dict[str, Any]] = {
               "timeout": 20.0},
     "full": {"adapters": (8, 32, 128), "rates": (2.0, 10.0), "capacity": 16, "duration": 20.0, "warmup": 4.0,
              "timeout": 20.0},
+    # The goal at one operating point: an offered load just under sdserve's capacity.
+    "goal": {"adapters": (32,), "rates": (12.0,), "capacity": 16, "duration": 20.0, "warmup": 4.0,
+             "timeout": 20.0},
 }
 TENANTS = 4
 
