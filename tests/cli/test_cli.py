@@ -62,7 +62,9 @@ def test_generate_writes_png_with_parameters_equal_to_engine(tmp_path):
     spec = RequestSpec(model="tiny-sd1", prompt="a red circle", seed=7, steps=3, guidance_scale=6.0,
                        negative_prompt="blurry", width=48)
     expected = engine.generate([engine.validate(spec)])[0].images[0]
-    assert max_pixel_difference(np.asarray(image), expected) == 0
+    # The CLI ran in a subprocess with OMP_NUM_THREADS=1, this process with more threads: a
+    # different reduction order, so the project's tolerance (2 of 255), not bit equality.
+    assert max_pixel_difference(np.asarray(image), expected) <= 2
 
 
 def test_generate_requests_file_in_input_order(tmp_path, capsys):
