@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from bench.common import machine, print_table, write_json
+from bench.sd15 import SD15_UNET_CONFIG
 from sdserve.cli.common import quiet_libraries
 from sdserve.engine import Engine, EngineConfig, RequestSpec
 from sdserve.engine.schedulers import resolve_scheduler
@@ -34,17 +35,8 @@ SD15_SHAPED = replace(
     description="SD1.5-shaped UNet (320/640/1280, cross-attention 768), random weights, for benchmarks",
     defaults=ModelDefaults(width=256, height=256, steps=8, guidance_scale=7.5, scheduler="euler"),
     limits=ModelLimits(max_side=512, max_pixels=512 * 512),
-    unet={
-        "block_out_channels": [320, 640, 1280, 1280],
-        "layers_per_block": 2,
-        "sample_size": 32,
-        "in_channels": 4,
-        "out_channels": 4,
-        "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-        "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-        "cross_attention_dim": 768,
-        "attention_head_dim": 8,
-    },
+    # The real SD 1.5 UNet widths; 32x32 latents (256x256 pixels) by default on a CPU.
+    unet={**SD15_UNET_CONFIG, "sample_size": 32},
     text_encoder={
         "hidden_size": 768,
         "intermediate_size": 1024,
