@@ -28,8 +28,8 @@ def diffusers_images(request: EngineRequest) -> np.ndarray:
     """uint8 [num_images, H, W, 3], converted to 8 bits the way diffusers does."""
     pipe = pipeline(request.model)
     choice = resolve_scheduler(request.scheduler)
-    base_config = pipe.scheduler.config
-    pipe.scheduler = getattr(diffusers, choice.class_name).from_config(base_config, **choice.overrides)
+    original = pipe.scheduler  # the cached pipeline is shared by tests: put it back as it was
+    pipe.scheduler = getattr(diffusers, choice.class_name).from_config(original.config, **choice.overrides)
     try:
         images = pipe(
             request.prompt,
@@ -43,7 +43,7 @@ def diffusers_images(request: EngineRequest) -> np.ndarray:
             output_type="np",
         ).images
     finally:
-        pipe.scheduler = type(pipe.scheduler).from_config(base_config)
+        pipe.scheduler = original
     return (images * 255).round().astype(np.uint8)
 
 

@@ -82,6 +82,10 @@ def _diffusers_with_stack(model, request, paths, stack):
 
     import torch
 
+    from sdserve.engine.schedulers import make_scheduler, resolve_scheduler
+
+    original = pipe.scheduler
+    pipe.scheduler = make_scheduler(resolve_scheduler(request.scheduler), dict(original.config))
     pipe.scheduler.set_timesteps(request.steps)
     pipe.set_adapters(names, weights_at(0, len(pipe.scheduler.timesteps)))
     try:
@@ -98,6 +102,7 @@ def _diffusers_with_stack(model, request, paths, stack):
         ).images
     finally:
         pipe.unload_lora_weights()
+        pipe.scheduler = original
     return (images * 255).round().astype(np.uint8)
 
 
