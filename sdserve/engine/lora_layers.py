@@ -122,17 +122,28 @@ class ModulePool:
             self.ranks[slot] = 0
 
 
-class AdapterLinear(nn.Module):
-    def __init__(self, base: nn.Linear, context: AdapterContext) -> None:
+class _AdapterLayer(nn.Module):
+    """A wrapped base layer, its slot pool (set when an adapter first targets it) and the context."""
+
+    def __init__(self, base: nn.Module, context: AdapterContext) -> None:
         super().__init__()
         self.base = base
         self.context = context
         self.pool: ModulePool | None = None
 
+    def _active_pool(self) -> ModulePool | None:
+        """The pool when some row of this call reads an adapter that touches this layer."""
+        pool = self.pool
+        if self.context.stacks is None or pool is None or pool.used == 0:
+            return None
+        return pool
+
+
+class AdapterLinear(_AdapterLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        context, pool = self.context, self.pool
-        if context.stacks is None or pool is None or pool.used == 0:
+        context, pool = self.context, self._active_pool()
+        if pool is None:
             return y
         d_in, d_out = x.shape[-1], y.shape[-1]
         tokens = x.numel() // d_in
@@ -145,17 +156,11 @@ class AdapterLinear(nn.Module):
         return y
 
 
-class AdapterConv2d(nn.Module):
-    def __init__(self, base: nn.Conv2d, context: AdapterContext) -> None:
-        super().__init__()
-        self.base = base
-        self.context = context
-        self.pool: ModulePool | None = None
-
+class AdapterConv2d(_AdapterLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        context, pool = self.context, self.pool
-        if context.stacks is None or pool is None or pool.used == 0:
+        context, pool = self.context, self._active_pool()
+        if pool is None:
             return y
         if x.shape[0] != context.num_rows:
             raise RuntimeError(f"conv input has {x.shape[0]} samples for {context.num_rows} rows")

@@ -131,11 +131,11 @@ def prepare_state(
     generator = torch.Generator("cpu").manual_seed(request.seed)
     with torch.inference_mode():
         latents, inpainting = prepare_latents(request, model, scheduler, generator, timesteps)
-    ip_branches = [
-        PreparedIP(weights, weights.image_tokens(unit.image, request.num_images, request.guidance), unit.scale)
-        for unit in request.ip_adapters
-        for weights in [ip_store.get(unit.model, model)]
-    ] if request.ip_adapters else []
+    ip_branches = []
+    for unit in request.ip_adapters:
+        weights = ip_store.get(unit.model, model)
+        tokens = weights.image_tokens(unit.image, request.num_images, request.guidance)
+        ip_branches.append(PreparedIP(weights, tokens, unit.scale))
     takes_eta, takes_generator = step_kwargs_accepted(choice.class_name)
     step_kwargs: dict[str, Any] = {}
     if takes_eta:

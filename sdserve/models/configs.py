@@ -100,6 +100,17 @@ def _tiny_text_encoder(hidden_act: str = "quick_gelu", projection_dim: int = 32)
 
 TINY_LIMITS = ModelLimits(max_side=256, max_pixels=256 * 256)
 
+# The UNet shape diffusers' own tests use; the SD 2.x and SDXL configs are variations of it.
+_TINY_UNET: dict[str, Any] = {
+    "block_out_channels": [32, 64],
+    "layers_per_block": 2,
+    "sample_size": 16,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+}
+
 TINY_SD1 = BuiltinSpec(
     name="tiny-sd1",
     family="sd1",
@@ -107,13 +118,7 @@ TINY_SD1 = BuiltinSpec(
     defaults=ModelDefaults(width=32, height=32, steps=4, guidance_scale=7.5, scheduler="euler"),
     limits=TINY_LIMITS,
     unet={
-        "block_out_channels": [32, 64],
-        "layers_per_block": 2,
-        "sample_size": 16,
-        "in_channels": 4,
-        "out_channels": 4,
-        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+        **_TINY_UNET,
         "cross_attention_dim": 32,
     },
     vae=_tiny_vae(),
@@ -127,13 +132,7 @@ TINY_SD2 = BuiltinSpec(
     defaults=ModelDefaults(width=32, height=32, steps=4, guidance_scale=7.5, scheduler="euler"),
     limits=TINY_LIMITS,
     unet={
-        "block_out_channels": [32, 64],
-        "layers_per_block": 2,
-        "sample_size": 16,
-        "in_channels": 4,
-        "out_channels": 4,
-        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+        **_TINY_UNET,
         "cross_attention_dim": 32,
         "attention_head_dim": [2, 4],
         "use_linear_projection": True,
@@ -150,13 +149,7 @@ TINY_SDXL = BuiltinSpec(
     defaults=ModelDefaults(width=32, height=32, steps=4, guidance_scale=5.0, scheduler="euler"),
     limits=TINY_LIMITS,
     unet={
-        "block_out_channels": [32, 64],
-        "layers_per_block": 2,
-        "sample_size": 16,
-        "in_channels": 4,
-        "out_channels": 4,
-        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+        **_TINY_UNET,
         "attention_head_dim": [2, 4],
         "use_linear_projection": True,
         "addition_embed_type": "text_time",

@@ -129,6 +129,11 @@ def pb_from_dict(data: dict[str, Any]) -> pb.GenerateRequest:
         raise InvalidArgument(str(exc).splitlines()[0][:200]) from None
 
 
+def _optional(message, name: str):
+    """A proto3 `optional` field's value, or None when it is absent."""
+    return getattr(message, name) if message.HasField(name) else None
+
+
 def spec_from_pb(message: pb.GenerateRequest) -> RequestSpec:
     """Proto -> RequestSpec, keeping absent optional fields absent."""
     from sdserve.engine.controlnet import ControlSpec
@@ -150,16 +155,16 @@ def spec_from_pb(message: pb.GenerateRequest) -> RequestSpec:
                     model=unit.model,
                     image=unit.image,
                     preprocess=unit.preprocess,
-                    scale=unit.scale if unit.HasField("scale") else None,
-                    start=unit.start if unit.HasField("start") else None,
-                    end=unit.end if unit.HasField("end") else None,
+                    scale=_optional(unit, "scale"),
+                    start=_optional(unit, "start"),
+                    end=_optional(unit, "end"),
                 )
                 for unit in message.controlnets
             )
             continue
         if name == "ip_adapters":
             values[name] = tuple(
-                IPAdapterSpec(model=u.model, image=u.image, scale=u.scale if u.HasField("scale") else None)
+                IPAdapterSpec(model=u.model, image=u.image, scale=_optional(u, "scale"))
                 for u in message.ip_adapters
             )
             continue
@@ -168,7 +173,7 @@ def spec_from_pb(message: pb.GenerateRequest) -> RequestSpec:
             continue
         if name == "hypernetworks":
             values[name] = tuple(
-                HypernetworkSpec(name=h.name, path=h.path, strength=h.strength if h.HasField("strength") else None)
+                HypernetworkSpec(name=h.name, path=h.path, strength=_optional(h, "strength"))
                 for h in message.hypernetworks
             )
             continue
@@ -189,9 +194,9 @@ def adapter_spec_from_pb(ref: pb.AdapterRef) -> AdapterSpec:
     return AdapterSpec(
         name=ref.name,
         path=ref.path,
-        scale=ref.scale if ref.HasField("scale") else None,
-        start=ref.start if ref.HasField("start") else None,
-        end=ref.end if ref.HasField("end") else None,
+        scale=_optional(ref, "scale"),
+        start=_optional(ref, "start"),
+        end=_optional(ref, "end"),
     )
 
 
