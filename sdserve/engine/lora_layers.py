@@ -9,6 +9,7 @@ never written (ARCHITECTURE rule 2): a hot swap changes which slots a row reads.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
@@ -17,6 +18,12 @@ from torch import nn
 
 from sdserve.adapters import TargetSpec
 from sdserve.kernels import LoRABatchMeta, add_multi_lora, add_multi_lora_conv
+from sdserve.kernels.lora import use_triton
+from sdserve.kernels.lora_reference import RowFactors, apply_row_factors, gather_row_factors
+
+# Versions are unique across pools, so a layer whose pool is replaced never mistakes the new
+# pool's state for the old one's.
+_POOL_VERSIONS = itertools.count(1)
 
 RowStack = Sequence[tuple[int, float]]  # (slot, scale) of each adapter active for one row
 
@@ -34,6 +41,9 @@ class AdapterContext:
         self.device = device
         self.stacks: list[list[tuple[int, float]]] | None = None  # None: no row reads an adapter
         self.num_rows = 0
+        self.stacks_version = 0
+        """Changes when a call's stacks differ from the previous call's (layers key caches on it)."""
+        self._last_stacks: list[list[tuple[int, float]]] | None = None
         self._generation = 0
         self._metas: dict[int, LoRABatchMeta] = {}
         self._filled: dict[int, int] = {}
@@ -45,6 +55,9 @@ class AdapterContext:
         self.stacks = clean if any(clean) else None
         self.num_rows = len(clean)
         self._generation += 1
+        if clean != self._last_stacks:
+            self.stacks_version += 1
+            self._last_stacks = clean
         try:
             yield
         finally:
@@ -86,6 +99,7 @@ class ModulePool:
         self.b = torch.zeros(num_slots, spec.out_features, 0, device=device, dtype=dtype)
         self.ranks = torch.zeros(num_slots, dtype=torch.int32, device=device)  # 0 = slot unused here
         self.used = 0  # slots holding a non-zero rank, so idle modules skip the kernel
+        self.version = next(_POOL_VERSIONS)  # new on every write: layers see stale cached gathers
 
     @property
     def nbytes(self) -> int:
@@ -97,6 +111,7 @@ class ModulePool:
         a[:, : self.rank_capacity] = self.a
         b[:, :, : self.rank_capacity] = self.b
         self.a, self.b, self.rank_capacity = a, b, rank
+        self.version = next(_POOL_VERSIONS)
 
     def place(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
         """a [r, in(·k·k)], b [out, r] -> slot; the delta is scale · b @ a."""
@@ -115,11 +130,13 @@ class ModulePool:
             self.a[slot, rank:] = 0
             self.b[slot, :, rank:] = 0
         self.ranks[slot] = rank
+        self.version = next(_POOL_VERSIONS)
 
     def clear(self, slot: int) -> None:
         if int(self.ranks[slot]) != 0:
             self.used -= 1
             self.ranks[slot] = 0
+            self.version = next(_POOL_VERSIONS)
 
 
 class _AdapterLayer(nn.Module):
@@ -140,6 +157,24 @@ class _AdapterLayer(nn.Module):
 
 
 class AdapterLinear(_AdapterLayer):
+    """On CPU, a batch of rows with different stacks reads each row's factors gathered into one
+    tensor (`RowFactors`); the gather is kept while the stacks and the pool stay the same, which
+    is most steps of a batch, so a step pays for the two bmm only. The cache holds one batch's
+    factors per layer: rows x (sum of stack ranks) x (in + out) floats.
+    """
+
+    def __init__(self, base: nn.Module, context: AdapterContext) -> None:
+        super().__init__(base, context)
+        self._factors_key: tuple[int, int, int] | None = None
+        self._factors: RowFactors | None = None
+
+    def _row_factors(self, pool: ModulePool, meta: LoRABatchMeta) -> RowFactors | None:
+        key = (self.context.stacks_version, pool.version, meta.num_tokens)
+        if key != self._factors_key:
+            self._factors = gather_row_factors(pool.a, pool.b, pool.ranks.tolist(), meta)
+            self._factors_key = key
+        return self._factors
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         context, pool = self.context, self._active_pool()
@@ -150,9 +185,13 @@ class AdapterLinear(_AdapterLayer):
         if tokens % context.num_rows:
             raise RuntimeError(f"{tokens} tokens do not split over {context.num_rows} rows")
         flat_y = y.reshape(tokens, d_out)  # a view: F.linear's output is contiguous
-        add_multi_lora(
-            flat_y, x.reshape(tokens, d_in), pool.a, pool.b, pool.ranks, context.meta_for(tokens // context.num_rows)
-        )
+        flat_x = x.reshape(tokens, d_in)
+        meta = context.meta_for(tokens // context.num_rows)
+        factors = None if use_triton(x) else self._row_factors(pool, meta)
+        if factors is not None:
+            apply_row_factors(flat_y, flat_x, factors)
+        else:
+            add_multi_lora(flat_y, flat_x, pool.a, pool.b, pool.ranks, meta)
         return y
 
 

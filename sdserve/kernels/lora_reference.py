@@ -8,6 +8,8 @@ rank 0 cost nothing; no per-token Python loops.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from sdserve.kernels.lora_meta import LoRABatchMeta
@@ -58,6 +60,76 @@ def add_multi_lora_reference(
 BATCHED_MIN_GROUPS = 3
 
 
+@dataclass(frozen=True)
+class RowFactors:
+    """Each row's stack gathered from the slot pools: y[row] += (x[row] @ down[row]^T) @ up[row].
+
+    Rank padding and empty entries are zero; scales are folded into `up`. Depends only on the
+    slot pools and the rows' stacks, so a caller may keep it while neither changes (a batch
+    steps with the same stacks for many steps).
+    """
+
+    down: torch.Tensor  # [rows, S·r, d_in] float32
+    up: torch.Tensor  # [rows, S·r, d_out] float32
+    tokens_per_row: int
+
+    @property
+    def nbytes(self) -> int:
+        return (self.down.numel() + self.up.numel()) * 4
+
+
+def gather_row_factors(
+    lora_a: torch.Tensor,  # [num_slots, max_rank, d_in]
+    lora_b: torch.Tensor,  # [num_slots, d_out, max_rank]
+    ranks: list[int],
+    meta: LoRABatchMeta,
+) -> RowFactors | None:
+    """Factors of the two-bmm path, or None when the batch does not suit it.
+
+    It suits many rows with different stacks and equal token counts: two bmm over rows instead
+    of a few small matmuls per distinct stack (what dominated on CPU: op count, not FLOPs).
+    A_row [S·r, d_in] is the row's stack cut to the widest rank r in use; rank padding and empty
+    entries are masked to zero (never multiplied: padding may hold anything).
+    """
+    rows = meta.num_rows
+    if rows < 2 or len(meta.plan) < BATCHED_MIN_GROUPS or meta.num_tokens % rows:
+        return None
+    tokens_per_row = meta.num_tokens // rows
+    if any(count != tokens_per_row for count in meta.row_token_counts()):
+        return None
+    stack = meta.active_stack
+    slots = meta.slot_table[:rows, :stack].long()  # [rows, S], -1 = empty
+    valid = slots >= 0
+    if int(valid.any(dim=1).sum()) * 2 < rows:  # mostly adapter-free rows: the grouped path skips them
+        return None
+    index = slots.clamp(min=0)
+    rank_of = torch.tensor(ranks, dtype=torch.long, device=slots.device)[index]  # [rows, S]
+    width = max(int(rank_of[valid].max()) if bool(valid.any()) else 0, 1)
+    keep = (torch.arange(width, device=slots.device) < rank_of[..., None]) & valid[..., None]  # [rows, S, r]
+    coef = torch.where(keep, meta.scale_table[:rows, :stack, None].to(slots.device), 0.0)  # [rows, S, r]
+    down = lora_a[index, :width].float()  # [rows, S, r, d_in]
+    down = torch.where(keep[..., None], down, 0.0).reshape(rows, stack * width, -1)
+    up = lora_b[index, :, :width].float().transpose(-1, -2)  # [rows, S, r, d_out]
+    up = torch.where(keep[..., None], up * coef[..., None], 0.0).reshape(rows, stack * width, -1)
+    return RowFactors(down, up, tokens_per_row)
+
+
+def apply_row_factors(
+    y: torch.Tensor,  # [T, d_out]
+    x: torch.Tensor,  # [T, d_in]
+    factors: RowFactors,
+) -> None:
+    """y[row] += (x[row] @ down[row]^T) @ up[row], in place: one bmm each way over all rows."""
+    rows, n = factors.down.shape[0], factors.tokens_per_row
+    x_rows = x.view(rows, n, -1).float()  # [rows, n, d_in]
+    hidden = torch.bmm(x_rows, factors.down.transpose(1, 2))  # [rows, n, S·r]
+    y_rows = y.view(rows, n, -1)  # [rows, n, d_out]
+    if y.dtype == torch.float32:
+        y_rows.baddbmm_(hidden, factors.up)  # accumulates into y in one pass
+    else:
+        y_rows += torch.bmm(hidden, factors.up).to(y.dtype)
+
+
 def _add_rows_batched(
     y: torch.Tensor,  # [T, d_out]
     x: torch.Tensor,  # [T, d_in]
@@ -66,43 +138,11 @@ def _add_rows_batched(
     ranks: list[int],
     meta: LoRABatchMeta,
 ) -> bool:
-    """Many rows with different stacks and equal token counts: two bmm over rows instead of a
-    few small matmuls per distinct stack (what dominated on CPU: op count, not FLOPs).
-
-    y[row] += (x[row] @ A_row^T) @ (s_row · B_row)^T with A_row [S·r, d_in] the row's stack
-    gathered from the slot pools and cut to the widest rank r in use; rank padding and empty
-    entries are masked to zero (never multiplied: padding may hold anything). Returns False
-    (nothing done) when the batch does not have that shape.
-    """
-    rows = meta.num_rows
-    if rows < 2 or len(meta.plan) < BATCHED_MIN_GROUPS or meta.num_tokens % rows:
+    """The two-bmm path when the batch suits it (see gather_row_factors); False: nothing done."""
+    factors = gather_row_factors(lora_a, lora_b, ranks, meta)
+    if factors is None:
         return False
-    tokens_per_row = meta.num_tokens // rows
-    if any(count != tokens_per_row for count in meta.row_token_counts()):
-        return False
-    stack = meta.active_stack
-    slots = meta.slot_table[:rows, :stack].long()  # [rows, S], -1 = empty
-    valid = slots >= 0
-    if int(valid.any(dim=1).sum()) * 2 < rows:  # mostly adapter-free rows: the grouped path skips them
-        return False
-    index = slots.clamp(min=0)
-    rank_of = torch.tensor(ranks, dtype=torch.long, device=slots.device)[index]  # [rows, S]
-    width = int(rank_of[valid].max()) if bool(valid.any()) else 0
-    if width == 0:
-        return True
-    keep = (torch.arange(width, device=slots.device) < rank_of[..., None]) & valid[..., None]  # [rows, S, r]
-    coef = torch.where(keep, meta.scale_table[:rows, :stack, None].to(slots.device), 0.0)  # [rows, S, r]
-    down = lora_a[index, :width].float()  # [rows, S, r, d_in]
-    down = torch.where(keep[..., None], down, 0.0).reshape(rows, stack * width, -1)
-    up = lora_b[index, :, :width].float().transpose(-1, -2)  # [rows, S, r, d_out]
-    up = torch.where(keep[..., None], up * coef[..., None], 0.0).reshape(rows, stack * width, -1)
-    x_rows = x.view(rows, tokens_per_row, -1).float()  # [rows, n, d_in]
-    hidden = torch.bmm(x_rows, down.transpose(1, 2))  # [rows, n, S·r]
-    y_rows = y.view(rows, tokens_per_row, -1)  # [rows, n, d_out]
-    if y.dtype == torch.float32:
-        y_rows.baddbmm_(hidden, up)
-    else:
-        y_rows += torch.bmm(hidden, up).to(y.dtype)
+    apply_row_factors(y, x, factors)
     return True
 
 
