@@ -3,9 +3,11 @@
 Stage 1 (VAE) minimises pixel MSE, with shape pixels weighted up (`fg_weight`) because shapes
 cover a few percent of an image and their colour is what the scorer and users read, plus SD's
 tiny KL term. Its exit check is the scorer's colour accuracy on reconstructions.
-Stage 2 trains the UNet and a CLIP text encoder jointly on SD's DDPM objective (epsilon,
-scaled_linear betas), with 10 % empty captions for classifier-free guidance, min-SNR-5 loss
-weights, warmup + cosine LR and an EMA of the weights, which is what gets saved.
+Stage 2 trains the UNet and a CLIP text encoder jointly on SD's DDPM schedule (scaled_linear
+betas) with a v-prediction target (see components.NOISE_SCHEDULE), 10 % empty captions for
+classifier-free guidance, loss weights that give every step an x0-error weight of
+min(snr + 1, gamma) (all of it at high noise, where layout is decided; capped at low noise),
+warmup + cosine LR and an EMA of the weights, which is what gets saved.
 
 Each stage runs for a time budget (or `max_steps`), checkpoints every `checkpoint_s`, and
 resumes from its checkpoint with `resume`. The output is a diffusers StableDiffusionPipeline
@@ -85,6 +87,7 @@ class TrainConfig:
     cfg_dropout: float = 0.1
     """Share of captions replaced by "" so the model also learns the unconditional branch."""
     min_snr_gamma: float = 5.0
+    """Cap of the per-step x0-error weight snr + 1 (see the loss in train_unet)."""
     ema_decay: float = 0.998
     pool_size: int = 8192
     """Encoded scenes held in the latent ring (see shapes_data.LatentPool)."""
@@ -136,12 +139,18 @@ class _Stage:
 
     @property
     def progress(self) -> float:
-        by_time = self.elapsed / self.budget_s if self.budget_s > 0 else 1.0
-        by_steps = self.step / max(self.max_steps, 1) if self.max_steps is not None else 0.0
-        return max(by_time, by_steps)
+        """Share of the run done, which drives the LR schedule.
+
+        With `max_steps` it counts steps only, so a rerun with the same seed follows the same
+        schedule however busy the machine is; the time budget then only stops the run early.
+        """
+        if self.max_steps is not None:
+            return self.step / max(self.max_steps, 1)
+        return self.elapsed / self.budget_s if self.budget_s > 0 else 1.0
 
     def running(self) -> bool:
-        return self.progress < 1.0
+        out_of_time = self.budget_s <= 0 or self.elapsed >= self.budget_s
+        return self.progress < 1.0 and not out_of_time
 
     def tick(self, loss: float, save: Callable[[], dict]) -> None:
         self.step += 1
@@ -275,9 +284,12 @@ def train_unet(cfg: TrainConfig, vae, tokenizer):
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         states = text_encoder(ids)[0]  # [B, T, text_hidden]
         pred = unet(noisy, timesteps, states).sample  # [B, 4, h, w]
-        # min-SNR-gamma weights for epsilon prediction: min(snr, gamma) / snr.
-        weight = torch.clamp(snr[timesteps], max=cfg.min_snr_gamma) / snr[timesteps]  # [B]
-        loss = (weight * F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3))).mean()
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)  # [B, 4, h, w]
+        # |v error|^2 = (snr + 1) |x0 error|^2; weighting by min(snr + 1, gamma) / (snr + 1) gives
+        # x0 weight 1 at high noise (epsilon's would be snr ~ 0.005) and gamma at low noise.
+        snr_t = snr[timesteps]  # [B]
+        weight = torch.clamp(snr_t + 1, max=cfg.min_snr_gamma) / (snr_t + 1)  # [B]
+        loss = (weight * F.mse_loss(pred, target, reduction="none").mean((1, 2, 3))).mean()
         for group in optimizer.param_groups:
             group["lr"] = cfg.unet_lr * _lr_factor(stage.step, stage.progress, cfg.warmup_steps)
         optimizer.zero_grad(set_to_none=True)

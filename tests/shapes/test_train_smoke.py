@@ -57,3 +57,13 @@ def test_training_changes_output_and_resumes(tmp_path):
     steps = [json.loads(line) for line in (trained / "train_log.jsonl").read_text().splitlines()]
     assert torch.load(trained / "checkpoints" / "unet.pt", weights_only=True)["step"] == 4
     assert any("config" in s for s in steps)
+
+
+def test_same_seed_same_weights(tmp_path):
+    """A rerun with the recorded seed and step counts gives the same weights, bit for bit."""
+    first = train_base(_config(tmp_path / "a", 2, 3))
+    second = train_base(_config(tmp_path / "b", 2, 3))
+    for part in ("unet", "vae", "text_encoder"):
+        (weights_a,) = (first / part).glob("*.safetensors")
+        (weights_b,) = (second / part).glob("*.safetensors")
+        assert weights_a.read_bytes() == weights_b.read_bytes(), part
