@@ -18,8 +18,7 @@ from torch import nn
 
 from sdserve.adapters import TargetSpec
 from sdserve.kernels import LoRABatchMeta, add_multi_lora, add_multi_lora_conv
-from sdserve.kernels.lora import use_triton
-from sdserve.kernels.lora_reference import RowFactors, apply_row_factors, gather_row_factors
+from sdserve.kernels.lora_plan import SlotFactors, apply_conv, apply_linear, plan_conv, plan_linear
 
 # Versions are unique across pools, so a layer whose pool is replaced never mistakes the new
 # pool's state for the old one's.
@@ -83,26 +82,35 @@ class AdapterContext:
 
 
 class ModulePool:
-    """One target module's device slots: A `[slots, rank_cap, in(·k·k)]`, B `[slots, out, rank_cap]`.
+    """One target module's slots.
 
-    The rank capacity grows (a reallocation, rare) when an adapter of a higher rank is placed;
-    the module's alpha/r scale is folded into B when an adapter is placed.
+    On the CPU a slot holds views of the adapter's packed host buffer (`SlotFactors`): placing
+    an adapter writes no weights, and the layers read the views through a cached plan. On a GPU
+    the slots are device tensors that the Triton kernels index, A `[slots, rank_cap, in(·k·k)]`
+    and B `[slots, out, rank_cap]`: placing is the host-to-device copy, with the module's alpha/r
+    folded into B; the rank capacity grows (a reallocation, rare) for a higher rank.
     """
 
-    def __init__(self, spec: TargetSpec, num_slots: int, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self, spec: TargetSpec, num_slots: int, device: torch.device, dtype: torch.dtype, views: bool | None = None
+    ) -> None:
         self.spec = spec
         self.num_slots = num_slots
         self.device = device
         self.dtype = dtype
+        self.views = device.type == "cpu" if views is None else views  # tests run slot tensors on CPU too
+        self.slots: list[SlotFactors | None] = [None] * num_slots
         self.rank_capacity = 0
-        self.a = torch.zeros(num_slots, 0, spec.a_columns, device=device, dtype=dtype)
-        self.b = torch.zeros(num_slots, spec.out_features, 0, device=device, dtype=dtype)
-        self.ranks = torch.zeros(num_slots, dtype=torch.int32, device=device)  # 0 = slot unused here
-        self.used = 0  # slots holding a non-zero rank, so idle modules skip the kernel
-        self.version = next(_POOL_VERSIONS)  # new on every write: layers see stale cached gathers
+        tensor_slots = 0 if self.views else num_slots
+        self.a = torch.zeros(tensor_slots, 0, spec.a_columns, device=device, dtype=dtype)
+        self.b = torch.zeros(tensor_slots, spec.out_features, 0, device=device, dtype=dtype)
+        self.ranks = torch.zeros(tensor_slots, dtype=torch.int32, device=device)  # 0 = slot unused here
+        self.used = 0  # slots holding factors, so idle modules skip the kernel
+        self.version = next(_POOL_VERSIONS)  # new on every write: layers see stale cached plans
 
     @property
     def nbytes(self) -> int:
+        """Bytes the slots hold beyond the host adapters (views hold none)."""
         return self.a.numel() * self.a.element_size() + self.b.numel() * self.b.element_size()
 
     def _grow(self, rank: int) -> None:
@@ -111,32 +119,38 @@ class ModulePool:
         a[:, : self.rank_capacity] = self.a
         b[:, :, : self.rank_capacity] = self.b
         self.a, self.b, self.rank_capacity = a, b, rank
-        self.version = next(_POOL_VERSIONS)
+        for slot, factors in enumerate(self.slots):  # re-point the views at the new tensors
+            if factors is not None:
+                r = factors.a.shape[0]
+                self.slots[slot] = SlotFactors(a[slot, :r], b[slot, :, :r], 1.0)
 
     def place(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
         """a [r, in(·k·k)], b [out, r] -> slot; the delta is scale · b @ a."""
+        if self.slots[slot] is None:
+            self.used += 1
+        self.version = next(_POOL_VERSIONS)
+        if self.views:
+            self.slots[slot] = SlotFactors(a, b, scale)
+            return
         rank = a.shape[0]
         if rank > self.rank_capacity:
             self._grow(rank)
-        if int(self.ranks[slot]) == 0:
-            self.used += 1
+        self.slots[slot] = SlotFactors(self.a[slot, :rank], self.b[slot, :, :rank], 1.0)
         self.a[slot, :rank].copy_(a)
-        if self.dtype == torch.float32 and b.dtype == torch.float32 and b.device == self.device:
-            torch.mul(b, scale, out=self.b[slot, :, :rank])  # no temporary
-        else:
-            self.b[slot, :, :rank].copy_(b.to(torch.float32) * scale)
+        self.b[slot, :, :rank].copy_(b.to(self.device, torch.float32) * scale)
         # The Triton path reads padding up to its rank tile: it must be zero.
         if rank < self.rank_capacity:
             self.a[slot, rank:] = 0
             self.b[slot, :, rank:] = 0
         self.ranks[slot] = rank
-        self.version = next(_POOL_VERSIONS)
 
     def clear(self, slot: int) -> None:
-        if int(self.ranks[slot]) != 0:
+        if self.slots[slot] is not None:
             self.used -= 1
-            self.ranks[slot] = 0
+            self.slots[slot] = None
             self.version = next(_POOL_VERSIONS)
+            if not self.views:
+                self.ranks[slot] = 0
 
 
 class _AdapterLayer(nn.Module):
@@ -156,25 +170,25 @@ class _AdapterLayer(nn.Module):
         return pool
 
 
-class AdapterLinear(_AdapterLayer):
-    """On CPU, a batch of rows with different stacks reads each row's factors gathered into one
-    tensor (`RowFactors`); the gather is kept while the stacks and the pool stay the same, which
-    is most steps of a batch, so a step pays for the two bmm only. The cache holds one batch's
-    factors per layer: rows x (sum of stack ranks) x (in + out) floats.
-    """
+class _PlannedLayer(_AdapterLayer):
+    """Keeps the plan of the current batch (`lora_plan`) while the rows' stacks and the pool stay
+    the same, which is most steps of a batch, so a CPU step pays for the matmuls only. A plan
+    holds one batch's gathered factors: (sum of stack ranks) x (in + out) floats per stack
+    (per row on the two-bmm layout)."""
 
     def __init__(self, base: nn.Module, context: AdapterContext) -> None:
         super().__init__(base, context)
-        self._factors_key: tuple[int, int, int] | None = None
-        self._factors: RowFactors | None = None
+        self._plan_key: tuple[int, int, int] | None = None
+        self._plan: object = None
 
-    def _row_factors(self, pool: ModulePool, meta: LoRABatchMeta) -> RowFactors | None:
+    def _cached_plan(self, pool: ModulePool, meta: LoRABatchMeta, build):
         key = (self.context.stacks_version, pool.version, meta.num_tokens)
-        if key != self._factors_key:
-            self._factors = gather_row_factors(pool.a, pool.b, pool.ranks.tolist(), meta)
-            self._factors_key = key
-        return self._factors
+        if key != self._plan_key:
+            self._plan, self._plan_key = build(pool.slots, meta), key
+        return self._plan
 
+
+class AdapterLinear(_PlannedLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         context, pool = self.context, self._active_pool()
@@ -187,15 +201,14 @@ class AdapterLinear(_AdapterLayer):
         flat_y = y.reshape(tokens, d_out)  # a view: F.linear's output is contiguous
         flat_x = x.reshape(tokens, d_in)
         meta = context.meta_for(tokens // context.num_rows)
-        factors = None if use_triton(x) else self._row_factors(pool, meta)
-        if factors is not None:
-            apply_row_factors(flat_y, flat_x, factors)
+        if pool.views:
+            apply_linear(flat_y, flat_x, self._cached_plan(pool, meta, plan_linear))
         else:
             add_multi_lora(flat_y, flat_x, pool.a, pool.b, pool.ranks, meta)
         return y
 
 
-class AdapterConv2d(_AdapterLayer):
+class AdapterConv2d(_PlannedLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         context, pool = self.context, self._active_pool()
@@ -204,10 +217,15 @@ class AdapterConv2d(_AdapterLayer):
         if x.shape[0] != context.num_rows:
             raise RuntimeError(f"conv input has {x.shape[0]} samples for {context.num_rows} rows")
         base = self.base
-        add_multi_lora_conv(
-            y, x, pool.a, pool.b, pool.ranks, context.meta_for(1),
-            kernel_size=base.kernel_size, stride=base.stride, padding=base.padding, dilation=base.dilation,
-        )
+        conv = {"stride": base.stride, "padding": base.padding, "dilation": base.dilation}
+        meta = context.meta_for(1)
+        if pool.views:
+            plan = self._cached_plan(
+                pool, meta, lambda slots, meta: plan_conv(slots, meta, base.in_channels, base.kernel_size)
+            )
+            apply_conv(y, x, plan, conv)
+        else:
+            add_multi_lora_conv(y, x, pool.a, pool.b, pool.ranks, meta, kernel_size=base.kernel_size, **conv)
         return y
 
 

@@ -5,10 +5,11 @@
 - Host: parsed, validated adapters (`LoRAAdapter`, one packed buffer each), least-recently-used
   beyond a byte budget. Files are parsed in a background thread; a request whose adapters are
   cold waits while the batch keeps stepping.
-- Device: a fixed number of slots; placing an adapter copies its factors into the slot pools of
-  the modules it targets. Slots that a running request uses are pinned and never evicted; the
-  others are evicted least-recently-used. On a CPU machine "device" is ordinary memory with its
-  own budget, so the same logic runs everywhere.
+- Device: a fixed number of slots. On a GPU, placing an adapter copies its factors into the
+  slot pools of the modules it targets; on the CPU a slot holds views of the host adapter's
+  buffer and placing writes no weights (a slotted adapter dropped from the host LRU stays alive
+  through its slot until the slot is reused). Slots that a running request uses are pinned and
+  never evicted; the others are evicted least-recently-used. The same logic runs everywhere.
 
 One owner (the engine loop) calls everything here except the loader function itself.
 """

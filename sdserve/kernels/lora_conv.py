@@ -8,9 +8,9 @@ meta whose rows are the samples of x (only its plan, i.e. rows and stacks, is re
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from sdserve.kernels.lora_meta import LoRABatchMeta
+from sdserve.kernels.lora_plan import apply_conv, plan_conv, slot_views
 
 IntPair = int | tuple[int, int]
 
@@ -56,28 +56,8 @@ def add_multi_lora_conv_reference(
     if ranks and (min(ranks) < 0 or max(ranks) > max_rank):
         raise ValueError(f"slot ranks must lie in [0, {max_rank}], got {ranks}")
     conv_args = {"stride": _pair(stride), "padding": _pair(padding), "dilation": _pair(dilation)}
-    compute_dtype = torch.float32
-    for group in meta.plan:
-        entries = [(index, slot, ranks[slot]) for index, slot in enumerate(group.slots) if ranks[slot] > 0]
-        if not entries:
-            continue
-        total_rank = sum(rank for _, _, rank in entries)
-        down = torch.cat([lora_a[slot, :rank] for _, slot, rank in entries]).to(compute_dtype)
-        down = down.view(total_rank, in_channels, kh, kw)
-        up = torch.cat([lora_b[slot, :, :rank] for _, slot, rank in entries], dim=1).to(compute_dtype)
-        for start, end, scales in group.runs:
-            hidden = F.conv2d(x[start:end].to(compute_dtype), down, **conv_args)  # [n, R, H', W']
-            scale_vector = torch.cat(
-                [torch.full((rank,), scales[index], dtype=compute_dtype) for index, _, rank in entries]
-            ).to(x.device)
-            # Scaling the up matrix's columns is the same as scaling the hidden channels, but cheaper.
-            scaled_up = (up * scale_vector).view(out_channels, total_rank, 1, 1)
-            delta = F.conv2d(hidden, scaled_up)  # [n, out, H', W']
-            if delta.shape[2:] != y.shape[2:]:
-                raise ValueError(
-                    f"LoRA output {tuple(delta.shape[2:])} != y spatial size {tuple(y.shape[2:])}"
-                )
-            y[start:end] += delta
+    runs = plan_conv(slot_views(lora_a, lora_b, ranks), meta, in_channels, (kh, kw))
+    apply_conv(y, x, runs, conv_args)
 
 
 def add_multi_lora_conv(

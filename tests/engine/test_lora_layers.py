@@ -1,4 +1,4 @@
-"""The Linear wrapper keeps each batch's gathered row factors only while stacks and pool stay the same."""
+"""CPU slot pools hold views of the adapters; the wrappers keep a batch's plan only while stacks and pool stay the same."""
 
 import torch
 from torch import nn
@@ -14,9 +14,10 @@ def _expected(layer: AdapterLinear, x: torch.Tensor, pool: ModulePool, stacks) -
     y = layer.base(x)
     for row, stack in enumerate(stacks):
         for slot, scale in stack:
-            rank = int(pool.ranks[slot])
-            a, b = pool.a[slot, :rank], pool.b[slot, :, :rank]
-            y[row] += scale * x[row] @ a.t() @ b.t()
+            factors = pool.slots[slot]
+            if factors is None:  # cleared: the slot's adapter no longer touches this module
+                continue
+            y[row] += scale * factors.scale * x[row] @ factors.a.t() @ factors.b.t()
     return y
 
 
@@ -25,8 +26,13 @@ def test_cached_row_factors_follow_pool_writes_and_stack_changes() -> None:
     context = AdapterContext(max_rows=4, max_stack=2, device=torch.device("cpu"))
     layer = AdapterLinear(nn.Linear(D_IN, D_OUT), context)
     pool = ModulePool(TargetSpec("linear", D_IN, D_OUT), num_slots=4, device=torch.device("cpu"), dtype=torch.float32)
-    for slot in range(4):
-        pool.place(slot, torch.randn(RANK, D_IN, generator=generator), torch.randn(D_OUT, RANK, generator=generator), 1.0)
+    adapters = [
+        (torch.randn(RANK, D_IN, generator=generator), torch.randn(D_OUT, RANK, generator=generator)) for _ in range(4)
+    ]
+    for slot, (a, b) in enumerate(adapters):
+        pool.place(slot, a, b, 0.5 + slot)
+    assert pool.views and pool.nbytes == 0
+    assert pool.slots[1].a.data_ptr() == adapters[1][0].data_ptr()  # placing copied nothing
     layer.pool = pool
     x = torch.randn(4, TOKENS, D_IN, generator=generator)
     stacks = [[(0, 1.0)], [(1, 0.5), (2, -1.0)], [(3, 2.0)], []]  # four distinct stacks: the batched path
@@ -37,19 +43,50 @@ def test_cached_row_factors_follow_pool_writes_and_stack_changes() -> None:
 
     got, want = run(stacks)
     torch.testing.assert_close(got, want)
-    assert layer._factors is not None  # the batched path was taken and kept
-    kept = layer._factors
+    kept = layer._plan
+    assert kept.rows is not None  # four distinct stacks over equal rows: the two-bmm layout
     got, want = run(stacks)
-    assert layer._factors is kept  # same stacks, same pool: no new gather
+    assert layer._plan is kept  # same stacks, same pool: no new gather
     torch.testing.assert_close(got, want)
 
     # A hot swap rewrites slot 2 with the stacks unchanged: the next call must see the new weights.
     pool.place(2, torch.randn(RANK, D_IN, generator=generator), torch.randn(D_OUT, RANK, generator=generator), 1.0)
     got, want = run(stacks)
-    assert layer._factors is not kept
+    assert layer._plan is not kept
     torch.testing.assert_close(got, want)
 
     # Same slots at another scale (a slider moved, or an adapter's start/end switched it).
     stacks[1] = [(1, 0.5), (2, 0.25)]
     got, want = run(stacks)
     torch.testing.assert_close(got, want)
+
+    # Stacks that share slots take the per-run layout; clearing a slot drops its deltas.
+    stacks = [[(0, 1.0)], [(0, 1.0)], [(1, -1.0)], [(1, -1.0)]]
+    got, want = run(stacks)
+    assert layer._plan.rows is None and len(layer._plan.runs) == 2
+    torch.testing.assert_close(got, want)
+    pool.clear(1)
+    got, _ = run(stacks)
+    torch.testing.assert_close(got[2:], layer.base(x[2:]))
+
+
+def test_slot_tensors_give_what_views_give() -> None:
+    """The GPU layout (slot tensors, scale folded into B, rank capacity grown) run on CPU == views."""
+    generator = torch.Generator().manual_seed(1)
+    context = AdapterContext(max_rows=3, max_stack=2, device=torch.device("cpu"))
+    base = nn.Linear(D_IN, D_OUT)
+    outputs = []
+    factors = [
+        (torch.randn(rank, D_IN, generator=generator), torch.randn(D_OUT, rank, generator=generator)) for rank in (2, 5)
+    ]
+    x = torch.randn(3, TOKENS, D_IN, generator=generator)
+    for views in (True, False):
+        layer = AdapterLinear(base, context)
+        pool = ModulePool(TargetSpec("linear", D_IN, D_OUT), 2, torch.device("cpu"), torch.float32, views=views)
+        for slot, (a, b) in enumerate(factors):
+            pool.place(slot, a, b, 0.75)
+        layer.pool = pool
+        with torch.no_grad(), context.rows([[(0, 1.0)], [(1, -0.5), (0, 2.0)], []]):
+            outputs.append(layer(x))
+    torch.testing.assert_close(outputs[0], outputs[1])
+    assert not torch.equal(outputs[0], base(x))

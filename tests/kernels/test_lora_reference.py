@@ -115,7 +115,7 @@ def test_reference_rejects_bad_ranks_and_shapes() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_batched_rows_path_matches_oracle_and_skips_padding(dtype: torch.dtype) -> None:
     """Equal-length rows with many distinct stacks take the two-bmm path: same sums, NaN padding unread."""
-    from sdserve.kernels.lora_reference import _add_rows_batched
+    from sdserve.kernels.lora_plan import apply_linear, plan_linear, slot_views
 
     lora_a, lora_b, ranks = make_pool(
         MIXED_RANKS, 320, 640, max_rank=64, dtype=dtype, padding=float("nan")
@@ -128,7 +128,9 @@ def test_batched_rows_path_matches_oracle_and_skips_padding(dtype: torch.dtype) 
     clean_a, clean_b = torch.nan_to_num(lora_a), torch.nan_to_num(lora_b)
     expected = oracle(y, x, clean_a, clean_b, ranks, counts, stacks)
     taken = y.clone()
-    assert _add_rows_batched(taken, x, lora_a, lora_b, ranks.tolist(), meta)
+    plan = plan_linear(slot_views(lora_a, lora_b, ranks.tolist()), meta)
+    assert plan.rows is not None and not plan.runs
+    apply_linear(taken, x, plan)
     torch.testing.assert_close(taken.double(), expected, **TOLERANCES[dtype])
     add_multi_lora_reference(y, x, lora_a, lora_b, ranks, meta)  # the public op takes it too
     torch.testing.assert_close(y.double(), expected, **TOLERANCES[dtype])
