@@ -5,7 +5,14 @@ Model: SD1.5-shaped UNet (320/640/1280, random weights), 32×32 latents, batch 8
 2-LoRA stacks of rank 16 on the attention projections (to_q, to_k, to_v, to_out.0): 16 adapters,
 every row its own stack. Goal: measured overhead ≤ 1.5 × the FLOP ratio.
 
-    python -m bench.lora_overhead [--repeats 5] [--rank 16]
+A second table breaks the cost down inside one forward (timers around each wrapped projection):
+the LoRA deltas' time per FLOP against the time per FLOP of the very projections they attach
+to, and against the whole UNet's. The first says whether the LoRA math runs as efficiently as
+the model's own GEMMs; the second is what the goal asks, and it includes the gap between this
+CPU's convolutions (oneDNN, ~2x the GFLOP/s of its GEMMs) and its GEMMs, and attention, which
+the FLOP counter does not count.
+
+    python -m bench.lora_overhead [--repeats 7] [--rank 16]
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from bench.common import machine, print_table, write_json
 from bench.sd15 import attention_targets, sd15_unet
 from sdserve.adapters import targets_of
+from sdserve.engine import lora_layers
 from sdserve.engine.lora_layers import AdapterContext, ModulePool, wrap_targets
 
 
@@ -39,18 +47,56 @@ def build(rank: int, rows: int):
             pool.place(slot, a, b, scale=1.0)
         layers[name].pool = pool
     stacks = [[(2 * row, 0.8), (2 * row + 1, -0.5)] for row in range(rows)]  # eight different stacks
-    return unet, context, stacks, len(targets)
+    return unet, context, stacks, layers, targets
+
+
+def breakdown(forward, layers: dict, targets: dict, rows: int, rank_sum: int) -> dict[str, float]:
+    """Seconds in the wrapped projections' base GEMMs and in their LoRA deltas during one
+    forward with adapters, and the FLOPs of each (2·tokens·in·out and 2·tokens·R·(in+out))."""
+    seconds = {"base": 0.0, "lora": 0.0}
+    flops = {"base": 0.0, "lora": 0.0}
+    apply_linear = lora_layers.apply_linear
+
+    def timed_apply(y, x, plan):
+        started = time.perf_counter()
+        apply_linear(y, x, plan)
+        seconds["lora"] += time.perf_counter() - started
+        tokens, d_in, d_out = x.shape[0], x.shape[1], y.shape[1]
+        flops["lora"] += 2 * tokens * rank_sum * (d_in + d_out)
+
+    def timed_base(original):
+        def run(x):
+            started = time.perf_counter()
+            y = original(x)
+            seconds["base"] += time.perf_counter() - started
+            flops["base"] += 2 * (x.numel() // x.shape[-1]) * x.shape[-1] * y.shape[-1]
+            return y
+
+        return run
+
+    originals = {name: layers[name].base.forward for name in targets}
+    lora_layers.apply_linear = timed_apply
+    for name in targets:
+        layers[name].base.forward = timed_base(originals[name])
+    try:
+        forward(True)
+    finally:
+        lora_layers.apply_linear = apply_linear
+        for name, original in originals.items():
+            layers[name].base.forward = original
+    return {"base_s": seconds["base"], "lora_s": seconds["lora"], "base_flops": flops["base"], "lora_flops": flops["lora"]}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--rows", type=int, default=8)
     parser.add_argument("--latent", type=int, default=32)
     args = parser.parse_args(argv)
 
-    unet, context, stacks, num_targets = build(args.rank, args.rows)
+    unet, context, stacks, layers, targets = build(args.rank, args.rows)
+    num_targets = len(targets)
     sample = torch.randn(args.rows, 4, args.latent, args.latent)
     timesteps = torch.full((args.rows,), 500.0)
     text = torch.randn(args.rows, 77, 768)
@@ -75,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
                 started = time.perf_counter()
                 forward(mode)
                 times[mode].append(time.perf_counter() - started)
+        parts = breakdown(forward, layers, targets, args.rows, 2 * args.rank)
     base, lora = statistics.median(times[False]), statistics.median(times[True])
     flop_ratio = (flops[True] - flops[False]) / flops[False]
     # Each repeat times base and LoRA back to back; the median of those paired ratios is robust
@@ -89,6 +136,16 @@ def main(argv: list[str] | None = None) -> None:
          "goal"],
         [[base, lora, f"{overhead:.2%}", f"{flop_ratio:.2%}", f"{overhead / flop_ratio:.2f}", "<= 1.5"]],
     )
+    gflops = {
+        "UNet forward (counted FLOPs)": flops[False] / base / 1e9,
+        "attention projections (their base GEMMs)": parts["base_flops"] / parts["base_s"] / 1e9,
+        "LoRA deltas on them": parts["lora_flops"] / parts["lora_s"] / 1e9,
+    }
+    print("\nWhere the time goes (one forward with adapters, timers around each projection):\n")
+    print_table(
+        ["part", "GFLOP/s", "LoRA time/FLOP over this part's"],
+        [[name, f"{rate:.1f}", f"{rate / gflops['LoRA deltas on them']:.2f}"] for name, rate in gflops.items()],
+    )
     path = write_json("lora_overhead", {
         "command": "python -m bench.lora_overhead " + " ".join(argv or []),
         "model": "SD1.5-shaped UNet, random weights",
@@ -96,6 +153,7 @@ def main(argv: list[str] | None = None) -> None:
         "targets": num_targets, "base_seconds": times[False], "lora_seconds": times[True],
         "base_flops": flops[False], "lora_flops": flops[True], "flop_ratio": flop_ratio,
         "time_overhead": overhead, "overhead_over_flop_ratio": overhead / flop_ratio, "paired_ratios": paired,
+        "breakdown": parts, "gflops": gflops,
     })
     print(f"\nwrote {path}")
 

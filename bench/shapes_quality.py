@@ -1,18 +1,22 @@
 """Quality of a shapes base model, measured by the weight-free scorer.
 
-    python -m bench.shapes_quality --model DIR [--json out.json] [--grid grid.png]
+    python -m bench.shapes_quality [--model DIR] [--json out.json] [--grid grid.png]
 
 200 prompts from the caption grammar with every attribute named: 60 ask for the (color, kind,
 position) triples held out of training (`world.HELD_OUT`), 140 are drawn from the training
 distribution (one and two shapes). Each is sampled with its own seed, 20 steps, and scored per
-attribute. Sampling uses the stock diffusers StableDiffusionPipeline for now; the sdserve
-engine replaces it once it exists.
+attribute. Then size pairs: 40 held-out prompts asked once "small" and once "large" with the
+same seed; a pair is right when the large image's largest shape is the larger one.
+Sampling runs through the sdserve engine with the model's own defaults (those of
+`sdserve generate`) unless --scheduler/--guidance say otherwise; the model defaults to the
+embedded `default`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +26,7 @@ import torch
 
 from sdserve.models.shapes import HELD_OUT, SIZES, ShapePrompt, full_spec, sample_scene, score, to_caption
 from sdserve.models.shapes.captions import PromptSpec
+from sdserve.models.shapes.scorer import read_image
 from sdserve.models.shapes.world import COLORS
 
 SCORED = ("color", "shape", "position", "size", "background", "count", "all")
@@ -51,22 +56,52 @@ def bench_prompts(count: int = 200, held_out_count: int = 60, seed: int = 0) -> 
     return prompts
 
 
-def sample_images(pipe, prompts: list[BenchPrompt], steps: int, guidance: float, batch: int) -> np.ndarray:
-    """uint8 [N, 64, 64, 3], each prompt with its own seeded generator."""
+def sample_images(
+    model: str, prompts: list[BenchPrompt], steps: int | None, guidance: float | None, scheduler: str | None, batch: int
+) -> np.ndarray:
+    """uint8 [N, 64, 64, 3] through the sdserve engine, `batch` requests at a time."""
     from tqdm import tqdm
 
+    from sdserve.engine import Engine, EngineConfig, RequestSpec
+
+    engine = Engine(EngineConfig(max_batch_rows=2 * batch))
+    requests = [
+        engine.validate(
+            RequestSpec(
+                model=model, prompt=p.text, seed=p.seed, steps=steps, guidance_scale=guidance, scheduler=scheduler
+            )
+        )
+        for p in prompts
+    ]
     images = []
-    for start in tqdm(range(0, len(prompts), batch), desc="sampling"):
-        chunk = prompts[start : start + batch]
-        out = pipe(
-            [p.text for p in chunk],
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            generator=[torch.Generator().manual_seed(p.seed) for p in chunk],
-            output_type="np",
-        ).images  # [B, H, W, 3] float in [0, 1]
-        images.append((out * 255).round().clip(0, 255).astype(np.uint8))
-    return np.concatenate(images)
+    for start in tqdm(range(0, len(requests), batch), desc="sampling"):
+        for result in engine.generate(requests[start : start + batch]):
+            if not hasattr(result, "images"):
+                raise RuntimeError(f"generation failed: {result}")
+            images.append(result.images[0])
+    return np.stack(images)
+
+
+def size_pairs(count: int = 40, seed: int = 0) -> list[tuple[BenchPrompt, BenchPrompt]]:
+    """(small, large) prompts alike but for the size word, with one seed per pair."""
+    rng = np.random.default_rng([seed, 11])
+    triples = sorted(HELD_OUT)
+    pairs = []
+    for i in range(count):
+        color, kind, position = triples[i % len(triples)]
+        background = str(rng.choice([c for c in COLORS if c != color]))
+        pair = []
+        for size in SIZES:
+            spec = PromptSpec((ShapePrompt(color, kind, size, position),), background)
+            pair.append(BenchPrompt(to_caption(spec), spec, f"size_{size}", seed * 100_000 + 50_000 + i))
+        pairs.append((pair[0], pair[1]))
+    return pairs
+
+
+def largest_extent(image: np.ndarray) -> int:
+    """Extent in px of the largest shape the scorer finds; 0 when it finds none."""
+    shapes = read_image(image).shapes
+    return shapes[0].extent if shapes else 0
 
 
 def summarize(prompts: list[BenchPrompt], results: list[dict]) -> dict[str, dict[str, float]]:
@@ -95,46 +130,53 @@ def save_grid(images: np.ndarray, path: Path, columns: int = 20) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, required=True, help="diffusers pipeline directory")
+    parser.add_argument("--model", default="default", help="built-in name or diffusers pipeline directory")
     parser.add_argument("--count", type=int, default=200)
+    parser.add_argument("--pairs", type=int, default=40, help="small/large pairs")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=5.0)
-    parser.add_argument("--scheduler", choices=["saved", "ddim", "euler"], default="saved")
-    parser.add_argument("--batch", type=int, default=50)
+    parser.add_argument("--guidance", type=float, help="default: the model's")
+    parser.add_argument("--scheduler", help="default: the model's")
+    parser.add_argument("--batch", type=int, default=40, help="requests per engine call")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=Path("shapes_quality.json"))
     parser.add_argument("--grid", type=Path, help="also write the samples as one PNG")
     args = parser.parse_args(argv)
 
-    from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
-
     torch.set_num_threads(args.threads)
-    pipe = StableDiffusionPipeline.from_pretrained(args.model)
-    pipe.set_progress_bar_config(disable=True)
-    if args.scheduler != "saved":
-        kind = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}[args.scheduler]
-        pipe.scheduler = kind.from_config(pipe.scheduler.config)
     prompts = bench_prompts(args.count, held_out_count=min(60, args.count * 3 // 10), seed=args.seed)
+    pairs = size_pairs(args.pairs, seed=args.seed)
+    paired = [p for pair in pairs for p in pair]
     start = time.monotonic()
-    images = sample_images(pipe, prompts, args.steps, args.guidance, args.batch)
+    images = sample_images(args.model, prompts + paired, args.steps, args.guidance, args.scheduler, args.batch)
     seconds = time.monotonic() - start
+    images, pair_images = images[: len(prompts)], images[len(prompts) :]
     results = [score(p.spec, image) for p, image in zip(prompts, images)]
     summary = summarize(prompts, results)
+    extents = [(largest_extent(pair_images[2 * i]), largest_extent(pair_images[2 * i + 1])) for i in range(len(pairs))]
+    large_larger = float(np.mean([large > small for small, large in extents])) if extents else float("nan")
 
+    print(f"model {args.model}, {args.steps} steps, guidance {args.guidance or 'model default'}, "
+          f"scheduler {args.scheduler or 'model default'}")
     print(f"{'group':<16}" + "".join(f"{k:>11}" for k in SCORED) + f"{'n':>6}")
     for group, row in summary.items():
         print(
             f"{group:<16}" + "".join(f"{row.get(k, float('nan')):>11.3f}" for k in SCORED) + f"{row['n']:>6}"
         )
-    print(f"sampling: {seconds:.1f}s for {len(prompts)} images x {args.steps} steps")
+    print(f"large > small (same seed): {large_larger:.3f} of {len(pairs)} pairs")
+    print(f"sampling: {seconds:.1f}s for {len(prompts) + len(paired)} images x {args.steps} steps")
     report = {
+        "command": "python -m bench.shapes_quality " + " ".join(argv if argv is not None else sys.argv[1:]),
         "model": str(args.model),
         "steps": args.steps,
         "guidance": args.guidance,
         "scheduler": args.scheduler,
         "sampling_seconds": seconds,
         "summary": summary,
+        "large_larger_than_small": large_larger,
+        "size_pairs": [
+            {"small": s.text, "large": la.text, "seed": s.seed, "extents": e} for (s, la), e in zip(pairs, extents)
+        ],
         "prompts": [
             {"text": p.text, "group": p.group, "seed": p.seed, **r} for p, r in zip(prompts, results)
         ],
