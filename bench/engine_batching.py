@@ -37,6 +37,20 @@ SD15_SHAPED = replace(
     limits=ModelLimits(max_side=512, max_pixels=512 * 512),
     # The real SD 1.5 UNet widths; 32x32 latents (256x256 pixels) by default on a CPU.
     unet={**SD15_UNET_CONFIG, "sample_size": 32},
+    # SD's 8x VAE (four levels), narrow: decoding is not what this bench measures.
+    vae={
+        "block_out_channels": [32, 32, 64, 64],
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4,
+        "latent_channels": 4,
+        "layers_per_block": 1,
+        "norm_num_groups": 16,
+        "sample_size": 64,
+        "scaling_factor": 0.18215,
+    },
+    shipped=False,
     text_encoder={
         "hidden_size": 768,
         "intermediate_size": 1024,

@@ -42,6 +42,11 @@ def builtin_path(name: str, *, build: bool = True) -> Path:
     shipped = SHIPPED_DIR / name
     if (shipped / "model_index.json").exists():
         return shipped
+    if spec.shipped:
+        raise FileNotFoundError(
+            f"the weights of built-in model {name!r} are missing from {shipped}; reinstall sdserve "
+            f"(they are part of the package) or train them with `sdserve train base`"
+        )
     target = cache_root() / "models" / f"{name}-v{spec.version}"
     if (target / METADATA_FILE).exists() or not build:
         return target

@@ -1,4 +1,4 @@
-"""Configs of the built-in models: tiny ones for each family (tests) and the SD 1.x `default`.
+"""Configs of the built-in models: tiny ones for each family (tests) and the trained `default`.
 
 Each built-in is a frozen `BuiltinSpec`; `sdserve.models.builtin` turns it into a diffusers-format
 directory deterministically (fixed seed, no network). The tiny configs follow the shapes diffusers'
@@ -68,6 +68,7 @@ class BuiltinSpec:
     pipeline_config: dict[str, Any] = field(default_factory=dict)
     pipeline_class: str | None = None  # default: StableDiffusion(XL)Pipeline by family
     version: int = 3  # bump when the spec changes, so cached directories are rebuilt
+    shipped: bool = False  # weights ship in sdserve/models/weights/<name>; never built
 
 
 def _tiny_vae(scaling_factor: float = 0.18215, force_upcast: bool = True) -> dict[str, Any]:
@@ -166,47 +167,23 @@ TINY_SDXL = BuiltinSpec(
     pipeline_config={"force_zeros_for_empty_prompt": True},
 )
 
-# The embedded default: SD 1.x architecture (8x VAE, three UNet levels), small enough for a CPU.
+# The embedded default ships trained weights (sdserve/models/weights/default, made by
+# `sdserve train base`, see its README): SD 1.x architecture, 4x VAE, 16x16 latents, v-prediction.
+# Nothing is built for it; its configs live in the shipped directory. These are the defaults a
+# request that names nothing gets, chosen on the quality bench (docs/benchmarks.md).
+SHAPES_DEFAULTS = ModelDefaults(width=64, height=64, steps=20, guidance_scale=5.0, scheduler="euler")
+SHAPES_LIMITS = ModelLimits(max_side=512, max_pixels=512 * 512)
+
 DEFAULT = BuiltinSpec(
     name="default",
     family="sd1",
-    description="embedded SD 1.x-architecture model (random weights until trained ones ship)",
-    defaults=ModelDefaults(width=64, height=64, steps=20, guidance_scale=7.5, scheduler="dpmpp_2m"),
-    limits=ModelLimits(max_side=512, max_pixels=512 * 512),
-    unet={
-        "block_out_channels": [32, 64, 128],
-        "layers_per_block": 1,
-        "sample_size": 8,
-        "in_channels": 4,
-        "out_channels": 4,
-        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-        "cross_attention_dim": 64,
-        "attention_head_dim": 8,
-        "norm_num_groups": 16,
-    },
-    vae={
-        "block_out_channels": [32, 32, 64, 64],
-        "in_channels": 3,
-        "out_channels": 3,
-        "down_block_types": ["DownEncoderBlock2D"] * 4,
-        "up_block_types": ["UpDecoderBlock2D"] * 4,
-        "latent_channels": 4,
-        "layers_per_block": 1,
-        "norm_num_groups": 16,
-        "sample_size": 64,
-        "scaling_factor": 0.18215,
-    },
-    text_encoder={
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "layer_norm_eps": 1e-05,
-        "num_attention_heads": 4,
-        "num_hidden_layers": 4,
-        "projection_dim": 64,
-        "hidden_act": "quick_gelu",
-        "max_position_embeddings": 77,
-    },
+    description="embedded SD 1.x-architecture model trained on the shapes world (64x64, v-prediction)",
+    defaults=SHAPES_DEFAULTS,
+    limits=SHAPES_LIMITS,
+    unet={},
+    vae={},
+    text_encoder={},
+    shipped=True,
 )
 
 TINY_SD1_INPAINT = BuiltinSpec(
