@@ -62,12 +62,6 @@ class LinearPlan:
     runs: tuple[RunFactors, ...] = ()
     rows: RowFactors | None = None
 
-    @property
-    def nbytes(self) -> int:
-        tensors = [self.rows.down, self.rows.up] if self.rows else []
-        seen = {id(t): t for run in self.runs for t in (run.down, run.up_t)} | {id(t): t for t in tensors}
-        return sum(t.numel() * t.element_size() for t in seen.values())
-
 
 # Below this many distinct stacks the per-run path is already a handful of ops per layer.
 BATCHED_MIN_GROUPS = 3
