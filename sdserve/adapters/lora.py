@@ -27,7 +27,7 @@ from sdserve.adapters import detect
 from sdserve.adapters.formats.common import RawPair, short
 from sdserve.adapters.formats.kohya import parse_kohya
 from sdserve.adapters.formats.peft import parse_peft
-from sdserve.adapters.reader import Source, read_safetensors
+from sdserve.adapters.reader import Allocator, Source, read_safetensors
 from sdserve.adapters.targets import TargetSpec
 from sdserve.errors import AdapterError
 
@@ -124,12 +124,15 @@ class ParsedLoRA:
     data: torch.Tensor | None = None  # [bytes] uint8: the file's data section, which pairs view
 
 
-def parse_lora_file(source: Source, name: str, targets: Mapping[str, TargetSpec]) -> ParsedLoRA:
+def parse_lora_file(
+    source: Source, name: str, targets: Mapping[str, TargetSpec], alloc: Allocator | None = None
+) -> ParsedLoRA:
     """Read a safetensors LoRA of any supported layout; refuse other adapter kinds.
 
     `targets` is needed already here because kohya names resolve only against real modules.
+    `alloc` provides the memory the file's data section is read into.
     """
-    raw = read_safetensors(source, name, shared=True)
+    raw = read_safetensors(source, name, shared=True, alloc=alloc)
     detect.check_kind(name, raw.tensors.keys(), raw.metadata)
     layout = detect.detect_layout(name, raw.tensors.keys())
     if layout == "kohya":
@@ -189,8 +192,10 @@ def validate_lora(
     max_rank: int = DEFAULT_MAX_RANK,
     dtype: torch.dtype = torch.float32,
     is_slider: bool | None = None,
+    alloc: Allocator | None = None,
 ) -> LoRAAdapter:
-    """Check every pair against the base model, then pack all factors into one buffer."""
+    """Check every pair against the base model, then pack all factors into one buffer
+    (memory from `alloc` where the file's own cannot serve as the buffer)."""
     if not parsed.pairs:
         raise AdapterError(name, "not a LoRA file (no LoRA weight keys found)")
     if dtype not in _FLOAT_DTYPES:
@@ -205,7 +210,7 @@ def validate_lora(
     # Where the file already holds the packed buffer, it is used as read: no second copy.
     buffer = _buffer_in_file(parsed.data, checked, dtype)
     if buffer is None:
-        buffer = _pack(checked, dtype)
+        buffer = _pack(checked, dtype, alloc)
     offsets = _offsets(checked)
     modules: dict[str, LoRAModule] = {}
     for (pair, spec, rank), (a_offset, b_offset) in zip(checked, offsets, strict=True):
@@ -252,10 +257,13 @@ def _offsets(checked: list[tuple[RawPair, TargetSpec, int]]) -> list[tuple[int, 
     return offsets
 
 
-def _pack(checked: list[tuple[RawPair, TargetSpec, int]], dtype: torch.dtype) -> torch.Tensor:
+def _pack(
+    checked: list[tuple[RawPair, TargetSpec, int]], dtype: torch.dtype, alloc: Allocator | None = None
+) -> torch.Tensor:
     """Every factor copied (and cast) into a new buffer at its `_offsets`."""
     total = sum(rank * (spec.a_columns + spec.out_features) for _, spec, rank in checked)
-    buffer = torch.empty(total, dtype=dtype)  # [sum over modules of r·(in·kh·kw + out)]
+    alloc = alloc or (lambda nbytes: torch.empty(nbytes, dtype=torch.uint8))
+    buffer = alloc(total * dtype.itemsize).view(dtype)  # [sum over modules of r·(in·kh·kw + out)]
     for (pair, spec, rank), (a_offset, b_offset) in zip(checked, _offsets(checked), strict=True):
         buffer[a_offset : a_offset + rank * spec.a_columns].view(rank, spec.a_columns).copy_(
             pair.down.reshape(rank, spec.a_columns))
@@ -305,12 +313,14 @@ def load_lora(
     max_rank: int = DEFAULT_MAX_RANK,
     dtype: torch.dtype = torch.float32,
     is_slider: bool | None = None,
+    alloc: Allocator | None = None,
 ) -> LoRAAdapter:
     """Read, validate and pack a LoRA safetensors file (path or bytes) against a base model.
 
     `name` is how errors and the adapter refer to the file. `is_slider` overrides what the
-    file's metadata says. Raises AdapterError / UnsupportedAdapterKind, nothing else, for any
-    problem with the file.
+    file's metadata says. `alloc` provides the memory read and packed into (the adapter
+    runtime's `HostArena.take`; default: fresh tensors). Raises AdapterError /
+    UnsupportedAdapterKind, nothing else, for any problem with the file.
     """
-    parsed = parse_lora_file(source, name, targets)
-    return validate_lora(parsed, name, targets, max_rank=max_rank, dtype=dtype, is_slider=is_slider)
+    parsed = parse_lora_file(source, name, targets, alloc)
+    return validate_lora(parsed, name, targets, max_rank=max_rank, dtype=dtype, is_slider=is_slider, alloc=alloc)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -25,6 +26,12 @@ import torch
 from sdserve.errors import AdapterError
 
 Source = str | os.PathLike[str] | bytes | bytearray | memoryview
+Allocator = Callable[[int], torch.Tensor]
+"""nbytes -> uint8 tensor [nbytes] to read into (e.g. `HostArena.take`); default torch.empty."""
+
+
+def _empty(nbytes: int) -> torch.Tensor:
+    return torch.empty(nbytes, dtype=torch.uint8)
 
 NOT_SAFETENSORS = "not a valid safetensors file"
 # A safetensors header is JSON describing each tensor; the library refuses headers over 100 MB
@@ -151,7 +158,7 @@ def _read_into(handle: Any, target: torch.Tensor) -> None:
         filled += count
 
 
-def _read_path(path: str | os.PathLike[str]) -> tuple[list[_Entry], dict[str, str], torch.Tensor]:
+def _read_path(path: str | os.PathLike[str], alloc: Allocator) -> tuple[list[_Entry], dict[str, str], torch.Tensor]:
     # One open file for header and data, sized by fstat: nothing can swap the file in between.
     with open(path, "rb", buffering=0) as handle:
         file_size = os.fstat(handle.fileno()).st_size
@@ -161,17 +168,17 @@ def _read_path(path: str | os.PathLike[str]) -> tuple[list[_Entry], dict[str, st
             raise _Invalid
         data_len = file_size - 8 - header_len
         entries, metadata = _parse_header(raw_header, data_len)
-        data = torch.empty(data_len, dtype=torch.uint8)  # [data section bytes]
+        data = alloc(data_len)  # [data section bytes]
         _read_into(handle, data)
     return entries, metadata, data
 
 
-def _read_bytes(source: bytes | bytearray | memoryview) -> tuple[list[_Entry], dict[str, str], torch.Tensor]:
+def _read_bytes(source: bytes | bytearray | memoryview, alloc: Allocator) -> tuple[list[_Entry], dict[str, str], torch.Tensor]:
     view = memoryview(source).cast("B")
     header_len = _header_length(bytes(view[:8]), len(view))
     data_len = len(view) - 8 - header_len
     entries, metadata = _parse_header(bytes(view[8 : 8 + header_len]), data_len)
-    data = torch.empty(data_len, dtype=torch.uint8)  # [data section bytes]
+    data = alloc(data_len)  # [data section bytes]
     memoryview(data.numpy())[:] = view[8 + header_len :]  # one copy: the caller's bytes may change
     return entries, metadata, data
 
@@ -206,18 +213,20 @@ def _tensors(data: torch.Tensor, entries: list[_Entry], shared: bool) -> dict[st
     return tensors
 
 
-def read_safetensors(source: Source, name: str, *, shared: bool = False) -> RawFile:
+def read_safetensors(source: Source, name: str, *, shared: bool = False, alloc: Allocator | None = None) -> RawFile:
     """Read every tensor and the metadata of a safetensors file given as a path or as bytes.
 
     `name` is how errors refer to the file (the caller's name for it, never its path).
     `shared=True` leaves the tensors as views of one buffer (`RawFile.data`): no copy per
-    tensor, but any tensor kept keeps the whole data section alive.
+    tensor, but any tensor kept keeps the whole data section alive. `alloc` provides that
+    buffer's memory (the adapter runtime passes its `HostArena`).
     """
+    alloc = alloc or _empty
     try:
         if isinstance(source, bytes | bytearray | memoryview):
-            entries, metadata, data = _read_bytes(source)
+            entries, metadata, data = _read_bytes(source, alloc)
         else:
-            entries, metadata, data = _read_path(source)
+            entries, metadata, data = _read_path(source, alloc)
     except _Invalid:
         raise AdapterError(name, NOT_SAFETENSORS) from None
     except OSError:

@@ -19,6 +19,11 @@ class ResidencyConfig:
     """Highest LoRA rank accepted."""
     load_threads: int = 1
     """Background threads that read and validate adapter files."""
+    host_arena_bytes: int = 512 << 20
+    """Host memory reserved (and touched, in the background) when a model first serves adapters,
+    which adapter files are read into and reused as adapters leave; loads beyond it take fresh
+    memory, whose first touch can cost more than the read (see adapters/host_memory.py). The
+    default holds 16 slots' worth of SD1.5 rank-16 LoRAs (27 MB each)."""
 
 
 

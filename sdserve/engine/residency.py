@@ -3,8 +3,9 @@
 - Disk: an adapter is known by the sha256 of its file's bytes (computed once per file version;
   the server's registry already stores files under their digest).
 - Host: parsed, validated adapters (`LoRAAdapter`, one packed buffer each), least-recently-used
-  beyond a byte budget. Files are parsed in a background thread; a request whose adapters are
-  cold waits while the batch keeps stepping.
+  beyond a byte budget. Files are parsed in a background thread, read into a `HostArena` whose
+  memory was touched once and is reused as adapters leave; a request whose adapters are cold
+  waits while the batch keeps stepping.
 - Device: a fixed number of slots. On a GPU, placing an adapter copies its factors into the
   slot pools of the modules it targets; on the CPU a slot holds views of the host adapter's
   buffer and placing writes no weights (a slotted adapter dropped from the host LRU stays alive
@@ -27,6 +28,7 @@ import torch
 
 from sdserve.adapters import LoRAAdapter, load_lora, targets_of
 from sdserve.adapters.embeddings import ExtraRowsEmbedding
+from sdserve.adapters.host_memory import HostArena
 from sdserve.engine.config import ResidencyConfig
 from sdserve.engine.ip_adapter import IPContext, install_processors
 from sdserve.engine.lora_layers import AdapterContext, ModulePool, wrap_targets
@@ -100,6 +102,7 @@ class AdapterRuntime:
         self.slots = [_Slot() for _ in range(config.device_slots)]
         self.digest_slot: dict[str, int] = {}
         self.host: OrderedDict[str, LoRAAdapter] = OrderedDict()
+        self.host_memory = HostArena(config.host_arena_bytes)
         self.loading: dict[str, tuple[Future, float]] = {}
         self.failed: dict[str, AdapterError] = {}
         self.stats = ResidencyStats()
@@ -109,7 +112,15 @@ class AdapterRuntime:
     # -- host tier -------------------------------------------------------------------------
 
     def _load(self, path: str, label: str) -> LoRAAdapter:
-        return load_lora(path, label, self.targets, max_rank=self.config.max_rank, dtype=self.model.dtype)
+        try:
+            return load_lora(
+                path, label, self.targets, max_rank=self.config.max_rank, dtype=self.model.dtype,
+                alloc=self.host_memory.take,
+            )
+        except AdapterError as exc:
+            # The error is kept (self.failed); its traceback's frames would keep the half-read
+            # file's arena memory in use for as long.
+            raise exc.with_traceback(None) from None
 
     def poll(self, entries: tuple[StackEntry, ...]) -> list[str] | None:
         """Digests of the entries once all are in memory; None while loads are under way.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import pickle
 
 import pytest
@@ -154,6 +155,10 @@ def test_bad_adapters_fail_alone_with_typed_errors(tmp_path, loras):
     runtime = engine.models.get(MODEL).adapters
     assert all(slot.pins == 0 for slot in runtime.slots)
     assert len(runtime.resident()) == 1  # nothing of the bad files was kept
+    del outcomes  # the errors the caller got; the runtime keeps its own copies
+    gc.collect()
+    # No memory of a failed read stays in use (its error, still kept, must not pin it).
+    assert runtime.host_memory.used_bytes == runtime.host[runtime.resident()[0]].nbytes
 
 
 def test_stack_rules_are_validated(loras):
