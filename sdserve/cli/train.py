@@ -33,6 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     base.add_argument("--vae-batch", type=int, default=16)
     base.add_argument("--unet-batch", type=int, default=64)
     base.add_argument("--unet-lr", type=float, default=1e-3)
+    base.add_argument("--edge-weight", type=float, default=16.0,
+                      help="VAE loss weight of pixels on shape outlines (1: none)")
     default_channels = ",".join(str(c) for c in ComponentSizes().unet_channels)
     base.add_argument("--unet-channels", default=default_channels, help="three comma-separated widths")
     base.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared CPU)")
@@ -65,6 +67,7 @@ def config_from_args(args: argparse.Namespace):
         vae_batch=args.vae_batch,
         unet_batch=args.unet_batch,
         unet_lr=args.unet_lr,
+        edge_weight=args.edge_weight,
         threads=args.threads,
         progress=not args.no_progress,
     )

@@ -82,6 +82,11 @@ class TrainConfig:
     vae_lr: float = 1e-3
     fg_weight: float = 8.0
     """Loss weight of shape pixels relative to background pixels in the VAE stage."""
+    edge_weight: float = 16.0
+    """Loss weight of pixels on a shape's outline (both sides of it), added to fg_weight.
+    Corners are a few pixels, and rounding them turns a small square into a circle for the
+    scorer: without it the VAE's exit check read 86 % of reconstructed shapes right (small
+    squares 64 %), with 16 at the same 1,200 steps 100 % (spike, 1 thread, seed 0)."""
     kl_weight: float = 1e-6
     unet_batch: int = 64
     unet_lr: float = 1e-3
@@ -189,6 +194,13 @@ def vae_color_accuracy(vae, seed: int, count: int = 256) -> dict[str, float]:
     return totals
 
 
+def outline(masks: torch.Tensor) -> torch.Tensor:
+    """[B, 1, H, W] 0/1: pixels whose 3x3 neighbourhood holds both shape and background."""
+    grown = F.max_pool2d(masks, 3, stride=1, padding=1)
+    shrunk = -F.max_pool2d(-masks, 3, stride=1, padding=1)
+    return grown - shrunk
+
+
 def train_vae(cfg: TrainConfig):
     vae = build_vae(cfg.sizes)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
@@ -203,7 +215,7 @@ def train_vae(cfg: TrainConfig):
         pixels, masks = to_pixels(draw_scenes(batch_rng(cfg.seed, STAGE_VAE, stage.step), cfg.vae_batch))
         posterior = vae.encode(pixels).latent_dist
         recon = vae.decode(posterior.sample(generator)).sample  # [B, 3, 64, 64]
-        weights = 1.0 + (cfg.fg_weight - 1.0) * masks  # [B, 1, 64, 64]
+        weights = 1.0 + (cfg.fg_weight - 1.0) * masks + (cfg.edge_weight - 1.0) * outline(masks)  # [B, 1, 64, 64]
         loss = (weights * (recon - pixels) ** 2).mean() / weights.mean()
         loss = loss + cfg.kl_weight * posterior.kl().mean()
         for group in optimizer.param_groups:
