@@ -15,6 +15,7 @@ adapter that was validated.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Callable
@@ -101,8 +102,12 @@ def _check_text(text: str) -> None:
         raise _Invalid from None
 
 
-def _is_count(value: object) -> bool:
-    return type(value) is int and value >= 0
+_INT_ONLY = frozenset((int,))
+
+
+def _are_counts(values: object) -> bool:
+    """A JSON list of non-negative integers (booleans excluded, as `type` tells them apart)."""
+    return type(values) is list and (not values or (set(map(type, values)) <= _INT_ONLY and min(values) >= 0))
 
 
 def _parse_header(raw: bytes, data_len: int) -> tuple[list[_Entry], dict[str, str]]:
@@ -121,20 +126,15 @@ def _parse_header(raw: bytes, data_len: int) -> tuple[list[_Entry], dict[str, st
         for text in (*header, *metadata, *metadata.values()):
             _check_text(text)
     entries = []
-    for key, info in header.items():
-        if not isinstance(info, dict) or info.keys() != _ENTRY_FIELDS:
+    for key, info in header.items():  # hundreds of entries per LoRA: the checks stay in C calls
+        if type(info) is not dict or info.keys() != _ENTRY_FIELDS:
             raise _Invalid
-        dtype = _DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
+        dtype = _DTYPES.get(info["dtype"]) if type(info["dtype"]) is str else None
         shape, offsets = info["shape"], info["data_offsets"]
-        if dtype is None or not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        if dtype is None or not _are_counts(shape) or not _are_counts(offsets) or len(offsets) != 2:
             raise _Invalid
-        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
-            raise _Invalid
-        numel = 1
-        for dim in shape:
-            numel *= dim
         start, end = offsets
-        if end - start != numel * dtype.itemsize:
+        if end - start != math.prod(shape) * dtype.itemsize:
             raise _Invalid  # the library's TensorInvalidInfo (also catches end < start)
         entries.append(_Entry(key, dtype, tuple(shape), start, end))
     entries.sort(key=lambda e: (e.start, e.end))
