@@ -92,7 +92,7 @@ class HostArena:
     def __init__(self, reserve_bytes: int, *, background: bool = True) -> None:
         self._lock = threading.Lock()
         self._blocks: list[_Block] = []
-        self.overflow_bytes = 0  # bytes handed out beyond the reserve (fresh memory, slow first touch)
+        self.overflow_bytes = 0  # bytes handed out from grown blocks, not the pre-touched reserve
         self.touched = threading.Event()  # set once the whole reserve is usable
         if reserve_bytes <= 0:
             self.touched.set()

@@ -27,7 +27,7 @@ from sdserve.adapters import detect
 from sdserve.adapters.formats.common import RawPair, short
 from sdserve.adapters.formats.kohya import parse_kohya
 from sdserve.adapters.formats.peft import parse_peft
-from sdserve.adapters.reader import Allocator, Source, read_safetensors
+from sdserve.adapters.reader import Allocator, Source, fresh_bytes, read_safetensors
 from sdserve.adapters.targets import TargetSpec
 from sdserve.errors import AdapterError
 
@@ -262,8 +262,7 @@ def _pack(
 ) -> torch.Tensor:
     """Every factor copied (and cast) into a new buffer at its `_offsets`."""
     total = sum(rank * (spec.a_columns + spec.out_features) for _, spec, rank in checked)
-    alloc = alloc or (lambda nbytes: torch.empty(nbytes, dtype=torch.uint8))
-    buffer = alloc(total * dtype.itemsize).view(dtype)  # [sum over modules of r·(in·kh·kw + out)]
+    buffer = (alloc or fresh_bytes)(total * dtype.itemsize).view(dtype)  # [sum over modules of r·(in·kh·kw + out)]
     for (pair, spec, rank), (a_offset, b_offset) in zip(checked, _offsets(checked), strict=True):
         buffer[a_offset : a_offset + rank * spec.a_columns].view(rank, spec.a_columns).copy_(
             pair.down.reshape(rank, spec.a_columns))

@@ -28,10 +28,11 @@ from sdserve.errors import AdapterError
 
 Source = str | os.PathLike[str] | bytes | bytearray | memoryview
 Allocator = Callable[[int], torch.Tensor]
-"""nbytes -> uint8 tensor [nbytes] to read into (e.g. `HostArena.take`); default torch.empty."""
+"""nbytes -> uint8 tensor [nbytes] to read into (e.g. `HostArena.take`); default `fresh_bytes`."""
 
 
-def _empty(nbytes: int) -> torch.Tensor:
+def fresh_bytes(nbytes: int) -> torch.Tensor:
+    """The default Allocator: new memory from torch."""
     return torch.empty(nbytes, dtype=torch.uint8)
 
 NOT_SAFETENSORS = "not a valid safetensors file"
@@ -221,7 +222,7 @@ def read_safetensors(source: Source, name: str, *, shared: bool = False, alloc: 
     tensor, but any tensor kept keeps the whole data section alive. `alloc` provides that
     buffer's memory (the adapter runtime passes its `HostArena`).
     """
-    alloc = alloc or _empty
+    alloc = alloc or fresh_bytes
     try:
         if isinstance(source, bytes | bytearray | memoryview):
             entries, metadata, data = _read_bytes(source, alloc)

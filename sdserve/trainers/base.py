@@ -217,7 +217,9 @@ def train_vae(cfg: TrainConfig):
         pixels, masks = to_pixels(draw_scenes(batch_rng(cfg.seed, STAGE_VAE, stage.step), cfg.vae_batch))
         posterior = vae.encode(pixels).latent_dist
         recon = vae.decode(posterior.sample(generator)).sample  # [B, 3, 64, 64]
-        weights = 1.0 + (cfg.fg_weight - 1.0) * masks + (cfg.edge_weight - 1.0) * outline(masks)  # [B, 1, 64, 64]
+        weights = 1.0 + (cfg.fg_weight - 1.0) * masks  # [B, 1, 64, 64]
+        if cfg.edge_weight != 1.0:
+            weights = weights + (cfg.edge_weight - 1.0) * outline(masks)
         loss = (weights * (recon - pixels) ** 2).mean() / weights.mean()
         loss = loss + cfg.kl_weight * posterior.kl().mean()
         for group in optimizer.param_groups:
