@@ -1,18 +1,23 @@
 """What do per-row LoRA stacks cost? The whole UNet forward with adapters over without, beside
-the FLOP ratio of the adapters to the base forward (both counted by torch's FlopCounterMode).
+the FLOP ratio of the adapters to the base forward (torch's FlopCounterMode, plus attention's
+FLOPs, which it does not count on the CPU).
 
 Model: SD1.5-shaped UNet (320/640/1280, random weights), 32×32 latents, batch 8, eight different
 2-LoRA stacks of rank 16 on the attention projections (to_q, to_k, to_v, to_out.0): 16 adapters,
 every row its own stack. Goal: measured overhead ≤ 1.5 × the FLOP ratio.
 
-A second table breaks the cost down inside one forward (timers around each wrapped projection):
-the LoRA deltas' time per FLOP against the time per FLOP of the very projections they attach
-to, and against the whole UNet's. The first says whether the LoRA math runs as efficiently as
-the model's own GEMMs; the second is what the goal asks, and it includes the gap between this
-CPU's convolutions (oneDNN, ~2x the GFLOP/s of its GEMMs) and its GEMMs, and attention, which
-the FLOP counter does not count.
+The adapters run as served: factorized deltas (two bmm per projection), except where a merged
+weight copy per stack pays for itself within one step (`kernels/lora_plan.merge_pays`: here the
+first level's 1,024-token, 320-wide projections), within `ResidencyConfig.merge_budget_bytes`.
+`--merge-budget 0` measures the factorized path alone.
 
-    python -m bench.lora_overhead [--repeats 7] [--rank 16]
+A second table breaks the cost down inside the forward (timers around each adapted projection, in
+forwards with and without adapters): the adapters' time per FLOP against the projections' own
+GEMMs and against the whole UNet's. The UNet's rate includes this CPU's convolutions (oneDNN,
+faster per FLOP than its GEMMs), which is why deltas that run as fast as the GEMMs they attach to
+still cost more than their FLOP share.
+
+    python -m bench.lora_overhead [--repeats 7] [--rank 16] [--merge-budget BYTES]
 """
 
 from __future__ import annotations
@@ -28,13 +33,26 @@ from bench.common import machine, print_table, write_json
 from bench.sd15 import attention_targets, sd15_unet
 from sdserve.adapters import targets_of
 from sdserve.engine import lora_layers
+from sdserve.engine.config import ResidencyConfig
 from sdserve.engine.lora_layers import AdapterContext, ModulePool, wrap_targets
+from sdserve.kernels.lora_plan import MergedPlan
 
 
-def build(rank: int, rows: int):
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """softmax(q k^T) v on [B, H, L, D]: 2·B·H·Lq·Lk·D for the scores plus 2·B·H·Lq·Lk·Dv for the sum."""
+    b, h, lq, d = query_shape
+    lk, dv = key_shape[-2], value_shape[-1]
+    return 2 * b * h * lq * lk * (d + dv)
+
+
+# FlopCounterMode counts the CUDA attention kernels but not the CPU one, which the UNet calls here.
+ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
+
+
+def build(rank: int, rows: int, merge_budget: int):
     unet = sd15_unet()
     all_targets = targets_of({"unet": unet})
-    context = AdapterContext(max_rows=rows, max_stack=2, device=torch.device("cpu"))
+    context = AdapterContext(max_rows=rows, max_stack=2, device=torch.device("cpu"), merge_budget_bytes=merge_budget)
     layers = wrap_targets({"unet": unet}, all_targets, context)  # every layer wrapped, as served
     targets = attention_targets(all_targets)
     generator = torch.Generator().manual_seed(0)
@@ -50,50 +68,66 @@ def build(rank: int, rows: int):
     return unet, context, stacks, layers, targets
 
 
-def breakdown(forward, layers: dict, targets: dict, rows: int, rank_sum: int) -> dict[str, float]:
-    """One forward with adapters, timers around each adapted projection: seconds in the whole
-    wrapper (base GEMM + LoRA deltas + the wrapper's own Python), in its base GEMM, and in the
-    deltas alone; FLOPs of base (2·tokens·in·out) and deltas (2·tokens·R·(in+out))."""
-    seconds = {"wrapper": 0.0, "base": 0.0, "deltas": 0.0}
-    flops = {"base": 0.0, "lora": 0.0}
+def breakdown(forward, layers: dict, targets: dict, rank_sum: int, repeats: int) -> dict[str, float]:
+    """Forwards without and with adapters (interleaved, `repeats` each), timers around each adapted
+    projection: seconds in the projections (median over forwards), in the factorized deltas, FLOPs
+    of the base GEMMs (2·tokens·in·out) and of the deltas (2·tokens·R·(in+out))."""
+    sums: dict[bool, list[float]] = {False: [], True: []}
+    deltas: list[float] = []
+    flops = {"base": 0.0, "lora": 0.0, "factorized": 0.0}
+    current = {"seconds": 0.0, "deltas": 0.0, "adapters": False}
     apply_linear = lora_layers.apply_linear
 
     def timed_apply(y, x, plan):
         started = time.perf_counter()
         apply_linear(y, x, plan)
-        seconds["deltas"] += time.perf_counter() - started
-        tokens, d_in, d_out = x.shape[0], x.shape[1], y.shape[1]
-        flops["lora"] += 2 * tokens * rank_sum * (d_in + d_out)
+        current["deltas"] += time.perf_counter() - started
 
-    def timed(original, key: str):
+    def timed(original):
         def run(x):
             started = time.perf_counter()
             y = original(x)
-            seconds[key] += time.perf_counter() - started
-            if key == "base":
-                flops["base"] += 2 * (x.numel() // x.shape[-1]) * x.shape[-1] * y.shape[-1]
+            current["seconds"] += time.perf_counter() - started
             return y
 
         return run
 
-    originals = {name: (layers[name].forward, layers[name].base.forward) for name in targets}
     lora_layers.apply_linear = timed_apply
     for name in targets:
-        layers[name].forward = timed(originals[name][0], "wrapper")
-        layers[name].base.forward = timed(originals[name][1], "base")
+        layers[name].forward = timed(layers[name].forward)
     try:
-        forward(True)
+        for _ in range(repeats):
+            for with_adapters in (False, True):
+                current.update(seconds=0.0, deltas=0.0)
+                forward(with_adapters)
+                sums[with_adapters].append(current["seconds"])
+                if with_adapters:
+                    deltas.append(current["deltas"])
     finally:
         lora_layers.apply_linear = apply_linear
         for name in targets:
-            del layers[name].forward, layers[name].base.forward  # back to the class methods
+            del layers[name].forward  # back to the class method
+    merged = 0
+    for name, spec in targets.items():  # FLOPs from the shapes each projection saw
+        layer = layers[name]
+        tokens = layer._plan_key[2]
+        d_in, d_out = spec.a_columns, spec.out_features
+        flops["base"] += 2 * tokens * d_in * d_out
+        flops["lora"] += 2 * tokens * rank_sum * (d_in + d_out)
+        if isinstance(layer._plan, MergedPlan):
+            merged += 1
+        else:
+            flops["factorized"] += 2 * tokens * rank_sum * (d_in + d_out)
+    without, with_ = statistics.median(sums[False]), statistics.median(sums[True])
     return {
-        "wrapper_s": seconds["wrapper"],
-        "base_s": seconds["base"],
-        "deltas_s": seconds["deltas"],
-        "lora_s": seconds["wrapper"] - seconds["base"],  # everything the adapters add
+        "projections_s": without,
+        "projections_with_adapters_s": with_,
+        "lora_s": with_ - without,  # everything the adapters add, merged copies' GEMMs included
+        "factorized_deltas_s": statistics.median(deltas),
         "base_flops": flops["base"],
         "lora_flops": flops["lora"],
+        "factorized_flops": flops["factorized"],
+        "merged_modules": merged,
     }
 
 
@@ -103,9 +137,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--rows", type=int, default=8)
     parser.add_argument("--latent", type=int, default=32)
+    parser.add_argument("--merge-budget", type=int, default=ResidencyConfig().merge_budget_bytes,
+                        help="bytes of merged weight copies (0: factorized deltas only)")
     args = parser.parse_args(argv)
 
-    unet, context, stacks, layers, targets = build(args.rank, args.rows)
+    unet, context, stacks, layers, targets = build(args.rank, args.rows, args.merge_budget)
     num_targets = len(targets)
     sample = torch.randn(args.rows, 4, args.latent, args.latent)
     timesteps = torch.full((args.rows,), 500.0)
@@ -118,35 +154,43 @@ def main(argv: list[str] | None = None) -> None:
         return unet(sample, timesteps, encoder_hidden_states=text, return_dict=False)[0]
 
     with torch.inference_mode():
-        flops = {}
-        for mode in (False, True):
-            counter = FlopCounterMode(display=False)
-            with counter:
-                forward(mode)
-            flops[mode] = counter.get_total_flops()
-        forward(False), forward(True)  # warm-up
+        counter = FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS)
+        with counter:
+            forward(False)
+        base_flops = counter.get_total_flops()
+        forward(False), forward(True)  # warm-up; plans (and merged copies) are built here
         times: dict[bool, list[float]] = {False: [], True: []}
         for _ in range(args.repeats):  # interleaved, so machine noise hits both alike
             for mode in (False, True):
                 started = time.perf_counter()
                 forward(mode)
                 times[mode].append(time.perf_counter() - started)
-        parts = breakdown(forward, layers, targets, args.rows, 2 * args.rank)
+        # A new batch composition rebuilds every adapted layer's plan (factor gathers, merged
+        # copies) in its first forward: time that forward, with scales nudged so every stack is new.
+        rebuilds = []
+        for nudge in (1, 2, 3):
+            changed = [[(slot, scale + 1e-3 * nudge) for slot, scale in stack] for stack in stacks]
+            started = time.perf_counter()
+            with context.rows(changed):
+                unet(sample, timesteps, encoder_hidden_states=text, return_dict=False)
+            rebuilds.append(time.perf_counter() - started)
+        forward(True)  # plans back to the measured stacks
+        parts = breakdown(forward, layers, targets, 2 * args.rank, repeats=3)
     base, lora = statistics.median(times[False]), statistics.median(times[True])
-    # FlopCounterMode misses the in-place baddbmm_ of the expand (it counts only the shrink), so
-    # the adapters' FLOPs are counted analytically in `breakdown`; the base's come from the counter.
-    counted_ratio = (flops[True] - flops[False]) / flops[False]
-    flop_ratio = parts["lora_flops"] / flops[False]
+    # The adapters' FLOPs are counted from the projections' shapes (FlopCounterMode misses the
+    # in-place baddbmm_ of the expand); the base's come from the counter.
+    flop_ratio = parts["lora_flops"] / base_flops
     # Each repeat times base and LoRA back to back; the median of those paired ratios is robust
     # to load that drifts during the run (a shared machine), unlike a ratio of two medians.
     paired = [lora_s / base_s for base_s, lora_s in zip(times[False], times[True])]
     overhead = statistics.median(paired) - 1.0
-    # The adapters' cost timed where it happens (wrapper time minus its base GEMM), over the base
-    # forward: immune to the ±10 % run-to-run drift of whole forwards on this VM.
+    # The adapters' cost timed where it happens (adapted projections with adapters minus without),
+    # over the base forward: immune to the ±10 % run-to-run drift of whole forwards on this VM.
     direct = parts["lora_s"] / base
     print(f"\nLoRA overhead: SD1.5-shaped UNet, {args.latent}x{args.latent} latents, batch {args.rows}, "
           f"{args.rows} different 2-LoRA stacks of rank {args.rank} on {num_targets} attention projections; "
-          f"{machine()['cpu']}, {machine()['torch_threads']} threads\n")
+          f"{parts['merged_modules']} of them on merged copies ({context.merged_bytes / 2**20:.0f} MiB, "
+          f"budget {args.merge_budget / 2**20:.0f} MiB); {machine()['cpu']}, {machine()['torch_threads']} threads\n")
     print_table(
         ["measure", "base s (median)", "with LoRA s", "time overhead", "FLOP ratio", "overhead / FLOP ratio", "goal"],
         [
@@ -156,13 +200,17 @@ def main(argv: list[str] | None = None) -> None:
              f"{direct / flop_ratio:.2f}", "<= 1.5"],
         ],
     )
+    rebuild = statistics.median(rebuilds)
+    print(f"\nFirst forward after a batch-composition change (every plan rebuilt): {rebuild:.2f} s, "
+          f"{rebuild / lora - 1:+.1%} on a steady forward with adapters (once per change, not per step)")
     gflops = {
-        "UNet forward (counted FLOPs)": flops[False] / base / 1e9,
-        "attention projections (their base GEMMs)": parts["base_flops"] / parts["base_s"] / 1e9,
-        "LoRA deltas on them (two bmm)": parts["lora_flops"] / parts["deltas_s"] / 1e9,
-        "LoRA incl. the wrapper's Python": parts["lora_flops"] / parts["lora_s"] / 1e9,
+        "UNet forward (counted FLOPs, attention included)": base_flops / base / 1e9,
+        "attention projections without adapters (base GEMMs)": parts["base_flops"] / parts["projections_s"] / 1e9,
+        "adapters: LoRA FLOPs over the time they add": parts["lora_flops"] / parts["lora_s"] / 1e9,
     }
-    print("\nWhere the time goes (one forward with adapters, timers around each projection):\n")
+    if parts["factorized_flops"]:
+        gflops["factorized deltas alone (two bmm)"] = parts["factorized_flops"] / parts["factorized_deltas_s"] / 1e9
+    print("\nWhere the time goes (timers around each adapted projection):\n")
     print_table(
         ["part", "GFLOP/s"],
         [[name, f"{rate:.1f}"] for name, rate in gflops.items()],
@@ -172,11 +220,11 @@ def main(argv: list[str] | None = None) -> None:
         "model": "SD1.5-shaped UNet, random weights",
         "latent": args.latent, "rows": args.rows, "rank": args.rank, "stacks": "8 different, 2 LoRAs each",
         "targets": num_targets, "base_seconds": times[False], "lora_seconds": times[True],
-        "base_flops": flops[False], "counted_lora_flops": flops[True] - flops[False], "counted_flop_ratio": counted_ratio,
-        "lora_flops": parts["lora_flops"], "flop_ratio": flop_ratio,
+        "merge_budget": args.merge_budget, "merged_bytes": context.merged_bytes,
+        "base_flops": base_flops, "lora_flops": parts["lora_flops"], "flop_ratio": flop_ratio,
         "time_overhead": overhead, "overhead_over_flop_ratio": overhead / flop_ratio, "paired_ratios": paired,
         "direct_overhead": direct, "direct_over_flop_ratio": direct / flop_ratio,
-        "breakdown": parts, "gflops": gflops,
+        "breakdown": parts, "gflops": gflops, "rebuild_forward_seconds": rebuilds,
     })
     print(f"\nwrote {path}")
 

@@ -24,8 +24,11 @@ class ResidencyConfig:
     which adapter files are read into and reused as adapters leave; loads beyond it take fresh
     memory, whose first touch can cost more than the read (see adapters/host_memory.py). The
     default holds 16 slots' worth of SD1.5 rank-16 LoRAs (27 MB each)."""
-
-
+    merge_budget_bytes: int = 512 << 20
+    """CPU: bytes of per-stack merged weight copies held at once, for the modules where merging
+    beats the factorized deltas (many tokens per row, narrow: SD's first UNet level; see
+    kernels/lora_plan.py). SD1.5 at 512 px with LoRAs on the attention projections needs ~61 MB per
+    distinct stack; 0 turns merging off."""
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,18 @@ from torch import nn
 
 from sdserve.adapters import TargetSpec
 from sdserve.kernels import LoRABatchMeta, add_multi_lora, add_multi_lora_conv
-from sdserve.kernels.lora_plan import SlotFactors, apply_conv, apply_linear, plan_conv, plan_linear
+from sdserve.kernels.lora_plan import (
+    MergedPlan,
+    SlotFactors,
+    apply_conv,
+    apply_linear,
+    apply_merged,
+    merge_pays,
+    merged_stacks,
+    plan_conv,
+    plan_linear,
+    plan_merged,
+)
 
 # Versions are unique across pools, so a layer whose pool is replaced never mistakes the new
 # pool's state for the old one's.
@@ -31,19 +42,25 @@ class AdapterContext:
     """The rows of the current model call and their stacks, read by every wrapped module.
 
     Batch metadata is allocated once per token count per row (each UNet resolution has its own)
-    and refilled in place once per call, the first time a module of that resolution asks.
+    and refilled in place when the rows' stacks change, the first time a module of that
+    resolution asks.
+
+    `merge_budget_bytes` bounds the merged weight copies (`lora_plan.plan_merged`) that the CPU
+    path's layers may hold at once, all layers together; 0 keeps every layer factorized.
     """
 
-    def __init__(self, max_rows: int, max_stack: int, device: torch.device) -> None:
+    def __init__(self, max_rows: int, max_stack: int, device: torch.device, merge_budget_bytes: int = 0) -> None:
         self.max_rows = max_rows
         self.max_stack = max_stack
         self.device = device
+        self.merge_budget_bytes = merge_budget_bytes
+        self.merged_bytes = 0
+        """Bytes the layers' merged plans hold now."""
         self.stacks: list[list[tuple[int, float]]] | None = None  # None: no row reads an adapter
         self.num_rows = 0
         self.stacks_version = 0
         """Changes when a call's stacks differ from the previous call's (layers key caches on it)."""
         self._last_stacks: list[list[tuple[int, float]]] | None = None
-        self._generation = 0
         self._metas: dict[int, LoRABatchMeta] = {}
         self._filled: dict[int, int] = {}
 
@@ -53,7 +70,6 @@ class AdapterContext:
         clean = [list(stack) for stack in stacks]
         self.stacks = clean if any(clean) else None
         self.num_rows = len(clean)
-        self._generation += 1
         if clean != self._last_stacks:
             self.stacks_version += 1
             self._last_stacks = clean
@@ -74,10 +90,12 @@ class AdapterContext:
             )
             self._metas[tokens_per_row] = meta
             self._filled.pop(tokens_per_row, None)
-        if self._filled.get(tokens_per_row) != self._generation:
+        # A meta's tables depend on the stacks (and so the row count) alone: steps whose stacks
+        # equal the previous call's reuse them as they are.
+        if self._filled.get(tokens_per_row) != self.stacks_version:
             assert self.stacks is not None
             meta.fill([tokens_per_row] * self.num_rows, self.stacks)
-            self._filled[tokens_per_row] = self._generation
+            self._filled[tokens_per_row] = self.stacks_version
         return meta
 
 
@@ -184,28 +202,50 @@ class _PlannedLayer(_AdapterLayer):
     def _cached_plan(self, pool: ModulePool, meta: LoRABatchMeta, build):
         key = (self.context.stacks_version, pool.version, meta.num_tokens)
         if key != self._plan_key:
-            self._plan, self._plan_key = build(pool.slots, meta), key
+            # The old plan's merged copies leave the budget before the new plan is sized.
+            self.context.merged_bytes -= getattr(self._plan, "nbytes", 0)
+            self._plan = build(pool.slots, meta)
+            self._plan_key = key
+            self.context.merged_bytes += getattr(self._plan, "nbytes", 0)
         return self._plan
 
 
 class AdapterLinear(_PlannedLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         context, pool = self.context, self._active_pool()
         if pool is None:
-            return y
-        d_in, d_out = x.shape[-1], y.shape[-1]
+            return self.base(x)
+        d_in = x.shape[-1]
         tokens = x.numel() // d_in
         if tokens % context.num_rows:
             raise RuntimeError(f"{tokens} tokens do not split over {context.num_rows} rows")
-        flat_y = y.reshape(tokens, d_out)  # a view: F.linear's output is contiguous
         flat_x = x.reshape(tokens, d_in)
         meta = context.meta_for(tokens // context.num_rows)
-        if pool.views:
-            apply_linear(flat_y, flat_x, self._cached_plan(pool, meta, plan_linear))
-        else:
-            add_multi_lora(flat_y, flat_x, pool.a, pool.b, pool.ranks, meta)
+        if not pool.views:
+            y = self.base(x)
+            add_multi_lora(y.reshape(tokens, -1), flat_x, pool.a, pool.b, pool.ranks, meta)
+            return y
+        plan = self._cached_plan(pool, meta, self._build_plan)
+        if isinstance(plan, MergedPlan):
+            return apply_merged(flat_x, plan, self.base.bias).view(*x.shape[:-1], -1)
+        y = self.base(x)
+        apply_linear(y.reshape(tokens, -1), flat_x, plan)  # a view: F.linear's output is contiguous
         return y
+
+    def _build_plan(self, slots, meta: LoRABatchMeta):
+        """Merged copies where they pay (`lora_plan.merge_pays`) and fit the context's budget;
+        the factorized deltas elsewhere."""
+        weight = self.base.weight  # [out, in]
+        if merge_pays(meta.num_tokens // meta.num_rows, weight.shape[1], weight.shape[0]):
+            need = len(merged_stacks(meta)) * weight.numel() * weight.element_size()  # at most
+            if self.context.merged_bytes + need <= self.context.merge_budget_bytes:
+                old = self._plan
+                # `_cached_plan` keys plans on (stacks, pool version, tokens): the same pool
+                # version means the same slot contents, so the old copies are still right.
+                same_pool = self.pool is not None and self._plan_key is not None and self._plan_key[1] == self.pool.version
+                reuse = old.merged if isinstance(old, MergedPlan) and same_pool else None
+                return plan_merged(slots, meta, weight, reuse)
+        return plan_linear(slots, meta)
 
 
 class AdapterConv2d(_PlannedLayer):

@@ -91,7 +91,9 @@ class AdapterRuntime:
         if len(model.text_encoders) > 1:
             components["text_encoder_2"] = model.text_encoders[1]
         self.targets = targets_of(components)
-        self.context = AdapterContext(max_rows=max_rows, max_stack=MAX_STACK, device=model.device)
+        self.context = AdapterContext(
+            max_rows=max_rows, max_stack=MAX_STACK, device=model.device, merge_budget_bytes=config.merge_budget_bytes
+        )
         self.layers = wrap_targets(components, self.targets, self.context)
         # IP-Adapter branches: row-aware processors on every cross-attention layer, installed once.
         for encoder in model.text_encoders:

@@ -11,6 +11,12 @@ either per run of rows sharing a stack (two matmuls per run) or, for many rows w
 stacks and equal token counts, as two bmm over all rows (what dominated on CPU was op count, not
 FLOPs). A plan depends only on the slots and the rows' stacks, so callers keep it while neither
 changes (a batch steps with the same stacks for many steps). Conv LoRA (LoCon) plans likewise.
+
+Where a module sees many tokens per row and is narrow (SD's first UNet level: 1,024-4,096 tokens
+of 320 features), one step's deltas cost more than merging the stack into a weight copy once:
+`plan_merged` then keeps, per stack, `W' = W + Σ_k s_k · c_k · B_k @ A_k` (its own memory, never
+the base weight) and `apply_merged` runs each run of rows' GEMM on its copy, so the step pays no
+delta at all. Same math, summed in another order (float rounding apart).
 The torch reference of the Triton kernels (`lora_reference.py`) is this path over views of the
 slot tensors.
 """
@@ -99,6 +105,94 @@ def plan_linear(slots: SlotTable, meta: LoRABatchMeta) -> LinearPlan:
         for start, end, scales in group.runs:
             runs.append(RunFactors(start, end, down, up_t * _scale_column(entries, group, slots, scales)))
     return LinearPlan(runs=tuple(runs))
+
+
+# One step's factorized deltas cost 2·T·R·(in + out) FLOPs (T tokens per row, R the stack's rank);
+# merging the stack costs 2·R·in·out once per stack and makes every later step's delta free. A module
+# is merged where one step's deltas already cost MERGE_PAYBACK times the merge: the merge has paid
+# for itself within the first step, whatever the step count.
+MERGE_PAYBACK = 2
+
+
+def merge_pays(tokens_per_row: int, fan_in: int, out: int) -> bool:
+    """True where a per-stack merged weight beats the factorized deltas from the first step on."""
+    return tokens_per_row * (fan_in + out) >= MERGE_PAYBACK * fan_in * out
+
+
+@dataclass(frozen=True)
+class MergedSegment:
+    """Tokens [start, end) run their GEMM on `weight`."""
+
+    start: int
+    end: int
+    weight: torch.Tensor  # [out, in]: a merged copy, or the base weight itself for rows without a delta here
+
+
+@dataclass(frozen=True)
+class MergedPlan:
+    segments: tuple[MergedSegment, ...]  # in token order, covering every token
+    merged: dict  # (slots, scales) -> merged weight, reused by the next plan while the pool is unchanged
+    nbytes: int  # bytes of the merged copies this plan holds
+
+
+StackKey = tuple[tuple[int, ...], tuple[float, ...]]
+
+
+def merged_stacks(meta: LoRABatchMeta) -> list[StackKey]:
+    """The distinct (slots, scales) stacks of a batch: one merged copy each."""
+    return list(dict.fromkeys((group.slots, scales) for group in meta.plan for _, _, scales in group.runs))
+
+
+def plan_merged(
+    slots: SlotTable, meta: LoRABatchMeta, base_weight: torch.Tensor, reuse: dict | None = None
+) -> MergedPlan:
+    """Per stack of the batch, W + its deltas (float32 sums, stored in W's dtype); rows whose stack
+    has no factors on this module, or no stack, read `base_weight`. `reuse`: a previous plan's
+    `merged` over the same slot contents (the caller keys it on the pool's version)."""
+    reuse = reuse or {}
+    merged: dict[StackKey, torch.Tensor] = {}
+    pieces: list[tuple[int, int, torch.Tensor]] = []
+    for group in meta.plan:
+        gathered = _group_factors(group, slots)
+        for start, end, scales in group.runs:
+            if gathered is None:
+                continue  # rows read the base weight, filled in below
+            key = (group.slots, scales)
+            weight = merged.get(key)
+            if weight is None:
+                weight = reuse.get(key)
+            if weight is None:
+                down, up_t, entries = gathered
+                up_t = up_t * _scale_column(entries, group, slots, scales)  # [R, out]
+                # W' = W + up_t^T @ down: [out, R] @ [R, in], accumulated in float32
+                weight = torch.addmm(base_weight.float(), up_t.t(), down).to(base_weight.dtype)
+            merged[key] = weight
+            pieces.append((start, end, weight))
+    pieces.sort(key=lambda piece: piece[0])
+    segments: list[MergedSegment] = []
+    cursor = 0
+    for start, end, weight in pieces:
+        if start > cursor:
+            segments.append(MergedSegment(cursor, start, base_weight))
+        segments.append(MergedSegment(start, end, weight))
+        cursor = end
+    if cursor < meta.num_tokens:
+        segments.append(MergedSegment(cursor, meta.num_tokens, base_weight))
+    nbytes = sum(w.numel() * w.element_size() for w in merged.values())
+    return MergedPlan(tuple(segments), merged, nbytes)
+
+
+def apply_merged(x: torch.Tensor, plan: MergedPlan, bias: torch.Tensor | None) -> torch.Tensor:
+    """y [T, out] = x [T, in] @ W'^T (+ bias), each run of tokens on its own weight."""
+    out = plan.segments[0].weight.shape[0]
+    y = x.new_empty(x.shape[0], out)  # [T, out]
+    for segment in plan.segments:
+        x_part, y_part = x[segment.start : segment.end], y[segment.start : segment.end]
+        if bias is None:
+            torch.mm(x_part, segment.weight.t(), out=y_part)
+        else:
+            torch.addmm(bias, x_part, segment.weight.t(), out=y_part)
+    return y
 
 
 def _row_factors(per_group, slots: SlotTable, meta: LoRABatchMeta) -> RowFactors | None:

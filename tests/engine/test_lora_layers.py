@@ -90,3 +90,50 @@ def test_slot_tensors_give_what_views_give() -> None:
             outputs.append(layer(x))
     torch.testing.assert_close(outputs[0], outputs[1])
     assert not torch.equal(outputs[0], base(x))
+
+
+def test_merged_plans_match_the_deltas_reuse_copies_and_keep_to_the_budget() -> None:
+    """Where merging pays (many tokens per row), each stack runs on its own merged weight copy."""
+    from sdserve.kernels.lora_plan import LinearPlan, MergedPlan, merge_pays
+
+    tokens = 16
+    assert merge_pays(tokens, D_IN, D_OUT)
+    generator = torch.Generator().manual_seed(2)
+    weight_bytes = D_IN * D_OUT * 4
+    context = AdapterContext(max_rows=4, max_stack=2, device=torch.device("cpu"), merge_budget_bytes=3 * weight_bytes)
+    layer = AdapterLinear(nn.Linear(D_IN, D_OUT), context)
+    pool = ModulePool(TargetSpec("linear", D_IN, D_OUT), num_slots=3, device=torch.device("cpu"), dtype=torch.float32)
+    for slot in range(3):
+        pool.place(slot, torch.randn(RANK, D_IN, generator=generator), torch.randn(D_OUT, RANK, generator=generator), 0.5)
+    layer.pool = pool
+    x = torch.randn(4, tokens, D_IN, generator=generator)
+
+    def run(stacks):
+        with torch.no_grad(), context.rows(stacks):
+            return layer(x), _expected(layer, x, pool, stacks)
+
+    stacks = [[(0, 1.0)], [], [(1, 0.5), (2, -1.0)], [(0, -0.5)]]  # slot 0 at two scales: two copies
+    got, want = run(stacks)
+    torch.testing.assert_close(got, want)
+    plan = layer._plan
+    assert isinstance(plan, MergedPlan) and context.merged_bytes == plan.nbytes == 3 * weight_bytes
+    assert plan.segments[1].weight is layer.base.weight  # the adapter-free row reads the base weight
+    # A new batch keeps the copies of the stacks it shares with the last one.
+    kept = plan.merged[((1, 2), (0.5, -1.0))]
+    with torch.no_grad(), context.rows([stacks[2]]):
+        alone = layer(x[2:3])
+    assert layer._plan.merged[((1, 2), (0.5, -1.0))] is kept and context.merged_bytes == weight_bytes
+    # A row gives the same output alone as in the batch (rule 4): its GEMM sees the same rows.
+    assert torch.equal(alone[0], got[2])
+    kept = layer._plan.merged[((1, 2), (0.5, -1.0))]
+
+    # A hot swap into a slot makes new copies: the result follows the new weights.
+    pool.place(1, torch.randn(RANK, D_IN, generator=generator), torch.randn(D_OUT, RANK, generator=generator), 1.0)
+    got, want = run([[(0, 1.0)], [], [(1, 0.5), (2, -1.0)], [(2, 2.0)]])
+    torch.testing.assert_close(got, want)
+    assert layer._plan.merged[((1, 2), (0.5, -1.0))] is not kept and context.merged_bytes == 3 * weight_bytes
+
+    # Beyond the budget (four distinct stacks, room for three copies) the layer stays factorized.
+    got, want = run([[(0, 1.0)], [(1, 1.0)], [(2, 1.0)], [(0, 2.0)]])
+    torch.testing.assert_close(got, want)
+    assert isinstance(layer._plan, LinearPlan) and context.merged_bytes == 0
