@@ -70,12 +70,13 @@ def build(rank: int, rows: int, merge_budget: int):
 
 def breakdown(forward, layers: dict, targets: dict, rank_sum: int, repeats: int) -> dict[str, float]:
     """Forwards without and with adapters (interleaved, `repeats` each), timers around each adapted
-    projection: seconds in the projections (median over forwards), in the factorized deltas, FLOPs
-    of the base GEMMs (2·tokens·in·out) and of the deltas (2·tokens·R·(in+out))."""
-    sums: dict[bool, list[float]] = {False: [], True: []}
+    projection: seconds in the projections (per projection the median over forwards, summed, so
+    that a stall in one forward does not count), in the factorized deltas, FLOPs of the base GEMMs
+    (2·tokens·in·out) and of the deltas (2·tokens·R·(in+out))."""
+    per_layer: dict[bool, dict[str, list[float]]] = {False: {}, True: {}}
     deltas: list[float] = []
     flops = {"base": 0.0, "lora": 0.0, "factorized": 0.0}
-    current = {"seconds": 0.0, "deltas": 0.0, "adapters": False}
+    current: dict = {"seconds": {}, "deltas": 0.0}
     apply_linear = lora_layers.apply_linear
 
     def timed_apply(y, x, plan):
@@ -83,24 +84,25 @@ def breakdown(forward, layers: dict, targets: dict, rank_sum: int, repeats: int)
         apply_linear(y, x, plan)
         current["deltas"] += time.perf_counter() - started
 
-    def timed(original):
+    def timed(name, original):
         def run(x):
             started = time.perf_counter()
             y = original(x)
-            current["seconds"] += time.perf_counter() - started
+            current["seconds"][name] = current["seconds"].get(name, 0.0) + time.perf_counter() - started
             return y
 
         return run
 
     lora_layers.apply_linear = timed_apply
     for name in targets:
-        layers[name].forward = timed(layers[name].forward)
+        layers[name].forward = timed(name, layers[name].forward)
     try:
         for _ in range(repeats):
             for with_adapters in (False, True):
-                current.update(seconds=0.0, deltas=0.0)
+                current.update(seconds={}, deltas=0.0)
                 forward(with_adapters)
-                sums[with_adapters].append(current["seconds"])
+                for name, seconds in current["seconds"].items():
+                    per_layer[with_adapters].setdefault(name, []).append(seconds)
                 if with_adapters:
                     deltas.append(current["deltas"])
     finally:
@@ -118,7 +120,7 @@ def breakdown(forward, layers: dict, targets: dict, rank_sum: int, repeats: int)
             merged += 1
         else:
             flops["factorized"] += 2 * tokens * rank_sum * (d_in + d_out)
-    without, with_ = statistics.median(sums[False]), statistics.median(sums[True])
+    without, with_ = (sum(statistics.median(times) for times in per_layer[mode].values()) for mode in (False, True))
     return {
         "projections_s": without,
         "projections_with_adapters_s": with_,
@@ -175,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
                 unet(sample, timesteps, encoder_hidden_states=text, return_dict=False)
             rebuilds.append(time.perf_counter() - started)
         forward(True)  # plans back to the measured stacks
-        parts = breakdown(forward, layers, targets, 2 * args.rank, repeats=3)
+        parts = breakdown(forward, layers, targets, 2 * args.rank, repeats=5)
     base, lora = statistics.median(times[False]), statistics.median(times[True])
     # The adapters' FLOPs are counted from the projections' shapes (FlopCounterMode misses the
     # in-place baddbmm_ of the expand); the base's come from the counter.

@@ -237,7 +237,9 @@ class AdapterLinear(_PlannedLayer):
         the factorized deltas elsewhere."""
         weight = self.base.weight  # [out, in]
         if merge_pays(meta.num_tokens // meta.num_rows, weight.shape[1], weight.shape[0]):
-            need = len(merged_stacks(meta)) * weight.numel() * weight.element_size()  # at most
+            # at most: a copy per distinct stack, or per segment (one per row at most) when stacked
+            copies = max(len(merged_stacks(meta)), meta.num_rows)
+            need = copies * weight.numel() * weight.element_size()
             if self.context.merged_bytes + need <= self.context.merge_budget_bytes:
                 old = self._plan
                 # `_cached_plan` keys plans on (stacks, pool version, tokens): the same pool

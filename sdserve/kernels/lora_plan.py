@@ -133,6 +133,10 @@ class MergedPlan:
     segments: tuple[MergedSegment, ...]  # in token order, covering every token
     merged: dict  # (slots, scales) -> merged weight, reused by the next plan while the pool is unchanged
     nbytes: int  # bytes of the merged copies this plan holds
+    # [S, in, out] when the S segments are equally long (each request its own stack, the usual
+    # batch): one bmm then runs the whole layer, as fast as the base GEMM, where S separate GEMMs
+    # measured ~6 % slower inside the UNet. Segments' weights are views of it.
+    stacked: torch.Tensor | None = None
 
 
 StackKey = tuple[tuple[int, ...], tuple[float, ...]]
@@ -178,6 +182,12 @@ def plan_merged(
         cursor = end
     if cursor < meta.num_tokens:
         segments.append(MergedSegment(cursor, meta.num_tokens, base_weight))
+    if len(segments) > 1 and len({segment.end - segment.start for segment in segments}) == 1:
+        stacked = torch.stack([segment.weight.t() for segment in segments])  # [S, in, out]
+        views = {id(segment.weight): stacked[i].t() for i, segment in enumerate(segments)}
+        merged = {key: views[id(weight)] for key, weight in merged.items()}
+        segments = [MergedSegment(seg.start, seg.end, views[id(seg.weight)]) for seg in segments]
+        return MergedPlan(tuple(segments), merged, stacked.numel() * stacked.element_size(), stacked)
     nbytes = sum(w.numel() * w.element_size() for w in merged.values())
     return MergedPlan(tuple(segments), merged, nbytes)
 
@@ -185,6 +195,12 @@ def plan_merged(
 def apply_merged(x: torch.Tensor, plan: MergedPlan, bias: torch.Tensor | None) -> torch.Tensor:
     """y [T, out] = x [T, in] @ W'^T (+ bias), each run of tokens on its own weight."""
     out = plan.segments[0].weight.shape[0]
+    if plan.stacked is not None:
+        count = plan.stacked.shape[0]
+        x_parts = x.view(count, x.shape[0] // count, x.shape[1])  # [S, n, in]
+        if bias is None:
+            return torch.bmm(x_parts, plan.stacked).view(x.shape[0], out)
+        return torch.baddbmm(bias, x_parts, plan.stacked).view(x.shape[0], out)
     y = x.new_empty(x.shape[0], out)  # [T, out]
     for segment in plan.segments:
         x_part, y_part = x[segment.start : segment.end], y[segment.start : segment.end]

@@ -100,7 +100,7 @@ def test_merged_plans_match_the_deltas_reuse_copies_and_keep_to_the_budget() -> 
     assert merge_pays(tokens, D_IN, D_OUT)
     generator = torch.Generator().manual_seed(2)
     weight_bytes = D_IN * D_OUT * 4
-    context = AdapterContext(max_rows=4, max_stack=2, device=torch.device("cpu"), merge_budget_bytes=3 * weight_bytes)
+    context = AdapterContext(max_rows=4, max_stack=2, device=torch.device("cpu"), merge_budget_bytes=4 * weight_bytes)
     layer = AdapterLinear(nn.Linear(D_IN, D_OUT), context)
     pool = ModulePool(TargetSpec("linear", D_IN, D_OUT), num_slots=3, device=torch.device("cpu"), dtype=torch.float32)
     for slot in range(3):
@@ -116,13 +116,18 @@ def test_merged_plans_match_the_deltas_reuse_copies_and_keep_to_the_budget() -> 
     got, want = run(stacks)
     torch.testing.assert_close(got, want)
     plan = layer._plan
-    assert isinstance(plan, MergedPlan) and context.merged_bytes == plan.nbytes == 3 * weight_bytes
-    assert plan.segments[1].weight is layer.base.weight  # the adapter-free row reads the base weight
+    # Four equal rows: the copies are stacked for one bmm, the adapter-free row's being the base's.
+    assert isinstance(plan, MergedPlan) and plan.stacked is not None
+    assert context.merged_bytes == plan.nbytes == 4 * weight_bytes
+    assert torch.equal(plan.segments[1].weight, layer.base.weight)
     # A new batch keeps the copies of the stacks it shares with the last one.
     kept = plan.merged[((1, 2), (0.5, -1.0))]
     with torch.no_grad(), context.rows([stacks[2]]):
         alone = layer(x[2:3])
-    assert layer._plan.merged[((1, 2), (0.5, -1.0))] is kept and context.merged_bytes == weight_bytes
+    # One row: no stack of copies; the kept copy is reused as it is.
+    assert layer._plan.stacked is None and torch.equal(layer._plan.merged[((1, 2), (0.5, -1.0))], kept)
+    assert layer._plan.merged[((1, 2), (0.5, -1.0))].data_ptr() == kept.data_ptr()
+    assert context.merged_bytes == weight_bytes
     # A row gives the same output alone as in the batch (rule 4): its GEMM sees the same rows.
     assert torch.equal(alone[0], got[2])
     kept = layer._plan.merged[((1, 2), (0.5, -1.0))]
@@ -131,9 +136,16 @@ def test_merged_plans_match_the_deltas_reuse_copies_and_keep_to_the_budget() -> 
     pool.place(1, torch.randn(RANK, D_IN, generator=generator), torch.randn(D_OUT, RANK, generator=generator), 1.0)
     got, want = run([[(0, 1.0)], [], [(1, 0.5), (2, -1.0)], [(2, 2.0)]])
     torch.testing.assert_close(got, want)
-    assert layer._plan.merged[((1, 2), (0.5, -1.0))] is not kept and context.merged_bytes == 3 * weight_bytes
+    assert not torch.equal(layer._plan.merged[((1, 2), (0.5, -1.0))], kept)
+    assert context.merged_bytes == 4 * weight_bytes
 
-    # Beyond the budget (four distinct stacks, room for three copies) the layer stays factorized.
+    # Unequal runs (two rows share a stack and scales) take one GEMM per run, no stack of copies.
+    got, want = run([[(0, 1.0)], [(0, 1.0)], [], [(2, 2.0)]])
+    torch.testing.assert_close(got, want)
+    assert layer._plan.stacked is None and len(layer._plan.segments) == 3
+
+    # Beyond the budget (four rows, room for three copies) the layer stays factorized.
+    context.merge_budget_bytes = 3 * weight_bytes
     got, want = run([[(0, 1.0)], [(1, 1.0)], [(2, 1.0)], [(0, 2.0)]])
     torch.testing.assert_close(got, want)
     assert isinstance(layer._plan, LinearPlan) and context.merged_bytes == 0
