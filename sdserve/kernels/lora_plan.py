@@ -11,14 +11,14 @@ either per run of rows sharing a stack (two matmuls per run) or, for many rows w
 stacks and equal token counts, as two bmm over all rows (what dominated on CPU was op count, not
 FLOPs). A plan depends only on the slots and the rows' stacks, so callers keep it while neither
 changes (a batch steps with the same stacks for many steps). Conv LoRA (LoCon) plans likewise.
+The torch reference of the Triton kernels (`lora_reference.py`) is this path over views of the
+slot tensors.
 
 Where a module sees many tokens per row and is narrow (SD's first UNet level: 1,024-4,096 tokens
 of 320 features), one step's deltas cost more than merging the stack into a weight copy once:
 `plan_merged` then keeps, per stack, `W' = W + Σ_k s_k · c_k · B_k @ A_k` (its own memory, never
 the base weight) and `apply_merged` runs each run of rows' GEMM on its copy, so the step pays no
 delta at all. Same math, summed in another order (float rounding apart).
-The torch reference of the Triton kernels (`lora_reference.py`) is this path over views of the
-slot tensors.
 """
 
 from __future__ import annotations
@@ -163,8 +163,9 @@ def plan_merged(
                 continue  # rows read the base weight, filled in below
             key = (group.slots, scales)
             weight = merged.get(key)
-            if weight is None:
-                weight = reuse.get(key)
+            if weight is None and key in reuse:
+                # A view into the last plan's stack of copies would keep all of it alive.
+                weight = reuse[key] if reuse[key]._base is None else reuse[key].clone()
             if weight is None:
                 down, up_t, entries = gathered
                 up_t = up_t * _scale_column(entries, group, slots, scales)  # [R, out]
@@ -197,7 +198,7 @@ def apply_merged(x: torch.Tensor, plan: MergedPlan, bias: torch.Tensor | None) -
     out = plan.segments[0].weight.shape[0]
     if plan.stacked is not None:
         count = plan.stacked.shape[0]
-        x_parts = x.view(count, x.shape[0] // count, x.shape[1])  # [S, n, in]
+        x_parts = x.reshape(count, x.shape[0] // count, x.shape[1])  # [S, n, in]
         if bias is None:
             return torch.bmm(x_parts, plan.stacked).view(x.shape[0], out)
         return torch.baddbmm(bias, x_parts, plan.stacked).view(x.shape[0], out)
