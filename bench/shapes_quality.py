@@ -8,8 +8,8 @@ distribution (one and two shapes). Each is sampled with its own seed, 20 steps, 
 attribute. Then size pairs: 40 held-out prompts asked once "small" and once "large" with the
 same seed; a pair is right when the large image's largest shape is the larger one.
 Sampling runs through the sdserve engine with the model's own defaults (those of
-`sdserve generate`) unless --scheduler/--guidance say otherwise; the model defaults to the
-embedded `default`.
+`sdserve generate`) unless --scheduler/--guidance/--guidance-end say otherwise; the model
+defaults to the embedded `default`.
 """
 
 from __future__ import annotations
@@ -57,7 +57,13 @@ def bench_prompts(count: int = 200, held_out_count: int = 60, seed: int = 0) -> 
 
 
 def sample_images(
-    model: str, prompts: list[BenchPrompt], steps: int | None, guidance: float | None, scheduler: str | None, batch: int
+    model: str,
+    prompts: list[BenchPrompt],
+    steps: int | None,
+    guidance: float | None,
+    scheduler: str | None,
+    batch: int,
+    guidance_interval: tuple[float | None, float | None] = (None, None),
 ) -> np.ndarray:
     """uint8 [N, 64, 64, 3] through the sdserve engine, `batch` requests at a time."""
     from tqdm import tqdm
@@ -68,7 +74,14 @@ def sample_images(
     requests = [
         engine.validate(
             RequestSpec(
-                model=model, prompt=p.text, seed=p.seed, steps=steps, guidance_scale=guidance, scheduler=scheduler
+                model=model,
+                prompt=p.text,
+                seed=p.seed,
+                steps=steps,
+                guidance_scale=guidance,
+                scheduler=scheduler,
+                guidance_start=guidance_interval[0],
+                guidance_end=guidance_interval[1],
             )
         )
         for p in prompts
@@ -136,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, help="default: the model's")
     parser.add_argument("--scheduler", help="default: the model's")
+    parser.add_argument("--guidance-start", type=float, help="default: the model's")
+    parser.add_argument("--guidance-end", type=float, help="default: the model's")
     parser.add_argument("--batch", type=int, default=40, help="requests per engine call")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
@@ -148,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     pairs = size_pairs(args.pairs, seed=args.seed)
     paired = [p for pair in pairs for p in pair]
     start = time.monotonic()
-    images = sample_images(args.model, prompts + paired, args.steps, args.guidance, args.scheduler, args.batch)
+    interval = (args.guidance_start, args.guidance_end)
+    images = sample_images(args.model, prompts + paired, args.steps, args.guidance, args.scheduler, args.batch, interval)
     seconds = time.monotonic() - start
     images, pair_images = images[: len(prompts)], images[len(prompts) :]
     results = [score(p.spec, image) for p, image in zip(prompts, images)]
@@ -156,7 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     extents = [(largest_extent(pair_images[2 * i]), largest_extent(pair_images[2 * i + 1])) for i in range(len(pairs))]
     large_larger = float(np.mean([large > small for small, large in extents])) if extents else float("nan")
 
-    print(f"model {args.model}, {args.steps} steps, guidance {args.guidance or 'model default'}, "
+    print(f"model {args.model}, {args.steps} steps, guidance {args.guidance or 'model default'} "
+          f"in [{'default' if args.guidance_start is None else args.guidance_start}, "
+          f"{'default' if args.guidance_end is None else args.guidance_end}], "
           f"scheduler {args.scheduler or 'model default'}")
     print(f"{'group':<16}" + "".join(f"{k:>11}" for k in SCORED) + f"{'n':>6}")
     for group, row in summary.items():
@@ -171,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps,
         "guidance": args.guidance,
         "scheduler": args.scheduler,
+        "guidance_interval": list(interval),
         "sampling_seconds": seconds,
         "summary": summary,
         "large_larger_than_small": large_larger,

@@ -29,6 +29,7 @@ def _list(args: argparse.Namespace) -> None:
                 "size": f"{spec.defaults.width}x{spec.defaults.height}",
                 "steps": spec.defaults.steps,
                 "guidance": spec.defaults.guidance_scale,
+                "guidance_interval": [spec.defaults.guidance_start, spec.defaults.guidance_end],
                 "scheduler": spec.defaults.scheduler,
             }
         )

@@ -23,6 +23,7 @@ class BatchEntry:
     row_start: int
     row_stop: int
     timestep: torch.Tensor  # the scheduler's own 0-d timestep for this step
+    guided: bool  # this step runs classifier-free guidance (two rows per image)
 
 
 @dataclass
@@ -55,12 +56,14 @@ def assemble_batch(key: GroupKey, states: list[RequestState]) -> Batch:
     row = 0
     for state in states:
         t = state.timesteps[state.step_index]
+        guided = state.guided_at(state.step_index)
+        copies = 2 if guided else 1
+        keep = state.conditioning_rows(guided)  # outside the guidance interval: the cond rows alone
         latents = state.latents
-        x = torch.cat([latents] * 2) if state.request.guidance else latents  # [rows_i, C, h, w]
+        x = torch.cat([latents] * copies) if guided else latents  # [rows_i, C, h, w]
         x = state.scheduler.scale_model_input(x, t)
         inpainting = state.inpainting
         if inpainting is not None and inpainting.mode == "concat":
-            copies = 2 if state.request.guidance else 1
             mask = torch.cat([inpainting.mask] * copies)
             masked = torch.cat([inpainting.masked_image_latents] * copies)
             x = torch.cat([x, mask, masked], dim=1)  # [rows_i, 4 + 1 + 4, h, w]
@@ -68,21 +71,21 @@ def assemble_batch(key: GroupKey, states: list[RequestState]) -> Batch:
         rows = x.shape[0]
         timesteps.append(t.to(torch.float32).reshape(1).expand(rows))
         cond = state.conditioning
-        hidden.append(cond.encoder_hidden_states)
+        hidden.append(cond.encoder_hidden_states[keep])
         if cond.text_embeds is not None:
-            pooled.append(cond.text_embeds)
-            time_ids.append(cond.time_ids)
+            pooled.append(cond.text_embeds[keep])
+            time_ids.append(cond.time_ids[keep])
         row_stacks.extend([state.stack_at(state.step_index)] * rows)
         hypernetwork_rows.extend([state.request.hypernetworks] * rows)
-        for r in range(rows):
+        for r in range(keep.start, keep.stop):
             ip_rows.append([(b.weights, b.tokens[r], b.scale) for b in state.ip_branches])
         for unit_index, control in enumerate(state.controls):
             unit = control.unit
             if active_at(state.step_index, state.num_steps, unit.start, unit.end):
-                cond = torch.cat([control.cond] * 2) if state.request.guidance else control.cond
+                cond = torch.cat([control.cond] * copies) if guided else control.cond
                 segment = ControlSegment(row, row + rows, cond, unit.scale)
                 controls.setdefault((unit.model, unit_index), []).append(segment)
-        entries.append(BatchEntry(state=state, row_start=row, row_stop=row + rows, timestep=t))
+        entries.append(BatchEntry(state=state, row_start=row, row_stop=row + rows, timestep=t, guided=guided))
         row += rows
     return Batch(
         key=key,

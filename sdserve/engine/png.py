@@ -24,6 +24,8 @@ def parameters_text(request: EngineRequest, image_index: int = 0) -> str:
         "Size": f"{request.width}x{request.height}",
         "Model": request.model if "/" not in request.model else request.model.rstrip("/").rsplit("/", 1)[-1],
     }
+    if (request.guidance_start, request.guidance_end) != (0.0, 1.0):
+        pairs["Guidance interval"] = f"{request.guidance_start:g}-{request.guidance_end:g}"
     if request.num_images > 1:
         pairs["Batch pos"] = image_index
     lines.append(", ".join(f"{k}: {v}" for k, v in pairs.items()))

@@ -93,6 +93,8 @@ class RequestSpec:
     embeddings: tuple[EmbeddingSpec, ...] = ()
     hypernetworks: tuple[HypernetworkSpec, ...] = ()
     preview_every: int | None = None
+    guidance_start: float | None = None
+    guidance_end: float | None = None
 
 
 @dataclass(frozen=True)
@@ -119,13 +121,16 @@ class EngineRequest:
     embeddings: tuple[Any, ...] = field(default=(), compare=False, repr=False)  # TextualInversion
     hypernetworks: tuple[tuple[Any, float], ...] = field(default=(), compare=False, repr=False)  # (net, strength)
     preview_every: int = 0  # a latent preview with every N-th step event (0: none)
+    guidance_start: float = 0.0  # guidance interval, fractions of the schedule (activity rule)
+    guidance_end: float = 1.0
     request_id: str = ""
     tenant: str = ""
     deadline: float | None = field(default=None, compare=False)  # time.monotonic() seconds
 
     @property
     def guidance(self) -> bool:
-        """Classifier-free guidance runs only when the scale is > 1 (diffusers' rule)."""
+        """Classifier-free guidance runs only when the scale is > 1 (diffusers' rule); then the
+        request's prompts are encoded for both rows and the steps of its guidance interval run both."""
         return self.guidance_scale > 1.0
 
     @property
@@ -137,7 +142,8 @@ class EngineRequest:
 
     @property
     def rows(self) -> int:
-        """UNet rows this request occupies in a batch."""
+        """Most UNet rows this request occupies in a batch (steps outside its guidance interval
+        run half of them)."""
         return self.num_images * (2 if self.guidance else 1)
 
 
@@ -291,6 +297,14 @@ def resolve(
     guidance = spec.guidance_scale if spec.guidance_scale is not None else defaults.guidance_scale
     if not (0.0 <= guidance <= MAX_GUIDANCE):  # also refuses NaN
         raise InvalidArgument(f"must be between 0 and {MAX_GUIDANCE:g} (got {guidance})", field="guidance_scale")
+    guidance_start = spec.guidance_start if spec.guidance_start is not None else defaults.guidance_start
+    guidance_end = spec.guidance_end if spec.guidance_end is not None else defaults.guidance_end
+    if not (0.0 <= guidance_start <= 1.0):
+        raise InvalidArgument(f"must be between 0 and 1 (got {guidance_start})", field="guidance_start")
+    if not (guidance_start <= guidance_end <= 1.0):
+        raise InvalidArgument(
+            f"must be between guidance_start ({guidance_start:g}) and 1 (got {guidance_end})", field="guidance_end"
+        )
 
     init_image, mask_image, strength = _resolve_images(spec, info)
     if init_image is not None:
@@ -359,6 +373,8 @@ def resolve(
         embeddings=embeddings,
         hypernetworks=hypernetworks,
         preview_every=_check_int("preview_every", spec.preview_every or 0, 0, steps),
+        guidance_start=float(guidance_start),
+        guidance_end=float(guidance_end),
         request_id=request_id,
         tenant=tenant,
         deadline=deadline,

@@ -70,7 +70,7 @@ def advance(batch: Batch, noise_pred: torch.Tensor) -> None:
     for entry in batch.entries:
         state = entry.state
         pred = noise_pred[entry.row_start : entry.row_stop]  # [rows_i, C, h, w]
-        if state.request.guidance:
+        if entry.guided:
             uncond, cond = pred.chunk(2)
             pred = uncond + state.request.guidance_scale * (cond - uncond)
         state.latents = state.scheduler.step(

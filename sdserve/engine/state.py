@@ -74,6 +74,20 @@ class RequestState:
             if active_at(step, self.num_steps, entry.start, entry.end)
         ]
 
+    def guided_at(self, step: int) -> bool:
+        """Whether `step` runs classifier-free guidance: the scale is > 1 and the step lies in the
+        request's guidance interval (the activity rule every start/end range shares)."""
+        request = self.request
+        return request.guidance and active_at(step, self.num_steps, request.guidance_start, request.guidance_end)
+
+    def conditioning_rows(self, guided: bool) -> slice:
+        """The rows of the prepared conditioning a step reads: all of them, or, when the request
+        guides but not at this step, its conditional half (rows are `[uncond × n, cond × n]`)."""
+        n = self.request.num_images
+        if self.request.guidance and not guided:
+            return slice(n, 2 * n)
+        return slice(0, 2 * n if guided else n)
+
     @property
     def num_steps(self) -> int:
         """UNet evaluations the scheduler asks for: the N of the step-activity rule."""

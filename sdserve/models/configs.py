@@ -34,6 +34,12 @@ class ModelDefaults:
     steps: int
     guidance_scale: float
     scheduler: str
+    guidance_start: float = 0.0
+    """Fraction of the schedule where classifier-free guidance starts (the request's guidance_start)."""
+    guidance_end: float = 1.0
+    """Fraction of the schedule where it ends. A model that guidance over-sharpens at low noise
+    records less than 1 here (the shapes model: guidance late in the schedule bends its squares'
+    sides in; see docs/benchmarks.md)."""
 
 
 @dataclass(frozen=True)

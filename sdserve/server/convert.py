@@ -323,7 +323,13 @@ def list_models_response(infos: list[Any], default: str) -> pb.ListModelsRespons
                 description=info.description,
                 is_default=info.name == default,
                 defaults=pb.ModelDefaultsInfo(
-                    width=d.width, height=d.height, steps=d.steps, guidance_scale=d.guidance_scale, scheduler=d.scheduler
+                    width=d.width,
+                    height=d.height,
+                    steps=d.steps,
+                    guidance_scale=d.guidance_scale,
+                    scheduler=d.scheduler,
+                    guidance_start=d.guidance_start,
+                    guidance_end=d.guidance_end,
                 ),
                 limits=pb.ModelLimitsInfo(
                     max_steps=lim.max_steps,

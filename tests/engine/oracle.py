@@ -30,12 +30,13 @@ def diffusers_images(request: EngineRequest) -> np.ndarray:
     choice = resolve_scheduler(request.scheduler)
     original = pipe.scheduler  # the cached pipeline is shared by tests: put it back as it was
     pipe.scheduler = getattr(diffusers, choice.class_name).from_config(original.config, **choice.overrides)
+    inputs = dict(prompt=request.prompt, negative_prompt=request.negative_prompt, guidance_scale=request.guidance_scale)
+    if request.guidance and (request.guidance_start, request.guidance_end) != (0.0, 1.0):
+        inputs = _guidance_interval_inputs(pipe, request)
     try:
         images = pipe(
-            request.prompt,
-            negative_prompt=request.negative_prompt,
+            **inputs,
             num_inference_steps=request.steps,
-            guidance_scale=request.guidance_scale,
             width=request.width,
             height=request.height,
             num_images_per_prompt=request.num_images,
@@ -45,6 +46,40 @@ def diffusers_images(request: EngineRequest) -> np.ndarray:
     finally:
         pipe.scheduler = original
     return (images * 255).round().astype(np.uint8)
+
+
+def _guidance_interval_inputs(pipe, request: EngineRequest) -> dict:
+    """A guidance interval the way diffusers' docs switch guidance mid-run ("dynamic
+    classifier-free guidance"): a step-end callback sets the pipeline's guidance scale and hands
+    the loop the embeddings of the rows the next step runs. Both prompts are encoded up front
+    with diffusers' own `encode_prompt`, so the first step may run with or without guidance.
+    Stable Diffusion 1.x/2.x pipelines only (their loop reads just `prompt_embeds`)."""
+    if "xl" in request.model:
+        raise NotImplementedError("the guidance-interval oracle covers SD 1.x/2.x pipelines")
+    cond, uncond = pipe.encode_prompt(
+        request.prompt, pipe.device, 1, True, request.negative_prompt or ""
+    )  # [1, seq, dim] each; the pipeline repeats them per image
+    n = request.num_images
+    cond, uncond = cond.repeat(n, 1, 1), uncond.repeat(n, 1, 1)
+    num_steps = request.steps  # the schedulers used with it evaluate the UNet once per step
+
+    def guided(step: int) -> bool:
+        return request.guidance_start <= step / num_steps and (step + 1) / num_steps <= request.guidance_end
+
+    def on_step_end(pipe, step, timestep, tensors):
+        if step + 1 >= num_steps or guided(step + 1) == guided(step):
+            return {}
+        pipe._guidance_scale = request.guidance_scale if guided(step + 1) else 1.0
+        return {"prompt_embeds": torch.cat([uncond, cond]) if guided(step + 1) else cond}
+
+    first = guided(0)
+    return dict(
+        prompt_embeds=cond[:1],
+        negative_prompt_embeds=uncond[:1] if first else None,
+        guidance_scale=request.guidance_scale if first else 1.0,
+        callback_on_step_end=on_step_end,
+        callback_on_step_end_tensor_inputs=["prompt_embeds"],
+    )
 
 
 def max_pixel_difference(a: np.ndarray, b: np.ndarray) -> int:

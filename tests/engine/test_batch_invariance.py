@@ -23,12 +23,15 @@ MIXED = [
     dict(prompt="a red circle", seed=11, steps=3, scheduler="euler", guidance_scale=7.5, width=48),
     dict(prompt="a mountain", seed=12, steps=5, scheduler="euler_a", guidance_scale=6.0),
     dict(prompt="a sky", seed=13, steps=1, scheduler="euler", guidance_scale=7.5, width=48, num_images=2),
+    # guidance intervals: these rows change from two per image to one (or back) mid-run
+    dict(prompt="a boat", seed=14, steps=4, scheduler="euler", guidance_scale=7.5, guidance_end=0.5),
+    dict(prompt="a bird", seed=15, steps=4, scheduler="ddim", guidance_scale=5.0, guidance_start=0.5, num_images=2),
 ]
 
 
 @pytest.mark.parametrize("model", ["tiny-sd1", "tiny-sdxl"])
 def test_mixed_batch_equals_alone(model):
-    engine = Engine(EngineConfig(max_batch_rows=8))  # 25 rows in all: batches rotate
+    engine = Engine(EngineConfig(max_batch_rows=8))  # 31 rows at most: batches rotate
     requests = [engine.validate(RequestSpec(model=model, **fields)) for fields in MIXED]
     together = engine.generate(requests)
     for request, mixed in zip(requests, together):

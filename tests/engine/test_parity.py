@@ -83,3 +83,37 @@ def test_different_seed_changes_the_image(engine):
     a = engine.generate([engine.validate(RequestSpec(model="tiny-sd1", prompt="a cat", seed=1, steps=2))])[0]
     b = engine.generate([engine.validate(RequestSpec(model="tiny-sd1", prompt="a cat", seed=2, steps=2))])[0]
     assert max_pixel_difference(a.images[0], b.images[0]) > TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "model,start,end,num_images",
+    [("default", 0.0, 0.5, 1), ("default", 0.25, 0.75, 2), ("tiny-sd2", 0.0, 0.25, 1)],
+)
+def test_guidance_interval_matches_diffusers_dynamic_guidance(engine, model, start, end, num_images):
+    """Guidance only inside [guidance_start, guidance_end] equals diffusers switching guidance
+    on and off from a step-end callback; and it is not the fully guided image."""
+    fields = dict(model=model, prompt="a small red square at the top", seed=3, steps=4, guidance_scale=7.5,
+                  scheduler="euler", num_images=num_images)
+    request = engine.validate(RequestSpec(**fields, guidance_start=start, guidance_end=end))
+    ours = np.stack(engine.generate([request])[0].images)
+    assert max_pixel_difference(ours, diffusers_images(request)) <= TOLERANCE
+    everywhere = np.stack(engine.generate([engine.validate(RequestSpec(**fields))])[0].images)
+    assert max_pixel_difference(ours, everywhere) > TOLERANCE
+
+
+def test_steps_outside_the_guidance_interval_run_one_row_per_image(engine):
+    calls: list[int] = []
+    original = engine.runner.step
+
+    def spy(model, batch):
+        calls.append(batch.num_rows)
+        return original(model, batch)
+
+    engine.runner.step = spy
+    try:
+        engine.generate([engine.validate(RequestSpec(
+            model="tiny-sd1", prompt="a cat", seed=1, steps=4, guidance_scale=5.0, num_images=2, guidance_end=0.5
+        ))])
+    finally:
+        engine.runner.step = original
+    assert calls == [4, 4, 2, 2]

@@ -36,6 +36,10 @@ GOOD = dict(model="tiny-sd1", prompt="a cat")
         (dict(prompt=""), "prompt", "must not be empty"),
         (dict(prompt="   "), "prompt", "must not be empty"),
         (dict(seed=-1), "seed", "between 0 and"),
+        (dict(guidance_start=-0.1), "guidance_start", "between 0 and 1"),
+        (dict(guidance_start=float("nan")), "guidance_start", "between 0 and 1"),
+        (dict(guidance_end=1.5), "guidance_end", "between guidance_start (0) and 1"),
+        (dict(guidance_start=0.6, guidance_end=0.4), "guidance_end", "between guidance_start (0.6) and 1"),
     ],
 )
 def test_invalid_field_is_named(engine, change, field, words):
@@ -58,6 +62,7 @@ def test_defaults_fill_absent_fields(engine):
     assert (request.width, request.height, request.steps) == (32, 32, 4)
     assert request.guidance_scale == 5.0 and request.scheduler == "euler"
     assert request.negative_prompt is None and 0 <= request.seed < 2**32
+    assert (request.guidance_start, request.guidance_end) == (0.0, 1.0)  # guidance at every step
 
 
 def test_guidance_one_uses_one_row_per_image(engine):
