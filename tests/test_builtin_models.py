@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import fields
 from pathlib import Path
 
 from sdserve.models.builtin import build_model, builtin_path
-from sdserve.models.configs import BUILTIN_SPECS
+from sdserve.models.configs import BUILTIN_SPECS, ModelDefaults
 
 
 def _digest(directory: Path) -> str:
@@ -28,4 +29,6 @@ def test_each_builtin_records_family_and_defaults():
     for name, spec in BUILTIN_SPECS.items():
         meta = json.loads((builtin_path(name) / "sdserve.json").read_text())
         assert meta["family"] == spec.family
-        assert set(meta["defaults"]) == {"width", "height", "steps", "guidance_scale", "scheduler"}
+        # Every ModelDefaults field is recorded, so a model directory states all its defaults.
+        assert set(meta["defaults"]) == {f.name for f in fields(ModelDefaults)}
+        assert ModelDefaults(**meta["defaults"]) == spec.defaults
