@@ -84,6 +84,9 @@ def make_specs(model: str, steps: int, count: int = 16) -> list[RequestSpec]:
             steps=steps + (i % 3),  # mixed step counts
             scheduler=SCHEDULERS[i % len(SCHEDULERS)],
             guidance_scale=7.5,
+            # every step guided, as diffusers runs it (not `default`'s first-quarter interval)
+            guidance_start=0.0,
+            guidance_end=1.0,
         )
         for i in range(count)
     ]

@@ -130,6 +130,9 @@ def make_request(workload: Workload, rng: random.Random) -> tuple[int, dict[str,
     request = {
         "model": w.model, "prompt": rng.choice(PROMPTS), "seed": rng.randrange(1 << 31),
         "steps": rng.choice(w.steps), "scheduler": rng.choice(w.schedulers), "guidance_scale": w.guidance,
+        # guidance at every step, as the diffusers baseline runs it (a model's default interval,
+        # e.g. `default`'s first quarter, would halve sdserve's rows and flatter it)
+        "guidance_start": 0.0, "guidance_end": 1.0,
         "width": w.size, "height": w.size, "adapters": adapters,
     }
     return tenant, request

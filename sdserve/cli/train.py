@@ -33,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     base.add_argument("--vae-batch", type=int, default=16)
     base.add_argument("--unet-batch", type=int, default=64)
     base.add_argument("--unet-lr", type=float, default=1e-3)
-    base.add_argument("--edge-weight", type=float, default=1.0,
+    base.add_argument("--edge-weight", type=float, default=16.0,
                       help="VAE loss weight of pixels on shape outlines (1: none)")
     default_channels = ",".join(str(c) for c in ComponentSizes().unet_channels)
     base.add_argument("--unet-channels", default=default_channels, help="three comma-separated widths")

@@ -177,7 +177,11 @@ TINY_SDXL = BuiltinSpec(
 # `sdserve train base`, see its README): SD 1.x architecture, 4x VAE, 16x16 latents, v-prediction.
 # Nothing is built for it; its configs live in the shipped directory. These are the defaults a
 # request that names nothing gets, chosen on the quality bench (docs/benchmarks.md).
-SHAPES_DEFAULTS = ModelDefaults(width=64, height=64, steps=20, guidance_scale=5.0, scheduler="euler")
+# Guidance for the first quarter of the steps only: later, where corners form, it exaggerates
+# what tells a square from a blob and bends the sides in (docs/benchmarks.md, issue 5).
+SHAPES_DEFAULTS = ModelDefaults(
+    width=64, height=64, steps=20, guidance_scale=5.0, scheduler="euler", guidance_end=0.25
+)
 SHAPES_LIMITS = ModelLimits(max_side=512, max_pixels=512 * 512)
 
 DEFAULT = BuiltinSpec(

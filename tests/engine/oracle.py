@@ -61,7 +61,10 @@ def _guidance_interval_inputs(pipe, request: EngineRequest) -> dict:
     )  # [1, seq, dim] each; the pipeline repeats them per image
     n = request.num_images
     cond, uncond = cond.repeat(n, 1, 1), uncond.repeat(n, 1, 1)
-    num_steps = request.steps  # the schedulers used with it evaluate the UNet once per step
+    # N of the activity rule: UNet evaluations, as the callback counts them (Heun runs 2N - 1,
+    # PLMS N + 1); the pipeline sets the same timesteps on the same scheduler again.
+    pipe.scheduler.set_timesteps(request.steps)
+    num_steps = len(pipe.scheduler.timesteps)
 
     def guided(step: int) -> bool:
         return request.guidance_start <= step / num_steps and (step + 1) / num_steps <= request.guidance_end
