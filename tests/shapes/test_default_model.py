@@ -38,11 +38,11 @@ def engine() -> Engine:
 
 
 def test_default_model_draws_the_prompt(engine: Engine) -> None:
-    """With no flags but the prompt (the model's defaults), color, position and background are
-    read back by the scorer for most prompts; a random-weight model scores ~0 here."""
+    """With no flags but the prompt (the model's defaults), color, shape, position and background
+    are read back by the scorer for most prompts; a random-weight model scores ~0 here."""
     requests = [engine.validate(RequestSpec(prompt=text, seed=seed)) for seed, text in enumerate(PROMPTS)]
     results = engine.generate(requests)
-    right = {"color": 0, "position": 0, "background": 0}
+    right = {"color": 0, "shape": 0, "position": 0, "background": 0}
     for text, result in zip(PROMPTS, results):
         image = result.images[0]
         assert image.shape == (64, 64, 3)
