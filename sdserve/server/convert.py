@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -322,22 +322,10 @@ def list_models_response(infos: list[Any], default: str) -> pb.ListModelsRespons
                 family=info.family,
                 description=info.description,
                 is_default=info.name == default,
-                defaults=pb.ModelDefaultsInfo(
-                    width=d.width,
-                    height=d.height,
-                    steps=d.steps,
-                    guidance_scale=d.guidance_scale,
-                    scheduler=d.scheduler,
-                    guidance_start=d.guidance_start,
-                    guidance_end=d.guidance_end,
-                ),
-                limits=pb.ModelLimitsInfo(
-                    max_steps=lim.max_steps,
-                    min_side=lim.min_side,
-                    max_side=lim.max_side,
-                    max_pixels=lim.max_pixels,
-                    max_num_images=lim.max_num_images,
-                ),
+                # Field for field (the proto's names are the dataclasses'), so a new default
+                # or limit that the proto lacks fails here instead of going unlisted.
+                defaults=pb.ModelDefaultsInfo(**asdict(d)),
+                limits=pb.ModelLimitsInfo(**asdict(lim)),
             )
         )
     return pb.ListModelsResponse(models=models)
