@@ -20,6 +20,7 @@ from sdserve.adapters.embeddings import (
 from sdserve.adapters.hypernetwork import Hypernetwork, HypernetworkMLP, apply_hypernetwork, load_hypernetwork
 from sdserve.adapters.lora import (
     DEFAULT_MAX_RANK,
+    MAX_SCALE,
     LoRAAdapter,
     LoRAModule,
     ParsedLoRA,
@@ -27,7 +28,7 @@ from sdserve.adapters.lora import (
     parse_lora_file,
     validate_lora,
 )
-from sdserve.adapters.reader import RawFile, read_safetensors
+from sdserve.adapters.reader import MAX_HEADER_BYTES, MAX_TENSOR_ENTRIES, RawFile, read_safetensors
 from sdserve.adapters.save import lora_state_dict, save_lora
 from sdserve.adapters.targets import COMPONENTS, TargetSpec, spec_of, targets_of
 
@@ -35,6 +36,9 @@ __all__ = [
     "COMPONENTS",
     "DEFAULT_MAX_RANK",
     "Layout",
+    "MAX_HEADER_BYTES",
+    "MAX_SCALE",
+    "MAX_TENSOR_ENTRIES",
     "LoRAAdapter",
     "LoRAModule",
     "ParsedLoRA",

@@ -75,7 +75,7 @@ def _metadata_says_dora(metadata: Mapping[str, str]) -> bool:
         return False
     try:
         config = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
         return False  # reported by the PEFT parser, which needs the config
     if not isinstance(config, dict):
         return False

@@ -172,7 +172,7 @@ def _config(name: str, metadata: Mapping[str, str]) -> dict[str, Any]:
         raise AdapterError(name, f"not a hypernetwork file (no {METADATA_KEY!r} metadata)")
     try:
         config = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
         config = None
     if not isinstance(config, dict) or config.get("format") != FORMAT_VERSION:
         raise AdapterError(name, "hypernetwork metadata is not valid")
@@ -245,6 +245,10 @@ def load_hypernetwork(
 def _mlp(name: str, width: int, side: str, params: dict[str, torch.Tensor], structure: list[float],
          num_layers: int, config: Mapping[str, Any], dtype: torch.dtype) -> HypernetworkMLP:
     sizes = [int(width * s) for s in structure]  # A1111: int(dim * layer_structure[i])
+    if min(sizes) < 1:
+        # A tiny positive entry (1e-300) passes the metadata check but leaves a layer with no
+        # units: an MLP of empty matrices that silently outputs its last bias.
+        raise AdapterError(name, f"layer_structure {structure} gives width {width} a layer of 0 units")
     expected = {f"{i}.{p}" for i in range(num_layers) for p in ("weight", "bias")}
     if config["layer_norm"]:
         expected |= {f"{i}.norm.{p}" for i in range(num_layers) for p in ("weight", "bias")}

@@ -32,6 +32,12 @@ from sdserve.adapters.targets import TargetSpec
 from sdserve.errors import AdapterError
 
 DEFAULT_MAX_RANK = 128
+# Largest |scale| (alpha / rank, alpha / sqrt(rank) for rsLoRA) a file may give a module. Trainers
+# set alpha between about 1 and a few times the rank, so real scales are at most a few (rsLoRA:
+# a few times sqrt(128) ~ 11 at the largest rank served); 1000 leaves two orders of magnitude
+# above that, while a file's alpha of 1e300 (finite, accepted before) made every output NaN and
+# the request came back OK with a black image. A request's own strength is applied on top.
+MAX_SCALE = 1000.0
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -184,6 +190,21 @@ def _check_pair(name: str, pair: RawPair, spec: TargetSpec, max_rank: int) -> in
     return rank
 
 
+def _alpha_and_scale(name: str, pair: RawPair, rank: int) -> tuple[float, float]:
+    """The module's alpha (rank where the file gives none) and scale, refused beyond MAX_SCALE.
+
+    The parsers refuse non-finite alphas with the key that held them; this also catches a pair
+    built elsewhere, and a finite alpha (1e300) whose scale no trained adapter has.
+    """
+    alpha = float(rank) if pair.alpha is None else pair.alpha
+    scale = alpha / math.sqrt(rank) if pair.use_rslora else alpha / rank
+    if not abs(scale) <= MAX_SCALE:  # written so that NaN fails too
+        rule = "alpha / sqrt(rank)" if pair.use_rslora else "alpha / rank"
+        raise AdapterError(name, f"module {short(pair.target)!r}: scale {rule} = {alpha:g} / {rank} "
+                                 f"is beyond the limit of {MAX_SCALE:g} in magnitude")
+    return alpha, scale
+
+
 def validate_lora(
     parsed: ParsedLoRA,
     name: str,
@@ -201,11 +222,14 @@ def validate_lora(
     if dtype not in _FLOAT_DTYPES:
         raise ValueError(f"dtype must be a floating-point type, got {dtype}")
     checked: list[tuple[RawPair, TargetSpec, int]] = []
+    alphas_and_scales: dict[str, tuple[float, float]] = {}
     for pair in sorted(parsed.pairs, key=lambda p: p.target):
         spec = targets.get(pair.target)
         if spec is None:
             raise AdapterError(name, f"LoRA key {short(pair.key)!r} does not match any module of the base model")
-        checked.append((pair, spec, _check_pair(name, pair, spec, max_rank)))
+        rank = _check_pair(name, pair, spec, max_rank)
+        checked.append((pair, spec, rank))
+        alphas_and_scales[pair.target] = _alpha_and_scale(name, pair, rank)
 
     # Where the file already holds the packed buffer, it is used as read: no second copy.
     buffer = _buffer_in_file(parsed.data, checked, dtype)
@@ -216,8 +240,7 @@ def validate_lora(
     for (pair, spec, rank), (a_offset, b_offset) in zip(checked, offsets, strict=True):
         a = buffer[a_offset : a_offset + rank * spec.a_columns].view(rank, spec.a_columns)
         b = buffer[b_offset : b_offset + spec.out_features * rank].view(spec.out_features, rank)
-        alpha = float(rank) if pair.alpha is None else pair.alpha
-        scale = alpha / math.sqrt(rank) if pair.use_rslora else alpha / rank
+        alpha, scale = alphas_and_scales[pair.target]
         modules[pair.target] = LoRAModule(
             target=pair.target, kind=spec.kind, rank=rank, alpha=alpha, scale=scale, a=a, b=b,
             a_offset=a_offset, b_offset=b_offset,

@@ -14,10 +14,11 @@ modules; it carried no alphas.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 
@@ -26,14 +27,63 @@ from sdserve.adapters.targets import COMPONENTS, TargetSpec, resolve_target
 from sdserve.errors import AdapterError
 
 METADATA_KEY = "lora_adapter_metadata"
-# Patterns come from an untrusted header and are matched as regular expressions (PEFT's rule);
-# bounding their size and number bounds the matching work.
+# Bounds on the patterns of one config, whatever their form: a real config names at most every
+# adapted module (a few thousand) by its path (well under 200 characters).
 _MAX_PATTERN_CHARS = 1000
 _MAX_PATTERNS = 10_000
+# A pattern sdserve accepts: a module path, optionally "^"-anchored, its dots optionally escaped
+# ("\." as `re.escape` writes them). The segments cannot contain "." or "\", so this fullmatch
+# never backtracks (and the pattern is at most _MAX_PATTERN_CHARS long).
+_MODULE_PATTERN = re.compile(r"\^?[A-Za-z0-9_]+(?:\\?\.[A-Za-z0-9_]+)*")
 
 # Attention-processor LoRA names -> the projection module they adapt, per component family.
 _UNET_PROCESSOR = {"to_q_lora": "to_q", "to_k_lora": "to_k", "to_v_lora": "to_v", "to_out_lora": "to_out.0"}
 _CLIP_PROCESSOR = {"to_q_lora": "q_proj", "to_k_lora": "k_proj", "to_v_lora": "v_proj", "to_out_lora": "out_proj"}
+
+_Value = TypeVar("_Value", int, float)
+
+
+@dataclass(frozen=True)
+class _PatternTable(Generic[_Value]):
+    r"""A config's `rank_pattern` or `alpha_pattern`, matched as PEFT matches literal patterns.
+
+    PEFT's `get_pattern_key` returns the first key P (in the file's order) for which
+    `re.match(rf"(.*\.)?({P})$", path)` holds. The keys come from an untrusted header, and a
+    backtracking matcher over a hostile pattern and a path from the file's own keys can hold the
+    GIL for minutes, so no regex is ever built from them. The patterns PEFT and diffusers write
+    are module paths, for which that rule means: with a leading "^", P equals the whole path (the
+    caret only matches at position 0, so "(.*\.)?" must be empty); without, P equals the path or
+    one of its dotted suffixes. Both are dictionary lookups, one per segment of the path.
+    """
+
+    whole: dict[str, tuple[int, _Value]]  # "^"-anchored module path -> (order in file, value)
+    suffix: dict[str, tuple[int, _Value]]  # unanchored module path -> (order in file, value)
+
+    def lookup(self, module_path: str) -> _Value | None:
+        """The value of the first pattern in file order that matches `module_path`, if any."""
+        hits = [self.whole[module_path]] if module_path in self.whole else []
+        start = 0
+        while True:
+            hit = self.suffix.get(module_path[start:])
+            if hit is not None:
+                hits.append(hit)
+            dot = module_path.find(".", start)
+            if dot < 0:
+                break
+            start = dot + 1
+        return min(hits)[1] if hits else None
+
+
+def _pattern_table(name: str, field: str, patterns: Mapping[str, _Value]) -> _PatternTable[_Value]:
+    whole: dict[str, tuple[int, _Value]] = {}
+    suffix: dict[str, tuple[int, _Value]] = {}
+    for order, (pattern, value) in enumerate(patterns.items()):
+        if not _MODULE_PATTERN.fullmatch(pattern):
+            raise AdapterError(name, f"{METADATA_KEY}: {field} key {short(pattern, 60)!r} is not a module path")
+        table = whole if pattern.startswith("^") else suffix
+        # Two spellings of one path ("a.b", "a\.b"): the first in file order wins, as in PEFT.
+        table.setdefault(pattern.removeprefix("^").replace("\\.", "."), (order, value))
+    return _PatternTable(whole, suffix)
 
 
 @dataclass(frozen=True)
@@ -42,46 +92,69 @@ class _Config:
 
     r: int | None
     lora_alpha: float | None
-    rank_pattern: dict[str, int]
-    alpha_pattern: dict[str, float]
+    rank_pattern: _PatternTable[int]
+    alpha_pattern: _PatternTable[float]
     use_rslora: bool
 
-    def _match(self, patterns: Mapping[str, Any], module_path: str) -> Any:
-        # PEFT's get_pattern_key: the first pattern that matches a dotted suffix of the path.
-        for pattern in patterns:
-            if re.match(rf"(.*\.)?({pattern})$", module_path):
-                return patterns[pattern]
-        return None
-
     def alpha_for(self, module_path: str) -> float | None:
-        alpha = self._match(self.alpha_pattern, module_path)
-        return float(alpha) if alpha is not None else self.lora_alpha
+        alpha = self.alpha_pattern.lookup(module_path)
+        return alpha if alpha is not None else self.lora_alpha
 
     def rank_for(self, module_path: str) -> int | None:
-        rank = self._match(self.rank_pattern, module_path)
-        return int(rank) if rank is not None else self.r
+        rank = self.rank_pattern.lookup(module_path)
+        return rank if rank is not None else self.r
 
 
-def _parse_config(name: str, raw: Mapping[str, Any]) -> _Config:
-    try:
-        rank_pattern = dict(raw.get("rank_pattern") or {})
-        alpha_pattern = dict(raw.get("alpha_pattern") or {})
-        patterns = list(rank_pattern) + list(alpha_pattern)
-        if len(patterns) > _MAX_PATTERNS or any(len(p) > _MAX_PATTERN_CHARS for p in patterns):
-            raise ValueError("pattern too large")
-        for pattern in patterns:
-            re.compile(pattern)
-        r = raw.get("r")
-        alpha = raw.get("lora_alpha")
-        return _Config(
-            r=int(r) if r is not None else None,
-            lora_alpha=float(alpha) if alpha is not None else None,
-            rank_pattern={str(k): int(v) for k, v in rank_pattern.items()},
-            alpha_pattern={str(k): float(v) for k, v in alpha_pattern.items()},
-            use_rslora=bool(raw.get("use_rslora", False)),
-        )
-    except (TypeError, ValueError, re.error):
-        raise AdapterError(name, f"invalid {METADATA_KEY} in the file header") from None
+def _shown(value: object) -> str:
+    return short(repr(value), 40)
+
+
+def _positive_int(name: str, field: str, value: object) -> int:
+    # `type` rather than isinstance: JSON true is a bool, which Python counts as an int.
+    if type(value) is not int or value < 1:
+        raise AdapterError(name, f"{METADATA_KEY}: {field} must be a positive integer (got {_shown(value)})")
+    return value
+
+
+def _finite(name: str, field: str, value: object) -> float:
+    # Python's json reads NaN, Infinity and 1e400 (as inf); none of them is an alpha.
+    if type(value) not in (int, float) or not math.isfinite(value):
+        raise AdapterError(name, f"{METADATA_KEY}: {field} must be a finite number (got {_shown(value)})")
+    return float(value)
+
+
+def _patterns(name: str, field: str, value: object) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise AdapterError(name, f"{METADATA_KEY}: {field} must be an object (got {_shown(value)})")
+    if len(value) > _MAX_PATTERNS or any(len(key) > _MAX_PATTERN_CHARS for key in value):
+        raise AdapterError(name, f"{METADATA_KEY}: {field} has more than {_MAX_PATTERNS} keys "
+                                 f"or a key longer than {_MAX_PATTERN_CHARS} characters")
+    return value
+
+
+def _parse_config(name: str, prefix: str, raw: Mapping[str, Any]) -> _Config:
+    """Check every number the config gives; `prefix` ("unet." or "") names fields as the file does."""
+    rank_field, alpha_field = f"{prefix}rank_pattern", f"{prefix}alpha_pattern"
+    rank_pattern = {
+        pattern: _positive_int(name, f"{rank_field} value for {short(pattern, 60)!r}", value)
+        for pattern, value in _patterns(name, rank_field, raw.get("rank_pattern")).items()
+    }
+    alpha_pattern = {
+        pattern: _finite(name, f"{alpha_field} value for {short(pattern, 60)!r}", value)
+        for pattern, value in _patterns(name, alpha_field, raw.get("alpha_pattern")).items()
+    }
+    r, alpha, rslora = raw.get("r"), raw.get("lora_alpha"), raw.get("use_rslora")
+    if rslora is not None and type(rslora) is not bool:
+        raise AdapterError(name, f"{METADATA_KEY}: {prefix}use_rslora must be true or false (got {_shown(rslora)})")
+    return _Config(
+        r=None if r is None else _positive_int(name, f"{prefix}r", r),
+        lora_alpha=None if alpha is None else _finite(name, f"{prefix}lora_alpha", alpha),
+        rank_pattern=_pattern_table(name, rank_field, rank_pattern),
+        alpha_pattern=_pattern_table(name, alpha_field, alpha_pattern),
+        use_rslora=bool(rslora),
+    )
 
 
 def parse_configs(name: str, metadata: Mapping[str, str]) -> dict[str, _Config] | None:
@@ -91,7 +164,7 @@ def parse_configs(name: str, metadata: Mapping[str, str]) -> dict[str, _Config] 
         return None
     try:
         raw = json.loads(raw_text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
         raise AdapterError(name, f"invalid {METADATA_KEY} in the file header") from None
     if not isinstance(raw, dict):
         raise AdapterError(name, f"invalid {METADATA_KEY} in the file header")
@@ -102,7 +175,10 @@ def parse_configs(name: str, metadata: Mapping[str, str]) -> dict[str, _Config] 
             grouped.setdefault(component, {})[field] = value
         else:
             grouped.setdefault("", {})[str(key)] = value
-    return {component: _parse_config(name, fields) for component, fields in grouped.items()}
+    return {
+        component: _parse_config(name, f"{component}." if component else "", fields)
+        for component, fields in grouped.items()
+    }
 
 
 def _split_component(path: str) -> tuple[str, str]:
