@@ -75,6 +75,10 @@ class AdapterError(InvalidArgument):
         self.adapter_name = name
         self.problem = problem
 
+    def renamed(self, name: str) -> AdapterError:
+        """The same problem, told about the file as another request named it."""
+        return AdapterError(name, self.problem)
+
 
 class UnsupportedAdapterKind(AdapterError):
     """A known adapter kind that this version does not serve yet (LoHa, LoKr, DoRA, kohya diff)."""
@@ -82,3 +86,6 @@ class UnsupportedAdapterKind(AdapterError):
     def __init__(self, name: str, kind: str) -> None:
         super().__init__(name, f"adapter kind {kind!r} is not supported yet")
         self.kind = kind
+
+    def renamed(self, name: str) -> UnsupportedAdapterKind:
+        return UnsupportedAdapterKind(name, self.kind)

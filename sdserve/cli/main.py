@@ -19,6 +19,7 @@ SUBCOMMANDS = (
     "sdserve.cli.serve_cmd",
     "sdserve.cli.client_cmd",
     "sdserve.cli.adapters_cmd",
+    "sdserve.cli.keys_cmd",
 )
 
 

@@ -138,6 +138,7 @@ class Engine:
             for state in states:
                 self._fail(state, Internal("the model failed on this request's batch"), exc)
             return True
+        states = self._drop_nonfinite(states)
         now = time.monotonic()
         finished = []
         for state in states:
@@ -155,6 +156,26 @@ class Engine:
         if finished:
             self._decode(finished)
         return True
+
+    def _drop_nonfinite(self, states: list[RequestState]) -> list[RequestState]:
+        """Fail the requests whose latents overflowed this step; the others go on.
+
+        Rows never mix inside the UNet (per-sample norms and attention), so one request's
+        inf/NaN cannot reach its batch-mates; without this it would decode to a black image
+        and be reported OK. One reduction per request and one host sync per step.
+        """
+        finite = torch.stack([torch.isfinite(state.latents).all() for state in states]).tolist()
+        if all(finite):
+            return states
+        kept = []
+        for state, ok in zip(states, finite):
+            if ok:
+                kept.append(state)
+                continue
+            step = f"step {state.step_index} of {state.num_steps}"
+            self._fail(state, Internal(f"the request's latents became non-finite (inf or NaN) at {step}; "
+                                       "an adapter or input pushed the model out of range"))
+        return kept
 
     def run_until_idle(self) -> None:
         while not self.idle:

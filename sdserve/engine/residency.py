@@ -106,7 +106,6 @@ class AdapterRuntime:
         self.host: OrderedDict[str, LoRAAdapter] = OrderedDict()
         self.host_memory = HostArena(config.host_arena_bytes)
         self.loading: dict[str, tuple[Future, float]] = {}
-        self.failed: dict[str, AdapterError] = {}
         self.stats = ResidencyStats()
         self._digests = _DigestCache()
         self._tick = 0
@@ -120,21 +119,23 @@ class AdapterRuntime:
                 alloc=self.host_memory.take,
             )
         except AdapterError as exc:
-            # The error is kept (self.failed); its traceback's frames would keep the half-read
-            # file's arena memory in use for as long.
+            # The error outlives the load (a waiting request raises it later); its traceback's
+            # frames would keep the half-read file's arena memory in use for as long.
             raise exc.with_traceback(None) from None
 
     def poll(self, entries: tuple[StackEntry, ...]) -> list[str] | None:
         """Digests of the entries once all are in memory; None while loads are under way.
 
         Starts background loads for cold adapters; raises AdapterError for a file that failed.
+        A failure belongs to the attempt that met it, never to the digest: the file may be back
+        (re-uploaded by another tenant, restored on disk) for the next request, which loads it
+        afresh, and the error names the adapter as this request named it, not as the request
+        that started the load did (that may be another tenant's name).
         """
         digests = []
         for entry in entries:
             digest = self._digests.digest(entry.source, entry.name)
             digests.append(digest)
-            if digest in self.failed:
-                raise self.failed[digest]
             if digest in self.digest_slot or digest in self.host:
                 continue
             if digest not in self.loading:
@@ -148,8 +149,7 @@ class AdapterRuntime:
                 adapter = future.result()
             except AdapterError as exc:
                 self.stats.load_failures += 1
-                self.failed[digest] = exc
-                raise
+                raise exc.renamed(entry.name) from None
             self.stats.loads += 1
             self.stats.load_seconds += time.monotonic() - started
             self._keep_on_host(digest, adapter)

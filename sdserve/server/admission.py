@@ -7,7 +7,14 @@ Two bounds decide at arrival, in O(1) and before any encoding work:
 - the server's pending cost (queued + running) may not pass `max_pending_cost`;
 - one tenant's pending cost may not pass `max_tenant_pending_cost`, so a tenant flooding the
   server leaves room for the others.
-A request beyond either is refused with RESOURCE_EXHAUSTED at once.
+A request beyond either is refused with RESOURCE_EXHAUSTED at once; a request larger than a
+whole bound (it could never be admitted, so retrying is pointless) with INVALID_ARGUMENT. A
+refusal names only the caller's own load, never the server's (other tenants' work).
+
+A request stays pending until its call ends, not until the engine is done with it: its cost
+leaves the engine's bound when its images are made (`computed`) but counts against its tenant
+until the response is delivered or the call ends (`finish`), so responses nobody reads cannot
+pile up beyond the tenant's bound.
 
 Admitted requests wait in one queue per tenant (highest priority first, then arrival order)
 and are released into the engine while the cost running there stays within
@@ -27,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sdserve.engine.request import EngineRequest, RequestSpec
-from sdserve.errors import ResourceExhausted
+from sdserve.errors import InvalidArgument, ResourceExhausted
 from sdserve.models.configs import ModelDefaults, ModelLimits
 from sdserve.server.config import AdmissionConfig
 
@@ -62,6 +69,7 @@ class Ticket:
     seq: int
     release: Callable[[Ticket], None] = field(repr=False)
     released: bool = False
+    computed: bool = False  # the engine is done with it; the response is on its way
     finished: bool = False
 
 
@@ -83,11 +91,16 @@ class Admission:
         """Raise ResourceExhausted if a request of `cost` from `tenant` would pass a bound now."""
         limits = self.config
         tenant_pending = self._pending_by_tenant.get(tenant, 0)
-        if self.pending_cost + cost > limits.max_pending_cost:
-            raise ResourceExhausted(
-                f"the server is at capacity (pending cost {self.pending_cost} + this request's {cost} "
-                f"> {limits.max_pending_cost}); retry later or ask for less"
+        bound = min(limits.max_pending_cost, limits.max_tenant_pending_cost)
+        if cost > bound:
+            raise InvalidArgument(
+                f"this request's cost (width x height x steps x UNet rows = {cost}) is more than this "
+                f"server admits for one tenant at once ({bound}); it can never run: ask for fewer "
+                "pixels, steps or images"
             )
+        if self.pending_cost + cost > limits.max_pending_cost:
+            # No figures: the server's pending cost is the other tenants' load.
+            raise ResourceExhausted("the server is at capacity; retry later or ask for less")
         if tenant_pending + cost > limits.max_tenant_pending_cost:
             raise ResourceExhausted(
                 f"this tenant's share is used up (pending cost {tenant_pending} + this request's {cost} "
@@ -125,17 +138,29 @@ class Admission:
         self._release_ready()
         return True
 
+    def computed(self, ticket: Ticket) -> None:
+        """A released request's images are made: its cost leaves the engine's bound (the next
+        request may go in) but stays pending against its tenant until `finish`."""
+        if ticket.finished or ticket.computed or not ticket.released:
+            return
+        ticket.computed = True
+        self._leave_engine(ticket)
+        self._release_ready()
+
     def finish(self, ticket: Ticket) -> None:
-        """A released request left the engine (done, failed, cancelled or expired)."""
+        """A request's call is over: delivered, failed, cancelled or expired."""
         if ticket.finished:
             return
         ticket.finished = True
-        if ticket.released:
-            self.inflight_cost -= ticket.cost
-            self.running -= 1
-            self._inflight_by_tenant[ticket.tenant] -= ticket.cost
+        if ticket.released and not ticket.computed:
+            self._leave_engine(ticket)
         self._forget(ticket)
         self._release_ready()
+
+    def _leave_engine(self, ticket: Ticket) -> None:
+        self.inflight_cost -= ticket.cost
+        self.running -= 1
+        self._inflight_by_tenant[ticket.tenant] -= ticket.cost
 
     def _forget(self, ticket: Ticket) -> None:
         self.pending_cost -= ticket.cost

@@ -22,11 +22,12 @@ from grpc_reflection.v1alpha import reflection
 
 from sdserve.engine import Engine, ModelStore
 from sdserve.engine.loop import EngineThread
+from sdserve.errors import Unavailable
 from sdserve.server import convert
 from sdserve.server.adapters_service import AdaptersService, ModelsService
 from sdserve.server.admission import Admission
 from sdserve.server.auth import Authenticator
-from sdserve.server.config import Config
+from sdserve.server.config import Config, ServerConfig
 from sdserve.server.core import Core
 from sdserve.server.generation import GenerationService
 from sdserve.server.metrics import Metrics
@@ -51,7 +52,7 @@ class Server:
             engine = Engine(config.engine, models=store)
         self.engine = engine
         self._lock_down_model_stores()
-        self.metrics = Metrics()
+        self.metrics = Metrics(tenant_labels=config.server.metrics_tenant_labels)
         self.health = health.aio.HealthServicer()
         self.port = 0
         self.metrics_port: int | None = None
@@ -98,12 +99,7 @@ class Server:
         )
         for family in self.core.families():
             await asyncio.to_thread(self.core.targets, family)  # before any request wraps layers
-        options = [
-            ("grpc.max_receive_message_length", config.server.max_receive_message_bytes),
-            ("grpc.max_send_message_length", config.server.max_send_message_bytes),
-            ("grpc.so_reuseport", 0),
-        ]
-        server = grpc.aio.server(options=options)
+        server = grpc.aio.server(options=grpc_options(config.server))
         convert.add_services(
             server, GenerationService(self.core), AdaptersService(self.core), ModelsService(self.core)
         )
@@ -117,7 +113,9 @@ class Server:
         for name in ("", *convert.SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if config.server.metrics_port is not None:
-            self.metrics_port = self.metrics.serve(config.server.host, config.server.metrics_port)
+            self.metrics_port = self.metrics.serve(
+                config.server.metrics_host, config.server.metrics_port, config.server.metrics_token_sha256
+            )
 
     def _residency_stats(self, served: dict) -> list:
         stats = []
@@ -140,9 +138,14 @@ class Server:
         while core.jobs and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         if core.jobs:
-            log.warning("grace period over: cancelling %d request(s)", len(core.jobs))
+            log.warning("grace period over: ending %d request(s) with UNAVAILABLE", len(core.jobs))
+            cut = Unavailable("the server shut down before this request finished; retry on another replica")
             for job in list(core.jobs.values()):
-                job.abandon()
+                job.cut(cut)
+            # Let the handlers tell their callers why before the gRPC server stops.
+            deadline = time.monotonic() + 2.0
+            while core.jobs and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
         await self.stop()
 
     async def stop(self) -> None:
@@ -157,6 +160,26 @@ class Server:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+
+def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """Channel arguments that bound what one peer can hold: message sizes, streams per
+    connection, how long dead or idle connections and old connections live."""
+    ms = lambda seconds: int(seconds * 1000)  # noqa: E731
+    return [
+        ("grpc.max_receive_message_length", config.max_receive_message_bytes),
+        ("grpc.max_send_message_length", config.max_send_message_bytes),
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_concurrent_streams", config.max_concurrent_streams),
+        ("grpc.keepalive_time_ms", ms(config.keepalive_seconds)),
+        ("grpc.keepalive_timeout_ms", ms(config.keepalive_timeout_seconds)),
+        ("grpc.max_connection_idle_ms", ms(config.max_connection_idle_seconds)),
+        ("grpc.max_connection_age_ms", ms(config.max_connection_age_seconds)),
+        ("grpc.max_connection_age_grace_ms", ms(config.max_connection_age_grace_seconds)),
+        # Clients' keepalive pings are welcome, but not more often than every 10 s.
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", 2),
+    ]
 
 
 def health_pb2_grpc_add(servicer: health.aio.HealthServicer, server: grpc.aio.Server) -> None:
@@ -193,7 +216,8 @@ async def serve(config: Config) -> None:
     await server.start()
     log.info("sdserve: serving %s on %s:%d (pid %d)", ", ".join(server.core.served), config.server.host, server.port, os.getpid())
     if server.metrics_port is not None:
-        log.info("sdserve: metrics on http://%s:%d/metrics", config.server.host, server.metrics_port)
+        log.info("sdserve: metrics on http://%s:%d/metrics%s", config.server.metrics_host, server.metrics_port,
+                 " (bearer token required)" if config.server.metrics_token_sha256 else "")
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, lambda: asyncio.ensure_future(server.drain()))

@@ -38,7 +38,16 @@ class ServerConfig:
     port: int = 50051
     """gRPC port; 0 picks a free one (the chosen port is logged)."""
     metrics_port: int | None = None
-    """Port of the Prometheus text endpoint on the same host; None disables it, 0 picks a free one."""
+    """Port of the Prometheus text endpoint; None disables it, 0 picks a free one."""
+    metrics_host: str = "127.0.0.1"
+    """Address the metrics endpoint binds: local by default even when `host` exposes gRPC, so
+    a scraper on the machine (or a sidecar) reads it and tenants cannot."""
+    metrics_token_sha256: str = ""
+    """sha256 (hex) of a bearer token the metrics endpoint requires ("" = none); set it whenever
+    `metrics_host` is reachable by anyone but the operator's scraper."""
+    metrics_tenant_labels: bool = False
+    """Label per-tenant metrics (refusals) with tenant names; off by default, since anyone who
+    can read the metrics then learns every tenant's name and load."""
     grace_seconds: float = 30.0
     """On SIGTERM, how long running requests may take to finish before they are cancelled."""
     max_receive_message_bytes: int = 64 * 1024 * 1024
@@ -48,6 +57,21 @@ class ServerConfig:
     """Largest message the server sends: a response carries every image of a request as PNG."""
     log_level: str = "INFO"
     """Python logging level name."""
+    max_concurrent_streams: int = 32
+    """HTTP/2 limit on calls one connection may have open at once (a client that opens more
+    waits for one to end): one connection cannot hold unbounded server memory."""
+    keepalive_seconds: float = 60.0
+    """Ping an idle connection this often, and drop it if the ping is unanswered for
+    `keepalive_timeout_seconds`: dead peers do not keep their streams open."""
+    keepalive_timeout_seconds: float = 20.0
+    """How long a keepalive ping may go unanswered before the connection is closed."""
+    max_connection_idle_seconds: float = 600.0
+    """Close a connection with no call open for this long."""
+    max_connection_age_seconds: float = 3600.0
+    """Ask clients to reconnect after this long (GOAWAY), so load rebalances and no connection
+    lives forever; calls open then get `max_connection_age_grace_seconds` to finish."""
+    max_connection_age_grace_seconds: float = 600.0
+    """How long calls on a connection past its age may still run."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +119,17 @@ class RegistryConfig:
     """Largest adapter file accepted by an upload."""
     max_rank: int = 128
     """Largest LoRA rank accepted by an upload."""
+    max_concurrent_uploads: int = 4
+    """Uploads the server receives and validates at once (all tenants); beyond it an upload is
+    refused with RESOURCE_EXHAUSTED at once. It is also the number of validation workers."""
+    max_tenant_concurrent_uploads: int = 2
+    """Uploads one tenant may have under way at once."""
+    validate_timeout_seconds: float = 30.0
+    """Longest an uploaded file's validation may run (in a worker process, never holding the
+    server's GIL); past it the worker is killed and the upload refused."""
+    validate_memory_bytes: int = 4 * 1024 * 1024 * 1024
+    """Address-space limit of a validation worker process (RLIMIT_AS, on top of what the worker
+    maps at start-up); an upload whose validation needs more is refused."""
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import grpc
 from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 
@@ -219,13 +220,57 @@ SERVICE_NAMES = tuple(
 )
 
 
-def add_services(server: Any, generation: Any, adapters: Any, models: Any) -> None:
-    """Register the three sdserve.v1 servicers (duck-typed: any object with the methods)."""
-    from sdserve.protos.sdserve.v1 import sdserve_pb2_grpc as rpc
+@dataclass(frozen=True)
+class Malformed:
+    """What a handler receives in place of a request message that did not parse.
 
-    rpc.add_ImageGenerationServicer_to_server(generation, server)
-    rpc.add_AdaptersServicer_to_server(adapters, server)
-    rpc.add_ModelsServicer_to_server(models, server)
+    gRPC's own deserializer failure answers UNKNOWN with a Python class name and logs a
+    traceback, before the caller is even authenticated. Parsing leniently instead lets the
+    handler authenticate first and then refuse with INVALID_ARGUMENT (see `status`).
+    """
+
+    message_type: str  # the expected message's full name, e.g. "sdserve.v1.GenerateRequest"
+
+
+def _lenient(message_class: Any) -> Any:
+    def parse(data: bytes) -> Any:
+        try:
+            return message_class.FromString(data)
+        except Exception:  # DecodeError, invalid UTF-8 in a string field, recursion limits
+            return Malformed(message_class.DESCRIPTOR.full_name)
+
+    return parse
+
+
+_HANDLER_KINDS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def add_services(server: Any, generation: Any, adapters: Any, models: Any) -> None:
+    """Register the three sdserve.v1 servicers (duck-typed: any object with the methods), with
+    lenient request parsing (`Malformed`); the methods are read from the proto's descriptor."""
+    for service_name, servicer in (("ImageGeneration", generation), ("Adapters", adapters), ("Models", models)):
+        service = pb.DESCRIPTOR.services_by_name[service_name]
+        handlers = {}
+        for method in service.methods:
+            make = _HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
+            handlers[method.name] = make(
+                getattr(servicer, method.name),
+                request_deserializer=_lenient(getattr(pb, method.input_type.name)),
+                response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+            )
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+        server.add_registered_method_handlers(service.full_name, handlers)
+
+
+def check_parsed(request: Any) -> None:
+    """Raise INVALID_ARGUMENT for a request that did not parse (call after authenticating)."""
+    if isinstance(request, Malformed):
+        raise InvalidArgument(f"the request is not a valid {request.message_type} message (malformed protobuf)")
 
 
 @dataclass(frozen=True)
@@ -281,6 +326,7 @@ class UploadHeader:
 
 def upload_part(chunk: pb.UploadAdapterChunk) -> UploadHeader | bytes | None:
     """A chunk's content: the header, the data bytes, or None for an empty chunk."""
+    check_parsed(chunk)
     which = chunk.WhichOneof("chunk")
     if which == "header":
         h = chunk.header

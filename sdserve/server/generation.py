@@ -24,7 +24,8 @@ import grpc
 
 from sdserve.engine import EngineEvent, GenerationResult, RequestSpec
 from sdserve.engine.png import encode_png
-from sdserve.errors import InvalidArgument, SdserveError, Unavailable
+from sdserve.engine.request import EngineRequest
+from sdserve.errors import InvalidArgument, ResourceExhausted, SdserveError, Unavailable
 from sdserve.server import convert, status
 from sdserve.server.admission import Ticket, estimated_cost
 from sdserve.server.config import TenantConfig
@@ -37,7 +38,13 @@ NAMED_FILE_FIELDS = (("adapters", "lora"), ("embeddings", "embedding"), ("hypern
 
 
 class Job:
-    """One Generate call between admission and its result."""
+    """One Generate call from admission until the call ends.
+
+    Its ticket counts against the tenant until the response is delivered or the call ends
+    (`call_ended`, the call's done callback), not only until the engine is done with it: a
+    response nobody reads holds its images in memory, so unread calls must hit the tenant's
+    bound like running ones do.
+    """
 
     def __init__(self, core: Core, loop: asyncio.AbstractEventLoop, arrived: float) -> None:
         self.core = core
@@ -46,6 +53,9 @@ class Job:
         self.events: asyncio.Queue[EngineEvent] = asyncio.Queue()
         self.ticket: Ticket | None = None
         self.released_at: float | None = None
+        self.ended = False  # the call is over (delivered, cancelled, failed)
+        self.cancelling = False  # the engine was asked to drop the request
+        self.cut_off: SdserveError | None = None  # why the server ended the request itself
 
     def release(self, ticket: Ticket) -> None:
         """Admission's callback (on the loop): hand the request to the engine thread."""
@@ -60,22 +70,51 @@ class Job:
             self.loop.call_soon_threadsafe(self._on_event, event)
 
     def _on_event(self, event: EngineEvent) -> None:
-        if event.kind in ("done", "error") and self.ticket is not None:
-            self.core.admission.finish(self.ticket)
+        ticket = self.ticket
+        if event.kind in ("done", "error") and ticket is not None:
+            if event.kind == "done" and not self.ended:
+                self.core.admission.computed(ticket)  # engine room freed; the tenant's share is not
+            else:
+                self.core.admission.finish(ticket)
             self.core.jobs.pop(event.request_id, None)
-            self.core.metrics.pending_cost.set(self.core.admission.pending_cost)
-            self.core.metrics.inflight_cost.set(self.core.admission.inflight_cost)
+            self.gauges()
         self.events.put_nowait(event)
 
+    def gauges(self) -> None:
+        self.core.metrics.pending_cost.set(self.core.admission.pending_cost)
+        self.core.metrics.inflight_cost.set(self.core.admission.inflight_cost)
+
     def abandon(self) -> None:
-        """The caller went away (cancelled, deadline): free the request's queue slot or rows."""
+        """The caller went away (cancelled, deadline): free the request's queue slot or rows.
+        A request already computed keeps its ticket until the call ends (`call_ended`)."""
         ticket = self.ticket
-        if ticket is None or ticket.finished:
+        if ticket is None or ticket.finished or ticket.computed or self.cancelling:
             return
         if not self.core.admission.withdraw(ticket):
+            self.cancelling = True  # once: the engine's error event finishes the ticket
             self.core.engine_thread.cancel(ticket.request.request_id)
         else:
             self.core.jobs.pop(ticket.request.request_id, None)
+            self.gauges()
+            if self.cut_off is not None:  # the handler waits on events: wake it with the reason
+                self.events.put_nowait(EngineEvent("error", ticket.request.request_id, error=self.cut_off))
+
+    def cut(self, reason: SdserveError) -> None:
+        """The server ends the request (drain grace over): the caller hears `reason`."""
+        self.cut_off = reason
+        self.abandon()
+
+    def call_ended(self) -> None:
+        """The call's done callback: the response was delivered, or the call ended without it."""
+        self.ended = True
+        ticket = self.ticket
+        if ticket is None or ticket.finished:
+            return
+        if ticket.computed:
+            self.core.admission.finish(ticket)
+            self.gauges()
+        else:
+            self.abandon()  # still queued or running: the engine's error event finishes it
 
 
 class GenerationService:
@@ -107,30 +146,44 @@ class GenerationService:
             # request is validated first, so an invalid one hears what is wrong with it.)
             try:
                 core.admission.check(estimated_cost(spec, info.defaults, info.limits), tenant.name)
-            except SdserveError:
-                core.metrics.refused.labels(tenant=tenant.name).inc()
+            except ResourceExhausted:
+                core.metrics.refused_by(tenant.name)
                 raise
-        spec, used = self._resolve_adapters(tenant, spec, info.name, info.family)
-        remaining = context.time_remaining()
-        deadline = arrived + remaining if remaining is not None else None
-        request_id = uuid.uuid4().hex[:16]
-        # Validation builds a noise scheduler and may decode images or read embedding files: on a
-        # worker thread, so the event loop keeps refusing, cancelling and answering meanwhile.
-        validate = functools.partial(core.engine.validate, spec, request_id=request_id, tenant=tenant.name,
-                                     deadline=deadline)
-        engine_request = await asyncio.to_thread(validate)
+        pinned: list[str] = []  # registry files this call uses: kept on disk until it ends
+        try:
+            spec, used = self._resolve_adapters(tenant, spec, info.name, info.family, pinned)
+            remaining = context.time_remaining()
+            deadline = arrived + remaining if remaining is not None else None
+            request_id = uuid.uuid4().hex[:16]
+            # Validation builds a noise scheduler and may decode images or read embedding files: on a
+            # worker thread, so the event loop keeps refusing, cancelling and answering meanwhile.
+            validate = functools.partial(core.engine.validate, spec, request_id=request_id, tenant=tenant.name,
+                                         deadline=deadline)
+            engine_request = await asyncio.to_thread(validate)
+            async for event in self._admitted(context, stream, tenant, priority, engine_request, arrived, used):
+                yield event
+        finally:
+            for sha256 in pinned:
+                core.registry.unpin(sha256)
 
+    async def _admitted(
+        self, context: grpc.aio.ServicerContext, stream: bool, tenant: TenantConfig, priority: int,
+        engine_request: EngineRequest, arrived: float, used: list[convert.AdapterUse],
+    ) -> AsyncIterator[Any]:
+        """Admit a validated request, then relay its engine events to the caller."""
+        core = self.core
+        request_id = engine_request.request_id
         if core.draining:  # the drain began while this request was being validated
             raise Unavailable("the server is shutting down; retry shortly or on another replica")
         job = Job(core, asyncio.get_running_loop(), arrived)
         try:
             job.ticket = core.admission.admit(engine_request, tenant.name, job.release, priority)
-        except SdserveError:
-            core.metrics.refused.labels(tenant=tenant.name).inc()
+        except ResourceExhausted:
+            core.metrics.refused_by(tenant.name)
             raise
         core.jobs[request_id] = job
-        core.metrics.pending_cost.set(core.admission.pending_cost)
-        core.metrics.inflight_cost.set(core.admission.inflight_cost)
+        context.add_done_callback(lambda _context: job.call_ended())
+        job.gauges()
         log.debug("request %s from %s admitted (cost %d)", request_id, tenant.name, job.ticket.cost)
         try:
             if stream:
@@ -143,7 +196,7 @@ class GenerationService:
                         yield convert.progress_event(event.step, event.total_steps, preview)
                 elif event.kind == "error":
                     assert event.error is not None
-                    raise event.error
+                    raise job.cut_off or event.error
                 elif event.kind == "done":
                     assert event.result is not None
                     response = await self._response(job, event.result, used)
@@ -153,10 +206,11 @@ class GenerationService:
             job.abandon()
 
     def _resolve_adapters(
-        self, tenant: TenantConfig, spec: RequestSpec, model: str, family: str
+        self, tenant: TenantConfig, spec: RequestSpec, model: str, family: str, pinned: list[str]
     ) -> tuple[RequestSpec, list[convert.AdapterUse]]:
         """Registered names -> this server's files, for every request field that names adapter
-        files (LoRAs, embeddings, hypernetworks). Clients never name files (ARCHITECTURE rule 8)."""
+        files (LoRAs, embeddings, hypernetworks). Clients never name files (ARCHITECTURE rule 8).
+        Each file is pinned (appended to `pinned`) so a delete cannot pull it from under the call."""
         changes: dict[str, tuple] = {}
         used: list[convert.AdapterUse] = []
         for field_name, kind in NAMED_FILE_FIELDS:
@@ -171,7 +225,8 @@ class GenerationService:
                     )
                 if not entry.name:
                     raise InvalidArgument(f"must name a registered {kind}", field=f"{where}.name")
-                record = self.core.registry.resolve(tenant.name, entry.name, field=f"{where}.name")
+                record = self.core.registry.resolve(tenant.name, entry.name, field=f"{where}.name", pin=True)
+                pinned.append(record.sha256)
                 if record.kind != kind:
                     raise InvalidArgument(
                         f"{entry.name!r} is registered as kind {record.kind!r}, not {kind!r}", field=f"{where}.name"

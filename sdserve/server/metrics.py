@@ -7,11 +7,21 @@ reports its residency events; their names are part of the API from day one.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from sdserve.engine import EngineEvent
@@ -21,8 +31,9 @@ _ROWS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, tenant_labels: bool = False) -> None:
         self.registry = CollectorRegistry()
+        self.tenant_labels = tenant_labels
         r = self.registry
         self.request_success = Counter(
             "sdserve_request_success", "Calls that finished OK, by method", ["method"], registry=r
@@ -30,8 +41,11 @@ class Metrics:
         self.request_failure = Counter(
             "sdserve_request_failure", "Calls that failed, by method and gRPC status code", ["method", "code"], registry=r
         )
+        # Per-tenant labels only when the operator asks: a metrics reader would otherwise learn
+        # every tenant's name and load.
         self.refused = Counter(
-            "sdserve_admission_refused", "Generate calls refused by admission (RESOURCE_EXHAUSTED)", ["tenant"], registry=r
+            "sdserve_admission_refused", "Generate calls refused by admission (RESOURCE_EXHAUSTED)",
+            ["tenant"] if tenant_labels else [], registry=r,
         )
         self.queue_duration = Histogram(
             "sdserve_queue_duration_seconds", "Time from arrival to the engine's admission", buckets=_SECONDS, registry=r
@@ -80,6 +94,9 @@ class Metrics:
         else:
             self.request_failure.labels(method=method, code=code).inc()
 
+    def refused_by(self, tenant: str) -> None:
+        (self.refused.labels(tenant=tenant) if self.tenant_labels else self.refused).inc()
+
     def track_rows(self, request_id: str, rows: int) -> None:
         with self._rows_lock:
             self._rows_by_request[request_id] = rows
@@ -107,9 +124,34 @@ class Metrics:
 
     # -- exposition ------------------------------------------------------------------------------
 
-    def serve(self, host: str, port: int) -> int:
-        """Start the HTTP endpoint; returns the bound port."""
-        self._http, _thread = start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, host: str, port: int, token_sha256: str = "") -> int:
+        """Start the HTTP endpoint (GET /metrics); returns the bound port. With `token_sha256`,
+        a scrape must send `authorization: Bearer <token>` (compared by hash, in constant time)."""
+        registry = self.registry
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                if self.path.split("?")[0] not in ("/", "/metrics"):
+                    return self._reply(404, b"not found\n", "text/plain")
+                if token_sha256 and not _token_ok(self.headers.get("authorization", ""), token_sha256):
+                    return self._reply(401, b"unauthorized\n", "text/plain", {"WWW-Authenticate": "Bearer"})
+                self._reply(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+
+            def _reply(self, code: int, body: bytes, content_type: str, headers: dict | None = None) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                for key, value in (headers or {}).items():
+                    self.send_header(key, value)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:  # scrapes are not worth a log line each
+                pass
+
+        self._http = ThreadingHTTPServer((host, port), Handler)
+        self._http.daemon_threads = True
+        threading.Thread(target=self._http.serve_forever, name="sdserve-metrics", daemon=True).start()
         return int(self._http.server_address[1])
 
     def close(self) -> None:
@@ -141,3 +183,10 @@ class _ResidencyCollector:
         for tier in ("host", "device"):
             resident.add_metric([tier], sum(getattr(s, f"{tier}_bytes", 0) for s in stats))
         yield resident
+
+
+def _token_ok(header: str, token_sha256: str) -> bool:
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return False
+    return hmac.compare_digest(hashlib.sha256(token.strip().encode()).hexdigest(), token_sha256)

@@ -13,6 +13,10 @@ removes at the next start; a crash after it leaves the new state. Deleting is th
 the name goes in one transaction, then the file if nothing else names it. So the names a
 client can see always point at complete, validated files.
 
+Pins: a Generate call pins the files its names resolved to (in the same locked step), until the
+call ends. Deleting a name while a request that used it is queued or running removes the name
+at once but keeps the file until the last pin goes, so the request still finishes.
+
 Scopes: a tenant's own adapters live in the scope of its name; shared (admin-published)
 adapters in SHARED, which no tenant name can equal.
 """
@@ -25,6 +29,7 @@ import re
 import sqlite3
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +97,7 @@ class Registry:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute(_SCHEMA)
+        self._pins: Counter[str] = Counter()  # sha256 -> calls using the file now
         self.collect()
 
     def close(self) -> None:
@@ -110,14 +116,25 @@ class Registry:
         ).fetchone()
         return AdapterRecord(*row) if row else None
 
-    def resolve(self, tenant: str, name: str, field: str = "name") -> AdapterRecord:
+    def resolve(self, tenant: str, name: str, field: str = "name", pin: bool = False) -> AdapterRecord:
         """The tenant's own adapter of that name, else the shared one; NotFound otherwise, with the
-        same message whether or not another tenant has one of that name."""
+        same message whether or not another tenant has one of that name. With `pin`, its file
+        stays on disk until `unpin(record.sha256)`, whatever happens to the name meanwhile."""
         with self._lock:
             record = self._row(tenant, name) or self._row(SHARED, name)
+            if record is not None and pin:
+                self._pins[record.sha256] += 1
         if record is None:
             raise NotFound(f"no adapter named {name[:64]!r}", field=field)
         return record
+
+    def unpin(self, sha256: str) -> None:
+        """One pin of `resolve(..., pin=True)` ends; the file goes if it was the last use of it."""
+        with self._lock:
+            self._pins[sha256] -= 1
+            if self._pins[sha256] <= 0:
+                del self._pins[sha256]
+                self._drop_if_unreferenced(sha256)
 
     def list(self, tenant: str, family: str = "") -> list[AdapterRecord]:
         with self._lock:
@@ -212,6 +229,8 @@ class Registry:
         return record
 
     def _drop_if_unreferenced(self, sha256: str) -> None:
+        if self._pins.get(sha256):
+            return  # a running call uses the file; its last unpin drops it
         (count,) = self._db.execute("SELECT COUNT(*) FROM adapters WHERE sha256=?", (sha256,)).fetchone()
         if count == 0:
             self.blob_path(sha256).unlink(missing_ok=True)

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import grpc
 
 from sdserve.errors import SdserveError
+from sdserve.server.convert import Malformed, check_parsed
 
 log = logging.getLogger("sdserve.server")
 
@@ -67,6 +68,7 @@ def unary_method(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitabl
     async def run(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
         outcome = _outcome_of(self)
         try:
+            _refuse_malformed(self, request, context)
             response = await handler(self, request, context)
         except asyncio.CancelledError:
             outcome(method, "CANCELLED")
@@ -90,6 +92,7 @@ def stream_method(handler: Callable[..., AsyncIterator[T]]) -> Callable[..., Asy
     async def run(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[T]:
         outcome = _outcome_of(self)
         try:
+            _refuse_malformed(self, request, context)
             async for item in handler(self, request, context):
                 yield item
         except asyncio.CancelledError:
@@ -103,6 +106,16 @@ def stream_method(handler: Callable[..., AsyncIterator[T]]) -> Callable[..., Asy
         outcome(method, "OK")
 
     return run
+
+
+def _refuse_malformed(servicer: Any, request: Any, context: grpc.aio.ServicerContext) -> None:
+    """A request that did not parse is refused with INVALID_ARGUMENT, after authentication:
+    an unauthenticated caller hears UNAUTHENTICATED whatever it sent."""
+    if isinstance(request, Malformed):
+        core = getattr(servicer, "core", None)
+        if core is not None:
+            core.begin(context)
+        check_parsed(request)
 
 
 def _is_abort(exc: BaseException) -> bool:

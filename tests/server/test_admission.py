@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sdserve.engine.request import EngineRequest
-from sdserve.errors import ResourceExhausted
+from sdserve.errors import InvalidArgument, ResourceExhausted
 from sdserve.server.admission import Admission, request_cost
 from sdserve.server.config import AdmissionConfig
 
@@ -99,3 +99,32 @@ def test_a_request_larger_than_the_inflight_bound_runs_alone():
     assert rec.released == ["big"]
     admission.finish(big)
     assert rec.released == ["big", "small"]
+
+
+def test_a_computed_request_leaves_the_engine_but_stays_pending_until_finished():
+    admission, rec = make(pending=4, tenant=2, inflight=1)
+    first = admission.admit(req("a0"), "a", rec)
+    admission.admit(req("a1"), "a", rec)
+    admission.computed(first)  # images made, response not yet delivered
+    assert rec.released == ["a0", "a1"]  # the engine took the next one
+    assert (admission.pending_cost, admission.inflight_cost) == (2 * UNIT, UNIT)
+    with pytest.raises(ResourceExhausted, match="tenant"):
+        admission.admit(req("a2"), "a", rec)  # the undelivered response still counts
+    admission.finish(first)
+    admission.admit(req("a2"), "a", rec)
+
+
+def test_a_request_beyond_a_whole_bound_is_invalid_not_retryable():
+    admission, rec = make(pending=8, tenant=2, inflight=1)
+    with pytest.raises(InvalidArgument, match="never"):
+        admission.admit(req("huge", steps=30), "a", rec)  # 3 units > the tenant's 2
+    assert admission.pending_cost == 0
+
+
+def test_capacity_refusal_names_no_figures_of_other_tenants():
+    admission, rec = make(pending=2, tenant=2, inflight=1)
+    admission.admit(req("b0"), "b", rec)
+    admission.admit(req("b1"), "b", rec)
+    with pytest.raises(ResourceExhausted) as refused:
+        admission.admit(req("a0"), "a", rec)
+    assert not any(ch.isdigit() for ch in str(refused.value))
