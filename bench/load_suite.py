@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.baselines import SYSTEMS, launch
-from bench.common import machine, print_table, write_json
-from bench.load import Workload, drive, run_one, upload_adapters
+from bench.common import machine, write_json
+from bench.load_gen import Workload, drive, load_label, print_summaries, run_one, upload_adapters
 from bench.plots import cdf_points, line_chart
 
 # Offered loads (requests/s) on 2 shared CPU cores with tiny-sd1, measured at 32 adapters:
@@ -38,22 +38,6 @@ SUITES: dict[str, dict[str, Any]] = {
              "timeout": 20.0},
 }
 TENANTS = 4
-
-
-def load_label(rate: float | None, concurrency: int | None) -> str:
-    return f"{rate:g}/s" if rate is not None else f"closed {concurrency}"
-
-
-def print_summaries(rows: list[tuple[str, int, str, dict]]) -> None:
-    print_table(
-        ["system", "adapters", "load", "sent", "ok", "thr req/s", "p50 s", "p90 s", "p99 s", "TTFP p50 s",
-         "SLO", "errors"],
-        [[system, m, load, s["requests"], s["ok"], s["throughput_rps"], s["latency_p50"] or float("nan"),
-          s["latency_p90"] or float("nan"), s["latency_p99"] or float("nan"),
-          s["first_progress_p50"] or float("nan"), f"{100 * s['slo_attainment']:.0f}%",
-          ",".join(f"{k}:{v}" for k, v in sorted(s["errors"].items())) or "-"]
-         for system, m, load, s in rows],
-    )
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:

@@ -23,7 +23,7 @@ import torch
 from bench.baselines import tenant_keys, tenant_name
 from sdserve.engine import Engine, EngineConfig, ModelStore
 from sdserve.engine.batcher import Batcher
-from sdserve.engine.state import GroupKey, RequestState
+from sdserve.engine.state import RequestState
 from sdserve.server.config import (
     Config,
     ModelsConfig,
@@ -45,29 +45,12 @@ def stack_key(state: RequestState) -> StackKey:
 class HomogeneousBatcher(Batcher):
     """Batcher whose UNet calls hold only requests with one identical adapter stack.
 
-    The first request is chosen as the production batcher would (least recently stepped first),
-    so requests with rare stacks still take turns; it then fills the batch with same-stack
-    requests only. It reads the parent's private group tables: this is a bench baseline, and
-    copying the parent's bookkeeping would be the larger risk."""
+    The first request is chosen as the production batcher chooses it (least recently stepped
+    first), so requests with rare stacks still take turns; the batch is then filled with
+    same-stack requests only."""
 
-    def next_batch(self) -> tuple[GroupKey, list[RequestState]] | None:
-        if not self._turns:
-            return None
-        key = self._turns[0]
-        self._turns.rotate(-1)
-        group = sorted(self._groups[key], key=lambda s: (s.last_tick, s.arrival))
-        wanted = stack_key(group[0])
-        chosen: list[RequestState] = []
-        rows = 0
-        for state in group:
-            if stack_key(state) == wanted and rows + state.rows <= self.max_rows:
-                chosen.append(state)
-                rows += state.rows
-        self.tick += 1
-        for state in chosen:
-            state.last_tick = self.tick
-        chosen.sort(key=lambda s: s.arrival)
-        return key, chosen
+    def compatible(self, first: RequestState, other: RequestState) -> bool:
+        return stack_key(first) == stack_key(other)
 
 
 class HomogeneousEngine(Engine):

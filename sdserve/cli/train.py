@@ -1,4 +1,4 @@
-"""`sdserve train base ...`: train the embedded shapes base model (see sdserve/trainers/base.py).
+"""`sdserve train base ...`: train the embedded shapes base model (see sdserve/trainers/base_model.py).
 
 The lead's `sdserve.cli.main` calls `register(subparsers)`; `python -m sdserve.cli.train base ...`
 runs the same parser standalone.
@@ -45,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace):
-    from sdserve.trainers.base import TrainConfig  # torch/diffusers load only when training
+    from sdserve.trainers.base_model import TrainConfig  # torch/diffusers load only when training
 
     if args.tiny:
         sizes = ComponentSizes.tiny()
@@ -74,7 +74,7 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run_base(args: argparse.Namespace) -> int:
-    from sdserve.trainers.base import train_base
+    from sdserve.trainers.base_model import train_base
 
     out = train_base(config_from_args(args))
     print(f"wrote {out}")

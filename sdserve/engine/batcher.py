@@ -46,6 +46,12 @@ class Batcher:
             del self._groups[key]
             self._turns.remove(key)
 
+    def compatible(self, first: RequestState, other: RequestState) -> bool:
+        """May `other` share a UNet call with `first`, the request chosen first for it? Always,
+        here: any mix of stacks, schedulers and guidance shares a call. (The bench's
+        homogeneous-batching baseline overrides this.)"""
+        return True
+
     def next_batch(self) -> tuple[GroupKey, list[RequestState]] | None:
         """The next group's requests for one UNet call, or None when nothing is running."""
         if not self._turns:
@@ -56,7 +62,7 @@ class Batcher:
         chosen: list[RequestState] = []
         rows = 0
         for state in group:
-            if rows + state.rows <= self.max_rows:
+            if rows + state.rows <= self.max_rows and (not chosen or self.compatible(chosen[0], state)):
                 chosen.append(state)
                 rows += state.rows
         self.tick += 1

@@ -15,7 +15,7 @@ import pytest
 from bench.baselines.sdserve_server import HomogeneousBatcher, bench_config, build_engine
 from bench.compare import compare
 from bench.compare import main as compare_main
-from bench.load import Workload, drive, make_request, summarize, upload_adapters
+from bench.load_gen import Workload, drive, make_request, summarize, upload_adapters
 from sdserve.engine.batcher import Batcher
 
 

@@ -16,7 +16,6 @@ from tests.server.conftest import MODEL, max_diff, png_pixels, reference_images,
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict:
     """(bytes, path) of an embedding and a hypernetwork for tiny-sd1."""
-    pytest.importorskip("sdserve.adapters.convert", reason="the hypernetwork converter is not in yet")
     from sdserve.adapters.convert import convert_file
     from tests.adapters.test_hypernetwork import a1111_hypernetwork
 

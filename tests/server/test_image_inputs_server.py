@@ -13,9 +13,6 @@ from PIL import Image
 
 from tests.server.conftest import MODEL, ServerThread, make_config, max_diff, png_pixels, reference_images
 
-# Image inputs are the engine's newest feature; until its decoder module lands these wait.
-pytest.importorskip("sdserve.engine.images", reason="the engine's image inputs (sdserve.engine.images) are not in yet")
-
 
 @pytest.fixture(scope="module")
 def controlnet_dir(tmp_path_factory):

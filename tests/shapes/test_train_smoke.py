@@ -8,7 +8,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from sdserve.models.shapes.components import ComponentSizes
-from sdserve.trainers.base import TrainConfig, train_base
+from sdserve.trainers.base_model import TrainConfig, train_base
 
 
 def _config(out, vae_steps: int, unet_steps: int) -> TrainConfig:

@@ -3,7 +3,7 @@
 The architecture is real SD 1.x (AutoencoderKL, UNet2DConditionModel with cross-attention on
 CLIPTextModel states, CLIPTokenizer), only narrow. Why these sizes:
 - VAE: 4x downsampling by default (64x64 -> 16x16x4). At 8x a 12 px shape spans 1.5 latent
-  pixels and its colour survives reconstruction less often (spike figures in trainers/base.py).
+  pixels and its colour survives reconstruction less often (spike figures in trainers/base_model.py).
 - UNet: three levels (16, 8, 4) with cross-attention at every level, so position words bind to
   places at the resolution where shapes are resolved, and self-attention sees the whole latent.
 - Text encoder: a short context (`MAX_TOKENS`): the longest caption is 22 words plus BOS/EOS,
