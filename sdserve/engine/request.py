@@ -32,13 +32,16 @@ MAX_STACK = 8  # adapters in one request's stack
 class AdapterSpec:
     """One entry of a request's adapter stack: the proto's AdapterRef (None = absent).
 
-    The engine needs `path`; `name`, when given, is only the label errors and responses use."""
+    The engine needs `path`; `name`, when given, is only the label errors and responses use.
+    `sha256`, when given (the server's registry knows it), is the file's identity: the engine
+    trusts it instead of hashing the file again."""
 
     name: str = ""
     path: str = ""
     scale: float | None = None
     start: float | None = None
     end: float | None = None
+    sha256: str = ""
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,7 @@ class StackEntry:
     scale: float
     start: float
     end: float
+    digest: str = ""  # sha256 of the file's bytes when the caller knows it ("" = hash it once)
 
 
 @dataclass(frozen=True)
@@ -171,7 +175,7 @@ def _resolve_stack(specs: tuple[AdapterSpec, ...]) -> tuple[StackEntry, ...]:
         if not (start <= end <= 1.0):
             raise InvalidArgument(f"must be between start ({start}) and 1 (got {end})", field=f"{where}.end")
         label = spec.name or os.path.basename(spec.path)
-        entries.append(StackEntry(name=label, source=spec.path, scale=scale, start=start, end=end))
+        entries.append(StackEntry(name=label, source=spec.path, scale=scale, start=start, end=end, digest=spec.sha256))
     return tuple(entries)
 
 

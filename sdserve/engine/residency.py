@@ -134,7 +134,9 @@ class AdapterRuntime:
         """
         digests = []
         for entry in entries:
-            digest = self._digests.digest(entry.source, entry.name)
+            # A file named by its digest (the server's content-addressed store) is never hashed
+            # again; a CLI path is hashed once per file version.
+            digest = entry.digest or self._digests.digest(entry.source, entry.name)
             digests.append(digest)
             if digest in self.digest_slot or digest in self.host:
                 continue

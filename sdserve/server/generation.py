@@ -236,7 +236,10 @@ class GenerationService:
                         f"{kind} {entry.name!r} is for {record.family} models; model {model!r} is {family}",
                         field=f"{where}.name",
                     )
-                resolved.append(dataclasses.replace(entry, path=str(self.core.registry.blob_path(record.sha256))))
+                path = str(self.core.registry.blob_path(record.sha256))
+                # The digest travels with the file, so the engine need not hash it again.
+                identity = {"sha256": record.sha256} if kind == "lora" else {}
+                resolved.append(dataclasses.replace(entry, path=path, **identity))
                 used.append(convert.AdapterUse(entry.name, record.sha256, record.shared, kind))
             if entries:
                 changes[field_name] = tuple(resolved)
