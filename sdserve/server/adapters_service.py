@@ -6,6 +6,10 @@ itself against this server's model of the declared family (safetensors only, eve
 matching a module with the right shapes). Only then does the registry name the file. A failed
 upload leaves no file and no name behind.
 
+The file is validated in a worker process (`upload_check`) with a time and a memory limit, so
+a hostile file cannot hold this process's GIL or memory. Uploads under way are bounded per
+tenant and in total; one more is refused with RESOURCE_EXHAUSTED before its bytes are read.
+
 Tenancy: a tenant sees its own adapters and the shared ones; another tenant's adapter is
 NOT_FOUND with the same message as one that does not exist.
 """
@@ -14,16 +18,20 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import grpc
 
 from sdserve.adapters import load_embedding, load_hypernetwork, load_lora
-from sdserve.errors import AdapterError, InvalidArgument
+from sdserve.errors import AdapterError, InvalidArgument, ResourceExhausted
 from sdserve.server import convert, status
 from sdserve.server.auth import require_admin
+from sdserve.server.config import TenantConfig
 from sdserve.server.core import Core
 from sdserve.server.registry import SHA256, SHARED, Quota, check_name
+from sdserve.server.upload_check import UploadChecks
 
 KINDS = ("lora", "embedding", "hypernetwork")
 
@@ -32,11 +40,46 @@ class AdaptersService:
     def __init__(self, core: Core) -> None:
         self.core = core
         self.outcome = core.metrics.outcome
+        # Created on the event loop's thread (Server.start): see UploadChecks.start.
+        self.checks = UploadChecks(core.config.registry).start()
+        # Uploads under way, counted on the event loop (their one owner, so no locks).
+        self.uploads = 0
+        self.tenant_uploads: dict[str, int] = {}
+
+    def close(self) -> None:
+        """Stop the validation workers (the server's stop calls this)."""
+        self.checks.close()
+
+    @contextmanager
+    def _upload_slot(self, tenant: str) -> Iterator[None]:
+        """Hold one of the tenant's and one of the server's upload places, whatever way the
+        upload ends; refuse at once when either bound is reached."""
+        config = self.core.config.registry
+        if self.tenant_uploads.get(tenant, 0) >= config.max_tenant_concurrent_uploads:
+            raise ResourceExhausted(
+                f"this tenant already has {config.max_tenant_concurrent_uploads} upload(s) under way, "
+                "the most it may; retry when one has finished"
+            )
+        if self.uploads >= config.max_concurrent_uploads:
+            raise ResourceExhausted("the server is receiving as many uploads as it may at once; retry shortly")
+        self.uploads += 1
+        self.tenant_uploads[tenant] = self.tenant_uploads.get(tenant, 0) + 1
+        try:
+            yield
+        finally:
+            self.uploads -= 1
+            left = self.tenant_uploads.pop(tenant) - 1
+            if left:
+                self.tenant_uploads[tenant] = left
 
     @status.unary_method
     async def UploadAdapter(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+        tenant = self.core.begin(context)
+        with self._upload_slot(tenant.name):
+            return await self._upload(tenant, request_iterator)
+
+    async def _upload(self, tenant: TenantConfig, request_iterator: Any) -> Any:
         core = self.core
-        tenant = core.begin(context)
         chunks = request_iterator.__aiter__()
         first = await anext(chunks, None)
         header = convert.upload_part(first) if first is not None else None
@@ -84,22 +127,26 @@ class AdaptersService:
                 raise InvalidArgument(
                     f"the received bytes have sha256 {digest}, not the declared one", field="header.sha256"
                 )
-            await asyncio.to_thread(self._validate, staged, header.name, kind, info)
+            await self._validate(staged, header.name, kind, info)
             record = await asyncio.to_thread(
                 core.registry.register, scope, header.name, kind, header.family, staged, digest, quota
             )
         core.metrics.adapter_upload_bytes.inc(record.size)
         return convert.adapter_info(record)
 
-    def _validate(self, staged: Any, name: str, kind: str, info: Any) -> None:
-        """Load the file as the engine will, against this server's model of its family."""
+    async def _validate(self, staged: Any, name: str, kind: str, info: Any) -> None:
+        """Load the file as the engine will, against this server's model of its family, in a
+        validation worker (the loaded adapter stays there: only the verdict comes back)."""
         try:
             if kind == "lora":
-                load_lora(staged, name, self.core.targets(info.family), max_rank=self.core.config.registry.max_rank)
+                # A plain dict: the job is pickled to the worker, and the engine's mapping type
+                # need not be picklable.
+                targets = dict(self.core.targets(info.family))
+                await self.checks.run(load_lora, staged, name, targets, max_rank=self.core.config.registry.max_rank)
             elif kind == "embedding":
-                load_embedding(staged, name, info.text_widths)
+                await self.checks.run(load_embedding, staged, name, dict(info.text_widths))
             else:
-                load_hypernetwork(staged, name, info.attention_widths)
+                await self.checks.run(load_hypernetwork, staged, name, tuple(info.attention_widths))
         except AdapterError as exc:
             # AdapterError names the adapter; as an upload error it is about the data sent.
             raise InvalidArgument(str(exc.message), field="data") from None

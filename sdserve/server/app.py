@@ -57,6 +57,7 @@ class Server:
         self.port = 0
         self.metrics_port: int | None = None
         self.core: Core | None = None
+        self.adapters_service: AdaptersService | None = None
         self._grpc: grpc.aio.Server | None = None
         self._stopped = asyncio.Event()
 
@@ -100,9 +101,8 @@ class Server:
         for family in self.core.families():
             await asyncio.to_thread(self.core.targets, family)  # before any request wraps layers
         server = grpc.aio.server(options=grpc_options(config.server))
-        convert.add_services(
-            server, GenerationService(self.core), AdaptersService(self.core), ModelsService(self.core)
-        )
+        self.adapters_service = AdaptersService(self.core)
+        convert.add_services(server, GenerationService(self.core), self.adapters_service, ModelsService(self.core))
         health_pb2_grpc_add(self.health, server)
         reflection.enable_server_reflection((*convert.SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         self.port = server.add_insecure_port(f"{config.server.host}:{config.server.port}")
@@ -152,6 +152,8 @@ class Server:
         if self._grpc is not None:
             await self._grpc.stop(grace=1.0)
             self._grpc = None
+        if self.adapters_service is not None:
+            self.adapters_service.close()  # validation workers
         if self.core is not None:
             await asyncio.to_thread(self.core.engine_thread.stop)
             self.core.registry.close()

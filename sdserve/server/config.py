@@ -270,6 +270,12 @@ def check(config: Config) -> None:
         raise InvalidArgument("[models] serve must name at least one model")
     if config.models.default and config.models.default not in config.models.serve:
         raise InvalidArgument("[models] default must be one of serve")
+    registry = config.registry
+    if registry.validate_memory_bytes < 2 * registry.max_adapter_bytes:
+        # A file's data section is read whole into the validation worker's memory.
+        raise InvalidArgument("[registry] validate_memory_bytes must be at least twice max_adapter_bytes")
+    if min(registry.max_concurrent_uploads, registry.max_tenant_concurrent_uploads) < 1:
+        raise InvalidArgument("[registry] upload limits must be at least 1")
     admission = config.admission
     if min(admission.max_pending_cost, admission.max_tenant_pending_cost, admission.max_inflight_cost) <= 0:
         raise InvalidArgument("[admission] bounds must be positive")
