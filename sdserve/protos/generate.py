@@ -13,6 +13,9 @@ from pathlib import Path
 
 PROTO_ROOT = Path(__file__).parent
 PROTO_DIR = PROTO_ROOT / "sdserve" / "v1"
+# The protos' descriptors with their comments (source info), which the generated stubs lack:
+# the request schema's field docs (CLI help, docs) are read from it, not from the .proto text.
+DESCRIPTOR_SET = PROTO_DIR / "sdserve.binpb"
 
 
 def generate(out_root: Path = PROTO_ROOT) -> list[Path]:
@@ -20,7 +23,10 @@ def generate(out_root: Path = PROTO_ROOT) -> list[Path]:
 
     protos = sorted(PROTO_DIR.glob("*.proto"))
     include = str(Path(protoc.__file__).parent / "_proto")
-    args = ["protoc", f"-I{PROTO_ROOT}", f"-I{include}", f"--python_out={out_root}", f"--grpc_python_out={out_root}"]
+    descriptor = out_root / DESCRIPTOR_SET.relative_to(PROTO_ROOT)
+    descriptor.parent.mkdir(parents=True, exist_ok=True)
+    args = ["protoc", f"-I{PROTO_ROOT}", f"-I{include}", f"--python_out={out_root}", f"--grpc_python_out={out_root}",
+            f"--descriptor_set_out={descriptor}", "--include_source_info"]
     args += [str(p.relative_to(PROTO_ROOT)) for p in protos]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
@@ -29,6 +35,7 @@ def generate(out_root: Path = PROTO_ROOT) -> list[Path]:
         text = re.sub(r"^from sdserve\.v1 import ", "from . import ", path.read_text(), flags=re.M)
         path.write_text(text)
         written.append(path)
+    written.append(descriptor)
     return written
 
 

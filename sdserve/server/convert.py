@@ -7,14 +7,12 @@ field has one name, one type and one comment everywhere (ARCHITECTURE rule 1).
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass
 from functools import cache
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
-from google.protobuf import json_format
+from google.protobuf import descriptor_pb2, json_format
 from google.protobuf.descriptor import FieldDescriptor
 
 from sdserve.errors import InvalidArgument
@@ -25,8 +23,6 @@ if TYPE_CHECKING:
 
 # The engine's request types are imported inside the functions that build them: the Python
 # client imports this module for the JSON/pb helpers and must not pay for torch.
-
-PROTO_FILE = Path(__file__).resolve().parents[1] / "protos" / "sdserve" / "v1" / "sdserve.proto"
 
 _INT_TYPES = {
     FieldDescriptor.TYPE_INT32: (-(2**31), 2**31 - 1),
@@ -48,22 +44,30 @@ class RequestField:
 
 
 @cache
-def _proto_comments(message: str) -> dict[str, str]:
-    """Field name -> the `//` comment above it in the .proto file."""
-    text = PROTO_FILE.read_text()
-    body = re.search(rf"message {message} \{{(.*?)\n\}}", text, re.S)
-    comments: dict[str, str] = {}
-    pending: list[str] = []
-    for line in (body.group(1) if body else "").splitlines():
-        line = line.strip()
-        if line.startswith("//"):
-            pending.append(line[2:].strip())
+def _descriptor_set() -> descriptor_pb2.FileDescriptorSet:
+    from sdserve.protos.generate import DESCRIPTOR_SET
+
+    return descriptor_pb2.FileDescriptorSet.FromString(DESCRIPTOR_SET.read_bytes())
+
+
+@cache
+def field_comments(message: str) -> dict[str, str]:
+    """Field name -> its comment in the .proto, for a top-level message of sdserve.v1, read from
+    the descriptor set `make protos` writes with source info (the stubs carry no comments)."""
+    for file in _descriptor_set().file:
+        names = [m.name for m in file.message_type]
+        if message not in names:
             continue
-        match = re.match(r"(?:optional |repeated )?[\w.]+ (\w+) = \d+;", line)
-        if match:
-            comments[match.group(1)] = " ".join(pending)
-        pending = []
-    return comments
+        index = names.index(message)
+        fields = file.message_type[index].field
+        comments = {}
+        for location in file.source_code_info.location:
+            # path: 4 (message_type), message index, 2 (field), field index
+            path = list(location.path)
+            if len(path) == 4 and path[:3] == [4, index, 2]:
+                comments[fields[path[3]].name] = " ".join(location.leading_comments.split())
+        return comments
+    raise KeyError(message)
 
 
 def _python_type(field: FieldDescriptor) -> type:
@@ -78,7 +82,7 @@ def _python_type(field: FieldDescriptor) -> type:
 
 @cache
 def request_fields() -> tuple[RequestField, ...]:
-    comments = _proto_comments("GenerateRequest")
+    comments = field_comments("GenerateRequest")
     out = []
     for field in pb.GenerateRequest.DESCRIPTOR.fields:
         if field.type in (FieldDescriptor.TYPE_MESSAGE, FieldDescriptor.TYPE_BYTES):
