@@ -15,7 +15,7 @@ file in the page cache. Measured interleaved over repeats, medians:
   (c) diffusers StableDiffusionPipeline.load_lora_weights(path, adapter_name=...), into a
                pipeline with no LoRA (after unload_lora_weights) and beside one resident adapter
   (d) switch   the next request reads another resident adapter: sdserve refills the per-step row
-               metadata (AdapterContext.rows + meta_for at every token count of a 512 px step);
+               metadata (LoRABatchState.meta_for at every token count of a 512 px step);
                diffusers calls set_adapters([name], [weight])
   (e) memory   N resident rank-8 attention-only adapters (fp32, distinct contents), loaded with
                load_lora in a fresh process: Σ adapter.nbytes and RSS growth over Σ file tensor bytes
@@ -54,7 +54,9 @@ from bench.sd15 import style_targets as select_style_targets
 from sdserve.adapters import TargetSpec, load_lora, targets_of
 from sdserve.adapters.host_memory import HostArena
 from sdserve.engine.config import ResidencyConfig
-from sdserve.engine.lora_layers import AdapterContext, ModulePool, wrap_targets
+from sdserve.engine.lora_layers import wrap_targets
+from sdserve.engine.row_context import RowContext, RowContextHolder
+from sdserve.kernels import LoRABatchState, ModulePool
 
 RANK = 16
 MEMORY_RANK = 8
@@ -109,8 +111,8 @@ class SdserveSide:
         with torch.device("meta"):
             unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
         self.targets = targets_of({"unet": unet})
-        self.context = AdapterContext(max_rows=ROWS, max_stack=3, device=torch.device("cpu"))
-        self.layers = wrap_targets({"unet": unet}, self.targets, self.context)
+        self.context = LoRABatchState(max_rows=ROWS, max_stack=3, device=torch.device("cpu"))
+        self.layers = wrap_targets({"unet": unet}, self.targets, RowContextHolder(), self.context)
         self.pools: dict[str, ModulePool] = {}
         self.unet = unet
         started = time.perf_counter()
@@ -131,15 +133,14 @@ class SdserveSide:
             if pool is None:
                 pool = ModulePool(self.targets[target], NUM_SLOTS, torch.device("cpu"), torch.float32)
                 self.pools[target] = pool
-                self.layers[target].pool = pool
+                self.layers[target].lora.pool = pool
             pool.place(slot, module.a, module.b, module.scale)
 
     def switch(self, slot: int, scale: float) -> None:
         """What the next step of a request on another resident adapter costs: new row stacks."""
-        stacks = [[(slot, scale)] for _ in range(ROWS)]
-        with self.context.rows(stacks):
-            for tokens in STEP_TOKEN_COUNTS:
-                self.context.meta_for(tokens)
+        rows = RowContext(lora=[[(slot, scale)] for _ in range(ROWS)])
+        for tokens in STEP_TOKEN_COUNTS:
+            self.context.meta_for(rows.lora, tokens)
 
 
 # -- diffusers -------------------------------------------------------------------------------

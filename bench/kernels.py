@@ -6,7 +6,7 @@ sizes 320, 640, 1280, 2048; ranks 8 and 64; stacks of 1 and 3 adapters per row; 
 stacks). Paths, timed interleaved, medians:
 
   base     F.linear(x, W) alone
-  ref      base + sdserve.kernels.lora_reference.add_multi_lora_reference (the CPU path)
+  ref      base + sdserve.kernels.lora_cpu.add_multi_lora_cpu (the CPU path)
   triton   base + sdserve.kernels.add_multi_lora on CUDA (GPU only)
   merged   per distinct stack: W + Σ s·B@A, then one F.linear over that stack's rows (merge included)
 
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import machine, print_table, write_json
-from sdserve.kernels import LoRABatchMeta, add_multi_lora, add_multi_lora_reference, triton_available
+from sdserve.kernels import LoRABatchMeta, add_multi_lora, add_multi_lora_cpu, triton_available
 
 HIDDEN_SIZES = (320, 640, 1280, 2048)
 RANKS = (8, 64)
@@ -84,7 +84,7 @@ class Case:
         torch.matmul(self.x, self.weight.t(), out=self.y)
 
     def lora_reference(self) -> None:
-        add_multi_lora_reference(self.y, self.x, self.lora_a, self.lora_b, self.slot_ranks, self.meta)
+        add_multi_lora_cpu(self.y, self.x, self.lora_a, self.lora_b, self.slot_ranks, self.meta)
 
     def lora_triton(self) -> None:
         add_multi_lora(self.y, self.x, self.lora_a, self.lora_b, self.slot_ranks, self.meta)

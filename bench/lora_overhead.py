@@ -32,9 +32,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from bench.common import machine, print_table, write_json
 from bench.sd15 import attention_targets, sd15_unet
 from sdserve.adapters import targets_of
-from sdserve.engine import lora_layers
 from sdserve.engine.config import ResidencyConfig
-from sdserve.engine.lora_layers import AdapterContext, ModulePool, wrap_targets
+from sdserve.engine.lora_layers import wrap_targets
+from sdserve.engine.row_context import RowContext, RowContextHolder
+from sdserve.kernels import LoRABatchState, ModulePool, lora_cpu
 from sdserve.kernels.lora_plan import MergedPlan
 
 
@@ -52,8 +53,9 @@ ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _
 def build(rank: int, rows: int, merge_budget: int):
     unet = sd15_unet()
     all_targets = targets_of({"unet": unet})
-    context = AdapterContext(max_rows=rows, max_stack=2, device=torch.device("cpu"), merge_budget_bytes=merge_budget)
-    layers = wrap_targets({"unet": unet}, all_targets, context)  # every layer wrapped, as served
+    context = LoRABatchState(max_rows=rows, max_stack=2, device=torch.device("cpu"), merge_budget_bytes=merge_budget)
+    holder = RowContextHolder()
+    layers = wrap_targets({"unet": unet}, all_targets, holder, context)  # every layer wrapped, as served
     targets = attention_targets(all_targets)
     generator = torch.Generator().manual_seed(0)
     num_adapters = 2 * rows
@@ -63,9 +65,9 @@ def build(rank: int, rows: int, merge_budget: int):
             a = torch.randn(rank, spec.a_columns, generator=generator) / spec.a_columns**0.5
             b = torch.randn(spec.out_features, rank, generator=generator) * 0.01
             pool.place(slot, a, b, scale=1.0)
-        layers[name].pool = pool
+        layers[name].lora.pool = pool
     stacks = [[(2 * row, 0.8), (2 * row + 1, -0.5)] for row in range(rows)]  # eight different stacks
-    return unet, context, stacks, layers, targets
+    return unet, context, holder, stacks, layers, targets
 
 
 def breakdown(forward, layers: dict, targets: dict, rank_sum: int, repeats: int) -> dict[str, float]:
@@ -77,7 +79,7 @@ def breakdown(forward, layers: dict, targets: dict, rank_sum: int, repeats: int)
     deltas: list[float] = []
     flops = {"base": 0.0, "lora": 0.0, "factorized": 0.0}
     current: dict = {"seconds": {}, "deltas": 0.0}
-    apply_linear = lora_layers.apply_linear
+    apply_linear = lora_cpu.apply_linear
 
     def timed_apply(y, x, plan):
         started = time.perf_counter()
@@ -93,7 +95,7 @@ def breakdown(forward, layers: dict, targets: dict, rank_sum: int, repeats: int)
 
         return run
 
-    lora_layers.apply_linear = timed_apply
+    lora_cpu.apply_linear = timed_apply
     for name in targets:
         layers[name].forward = timed(name, layers[name].forward)
     try:
@@ -106,17 +108,17 @@ def breakdown(forward, layers: dict, targets: dict, rank_sum: int, repeats: int)
                 if with_adapters:
                     deltas.append(current["deltas"])
     finally:
-        lora_layers.apply_linear = apply_linear
+        lora_cpu.apply_linear = apply_linear
         for name in targets:
             del layers[name].forward  # back to the class method
     merged = 0
     for name, spec in targets.items():  # FLOPs from the shapes each projection saw
         layer = layers[name]
-        tokens = layer._plan_key[2]
+        tokens = layer.lora.plan_key[2]
         d_in, d_out = spec.a_columns, spec.out_features
         flops["base"] += 2 * tokens * d_in * d_out
         flops["lora"] += 2 * tokens * rank_sum * (d_in + d_out)
-        if isinstance(layer._plan, MergedPlan):
+        if isinstance(layer.lora.plan, MergedPlan):
             merged += 1
         else:
             flops["factorized"] += 2 * tokens * rank_sum * (d_in + d_out)
@@ -143,7 +145,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="bytes of merged weight copies (0: factorized deltas only)")
     args = parser.parse_args(argv)
 
-    unet, context, stacks, layers, targets = build(args.rank, args.rows, args.merge_budget)
+    unet, context, holder, stacks, layers, targets = build(args.rank, args.rows, args.merge_budget)
+    rows = RowContext(lora=stacks)
     num_targets = len(targets)
     sample = torch.randn(args.rows, 4, args.latent, args.latent)
     timesteps = torch.full((args.rows,), 500.0)
@@ -151,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def forward(with_adapters: bool):
         if with_adapters:
-            with context.rows(stacks):
+            with holder.rows(rows):
                 return unet(sample, timesteps, encoder_hidden_states=text, return_dict=False)[0]
         return unet(sample, timesteps, encoder_hidden_states=text, return_dict=False)[0]
 
@@ -173,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
         for nudge in (1, 2, 3):
             changed = [[(slot, scale + 1e-3 * nudge) for slot, scale in stack] for stack in stacks]
             started = time.perf_counter()
-            with context.rows(changed):
+            with holder.rows(RowContext(lora=changed)):
                 unet(sample, timesteps, encoder_hidden_states=text, return_dict=False)
             rebuilds.append(time.perf_counter() - started)
         forward(True)  # plans back to the measured stacks

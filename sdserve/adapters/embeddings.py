@@ -26,9 +26,7 @@ and gives each embedding vector the id diffusers would give it. Ids `>= first_ex
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
@@ -279,15 +277,20 @@ def tokenize_with_embeddings(
     ids = [tokenizer.bos_token_id] + content[:keep] + [tokenizer.eos_token_id]
     ids += [tokenizer.pad_token_id] * (max_length - len(ids))
     overrides = {pos + 1: src for pos, src in enumerate(sources[:keep]) if src is not None}
-    rows = [e.vectors[component] for e in embeddings if component in e.vectors]
-    extra_rows = torch.cat(rows) if rows else torch.empty(0, 0)  # [n_extra, dim]
     return TokenizedPrompt(
         input_ids=torch.tensor([ids], dtype=torch.long),
         overrides=MappingProxyType(overrides),
         first_extra_id=len(tokenizer),
-        extra_rows=extra_rows,
+        extra_rows=extra_rows_of(embeddings, component),
         prompt=prompt,
     )
+
+
+def extra_rows_of(embeddings: Sequence[TextualInversion], component: str) -> torch.Tensor:
+    """[n_extra, dim]: the vectors of `embeddings` that feed `component`, in the order of the ids
+    `tokenize_with_embeddings` gives them (row k is id `first_extra_id + k`); [0, 0] for none."""
+    rows = [e.vectors[component] for e in embeddings if component in e.vectors]
+    return torch.cat(rows) if rows else torch.empty(0, 0)
 
 
 def embed_tokens(
@@ -311,34 +314,29 @@ def embed_tokens(
     return torch.where(is_extra[..., None], extra.to(base.dtype), base)
 
 
-_EXTRA_ROWS: ContextVar[tuple[int, torch.Tensor] | None] = ContextVar("sdserve_extra_token_rows", default=None)
-
-
-@contextmanager
-def extra_token_rows(first_extra_id: int, extra_rows: torch.Tensor) -> Iterator[None]:
-    """Make `ExtraRowsEmbedding` modules see these rows for the calls made inside the block."""
-    reset = _EXTRA_ROWS.set((first_extra_id, extra_rows))
-    try:
-        yield
-    finally:
-        _EXTRA_ROWS.reset(reset)
+TokenRows = tuple[int, torch.Tensor]  # (first_extra_id, extra_rows [n_extra, dim] or [batch, n_extra, dim])
 
 
 class ExtraRowsEmbedding(nn.Module):
     """Wraps a text encoder's token table (explicitly, once, at model load) so that ids past the
-    vocabulary read the current call's rows (`extra_token_rows`); outside such a block it is the
-    plain table. The shared weights and tokenizer are never changed."""
+    vocabulary read the current call's rows; when there are none it is the plain table. The shared
+    weights and tokenizer are never changed.
 
-    def __init__(self, base: nn.Embedding) -> None:
+    `rows` says where the current call's rows come from, and is given at wrap time: the engine
+    passes its row context's reader (`RowContextHolder.token_rows`).
+    """
+
+    def __init__(self, base: nn.Embedding, rows: Callable[[], TokenRows | None]) -> None:
         super().__init__()
         self.base = base
+        self.rows = rows
 
     @property
     def weight(self) -> torch.Tensor:
         return self.base.weight
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        current = _EXTRA_ROWS.get()
+        current = self.rows()
         if current is None:
             return self.base(input_ids)
         first_extra_id, rows = current

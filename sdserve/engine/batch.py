@@ -1,9 +1,9 @@
 """A batch: the rows of several requests that share one UNet call.
 
 Each request owns a contiguous range of rows (`[uncond × n, cond × n]` under guidance). Per-row
-data is gathered here so that a backend sees plain tensors; later kinds of per-row conditioning
-(adapter slots and scales, ControlNet residuals, IP-Adapter image tokens) are added as further
-per-row fields of the same batch, filled from each request's state at each step.
+data is gathered here so that a backend sees plain tensors, filled from each request's state at
+each step; what the adapter-aware modules read (LoRA stacks, IP-Adapter branches, hypernetworks)
+is gathered into the batch's one `RowContext`, which the runner sets for the UNet call.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 
 from sdserve.engine.activity import active_at
 from sdserve.engine.controlnet import ControlSegment
+from sdserve.engine.row_context import RowContext
 from sdserve.engine.state import GroupKey, RequestState
 
 
@@ -35,11 +36,10 @@ class Batch:
     encoder_hidden_states: torch.Tensor  # [rows, seq, dim]
     text_embeds: torch.Tensor | None  # [rows, pooled_dim] (SDXL)
     time_ids: torch.Tensor | None  # [rows, 6] (SDXL)
-    row_stacks: list[list[tuple[int, float]]]  # per row: (slot, scale) of the adapters active now
+    # per row: (slot, scale) of the LoRAs active now, IP-Adapter branches, hypernetworks
+    rows: RowContext
     # (ControlNet model, unit index) -> the row ranges that run it now, their images and scales
     controls: dict[tuple[str, int], list[ControlSegment]] = field(default_factory=dict)
-    ip_rows: list[list] | None = None  # per row: (IP-Adapter weights, tokens [T, dim], scale) branches
-    hypernetwork_rows: list[tuple] | None = None  # per row: ((hypernetwork, strength), ...)
 
     @property
     def num_rows(self) -> int:
@@ -95,8 +95,6 @@ def assemble_batch(key: GroupKey, states: list[RequestState]) -> Batch:
         encoder_hidden_states=torch.cat(hidden),
         text_embeds=torch.cat(pooled) if pooled else None,
         time_ids=torch.cat(time_ids) if time_ids else None,
-        row_stacks=row_stacks,
+        rows=RowContext(lora=row_stacks, ip_branches=ip_rows, hypernetworks=hypernetwork_rows),
         controls=controls,
-        ip_rows=ip_rows if any(ip_rows) else None,
-        hypernetwork_rows=hypernetwork_rows if any(hypernetwork_rows) else None,
     )

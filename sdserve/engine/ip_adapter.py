@@ -10,7 +10,8 @@ layer, rows with branches compute
 
 (`kernels.scaled_multi_branch_attention`), K_i/V_i being the adapter's `to_k_ip`/`to_v_ip` of the
 row's image tokens; rows of requests without an IP-Adapter get no image branch at all, and a
-batch with none runs diffusers' own processor unchanged.
+batch with none runs diffusers' own processor unchanged. The processors read each row's branches
+and hypernetworks from the model's row context (`row_context`), set once per UNet call.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch import nn
 
 from sdserve.adapters.hypernetwork import apply_hypernetwork
 from sdserve.engine.model import ModelInfo
+from sdserve.engine.row_context import RowContextHolder
 from sdserve.errors import InvalidArgument, NotFound
 from sdserve.kernels import scaled_multi_branch_attention
 
@@ -166,21 +168,6 @@ class PreparedIP:
     scale: float
 
 
-class IPContext:
-    """The per-row attention extras of the current UNet call, read by every attention processor:
-    IP-Adapter image branches (cross-attention) and hypernetworks (all attention layers)."""
-
-    def __init__(self) -> None:
-        self.branches: list[list[tuple[IPAdapterWeights, torch.Tensor, float]]] | None = None
-        self.hypernetworks: list[tuple[tuple[Any, float], ...]] | None = None
-
-    def set_rows(self, per_row=None, hypernetworks=None) -> None:
-        """per_row[r]: (weights, tokens [T, dim], scale) branches of row r; hypernetworks[r]: the row's
-        ((hypernetwork, strength), ...). None, or all rows empty, means nothing extra anywhere."""
-        self.branches = per_row if per_row and any(per_row) else None
-        self.hypernetworks = hypernetworks if hypernetworks and any(hypernetworks) else None
-
-
 def hypernetwork_contexts(context: torch.Tensor, rows) -> tuple[torch.Tensor, torch.Tensor]:
     """A1111: k and v read `context + MLP(context) · strength`, each row through its own chain.
 
@@ -208,17 +195,18 @@ def hypernetwork_contexts(context: torch.Tensor, rows) -> tuple[torch.Tensor, to
 
 class RowBranchAttnProcessor:
     """diffusers' AttnProcessor2_0, plus per-row IP-Adapter branches and hypernetworks when the
-    context has any; without them the processor diffusers installed runs unchanged."""
+    current row context has any; without them the processor diffusers installed runs unchanged."""
 
-    def __init__(self, layer: str, context: IPContext, plain, cross: bool) -> None:
+    def __init__(self, layer: str, rows: RowContextHolder, plain, cross: bool) -> None:
         self.layer = layer
-        self.context = context
+        self.rows = rows
         self.plain = plain
         self.cross = cross
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        branches = self.context.branches if self.cross else None
-        hypernetworks = self.context.hypernetworks
+        context = self.rows.current
+        branches = context.ip_rows if context is not None and self.cross else None
+        hypernetworks = context.hypernetwork_rows if context is not None else None
         if (branches is None and hypernetworks is None) or attention_mask is not None:
             return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
         residual = hidden_states
@@ -285,10 +273,10 @@ class RowBranchAttnProcessor:
         return scaled_multi_branch_attention(query, key, value, k_image, v_image, scales, present, lengths)
 
 
-def install_processors(unet, context: IPContext) -> None:
-    """Once per model, at load: every attention layer gets a row-aware processor."""
+def install_processors(unet, rows: RowContextHolder) -> None:
+    """Once per model, at load: every attention layer gets a row-aware processor reading `rows`."""
     processors = {}
     for name, processor in unet.attn_processors.items():
         cross = name.endswith("attn2.processor")
-        processors[name] = RowBranchAttnProcessor(name.removesuffix(".processor"), context, processor, cross)
+        processors[name] = RowBranchAttnProcessor(name.removesuffix(".processor"), rows, processor, cross)
     unet.set_attn_processor(processors)

@@ -21,19 +21,24 @@ import hashlib
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
 from sdserve.adapters import LoRAAdapter, load_lora, targets_of
-from sdserve.adapters.embeddings import ExtraRowsEmbedding
+from sdserve.adapters.embeddings import TEXT_ENCODERS, ExtraRowsEmbedding, TokenRows
 from sdserve.adapters.host_memory import HostArena
 from sdserve.engine.config import ResidencyConfig
-from sdserve.engine.ip_adapter import IPContext, install_processors
-from sdserve.engine.lora_layers import AdapterContext, ModulePool, wrap_targets
+from sdserve.engine.ip_adapter import install_processors
+from sdserve.engine.lora_layers import wrap_targets
 from sdserve.engine.request import MAX_STACK, StackEntry
+from sdserve.engine.row_context import RowContext, RowContextHolder
 from sdserve.errors import AdapterError
+from sdserve.kernels import LoRABatchState, ModulePool
 
 
 @dataclass
@@ -81,7 +86,8 @@ class _DigestCache:
 
 
 class AdapterRuntime:
-    """A model's adapter machinery: wrapped layers, slot pools, host cache, background loads."""
+    """A model's adapter machinery: wrapped layers, slot pools, host cache, background loads, and
+    the model's row-context holder, which every adapter-aware module reads (`rows`)."""
 
     def __init__(self, model, config: ResidencyConfig, max_rows: int, executor: ThreadPoolExecutor) -> None:
         self.model = model
@@ -91,15 +97,17 @@ class AdapterRuntime:
         if len(model.text_encoders) > 1:
             components["text_encoder_2"] = model.text_encoders[1]
         self.targets = targets_of(components)
-        self.context = AdapterContext(
+        # Every adapter-aware module installed below reads this one holder (see `rows`).
+        self.row_context = RowContextHolder()
+        self.lora_batch = LoRABatchState(
             max_rows=max_rows, max_stack=MAX_STACK, device=model.device, merge_budget_bytes=config.merge_budget_bytes
         )
-        self.layers = wrap_targets(components, self.targets, self.context)
-        # IP-Adapter branches: row-aware processors on every cross-attention layer, installed once.
-        for encoder in model.text_encoders:
-            wrap_token_table(encoder)
-        self.ip_context = IPContext()
-        install_processors(model.unet, self.ip_context)
+        self.layers = wrap_targets(components, self.targets, self.row_context, self.lora_batch)
+        for component, encoder, tokenizer in zip(TEXT_ENCODERS, model.text_encoders, model.tokenizers):
+            # Ids from len(tokenizer) up are textual-inversion vectors (tokenize_with_embeddings).
+            wrap_token_table(encoder, partial(self.row_context.token_rows, component, len(tokenizer)))
+        # IP-Adapter branches and hypernetworks: row-aware processors on every attention layer.
+        install_processors(model.unet, self.row_context)
         self.pools: dict[str, ModulePool] = {}
         self.slots = [_Slot() for _ in range(config.device_slots)]
         self.digest_slot: dict[str, int] = {}
@@ -109,6 +117,12 @@ class AdapterRuntime:
         self.stats = ResidencyStats()
         self._digests = _DigestCache()
         self._tick = 0
+
+    def rows(self, context: RowContext) -> AbstractContextManager[None]:
+        """Within the block (one model call), every adapter-aware module of the model reads
+        `context`: wrapped layers their rows' LoRA stacks, attention processors the IP-Adapter
+        branches and hypernetworks, token tables the textual inversions."""
+        return self.row_context.rows(context)
 
     # -- host tier -------------------------------------------------------------------------
 
@@ -210,7 +224,7 @@ class AdapterRuntime:
             if pool is None:
                 pool = ModulePool(self.targets[target], len(self.slots), self.model.device, self.model.dtype)
                 self.pools[target] = pool
-                self.layers[target].pool = pool
+                self.layers[target].lora.pool = pool
             pool.place(slot_index, module.a, module.b, module.scale)
         slot.digest = digest
         slot.targets = tuple(adapter.modules)
@@ -221,8 +235,9 @@ class AdapterRuntime:
         return [s.digest for s in self.slots if s.digest is not None]
 
 
-def wrap_token_table(encoder) -> None:
-    """Wrap a CLIP text encoder's token table once, so requests can bring textual-inversion rows."""
+def wrap_token_table(encoder, rows: Callable[[], TokenRows | None]) -> None:
+    """Wrap a CLIP text encoder's token table once, so requests can bring textual-inversion rows;
+    `rows` reads the current call's rows (the row context's, for this encoder)."""
     for path, module in list(encoder.named_modules()):
         if path.endswith("embeddings") and isinstance(getattr(module, "token_embedding", None), torch.nn.Embedding):
-            module.token_embedding = ExtraRowsEmbedding(module.token_embedding)
+            module.token_embedding = ExtraRowsEmbedding(module.token_embedding, rows)

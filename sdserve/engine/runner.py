@@ -43,14 +43,11 @@ class EagerBackend:
         added = None
         if batch.text_embeds is not None:
             added = {"text_embeds": batch.text_embeds, "time_ids": batch.time_ids}
-        if model.adapters is not None:
-            model.adapters.ip_context.set_rows(batch.ip_rows, batch.hypernetwork_rows)
-            try:
-                with model.adapters.context.rows(batch.row_stacks):
-                    return self._unet(model, batch, added)
-            finally:
-                model.adapters.ip_context.set_rows(None)
-        return self._unet(model, batch, added)
+        if model.adapters is None:
+            return self._unet(model, batch, added)
+        # One row context for the whole call: every adapter-aware module reads the batch's rows.
+        with model.adapters.rows(batch.rows):
+            return self._unet(model, batch, added)
 
     def _unet(self, model: LoadedModel, batch: Batch, added: dict | None) -> torch.Tensor:
         down, mid = control_residuals(batch, model, self.controlnets)

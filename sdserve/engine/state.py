@@ -20,6 +20,7 @@ from sdserve.engine.init_latents import Inpainting, prepare_latents, strength_ti
 from sdserve.engine.ip_adapter import PreparedIP
 from sdserve.engine.model import LoadedModel
 from sdserve.engine.request import EngineRequest
+from sdserve.engine.row_context import RowContext
 from sdserve.engine.schedulers import make_scheduler, resolve_scheduler, step_kwargs_accepted
 
 GroupKey = tuple[str, int, int]  # (model name, latent height, latent width)
@@ -125,13 +126,15 @@ def prepare_state(
         timesteps = strength_timesteps(scheduler, request.steps, request.strength)
     num_steps = len(timesteps)
     # Prompts are encoded once, so an adapter's text-encoder part applies when it is active at
-    # the first step.
-    text_stack = [
+    # the first step. Every text-encoder call encodes one prompt: one row, reading that stack and
+    # the request's textual inversions.
+    text_stack = tuple(
         (slot, entry.scale)
         for slot, entry in zip(adapter_slots, request.adapters)
         if active_at(0, num_steps, entry.start, entry.end)
-    ]
-    with torch.inference_mode(), _text_adapters(model, text_stack):
+    )
+    text_rows = RowContext(lora=(text_stack,), embeddings=(request.embeddings,))
+    with torch.inference_mode(), _adapter_rows(model, text_rows):
         conditioning = family.encode(
             model,
             request.prompt,
@@ -174,8 +177,8 @@ def prepare_state(
     )
 
 
-def _text_adapters(model: LoadedModel, stack: list[tuple[int, float]]):
-    """Every text-encoder call of a request encodes one prompt: one row reading `stack`."""
-    if model.adapters is None or not stack:
+def _adapter_rows(model: LoadedModel, rows: RowContext):
+    """The model's calls inside the block read `rows` (a model never wrapped has nothing to read)."""
+    if model.adapters is None:
         return nullcontext()
-    return model.adapters.context.rows([stack])
+    return model.adapters.rows(rows)

@@ -4,11 +4,13 @@ Allocated once with capacities and refilled in place each denoising step (ARCHIT
 the GPU path keeps the same buffers and can be captured in a CUDA graph. Tokens of one batch row
 are contiguous in the token dimension; stacks belong to rows.
 
-Two consumers:
+Three consumers:
 - the Triton path reads the device tensors (`row_starts`, `slot_table`, `scale_table`,
   `block_rows`, `block_starts`);
-- the torch reference reads `plan`, a host-side grouping of rows by their slot stack built in
-  `fill`, so that the CPU path never syncs on or re-derives the tables.
+- the CPU planner (`lora_cpu`, `lora_plan`) reads `plan`, a host-side grouping of rows by their
+  slot stack built in `fill`, so that the CPU path never syncs on or re-derives the tables;
+- the oracle (`lora_reference`) reads the tables back on the host, never `plan`, so it checks the
+  grouping too.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Multi-LoRA on the CPU from slot views: plan once per batch composition, apply every step.
+"""The CPU planner's plans: what a batch reads from slot views, gathered once, applied every step.
 
 On the CPU a slot never holds a copy of an adapter: it holds views of the adapter's packed host
 buffer (`SlotFactors`), so placing an adapter writes no weights. `plan_linear(slots, meta)`
@@ -11,8 +11,8 @@ either per run of rows sharing a stack (two matmuls per run) or, for many rows w
 stacks and equal token counts, as two bmm over all rows (what dominated on CPU was op count, not
 FLOPs). A plan depends only on the slots and the rows' stacks, so callers keep it while neither
 changes (a batch steps with the same stacks for many steps). Conv LoRA (LoCon) plans likewise.
-The torch reference of the Triton kernels (`lora_reference.py`) is this path over views of the
-slot tensors.
+Pure functions: `lora_cpu` keeps the plans (per layer) and runs them over slot views or over views
+of the kernels' slot tensors; the oracle all of it is checked against is `lora_reference`.
 
 Where a module sees many tokens per row and is narrow (SD's first UNet level: 1,024-4,096 tokens
 of 320 features), one step's deltas cost more than merging the stack into a weight copy once:

@@ -19,7 +19,6 @@ from sdserve.adapters.embeddings import (
     TextualInversion,
     embed_tokens,
     expand_prompt,
-    extra_token_rows,
     load_embedding,
     placeholder_token_ids,
     tokenize_with_embeddings,
@@ -200,14 +199,16 @@ def test_wrapped_encoder_matches_diffusers_encoder(tiny_sd1, legacy_eos):
     shared_tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
     encoder = CLIPTextModel.from_pretrained(path / "text_encoder").eval()
     table_before = encoder.get_input_embeddings().weight.detach().clone()
-    encoder.embeddings.token_embedding = ExtraRowsEmbedding(encoder.embeddings.token_embedding)
+    current: list = [None]  # what the engine's row context would hand the table
+    encoder.embeddings.token_embedding = ExtraRowsEmbedding(encoder.embeddings.token_embedding, lambda: current[0])
     if legacy_eos:
         encoder.eos_token_id = oracle_encoder.eos_token_id = 2
     result = tokenize_with_embeddings(shared_tokenizer, prompt, embeddings)
     with torch.no_grad():
         expected = oracle_encoder(oracle_ids)
-        with extra_token_rows(result.first_extra_id, result.extra_rows):
-            got = encoder(result.input_ids)
+        current[0] = (result.first_extra_id, result.extra_rows)
+        got = encoder(result.input_ids)
+        current[0] = None
         plain = encoder(torch.tensor([[shared_tokenizer.bos_token_id, 320, shared_tokenizer.eos_token_id]]))
     torch.testing.assert_close(got.last_hidden_state, expected.last_hidden_state, rtol=0, atol=1e-6)
     torch.testing.assert_close(got.pooler_output, expected.pooler_output, rtol=0, atol=1e-6)
@@ -272,5 +273,5 @@ def test_embed_tokens_batch_rows_read_their_own_table():
     ])
     assert torch.equal(out, expected)
     assert torch.equal(embed_tokens(weight, ids[:1], vocab, first[0]), expected[:1])  # one shared table
-    plain = ExtraRowsEmbedding(torch.nn.Embedding.from_pretrained(weight))
-    assert torch.equal(plain(torch.tensor([[1, 2]])), weight[[1, 2]][None])  # outside a block: the table
+    plain = ExtraRowsEmbedding(torch.nn.Embedding.from_pretrained(weight), lambda: None)
+    assert torch.equal(plain(torch.tensor([[1, 2]])), weight[[1, 2]][None])  # no rows: the table

@@ -67,7 +67,7 @@ def test_mixed_stacks_give_each_request_its_image_alone(loras):
     original = engine.runner.step
 
     def spy(model, batch):
-        calls.append({tuple(map(tuple, s)) for s in batch.row_stacks})
+        calls.append({tuple(map(tuple, s)) for s in batch.rows.lora})
         return original(model, batch)
 
     engine.runner.step = spy

@@ -1,10 +1,12 @@
-"""Shared builders for the multi-LoRA tests: padded slot pools, batch stacks and an fp64 oracle."""
+"""Shared builders for the multi-LoRA tests: padded slot pools, batch stacks and the fp64 oracle
+(`sdserve.kernels.lora_reference`)."""
 
 from __future__ import annotations
 
 import torch
 
 from sdserve.kernels.lora_meta import LoRABatchMeta
+from sdserve.kernels.lora_reference import multi_lora_oracle
 
 
 def make_pool(
@@ -29,25 +31,8 @@ def fill_meta(
     return meta
 
 
-def oracle(
-    y: torch.Tensor,
-    x: torch.Tensor,
-    lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
-    ranks: torch.Tensor,
-    counts: list[int],
-    stacks: list[list[tuple[int, float]]],
-) -> torch.Tensor:
-    """fp64 per-token loop: y[t] + sum_k s * B[:, :r] @ (A[:r] @ x[t]); independent of the plan."""
-    out = y.double().clone()
-    x64 = x.double()
-    row_of_token = [row for row, count in enumerate(counts) for _ in range(count)]
-    for token, row in enumerate(row_of_token):
-        for slot, scale in stacks[row]:
-            rank = int(ranks[slot])
-            down = lora_a[slot, :rank].double() @ x64[token]
-            out[token] += scale * (lora_b[slot, :, :rank].double() @ down)
-    return out
+# fp64 per-token loop: y[t] + sum_k s * B[:, :r] @ (A[:r] @ x[t]); independent of the plan.
+oracle = multi_lora_oracle
 
 
 # Rank 1, 8 and 64 in one batch, a slot of rank 0 (adapter does not touch this module), rows with

@@ -1,4 +1,4 @@
-"""LoCon reference against merged conv weights, per row."""
+"""LoCon (the CPU planner's convs, and the oracle) against merged conv weights, per row."""
 
 from __future__ import annotations
 
@@ -6,16 +6,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdserve.kernels import add_multi_lora_conv
+from sdserve.kernels import add_multi_lora_conv, add_multi_lora_conv_reference
 
 from .lora_cases import fill_meta
 
 
+@pytest.mark.parametrize("conv_op", [add_multi_lora_conv, add_multi_lora_conv_reference], ids=["planner", "oracle"])
 @pytest.mark.parametrize(
     ("kernel", "stride", "padding", "dilation"),
     [(3, 1, 1, 1), (3, 2, 1, 1), (1, 1, 0, 1), ((3, 1), (1, 2), (1, 0), (2, 1))],
 )
-def test_conv_reference_matches_merged_weights(kernel, stride, padding, dilation) -> None:
+def test_conv_reference_matches_merged_weights(conv_op, kernel, stride, padding, dilation) -> None:
     kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
     in_ch, out_ch, max_rank = 8, 12, 16
     ranks = [4, 16, 0]
@@ -40,5 +41,5 @@ def test_conv_reference_matches_merged_weights(kernel, stride, padding, dilation
             merged += scale * delta.view(out_ch, in_ch, kh, kw)
         expected.append(F.conv2d(x[row : row + 1], merged, **conv))
     y32 = y.float()
-    add_multi_lora_conv(y32, x.float(), lora_a, lora_b, slot_ranks, meta, kernel, stride, padding, dilation)
+    conv_op(y32, x.float(), lora_a, lora_b, slot_ranks, meta, kernel, stride, padding, dilation)
     torch.testing.assert_close(y32.double(), torch.cat(expected), atol=1e-3, rtol=1e-4)

@@ -1,4 +1,4 @@
-"""The multi-LoRA torch reference (the CPU path) against independent oracles."""
+"""The CPU planner (the CPU path) and the per-token oracle against independent oracles."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from sdserve.kernels import LoRABatchMeta, add_multi_lora
+from sdserve.kernels.lora_cpu import add_multi_lora_cpu
 from sdserve.kernels.lora_reference import add_multi_lora_reference
 
 from .lora_cases import MIXED_COUNTS, MIXED_RANKS, MIXED_STACKS, TOLERANCES, fill_meta, make_pool, oracle
@@ -19,7 +20,7 @@ def test_reference_matches_per_token_oracle(dtype: torch.dtype, d_in: int, d_out
     x = torch.randn(sum(MIXED_COUNTS), d_in).to(dtype)
     y = torch.randn(sum(MIXED_COUNTS), d_out).to(dtype)
     expected = oracle(y, x, lora_a, lora_b, ranks, MIXED_COUNTS, MIXED_STACKS)
-    add_multi_lora_reference(y, x, lora_a, lora_b, ranks, meta)
+    add_multi_lora_cpu(y, x, lora_a, lora_b, ranks, meta)
     torch.testing.assert_close(y.double(), expected, **TOLERANCES[dtype])
 
 
@@ -37,7 +38,7 @@ def test_reference_matches_merged_weights() -> None:
         rank = int(ranks[slot])
         merged += scale * lora_b[slot, :, :rank].double() @ lora_a[slot, :rank].double()
     y = (x @ weight.t()).float()
-    add_multi_lora_reference(y, x.float(), lora_a, lora_b, ranks, meta)
+    add_multi_lora_cpu(y, x.float(), lora_a, lora_b, ranks, meta)
     with_lora = torch.cat([x[:40] @ merged.t(), x[40:80] @ weight.t(), x[80:] @ merged.t()])
     torch.testing.assert_close(y.double(), with_lora, atol=1e-4, rtol=1e-4)
 
@@ -50,11 +51,36 @@ def test_reference_never_reads_rank_padding() -> None:
     meta = fill_meta(MIXED_COUNTS, MIXED_STACKS)
     x = torch.randn(sum(MIXED_COUNTS), 320)
     y = torch.zeros(sum(MIXED_COUNTS), 320)
-    add_multi_lora_reference(y, x, lora_a, lora_b, ranks, meta)
+    add_multi_lora_cpu(y, x, lora_a, lora_b, ranks, meta)
     assert torch.isfinite(y).all()
     clean_a, clean_b = torch.nan_to_num(lora_a), torch.nan_to_num(lora_b)
     expected = oracle(torch.zeros_like(y), x, clean_a, clean_b, ranks, MIXED_COUNTS, MIXED_STACKS)
     torch.testing.assert_close(y.double(), expected, **TOLERANCES[torch.float32])
+
+
+def test_oracle_matches_merged_weights_and_never_reads_rank_padding() -> None:
+    """The oracle itself, on what it reads (the metadata's tables): x @ (W + sum_k s_k B_k A_k)^T per
+    row, rows without a stack or with a rank-0 slot on W alone, NaN rank padding never read."""
+    d_in, d_out = 48, 40
+    lora_a, lora_b, ranks = make_pool([4, 16, 0], d_in, d_out, max_rank=16, dtype=torch.float32, padding=float("nan"))
+    stacks = [[(0, 0.8), (1, -1.0)], [], [(2, 1.0)], [(1, 0.25)]]
+    counts = [5, 3, 4, 6]
+    meta = fill_meta(counts, stacks)
+    x = torch.randn(sum(counts), d_in, dtype=torch.float64)
+    weight = torch.randn(d_out, d_in, dtype=torch.float64) / d_in**0.5
+    expected, start = [], 0
+    for count, stack in zip(counts, stacks):
+        merged = weight.clone()
+        for slot, scale in stack:
+            rank = int(ranks[slot])
+            merged += scale * lora_b[slot, :, :rank].double() @ lora_a[slot, :rank].double()
+        expected.append(x[start : start + count] @ merged.t())
+        start += count
+    y = (x @ weight.t()).float()
+    add_multi_lora_reference(y, x.float(), lora_a, lora_b, ranks, meta)
+    torch.testing.assert_close(y.double(), torch.cat(expected), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="ranks"):
+        add_multi_lora_reference(y, x.float(), lora_a, lora_b, torch.tensor([4, 17, 0], dtype=torch.int32), meta)
 
 
 def test_rows_without_adapters_are_untouched() -> None:
@@ -107,9 +133,9 @@ def test_reference_rejects_bad_ranks_and_shapes() -> None:
     meta = fill_meta([4], [[(0, 1.0)]])
     x, y = torch.randn(4, 32), torch.zeros(4, 32)
     with pytest.raises(ValueError, match="ranks"):
-        add_multi_lora_reference(y, x, lora_a, lora_b, torch.tensor([9], dtype=torch.int32), meta)
+        add_multi_lora_cpu(y, x, lora_a, lora_b, torch.tensor([9], dtype=torch.int32), meta)
     with pytest.raises(ValueError):
-        add_multi_lora_reference(torch.zeros(4, 16), x, lora_a, lora_b, ranks, meta)
+        add_multi_lora_cpu(torch.zeros(4, 16), x, lora_a, lora_b, ranks, meta)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -132,5 +158,5 @@ def test_batched_rows_path_matches_oracle_and_skips_padding(dtype: torch.dtype) 
     assert plan.rows is not None and not plan.runs
     apply_linear(taken, x, plan)
     torch.testing.assert_close(taken.double(), expected, **TOLERANCES[dtype])
-    add_multi_lora_reference(y, x, lora_a, lora_b, ranks, meta)  # the public op takes it too
+    add_multi_lora_cpu(y, x, lora_a, lora_b, ranks, meta)  # the public op takes it too
     torch.testing.assert_close(y.double(), expected, **TOLERANCES[dtype])

@@ -56,19 +56,18 @@ def run_text_encoder(model: LoadedModel, index: int, text: str, max_length: int,
     """Tokenize `text` for encoder `index` and run it, with the request's textual-inversion tokens.
 
     The shared tokenizer and token table are never changed: the request's vectors are rows past
-    the vocabulary that the wrapped token table reads for this call only (ExtraRowsEmbedding).
+    the vocabulary that the wrapped token table (ExtraRowsEmbedding) reads from the call's row
+    context, which the caller sets (`state.prepare_state`: the request's textual inversions).
     """
     tokenizer, encoder = model.tokenizers[index], model.text_encoders[index]
     component = COMPONENTS[index]
     usable = [e for e in embeddings if component in e.vectors]
     if not usable:
         return encoder(tokenize(tokenizer, text, max_length).to(model.device), **kwargs)
-    from sdserve.adapters.embeddings import extra_token_rows, tokenize_with_embeddings
+    from sdserve.adapters.embeddings import tokenize_with_embeddings
 
     tokens = tokenize_with_embeddings(tokenizer, text, usable, component=component, max_length=max_length)
-    rows = tokens.extra_rows.to(model.device, encoder.dtype)
-    with extra_token_rows(tokens.first_extra_id, rows):
-        return encoder(tokens.input_ids.to(model.device), **kwargs)
+    return encoder(tokens.input_ids.to(model.device), **kwargs)
 
 
 def repeat_rows(x: torch.Tensor, n: int) -> torch.Tensor:
