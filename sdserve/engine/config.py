@@ -14,11 +14,16 @@ class ResidencyConfig:
     device_slots: int = 16
     """Adapters resident in the device slot pools of one model at once."""
     host_budget_bytes: int = 4 << 30
-    """Bytes of parsed adapters kept in host memory; least-recently-used ones beyond it are dropped."""
+    """Bytes of parsed adapter files (LoRAs, embeddings, hypernetworks) the residency store keeps
+    (engine/store.py); least-recently-used ones no running request pins are dropped beyond it."""
+    model_budget_bytes: int = 8 << 30
+    """Bytes of conditioning models (ControlNets, IP-Adapters with their image encoders) the
+    residency store keeps loaded on the engine's device; least-recently-used ones no running
+    request pins are dropped beyond it. An SD1.5 ControlNet is ~1.4 GB in float32."""
     max_rank: int = 128
     """Highest LoRA rank accepted."""
     load_threads: int = 1
-    """Background threads that read and validate adapter files."""
+    """Background threads that read and validate adapter files and load conditioning models."""
     host_arena_bytes: int = 512 << 20
     """Host memory reserved (and touched, in the background) when a model first serves adapters,
     which adapter files are read into and reused as adapters leave; loads beyond it take fresh

@@ -10,18 +10,21 @@ diffusers' MultiControlNetModel sums them.
 from __future__ import annotations
 
 import json
-import threading
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sdserve.engine.model import ModelInfo
-from sdserve.errors import InvalidArgument, NotFound
+from sdserve.engine.model import MODULE_BUILD_LOCK, ModelInfo
+from sdserve.engine.store import DirectoryModel, DirectoryRegistry, WeightKey
+from sdserve.errors import InvalidArgument
 
 PREPROCESSORS = ("none", "canny")
 MAX_UNITS = 4
+FITTING_KEYS = ("cross_attention_dim", "block_out_channels")  # a ControlNet's and its UNet's must agree
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,7 @@ class ControlSpec:
 
 @dataclass(frozen=True)
 class ControlUnit:
-    """A validated unit: `model` is a key of the ControlNetStore, `image` a PIL RGB control map."""
+    """A validated unit: `model` is a name in the ControlNetStore, `image` a PIL RGB control map."""
 
     model: str
     image: Any
@@ -46,46 +49,56 @@ class ControlUnit:
     start: float
     end: float
     preprocess: str = "none"
+    source: DirectoryModel | None = field(default=None, compare=False, repr=False)  # what `model` named
 
 
-class ControlNetStore:
-    """Registered ControlNet models (name -> directory) plus local directories; loaded once."""
+class ControlNetStore(DirectoryRegistry):
+    """ControlNet models by name (operator-registered directories, or a directory the CLI names);
+    loaded, kept and evicted by the engine's residency store (engine/store.py), keyed by the
+    directory's digest and the device and dtype it was loaded for."""
 
-    def __init__(self, allow_paths: bool = True) -> None:
-        self.allow_paths = allow_paths
-        self._registered: dict[str, Path] = {}
-        self._loaded: dict[str, torch.nn.Module] = {}
-        self._lock = threading.Lock()
+    kind = "controlnet"
+    what = "ControlNet model"
 
-    def register(self, name: str, path: Path) -> None:
-        self._registered[name] = Path(path)
+    def is_model_dir(self, path: Path) -> bool:
+        return path.is_dir() and (path / "config.json").is_file()
 
-    def path_of(self, name: str, field: str) -> Path:
-        if name in self._registered:
-            return self._registered[name]
-        if self.allow_paths and Path(name).is_dir() and (Path(name) / "config.json").is_file():
-            return Path(name).resolve()
-        raise NotFound("unknown ControlNet model", field=field)
+    def describe(self, path: Path) -> dict[str, Any]:
+        config = json.loads((path / "config.json").read_text())
+        return {key: config.get(key) for key in FITTING_KEYS}
 
-    def check_fits(self, name: str, info: ModelInfo, field: str) -> None:
-        config = json.loads((self.path_of(name, field) / "config.json").read_text())
-        unet = json.loads((info.path / "unet" / "config.json").read_text())
-        for key in ("cross_attention_dim", "block_out_channels"):
-            if config.get(key) != unet.get(key):
-                raise InvalidArgument(
-                    f"was made for another base model ({key} {config.get(key)} vs {unet.get(key)})", field=field
-                )
+    def check_fits(self, name: str, info: ModelInfo, field: str) -> DirectoryModel:
+        """The registered model if it was made for `info`'s UNet (no file is read)."""
+        model = self.resolve(name, field)
+        for key in FITTING_KEYS:
+            ours, theirs = model.facts.get(key), info.unet_config.get(key)
+            if ours != theirs:
+                raise InvalidArgument(f"was made for another base model ({key} {ours} vs {theirs})", field=field)
         if info.unet_in_channels != 4:
             raise InvalidArgument("ControlNet units are not supported with inpainting UNets", field=field)
+        return model
+
+    def key(self, model: DirectoryModel, device: torch.device, dtype: torch.dtype) -> WeightKey:
+        return WeightKey(self.kind, model.digest, f"{device}/{dtype}")
+
+    def loader(self, model: DirectoryModel, device: torch.device, dtype: torch.dtype) -> Callable[[], torch.nn.Module]:
+        return partial(_load_controlnet, model.path, device, dtype)
 
     def get(self, name: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-        from diffusers import ControlNetModel
+        """The loaded ControlNet `name`: held by the store (admission loaded and pinned it for the
+        requests that use it), else loaded now."""
+        model = self.resolve(name, "controlnets")
+        key = self.key(model, device, dtype)
+        net = self.weights.peek(key)
+        return net if net is not None else self.weights.get_now(key, self.loader(model, device, dtype))
 
-        with self._lock:
-            if name not in self._loaded:
-                net = ControlNetModel.from_pretrained(self.path_of(name, "controlnets"), torch_dtype=dtype)
-                self._loaded[name] = net.to(device).eval().requires_grad_(False)
-            return self._loaded[name]
+
+def _load_controlnet(path: Path, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    from diffusers import ControlNetModel
+
+    with MODULE_BUILD_LOCK:
+        net = ControlNetModel.from_pretrained(path, torch_dtype=dtype)
+        return net.to(device).eval().requires_grad_(False)
 
 
 def resolve_units(
@@ -100,7 +113,7 @@ def resolve_units(
         where = f"controlnets[{index}]"
         if not spec.model:
             raise InvalidArgument("needs a model", field=f"{where}.model")
-        store.check_fits(spec.model, info, f"{where}.model")
+        source = store.check_fits(spec.model, info, f"{where}.model")
         preprocess = spec.preprocess or "none"
         if preprocess not in PREPROCESSORS:
             raise InvalidArgument(f"must be one of {', '.join(PREPROCESSORS)}", field=f"{where}.preprocess")
@@ -118,7 +131,7 @@ def resolve_units(
             raise InvalidArgument(f"must be between 0 and 1 (got {start})", field=f"{where}.start")
         if not (start <= end <= 1.0):
             raise InvalidArgument(f"must be between start ({start}) and 1 (got {end})", field=f"{where}.end")
-        units.append(ControlUnit(spec.model, image, scale, start, end, preprocess))
+        units.append(ControlUnit(spec.model, image, scale, start, end, preprocess, source))
     return tuple(units)
 
 

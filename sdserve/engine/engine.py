@@ -29,6 +29,7 @@ from sdserve.engine.request import EngineRequest, RequestSpec, resolve
 from sdserve.engine.residency import AdapterRuntime
 from sdserve.engine.runner import Runner
 from sdserve.engine.state import RequestState, Timings, prepare_state
+from sdserve.engine.store import WeightStore
 from sdserve.errors import Cancelled, DeadlineExceeded, Internal, SdserveError
 
 
@@ -71,12 +72,17 @@ class Engine:
         self.models = models or ModelStore(self.config)
         self.batcher = Batcher(self.config.max_batch_rows)
         self.runner = Runner()
-        self.ip_adapters = IPAdapterStore()
         self._queue: queue.SimpleQueue[_Submission] = queue.SimpleQueue()
         self._waiting: list[_Submission] = []  # admitted to the engine, adapters still loading
         self._loader = ThreadPoolExecutor(
             max_workers=self.config.residency.load_threads, thread_name_prefix="sdserve-adapter-load"
         )
+        # The one residency store of every per-request weight (engine/store.py), loading on the
+        # loader threads; the ControlNet and IP-Adapter registries load through it.
+        self.weights = WeightStore(self.config.residency, executor=self._loader)
+        self.runner.controlnets.bind(self.weights)
+        self.ip_adapters = IPAdapterStore()
+        self.ip_adapters.bind(self.weights)
         self._cancelled: set[str] = set()
         self._listeners: dict[str, Listener | None] = {}
         self._arrivals = 0
@@ -88,7 +94,8 @@ class Engine:
     def validate(
         self, spec: RequestSpec, request_id: str = "", tenant: str = "", deadline: float | None = None
     ) -> EngineRequest:
-        """Check a request against its model; raises InvalidArgument / NotFound naming the field."""
+        """Check a request against its model; raises InvalidArgument / NotFound naming the field.
+        Reads no weights: the store is only looked at (see `request.resolve`)."""
         info = self.models.info(spec.model)
         return resolve(
             spec,
@@ -96,6 +103,7 @@ class Engine:
             max_batch_rows=self.config.max_batch_rows,
             controlnet_store=self.runner.controlnets,
             ip_adapter_store=self.ip_adapters,
+            weights=self.weights,
             request_id=request_id,
             tenant=tenant,
             deadline=deadline,
@@ -131,13 +139,13 @@ class Engine:
             return False
         key, states = picked
         model = states[0].model
+        steps_before = [state.step_index for state in states]
         try:
-            batch = assemble_batch(key, states)
-            self.runner.step(model, batch)
-        except Exception as exc:  # a failed UNet call fails its requests, not the engine
-            for state in states:
-                self._fail(state, Internal("the model failed on this request's batch"), exc)
-            return True
+            self.runner.step(model, assemble_batch(key, states))
+        except Exception as exc:  # a failed call fails the requests that cause it, not the engine
+            states = self._step_alone(model, key, states, steps_before, exc)
+            if not states:
+                return True
         states = self._drop_nonfinite(states)
         now = time.monotonic()
         finished = []
@@ -156,6 +164,37 @@ class Engine:
         if finished:
             self._decode(finished)
         return True
+
+    def _step_alone(
+        self, model: LoadedModel, key: tuple[str, int, int], states: list[RequestState], steps_before: list[int],
+        batch_error: Exception,
+    ) -> list[RequestState]:
+        """A batch's step raised: step each request that has not stepped yet alone, once, so a
+        request whose adapters, conditioning or scheduler raise fails alone and its batch-mates
+        go on. -> the requests that stepped.
+
+        Rows never mix inside the UNet (rule 4), so a request stepped alone gets what it would
+        have got in the batch (within float rounding). The runner advances requests one after
+        another once the UNet call returned, so a raise in one request's scheduler step leaves
+        the requests before it advanced: they are kept, never stepped twice. A fault that only
+        the whole batch meets (e.g. out of memory) costs one call per request this step; one
+        retry only, no bisection: a batch holds a few dozen rows at most.
+        """
+        stepped = []
+        for state, before in zip(states, steps_before):
+            if state.step_index != before:
+                stepped.append(state)
+                continue
+            if len(states) == 1:  # it ran alone already
+                self._fail(state, Internal("the model failed on this request"), batch_error)
+                continue
+            try:
+                self.runner.step(model, assemble_batch(key, [state]))
+            except Exception as exc:
+                self._fail(state, Internal("the model failed on this request"), exc)
+                continue
+            stepped.append(state)
+        return stepped
 
     def _drop_nonfinite(self, states: list[RequestState]) -> list[RequestState]:
         """Fail the requests whose latents overflowed this step; the others go on.
@@ -250,27 +289,31 @@ class Engine:
         request = submission.request
         if request.request_id in self._cancelled:
             self._cancelled.discard(request.request_id)
+            self._release_slots(request, ())  # what the store pinned for it while it waited
             self._fail(request, Cancelled("the request was cancelled"))
             return
         if request.deadline is not None and time.monotonic() > request.deadline:
+            self._release_slots(request, ())
             self._fail(request, DeadlineExceeded("the request's deadline passed"))
             return
         slots: list[int] = []
         try:
             model = self.models.get(request.model)
-            runtime = self.adapter_runtime(model)
-            if request.adapters:
-                digests = runtime.poll(request.adapters)
-                acquired = runtime.acquire(digests) if digests is not None else None
-                if acquired is None:
-                    if submission.timings.adapters_waiting is None:
-                        submission.timings.adapters_waiting = time.monotonic()
-                    self._waiting.append(submission)  # loading, or every slot pinned: next step
-                    return
-                slots = acquired
+            runtime = self._adapters_of(model)
+            # Every weight it names, from the store (loads start in the background; what is held
+            # is pinned for the request from now on, so a queued request keeps what it found).
+            weights = runtime.gather(request, self.runner.controlnets, self.ip_adapters)
+            acquired = runtime.acquire(list(weights.lora_digests)) if weights is not None and request.adapters else []
+            if weights is None or acquired is None:
+                if submission.timings.adapters_waiting is None:
+                    submission.timings.adapters_waiting = time.monotonic()
+                self._waiting.append(submission)  # loading, or every slot pinned: next step
+                return
+            slots = acquired
             submission.timings.admitted = time.monotonic()
             state = prepare_state(
-                request, model, self._arrivals, submission.timings, tuple(slots), ip_store=self.ip_adapters
+                weights.bind(request), model, self._arrivals, submission.timings, tuple(slots),
+                ip_weights=weights.ip_adapters,
             )
         except SdserveError as exc:
             self._release_slots(request, slots)
@@ -285,9 +328,19 @@ class Engine:
         self._emit(request, EngineEvent("admitted", request.request_id, 0, state.num_steps))
 
     def _release_slots(self, request: EngineRequest, slots: list[int] | tuple[int, ...]) -> None:
+        """The request is done with its device slots and with everything the store pinned for it."""
         if slots:
             model = self.models.get(request.model)
             model.adapters.release(list(slots))
+        self.weights.release(request.request_id)
+
+    def _adapters_of(self, model: LoadedModel) -> AdapterRuntime:
+        """The model's adapter machinery on the engine's store, attached once when first served."""
+        if model.adapters is None:
+            model.adapters = AdapterRuntime(
+                model, self.config.residency, max_rows=self.config.max_batch_rows, store=self.weights
+            )
+        return model.adapters
 
     def _decode(self, finished: list[RequestState]) -> None:
         for state in finished:

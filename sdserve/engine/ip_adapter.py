@@ -16,8 +16,9 @@ and hypernetworks from the model's row context (`row_context`), set once per UNe
 
 from __future__ import annotations
 
-import threading
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdserve.adapters.hypernetwork import apply_hypernetwork
-from sdserve.engine.model import ModelInfo
+from sdserve.engine.model import MODULE_BUILD_LOCK, ModelInfo
 from sdserve.engine.row_context import RowContextHolder
-from sdserve.errors import InvalidArgument, NotFound
+from sdserve.engine.store import DirectoryModel, DirectoryRegistry, WeightKey
+from sdserve.errors import InvalidArgument
 from sdserve.kernels import scaled_multi_branch_attention
 
 MAX_IP_ADAPTERS = 2
@@ -45,9 +47,10 @@ class IPAdapterSpec:
 
 @dataclass(frozen=True)
 class IPAdapterUnit:
-    model: str  # key of the IPAdapterStore
+    model: str  # a name in the IPAdapterStore
     image: Any  # PIL RGB
     scale: float
+    source: DirectoryModel | None = field(default=None, compare=False, repr=False)  # what `model` named
 
 
 class IPAdapterWeights:
@@ -86,6 +89,12 @@ class IPAdapterWeights:
             key_id += 2
         self.device, self.dtype = device, dtype
 
+    @property
+    def nbytes(self) -> int:
+        """What the residency store counts for it: encoder, projection and per-layer k/v weights."""
+        modules = [self.image_encoder, self.projection, *self.to_k.values(), *self.to_v.values()]
+        return sum(t.numel() * t.element_size() for m in modules for t in (*m.parameters(), *m.buffers()))
+
     @torch.inference_mode()
     def image_tokens(self, image, num_images: int, guidance: bool) -> torch.Tensor:
         """[rows, num_tokens, cross_dim]: zeros-embedding tokens for the uncond rows first."""
@@ -97,49 +106,55 @@ class IPAdapterWeights:
         return self.projection(embeds)
 
 
-class IPAdapterStore:
-    def __init__(self, allow_paths: bool = True) -> None:
-        self.allow_paths = allow_paths
-        self._registered: dict[str, Path] = {}
-        self._loaded: dict[tuple[str, str], IPAdapterWeights] = {}
-        self._lock = threading.Lock()
+class IPAdapterStore(DirectoryRegistry):
+    """IP-Adapter models by name (operator-registered directories, or a directory the CLI names);
+    loaded, kept and evicted by the engine's residency store (engine/store.py), keyed by the
+    directory's digest and the base model it was built for (its attention layers)."""
 
-    def register(self, name: str, path: Path) -> None:
-        self._registered[name] = Path(path)
+    kind = "ip_adapter"
+    what = "IP-Adapter model"
 
-    def path_of(self, name: str, field: str) -> Path:
-        if name in self._registered:
-            return self._registered[name]
-        path = Path(name)
-        if self.allow_paths and (path / "ip_adapter.safetensors").is_file() and (path / "image_encoder").is_dir():
-            return path.resolve()
-        raise NotFound("unknown IP-Adapter model", field=field)
+    def is_model_dir(self, path: Path) -> bool:
+        return (path / "ip_adapter.safetensors").is_file() and (path / "image_encoder").is_dir()
 
-    def check_fits(self, name: str, info: ModelInfo, field: str) -> None:
-        import json
-
+    def describe(self, path: Path) -> dict[str, Any]:
         from safetensors import safe_open
 
-        path = self.path_of(name, field)
-        unet = json.loads((info.path / "unet" / "config.json").read_text())
-        with safe_open(str(path / "ip_adapter.safetensors"), "pt") as f:
-            keys = list(f.keys())
-            if "image_proj.proj.weight" not in keys:
-                raise InvalidArgument("only plain IP-Adapter models are served", field=field)
-            k_shape = f.get_slice("ip_adapter.1.to_k_ip.weight").get_shape()
-        if k_shape[1] != unet.get("cross_attention_dim"):
-            raise InvalidArgument(
-                f"was made for another base model (cross-attention {k_shape[1]} vs {unet.get('cross_attention_dim')})",
-                field=field,
-            )
+        try:
+            with safe_open(str(path / "ip_adapter.safetensors"), "pt") as f:
+                plain = "image_proj.proj.weight" in set(f.keys())
+                k_width = f.get_slice("ip_adapter.1.to_k_ip.weight").get_shape()[1] if plain else None
+        except Exception as exc:  # safetensors' own error type, a missing key: not an IP-Adapter file
+            raise ValueError("ip_adapter.safetensors could not be read") from exc
+        return {"plain": plain, "cross_attention_dim": k_width}
 
-    def get(self, name: str, model) -> IPAdapterWeights:
-        key = (name, model.info.name)
-        with self._lock:
-            if key not in self._loaded:
-                self._loaded[key] = IPAdapterWeights(self.path_of(name, "ip_adapters"), model.unet, model.device,
-                                                     model.dtype)
-            return self._loaded[key]
+    def check_fits(self, name: str, info: ModelInfo, field: str) -> DirectoryModel:
+        """The registered model if it was made for `info`'s UNet (no file is read)."""
+        model = self.resolve(name, field)
+        if not model.facts["plain"]:
+            raise InvalidArgument("only plain IP-Adapter models are served", field=field)
+        ours, theirs = model.facts["cross_attention_dim"], info.unet_config.get("cross_attention_dim")
+        if ours != theirs:
+            raise InvalidArgument(f"was made for another base model (cross-attention {ours} vs {theirs})", field=field)
+        return model
+
+    def key(self, model: DirectoryModel, loaded) -> WeightKey:
+        return WeightKey(self.kind, model.digest, loaded.info.name)
+
+    def loader(self, model: DirectoryModel, loaded) -> Callable[[], IPAdapterWeights]:
+        return partial(_load_ip_adapter, model.path, loaded.unet, loaded.device, loaded.dtype)
+
+    def get(self, name: str, loaded) -> IPAdapterWeights:
+        """The IP-Adapter `name` built for the loaded model `loaded`: held by the store, else loaded now."""
+        model = self.resolve(name, "ip_adapters")
+        key = self.key(model, loaded)
+        weights = self.weights.peek(key)
+        return weights if weights is not None else self.weights.get_now(key, self.loader(model, loaded))
+
+
+def _load_ip_adapter(path: Path, unet, device: torch.device, dtype: torch.dtype) -> IPAdapterWeights:
+    with MODULE_BUILD_LOCK:
+        return IPAdapterWeights(path, unet, device, dtype)
 
 
 def resolve_ip_units(specs: tuple[IPAdapterSpec, ...], info: ModelInfo, store: IPAdapterStore):
@@ -150,14 +165,14 @@ def resolve_ip_units(specs: tuple[IPAdapterSpec, ...], info: ModelInfo, store: I
     units = []
     for index, spec in enumerate(specs):
         where = f"ip_adapters[{index}]"
-        store.check_fits(spec.model, info, f"{where}.model")
+        source = store.check_fits(spec.model, info, f"{where}.model")
         if not spec.image:
             raise InvalidArgument("needs an image", field=f"{where}.image")
         image = decode_image(spec.image, f"{where}.image", max_pixels=info.limits.max_pixels)
         scale = 1.0 if spec.scale is None else float(spec.scale)
         if not (-10.0 <= scale <= 10.0):
             raise InvalidArgument("must be between -10 and 10", field=f"{where}.scale")
-        units.append(IPAdapterUnit(spec.model, image, scale))
+        units.append(IPAdapterUnit(spec.model, image, scale, source))
     return tuple(units)
 
 

@@ -36,6 +36,9 @@ class ModelInfo:
     scheduler_config: dict[str, Any] = field(repr=False)
     text_widths: dict[str, int] = field(default_factory=dict)  # text encoder component -> hidden size
     attention_widths: tuple[int, ...] = ()  # widths of the UNet's attention contexts (self and cross)
+    # The UNet's config as read once here, so validation checks conditioning models against it
+    # without reading the file again (ControlNet channels, IP-Adapter cross-attention width).
+    unet_config: dict[str, Any] = field(default_factory=dict, repr=False)
     description: str = ""
 
 
@@ -91,6 +94,7 @@ def read_model_info(name: str, path: Path) -> ModelInfo:
     attention_widths = tuple(sorted(set(unet.get("block_out_channels", [])) | {int(cross)}))
     return ModelInfo(
         attention_widths=attention_widths,
+        unet_config=unet,
         text_widths=text_widths,
         name=name,
         path=path,
@@ -121,7 +125,19 @@ class LoadedModel:
     adapters: Any = None  # engine.residency.AdapterRuntime, attached once at load by the engine
 
 
+# diffusers' and transformers' from_pretrained patch torch globally while they build modules
+# (torch.nn.init skipped, accelerate's init_empty_weights putting new parameters on "meta"): two
+# threads building modules at once can leave one with empty weights. Every load that builds
+# modules (base models here, ControlNets and IP-Adapters in the store's loader thread) holds this.
+MODULE_BUILD_LOCK = threading.RLock()
+
+
 def load_model(info: ModelInfo, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    with MODULE_BUILD_LOCK:
+        return _load_model(info, device, dtype)
+
+
+def _load_model(info: ModelInfo, device: torch.device, dtype: torch.dtype) -> LoadedModel:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 

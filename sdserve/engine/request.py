@@ -2,7 +2,11 @@
 `EngineRequest` (the validated domain form of the proto's GenerateRequest, defaults resolved).
 
 `resolve` is the one place requests are validated; every rule failure is an `InvalidArgument`
-that names the field and the rule.
+that names the field and the rule. It reads no weights: adapter files, embeddings, hypernetworks
+and conditioning models are loaded by the residency store (engine/store.py) when the engine
+admits the request. The one exception is a cold embedding, whose safetensors header (not its
+data) is read to check its tokens and widths up front; one the store holds is checked from the
+store. The noise scheduler built here to check the step count is the one the request runs with.
 """
 
 from __future__ import annotations
@@ -10,14 +14,17 @@ from __future__ import annotations
 import math
 import os
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from sdserve.engine.activity import active_at
 from sdserve.engine.controlnet import ControlNetStore, ControlSpec, ControlUnit, resolve_units
 from sdserve.engine.ip_adapter import IPAdapterSpec, IPAdapterStore, IPAdapterUnit, resolve_ip_units
 from sdserve.engine.model import ModelInfo
 from sdserve.engine.schedulers import make_scheduler, max_steps_for, resolve_scheduler
-from sdserve.errors import InvalidArgument
+from sdserve.engine.store import HeaderEntry, WeightKey, WeightStore, safetensors_header, zeros_file
+from sdserve.errors import AdapterError, InvalidArgument
 
 MAX_SEED = 2**63 - 1
 MAX_PROMPT_CHARS = 4096
@@ -59,11 +66,13 @@ class StackEntry:
 
 @dataclass(frozen=True)
 class EmbeddingSpec:
-    """A textual-inversion embedding as given (the engine reads `path`; `name` labels it)."""
+    """A textual-inversion embedding as given (the engine reads `path`; `name` labels it;
+    `sha256`, when the server's registry knows it, is the file's identity, as for adapters)."""
 
     name: str = ""
     path: str = ""
     token: str = ""
+    sha256: str = ""
 
 
 @dataclass(frozen=True)
@@ -71,6 +80,41 @@ class HypernetworkSpec:
     name: str = ""
     path: str = ""
     strength: float | None = None
+    sha256: str = ""
+
+
+@dataclass(frozen=True)
+class EmbeddingEntry:
+    """A validated embedding: the store loads `source` at admission. `token` is the word the
+    prompt uses (checked against the file's header); `digest` as for `StackEntry`."""
+
+    name: str
+    source: str
+    token: str
+    digest: str = ""
+
+
+@dataclass(frozen=True)
+class HypernetworkEntry:
+    name: str
+    source: str
+    strength: float
+    digest: str = ""
+
+
+class PreparedScheduler:
+    """The request's noise scheduler, built by validation (which sets its timesteps to check the
+    step count) and handed to the request's first run, so one request builds one scheduler. A
+    request object run again (the same EngineRequest submitted twice) gets a fresh one: a
+    scheduler's state belongs to one run."""
+
+    def __init__(self, scheduler: Any) -> None:
+        self._scheduler = scheduler
+
+    def take(self) -> Any | None:
+        """The scheduler, once; None after (one owner takes it: the engine loop)."""
+        scheduler, self._scheduler = self._scheduler, None
+        return scheduler
 
 
 @dataclass(frozen=True)
@@ -122,6 +166,10 @@ class EngineRequest:
     outpaint: tuple[int, int, int, int] | None = None
     controlnets: tuple[ControlUnit, ...] = field(default=(), compare=False, repr=False)
     ip_adapters: tuple[IPAdapterUnit, ...] = field(default=(), compare=False, repr=False)
+    embedding_refs: tuple[EmbeddingEntry, ...] = ()  # what validation checked; loaded at admission
+    hypernetwork_refs: tuple[HypernetworkEntry, ...] = ()
+    # The loaded weights, bound at admission (`residency.RequestWeights.bind`) into the copy of the
+    # request its running state holds; empty in what `resolve` returns.
     embeddings: tuple[Any, ...] = field(default=(), compare=False, repr=False)  # TextualInversion
     hypernetworks: tuple[tuple[Any, float], ...] = field(default=(), compare=False, repr=False)  # (net, strength)
     preview_every: int = 0  # a latent preview with every N-th step event (0: none)
@@ -130,6 +178,19 @@ class EngineRequest:
     request_id: str = ""
     tenant: str = ""
     deadline: float | None = field(default=None, compare=False)  # time.monotonic() seconds
+    # What the request will cost the engine, known at validation (for admission: `cost`):
+    unet_steps: int = field(default=0, compare=False)  # UNet evaluations its scheduler runs (the N of active_at)
+    unet_row_steps: int = field(default=0, compare=False)  # Σ over those evaluations of the rows each runs
+    control_row_steps: int = field(default=0, compare=False)  # Σ over ControlNet units of the rows they run
+    prepared_scheduler: PreparedScheduler | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def cost(self) -> int:
+        """Pixels × UNet row-evaluations, plus the ControlNet row-evaluations counted like the
+        UNet's (a ControlNet is a UNet's encoder half: an upper bound). Exact where width ×
+        height × steps × rows is not: Heun and PNDM run more evaluations than steps, img2img
+        fewer, and steps outside the guidance interval run half the rows."""
+        return self.width * self.height * (self.unet_row_steps + self.control_row_steps)
 
     @property
     def guidance(self) -> bool:
@@ -181,34 +242,69 @@ def _resolve_stack(specs: tuple[AdapterSpec, ...]) -> tuple[StackEntry, ...]:
 
 MAX_EMBEDDINGS = 8
 MAX_HYPERNETWORKS = 4
+# Data of the largest embedding a served model takes (75 vectors for a 768- and a 1280-wide
+# encoder, float64) is 1.2 MB; a header claiming more is checked by the full load instead.
+EMBEDDING_CHECK_BYTES = 4 << 20
 
 
-def _load_embeddings(specs: tuple[EmbeddingSpec, ...], info: ModelInfo) -> tuple[Any, ...]:
-    """Read each embedding file and check it against the model's text encoders."""
+@dataclass(frozen=True)
+class StoredEmbedding:
+    """What the store holds for an embedding file: its vectors, checked against one model's text
+    encoders, and its header, from which each request's token is checked without the file."""
+
+    embedding: Any  # TextualInversion, loaded under a neutral name and token
+    header: tuple[HeaderEntry, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return self.embedding.nbytes
+
+
+def embedding_token(header: tuple[HeaderEntry, ...], label: str, widths: Mapping[str, int], token: str | None) -> str:
+    """The token a request's use of an embedding gives it, with `load_embedding`'s own checks
+    (layout, dtypes, shapes, widths, vector count, token) run on what the header says: a
+    zero-filled copy of the file. "" when the header claims too much data to copy (the full load
+    at admission refuses that file, with load_embedding's message)."""
     from sdserve.adapters.embeddings import load_embedding
 
+    zeros = zeros_file(header, EMBEDDING_CHECK_BYTES)
+    if zeros is None:
+        return ""
+    return load_embedding(zeros, label, widths, token=token).token
+
+
+def _resolve_embeddings(
+    specs: tuple[EmbeddingSpec, ...], info: ModelInfo, weights: WeightStore | None
+) -> tuple[EmbeddingEntry, ...]:
+    """Check each embedding against the model's text encoders: from the store when it holds the
+    file, else from the file's header alone (the data is read once, by the store, at admission)."""
     if len(specs) > MAX_EMBEDDINGS:
         raise InvalidArgument(f"at most {MAX_EMBEDDINGS} embeddings per request", field="embeddings")
-    loaded = []
+    entries = []
     tokens: set[str] = set()
     for index, spec in enumerate(specs):
         if not spec.path:
             raise InvalidArgument("names an embedding this engine cannot resolve; give a path", field=f"embeddings[{index}]")
         label = spec.name or os.path.basename(spec.path)
-        embedding = load_embedding(spec.path, label, info.text_widths, token=spec.token or None)
-        if embedding.token in tokens:
-            raise InvalidArgument(f"token {embedding.token!r} is used twice", field=f"embeddings[{index}].token")
-        tokens.add(embedding.token)
-        loaded.append(embedding)
-    return tuple(loaded)
+        stored = None
+        if weights is not None:
+            digest = spec.sha256 or weights.digests.known(spec.path)
+            stored = weights.peek(WeightKey("embedding", digest, info.name)) if digest else None
+        header = stored.header if stored is not None else safetensors_header(spec.path, label)
+        token = embedding_token(header, label, info.text_widths, spec.token or None)
+        if token and token in tokens:
+            raise InvalidArgument(f"token {token!r} is used twice", field=f"embeddings[{index}].token")
+        tokens.add(token)
+        entries.append(EmbeddingEntry(name=label, source=spec.path, token=token, digest=spec.sha256))
+    return tuple(entries)
 
 
-def _load_hypernetworks(specs: tuple[HypernetworkSpec, ...], info: ModelInfo) -> tuple[tuple[Any, float], ...]:
-    from sdserve.adapters.hypernetwork import load_hypernetwork
+def _resolve_hypernetworks(specs: tuple[HypernetworkSpec, ...]) -> tuple[HypernetworkEntry, ...]:
+    from sdserve.adapters.hypernetwork import PICKLE_PROBLEM, PICKLE_SUFFIXES
 
     if len(specs) > MAX_HYPERNETWORKS:
         raise InvalidArgument(f"at most {MAX_HYPERNETWORKS} hypernetworks per request", field="hypernetworks")
-    loaded = []
+    entries = []
     for index, spec in enumerate(specs):
         where = f"hypernetworks[{index}]"
         if not spec.path:
@@ -217,8 +313,10 @@ def _load_hypernetworks(specs: tuple[HypernetworkSpec, ...], info: ModelInfo) ->
         if not (math.isfinite(strength) and -10.0 <= strength <= 10.0):
             raise InvalidArgument("must be between -10 and 10", field=f"{where}.strength")
         label = spec.name or os.path.basename(spec.path)
-        loaded.append((load_hypernetwork(spec.path, label, info.attention_widths), strength))
-    return tuple(loaded)
+        if label.lower().endswith(PICKLE_SUFFIXES):  # load_hypernetwork's first check, by name alone
+            raise AdapterError(label, PICKLE_PROBLEM)
+        entries.append(HypernetworkEntry(name=label, source=spec.path, strength=strength, digest=spec.sha256))
+    return tuple(entries)
 
 
 def _resolve_images(spec: RequestSpec, info: ModelInfo) -> tuple[Any, Any, float]:
@@ -268,11 +366,15 @@ def resolve(
     max_batch_rows: int,
     controlnet_store: ControlNetStore | None = None,
     ip_adapter_store: IPAdapterStore | None = None,
+    weights: WeightStore | None = None,
     request_id: str = "",
     tenant: str = "",
     deadline: float | None = None,
 ) -> EngineRequest:
-    """Validate `spec` against the model and fill absent fields from the model's defaults."""
+    """Validate `spec` against the model and fill absent fields from the model's defaults.
+
+    Reads no weight file (`weights`, the engine's residency store, is only looked at), except the
+    header of an embedding the store does not hold."""
     defaults, limits = info.defaults, info.limits
     if not spec.prompt or not spec.prompt.strip():
         raise InvalidArgument("must not be empty", field="prompt")
@@ -293,8 +395,10 @@ def resolve(
         raise InvalidArgument(f"{rule} (got {steps})", field="steps")
     try:
         # Some schedulers have rules of their own (PNDM's Runge-Kutta warm-up needs enough steps);
-        # setting the timesteps once here is cheap and turns them into a validation error.
-        make_scheduler(choice, info.scheduler_config).set_timesteps(steps)
+        # setting the timesteps here turns them into a validation error, and the scheduler goes
+        # with the request (built once, on validation's thread rather than the engine loop's).
+        scheduler_instance = make_scheduler(choice, info.scheduler_config)
+        scheduler_instance.set_timesteps(steps)
     except (ValueError, IndexError) as exc:
         raise InvalidArgument(f"scheduler {scheduler} cannot take {steps} steps", field="steps") from exc
 
@@ -344,8 +448,8 @@ def resolve(
         if controlnet_store is None:
             raise InvalidArgument("ControlNet units are not served here", field="controlnets")
         controlnets = resolve_units(spec.controlnets, info, controlnet_store)
-    embeddings = _load_embeddings(spec.embeddings, info)
-    hypernetworks = _load_hypernetworks(spec.hypernetworks, info)
+    embeddings = _resolve_embeddings(spec.embeddings, info, weights)
+    hypernetworks = _resolve_hypernetworks(spec.hypernetworks)
     ip_adapters: tuple[IPAdapterUnit, ...] = ()
     if spec.ip_adapters:
         if ip_adapter_store is None:
@@ -355,6 +459,10 @@ def resolve(
         raise InvalidArgument(
             f"steps × strength must be at least 1 (got {steps} × {strength:g})", field="strength"
         )
+    unet_steps, unet_row_steps, control_row_steps = _evaluations(
+        scheduler_instance, steps, strength if init_image is not None else 1.0, num_images, guidance > 1.0,
+        (guidance_start, guidance_end), controlnets,
+    )
 
     return EngineRequest(
         model=info.name,
@@ -374,12 +482,31 @@ def resolve(
         outpaint=spec.outpaint,
         controlnets=controlnets,
         ip_adapters=ip_adapters,
-        embeddings=embeddings,
-        hypernetworks=hypernetworks,
+        embedding_refs=embeddings,
+        hypernetwork_refs=hypernetworks,
         preview_every=_check_int("preview_every", spec.preview_every or 0, 0, steps),
         guidance_start=float(guidance_start),
         guidance_end=float(guidance_end),
         request_id=request_id,
         tenant=tenant,
         deadline=deadline,
+        unet_steps=unet_steps,
+        unet_row_steps=unet_row_steps,
+        control_row_steps=control_row_steps,
+        prepared_scheduler=PreparedScheduler(scheduler_instance),
     )
+
+
+def _evaluations(
+    scheduler: Any, steps: int, strength: float, num_images: int, guidance: bool,
+    interval: tuple[float, float], controlnets: tuple[ControlUnit, ...],
+) -> tuple[int, int, int]:
+    """(UNet evaluations, Σ rows over them, Σ rows the ControlNet units run) of the schedule the
+    request will run: the timesteps `init_latents.strength_timesteps` keeps, one or two rows per
+    image at each (the guidance interval's activity rule), each unit on its active evaluations."""
+    kept = min(int(steps * strength), steps)
+    evaluations = len(scheduler.timesteps[max(steps - kept, 0) * scheduler.order :])
+    rows = [num_images * (2 if guidance and active_at(i, evaluations, *interval) else 1) for i in range(evaluations)]
+    control = sum(rows[i] for unit in controlnets for i in range(evaluations)
+                  if active_at(i, evaluations, unit.start, unit.end))
+    return evaluations, sum(rows), control

@@ -7,6 +7,7 @@ image independent of its batch-mates (ARCHITECTURE rule 4).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +18,7 @@ from sdserve.engine.activity import active_at
 from sdserve.engine.controlnet import PreparedControl, prepare_controls
 from sdserve.engine.families import RowConditioning, family_of
 from sdserve.engine.init_latents import Inpainting, prepare_latents, strength_timesteps
-from sdserve.engine.ip_adapter import PreparedIP
+from sdserve.engine.ip_adapter import IPAdapterWeights, PreparedIP
 from sdserve.engine.model import LoadedModel
 from sdserve.engine.request import EngineRequest
 from sdserve.engine.row_context import RowContext
@@ -113,14 +114,21 @@ def prepare_state(
     arrival: int,
     timings: Timings,
     adapter_slots: tuple[int, ...] = (),
-    ip_store=None,
+    ip_weights: Sequence[IPAdapterWeights] = (),
 ) -> RequestState:
-    """Encode the prompts and draw the initial noise, in diffusers' order of generator use."""
+    """Encode the prompts and draw the initial noise, in diffusers' order of generator use.
+
+    `request` has its embeddings and hypernetworks bound (`residency.RequestWeights.bind`);
+    `ip_weights` are its IP-Adapters' loaded weights, one per unit, from the residency store.
+    """
     info = model.info
     family = family_of(info.family)
     choice = resolve_scheduler(request.scheduler)
-    scheduler = make_scheduler(choice, info.scheduler_config)
-    scheduler.set_timesteps(request.steps, device=model.device)
+    handed = request.prepared_scheduler.take() if request.prepared_scheduler is not None else None
+    scheduler = handed if handed is not None else make_scheduler(choice, info.scheduler_config)
+    if handed is None or model.device.type != "cpu":
+        # Validation set the timesteps on the CPU; a GPU model wants them (and sigmas) on its device.
+        scheduler.set_timesteps(request.steps, device=model.device)
     timesteps = scheduler.timesteps
     if request.init_image is not None:
         timesteps = strength_timesteps(scheduler, request.steps, request.strength)
@@ -148,9 +156,10 @@ def prepare_state(
     generator = torch.Generator("cpu").manual_seed(request.seed)
     with torch.inference_mode():
         latents, inpainting = prepare_latents(request, model, scheduler, generator, timesteps)
+    if len(ip_weights) != len(request.ip_adapters):
+        raise ValueError("prepare_state needs the loaded weights of every IP-Adapter unit")
     ip_branches = []
-    for unit in request.ip_adapters:
-        weights = ip_store.get(unit.model, model)
+    for unit, weights in zip(request.ip_adapters, ip_weights):
         tokens = weights.image_tokens(unit.image, request.num_images, request.guidance)
         ip_branches.append(PreparedIP(weights, tokens, unit.scale))
     takes_eta, takes_generator = step_kwargs_accepted(choice.class_name)

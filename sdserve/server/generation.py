@@ -237,9 +237,9 @@ class GenerationService:
                         field=f"{where}.name",
                     )
                 path = str(self.core.registry.blob_path(record.sha256))
-                # The digest travels with the file, so the engine need not hash it again.
-                identity = {"sha256": record.sha256} if kind == "lora" else {}
-                resolved.append(dataclasses.replace(entry, path=path, **identity))
+                # The digest travels with the file (every kind carries it), so the engine never
+                # hashes a registry file and its store finds what it holds by the digest alone.
+                resolved.append(dataclasses.replace(entry, path=path, sha256=record.sha256))
                 used.append(convert.AdapterUse(entry.name, record.sha256, record.shared, kind))
             if entries:
                 changes[field_name] = tuple(resolved)
