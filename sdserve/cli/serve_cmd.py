@@ -61,9 +61,9 @@ def run(args: argparse.Namespace) -> int:
     except SdserveError as exc:
         fail_on(exc, str(args.config) if args.config else "")
     try:
-        asyncio.run(serve(config))
+        # Non-zero when the server stopped because its engine died, so a supervisor restarts it.
+        return asyncio.run(serve(config))
     except SdserveError as exc:
         fail_on(exc)
     except OSError as exc:
         fail_on(SdserveError(f"could not start the server ({exc})"))
-    return 0

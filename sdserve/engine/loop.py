@@ -40,6 +40,9 @@ class EngineThread:
         self._idle_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.step_hooks: list[Callable[[float], None]] = []  # hear each busy step's duration
+        # Hear the loop die (a bug), on the dying thread: nothing else would ever tell the
+        # requests it held, so the owner (the server) must act. Add them before `start`.
+        self.death_hooks: list[Callable[[BaseException], None]] = []
         self.failure: BaseException | None = None  # set if the loop itself died (a bug)
 
     def start(self) -> EngineThread:
@@ -96,6 +99,12 @@ class EngineThread:
                     self._wake.wait(0.005)
         except BaseException as exc:  # a bug in the engine: keep it visible, never hang callers
             self.failure = exc
-            log.exception("the engine thread stopped")
+            # The one log of the cause, with its trace. Not re-raised: threading's excepthook
+            # would print the same trace again, and the failure is recorded for the owner.
+            log.critical("the engine thread died; no request can run any more", exc_info=exc)
             self._idle.set()
-            raise
+            for hook in self.death_hooks:
+                try:
+                    hook(exc)
+                except Exception:  # one broken hook must not keep the others from hearing it
+                    log.exception("an engine death hook failed")

@@ -5,22 +5,28 @@ engine thread, the gRPC server (sdserve.v1 services, grpc.health.v1, reflection)
 metrics endpoint. Shutdown drains: health turns NOT_SERVING, new sdserve.v1 calls get
 UNAVAILABLE, running and queued requests get `grace_seconds` to finish; what is left is
 cancelled, then the gRPC server and the engine thread stop.
+
+If the engine thread dies (a bug), nothing can compute any more: health turns NOT_SERVING,
+every call the engine held or would get ends with UNAVAILABLE at once (there is nothing to
+drain), the server stops and `serve` returns EXIT_ENGINE_DIED, so a supervisor restarts it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 
-from sdserve.engine import Engine, ModelStore
+from sdserve.engine import Engine, EngineEvent, ModelStore
 from sdserve.engine.loop import EngineThread
 from sdserve.errors import Unavailable
 from sdserve.server import convert
@@ -34,6 +40,8 @@ from sdserve.server.metrics import Metrics
 from sdserve.server.registry import Registry
 
 log = logging.getLogger("sdserve.server")
+
+EXIT_ENGINE_DIED = 70  # sysexits' EX_SOFTWARE: an internal error, not bad input or config
 
 
 def data_dir(config: Config) -> Path:
@@ -60,6 +68,8 @@ class Server:
         self.adapters_service: AdaptersService | None = None
         self._grpc: grpc.aio.Server | None = None
         self._stopped = asyncio.Event()
+        self.engine_failure: BaseException | None = None  # why the engine thread died, if it did
+        self._engine_watcher: asyncio.Task | None = None
 
     def _lock_down_model_stores(self) -> None:
         """Clients name ControlNet and IP-Adapter models; only the operator's configured ones
@@ -83,7 +93,11 @@ class Server:
             log.info("loading model %r (%s)", name, info.family)
             await asyncio.to_thread(self.engine.models.get, name)  # weights load once, before serving
             served[name] = info
-        engine_thread = EngineThread(self.engine).start()
+        engine_thread = EngineThread(self.engine)
+        # The engine thread dies on its own thread; the watcher hears it on this loop.
+        loop, engine_died = asyncio.get_running_loop(), asyncio.Event()
+        engine_thread.death_hooks.append(lambda _exc: _call_soon(loop, engine_died.set))
+        engine_thread.start()
         self.engine.observers.append(self.metrics.on_engine_event)
         engine_thread.step_hooks.append(self.metrics.on_step)
         self.metrics.watch_adapters(lambda: self._residency_stats(served))
@@ -112,6 +126,7 @@ class Server:
         self._grpc = server
         for name in ("", *convert.SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._engine_watcher = asyncio.create_task(self._watch_engine(engine_died), name="sdserve-engine-watcher")
         if config.server.metrics_port is not None:
             self.metrics_port = self.metrics.serve(
                 config.server.metrics_host, config.server.metrics_port, config.server.metrics_token_sha256
@@ -124,6 +139,40 @@ class Server:
             if runtime is not None and hasattr(runtime, "stats"):
                 stats.append(runtime.stats)
         return stats
+
+    async def _watch_engine(self, died: asyncio.Event) -> None:
+        """Wait until the engine thread dies or the server stops; on a death, stop serving."""
+        waits = [asyncio.ensure_future(died.wait()), asyncio.ensure_future(self._stopped.wait())]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
+        if died.is_set():
+            await self._engine_died()
+
+    async def _engine_died(self) -> None:
+        """No drain: the engine is gone, so no queued or running request can ever finish.
+        The engine thread logged the cause with its trace; this says what the server does."""
+        core = self.core
+        assert core is not None
+        self.engine_failure = core.engine_thread.failure or RuntimeError("the engine thread ended")
+        was_draining = core.draining
+        core.draining = True  # calls being validated now are refused before they reach the engine
+        await self.health.enter_graceful_shutdown()  # every service NOT_SERVING, for good
+        log.critical("the engine stopped: health NOT_SERVING, ending %d call(s) with UNAVAILABLE, shutting down",
+                     len(core.jobs))
+        reason = Unavailable("the engine stopped; retry on another replica")
+        for job in list(core.jobs.values()):
+            job.cut(reason)  # still queued for admission: withdrawn, its caller hears `reason`
+        for request_id, job in list(core.jobs.items()):
+            # Released to the engine: the error event the engine would have sent never comes.
+            job.listener(EngineEvent("error", request_id, error=reason))
+        deadline = time.monotonic() + 2.0  # let the handlers tell their callers why
+        while core.jobs and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if not was_draining:  # a drain under way stops the server itself, its jobs now ended
+            await self.stop()
 
     async def drain(self, grace: float | None = None) -> None:
         """Stop taking work, let running requests finish within `grace` seconds, then stop."""
@@ -159,6 +208,9 @@ class Server:
             self.core.registry.close()
         self.metrics.close()
         self._stopped.set()
+        watcher, self._engine_watcher = self._engine_watcher, None
+        if watcher is not None and watcher is not asyncio.current_task():
+            await watcher  # it returns on _stopped; awaited so no loop closes under it
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
@@ -184,6 +236,12 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
     ]
 
 
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], object]) -> None:
+    """`callback` on `loop` from another thread; nothing if the loop is closed (server gone)."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(callback)
+
+
 def health_pb2_grpc_add(servicer: health.aio.HealthServicer, server: grpc.aio.Server) -> None:
     from grpc_health.v1 import health_pb2_grpc
 
@@ -201,8 +259,9 @@ def describe_access(config: Config) -> str:
     return text
 
 
-async def serve(config: Config) -> None:
-    """Run until SIGTERM or SIGINT, then drain."""
+async def serve(config: Config) -> int:
+    """Run until SIGTERM or SIGINT, then drain; -> the process's exit status (0, or
+    EXIT_ENGINE_DIED when the engine thread died)."""
     logging.basicConfig(
         level=getattr(logging, config.server.log_level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -224,4 +283,8 @@ async def serve(config: Config) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, lambda: asyncio.ensure_future(server.drain()))
     await server.wait_stopped()
+    if server.engine_failure is not None:
+        log.critical("sdserve: stopped because the engine died (exit status %d)", EXIT_ENGINE_DIED)
+        return EXIT_ENGINE_DIED
     log.info("sdserve: stopped")
+    return 0

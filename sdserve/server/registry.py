@@ -197,11 +197,12 @@ class Registry:
         with self._lock:
             self._check_quota(scope, name, size, quota)
             target.parent.mkdir(exist_ok=True)
-            if target.exists():
-                staged.unlink()  # same bytes already stored (content addressing)
-            else:
-                os.replace(staged, target)
-                _fsync_dir(target.parent)
+            # Always replace, even when a file of this digest is stored: the staged bytes hash to
+            # `sha256`, the stored ones may not any more (truncated or damaged on disk), and an
+            # upload of the right bytes must repair the name. Readers holding the old file keep
+            # its inode; the rename is atomic.
+            os.replace(staged, target)
+            _fsync_dir(target.parent)
             old = self._row(scope, name)
             record = AdapterRecord(scope, name, kind, family, sha256, size, time.time())
             try:
