@@ -177,8 +177,10 @@ def _section(cls: type, data: Any, where: str) -> Any:
     values = {key: tuple(value) if isinstance(value, list) else value for key, value in data.items()}
     for key, value in values.items():
         factory = known[key].default_factory
-        if isinstance(value, dict) and factory is not dataclasses.MISSING and dataclasses.is_dataclass(factory):
-            values[key] = _section(factory, value, f"{where}.{key}")  # a nested table, e.g. [engine.residency]
+        if factory is not dataclasses.MISSING and dataclasses.is_dataclass(factory):
+            # A nested table, e.g. [engine.residency]; anything else there is refused by _section
+            # (a scalar would otherwise be kept, and fail only when the server first reads it).
+            values[key] = _section(factory, value, f"{where}.{key}")
             continue
         _check_type(f"{where}.{key}", str(known[key].type), value)
     try:
@@ -193,6 +195,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "str": (str,),
     "bool": (bool,),
     "tuple[str, ...]": (tuple,),
+    "dict[str, str]": (dict,),
 }
 
 
@@ -206,6 +209,8 @@ def _check_type(where: str, annotation: str, value: Any) -> None:
         raise InvalidArgument(f"{where}: must be of type {annotation.removesuffix(' | None')}")
     if isinstance(value, tuple) and not all(isinstance(v, str) for v in value):
         raise InvalidArgument(f"{where}: must be an array of strings")
+    if isinstance(value, dict) and not all(isinstance(v, str) for v in value.values()):
+        raise InvalidArgument(f"{where}: must be a table of strings (name = \"directory\")")
 
 
 def _tenant(data: Any, index: int) -> TenantConfig:
@@ -286,9 +291,12 @@ def load_config(path: Path | None) -> Config:
     if path is None:
         return config_from_dict({})
     try:
-        data = tomllib.loads(Path(path).read_text())
+        # TOML is UTF-8 by definition, whatever the machine's locale says.
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
         raise InvalidArgument(f"config file could not be read ({exc.__class__.__name__})") from None
+    except UnicodeDecodeError as exc:
+        raise InvalidArgument(f"config file is not UTF-8 text (invalid byte at offset {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
         raise InvalidArgument(f"config file is not valid TOML ({exc})") from None
     return config_from_dict(data)

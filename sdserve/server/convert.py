@@ -6,6 +6,8 @@ field has one name, one type and one comment everywhere (ARCHITECTURE rule 1).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from dataclasses import asdict, dataclass
 from functools import cache
@@ -92,21 +94,85 @@ def request_fields() -> tuple[RequestField, ...]:
     return tuple(out)
 
 
-def _check_scalar(field: FieldDescriptor, value: Any) -> None:
-    name = field.name
+def _shown(value: Any) -> str:
+    try:
+        return json.dumps(value)[:40]
+    except (TypeError, ValueError):
+        return type(value).__name__
+
+
+def _check_scalar(field: FieldDescriptor, value: Any, name: str) -> None:
     if field.type in _INT_TYPES:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return
-            raise InvalidArgument(f"must be an integer (got {json.dumps(value)[:40]})", field=name)
+            raise InvalidArgument(f"must be an integer (got {_shown(value)})", field=name)
         low, high = _INT_TYPES[field.type]
         if not low <= value <= high:
             raise InvalidArgument(f"is out of range (got {value})", field=name)
     elif field.type in _FLOAT_TYPES:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise InvalidArgument(f"must be a number (got {json.dumps(value)[:40]})", field=name)
+            raise InvalidArgument(f"must be a number (got {_shown(value)})", field=name)
     elif field.type == FieldDescriptor.TYPE_STRING and not isinstance(value, str):
-        raise InvalidArgument(f"must be a string (got {json.dumps(value)[:40]})", field=name)
+        raise InvalidArgument(f"must be a string (got {_shown(value)})", field=name)
+    elif field.type == FieldDescriptor.TYPE_BOOL and not isinstance(value, bool):
+        raise InvalidArgument(f"must be true or false (got {_shown(value)})", field=name)
+    elif field.type == FieldDescriptor.TYPE_BYTES:
+        if not isinstance(value, str):
+            raise InvalidArgument(f"must be a base64 string (got {_shown(value)})", field=name)
+        try:
+            base64.b64decode(value.replace("-", "+").replace("_", "/") + "=" * (-len(value) % 4), validate=True)
+        except binascii.Error:
+            raise InvalidArgument("is not valid base64", field=name) from None
+    elif field.type == FieldDescriptor.TYPE_ENUM:
+        names = [v.name for v in field.enum_type.values]
+        known = value in names if isinstance(value, str) else (
+            isinstance(value, int) and not isinstance(value, bool)
+            and value in field.enum_type.values_by_number)
+        if not known:
+            raise InvalidArgument(f"must be one of {', '.join(names)} (got {_shown(value)})", field=name)
+
+
+def _check_fields(descriptor, data: Any, prefix: str) -> dict[str, Any]:
+    """Check a JSON object against a message's fields, recursively; drop nulls (= absent).
+
+    Every rule protobuf's JSON parser would apply is checked here first, so that an error names
+    its field by path (`adapters[1].scale`) in one line; the parser's own messages quote Python
+    exceptions ("object of type 'int' has no len()").
+    """
+    if not isinstance(data, dict):
+        if not prefix:
+            raise InvalidArgument("a request must be a JSON object")
+        raise InvalidArgument(f"must be a JSON object (got {_shown(data)})", field=prefix)
+    by_name = descriptor.fields_by_name
+    clean: dict[str, Any] = {}
+    for key, value in data.items():
+        field = by_name.get(key) if isinstance(key, str) else None
+        if field is None:
+            inside = f" in {prefix}" if prefix else ""
+            raise InvalidArgument(f"unknown field {str(key)[:64]!r}{inside}; fields are {', '.join(by_name)}")
+        if value is None:
+            continue
+        path = f"{prefix}.{key}" if prefix else key
+        if field.is_repeated:
+            if not isinstance(value, list):
+                raise InvalidArgument(f"must be a list (got {_shown(value)})", field=path)
+            items = []
+            for index, item in enumerate(value):
+                if item is None:
+                    raise InvalidArgument("must not be null", field=f"{path}[{index}]")
+                items.append(_check_one(field, item, f"{path}[{index}]"))
+            clean[key] = items
+        else:
+            clean[key] = _check_one(field, value, path)
+    return clean
+
+
+def _check_one(field: FieldDescriptor, value: Any, path: str) -> Any:
+    if field.type == FieldDescriptor.TYPE_MESSAGE:
+        return _check_fields(field.message_type, value, path)
+    _check_scalar(field, value, path)
+    return value
 
 
 def pb_from_dict(data: dict[str, Any]) -> pb.GenerateRequest:
@@ -115,22 +181,10 @@ def pb_from_dict(data: dict[str, Any]) -> pb.GenerateRequest:
     Fields are checked one by one first, so that an error names its field and rule in one line
     (protobuf's own parser messages are long and name internal types).
     """
-    if not isinstance(data, dict):
-        raise InvalidArgument("a request must be a JSON object")
-    by_name = pb.GenerateRequest.DESCRIPTOR.fields_by_name
-    clean: dict[str, Any] = {}
-    for key, value in data.items():
-        field = by_name.get(key)
-        if field is None:
-            raise InvalidArgument(f"unknown field {key[:64]!r}; fields are {', '.join(by_name)}")
-        if value is None:
-            continue  # JSON null = absent
-        if field.type != FieldDescriptor.TYPE_MESSAGE:
-            _check_scalar(field, value)
-        clean[key] = value
+    clean = _check_fields(pb.GenerateRequest.DESCRIPTOR, data, "")
     try:
         return json_format.ParseDict(clean, pb.GenerateRequest())
-    except json_format.ParseError as exc:  # nested messages; keep the first line only
+    except json_format.ParseError as exc:  # a rule the checks above missed; keep its first line
         raise InvalidArgument(str(exc).splitlines()[0][:200]) from None
 
 
