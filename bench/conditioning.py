@@ -26,7 +26,7 @@ from sdserve.engine import Engine, EngineConfig, RequestSpec
 from sdserve.engine.batch import assemble_batch
 from sdserve.engine.controlnet import ControlSpec
 from sdserve.engine.ip_adapter import IPAdapterSpec
-from sdserve.models.builtin import cache_root
+from sdserve.paths import cache_root
 
 
 def png(seed: int, size: int = 256) -> bytes:

@@ -26,8 +26,9 @@ from bench.sd15 import SD15_UNET_CONFIG
 from sdserve.cli.common import quiet_libraries
 from sdserve.engine import Engine, EngineConfig, RequestSpec
 from sdserve.engine.schedulers import resolve_scheduler
-from sdserve.models.builtin import build_model, builtin_path, cache_root
+from sdserve.models.builtin import build_model, builtin_path
 from sdserve.models.configs import DEFAULT, ModelDefaults, ModelLimits
+from sdserve.paths import cache_root
 
 SD15_SHAPED = replace(
     DEFAULT,

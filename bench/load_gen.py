@@ -168,7 +168,7 @@ async def drive(target: str, workload: Workload, *, rate: float | None = None, c
     import grpc
     from tqdm import tqdm
 
-    from sdserve.server import convert
+    from sdserve.api import convert
 
     if (rate is None) == (concurrency is None):
         raise ValueError("give exactly one of rate and concurrency")

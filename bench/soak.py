@@ -339,7 +339,7 @@ class Soak:
         """One action of the mix (the churn action is three calls)."""
         import grpc
 
-        from sdserve.server import convert
+        from sdserve.api import convert
 
         kind = rng.choices(list(MIX), weights=list(MIX.values()))[0]
         tenant = rng.randrange(TENANTS)
@@ -433,7 +433,7 @@ class Soak:
         import psutil
         from tqdm import tqdm
 
-        from sdserve.server import convert
+        from sdserve.api import convert
 
         options = self.options
         duration = 60.0 * options.minutes
@@ -496,7 +496,7 @@ async def _cancel_stream(call: Any, after_progress: int) -> str:
 
 
 async def _upload(stubs: Any, meta: list, name: str, data: bytes) -> Any:
-    from sdserve.server import convert
+    from sdserve.api import convert
 
     header = convert.UploadHeader(name=name, kind="lora", family="sd1", sha256=hashlib.sha256(data).hexdigest(),
                                   shared=False, size=len(data))

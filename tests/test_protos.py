@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sdserve.api.convert import field_comments, request_fields
+from sdserve.api.types import spec_field_names
 from sdserve.cli.main import build_parser
-from sdserve.engine.request import spec_field_names
 from sdserve.protos import generate
 from sdserve.protos.sdserve.v1 import sdserve_pb2 as pb
-from sdserve.server.convert import field_comments, request_fields
 
 
 def test_generated_stubs_are_up_to_date(tmp_path: Path):

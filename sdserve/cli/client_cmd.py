@@ -80,7 +80,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_request_flags(parser: argparse.ArgumentParser) -> None:
-    from sdserve.server.convert import request_fields
+    from sdserve.api.convert import request_fields
 
     group = parser.add_argument_group("request fields (GenerateRequest)")
     for field in request_fields():
@@ -89,7 +89,7 @@ def _add_request_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _client(args: argparse.Namespace) -> Any:
-    from sdserve.client import Client
+    from sdserve.api.client import Client
 
     return Client(args.target, api_key=args.api_key or os.environ.get("SDSERVE_API_KEY"), timeout=args.timeout)
 
@@ -106,13 +106,13 @@ def _parse_adapter(text: str) -> dict[str, Any]:
 
 
 def _print_json(message: Any) -> None:
-    from sdserve.server.convert import to_dict
+    from sdserve.api.convert import to_dict
 
     print(json.dumps(to_dict(message), indent=2))
 
 
 def _generate(args: argparse.Namespace, client: Any) -> None:
-    from sdserve.server.convert import request_fields
+    from sdserve.api.convert import request_fields
 
     if args.prompt is None:
         fail("--prompt is required")

@@ -23,7 +23,7 @@ SHORTHANDS = {"guidance_scale": ["--guidance"]}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from sdserve.server.convert import request_fields
+    from sdserve.api.convert import request_fields
 
     parser = subparsers.add_parser(
         "generate",
@@ -86,7 +86,7 @@ def parse_lora_flag(text: str) -> dict[str, Any]:
 
 
 def _specs_from_args(args: argparse.Namespace) -> list[tuple[str, Any]]:
-    from sdserve.server.convert import request_fields, spec_from_dict, spec_from_json_line
+    from sdserve.api.convert import request_fields, spec_from_dict, spec_from_json_line
 
     if args.requests is not None:
         if args.out_dir is None:
@@ -159,8 +159,7 @@ def _read(path: Path, flag: str) -> bytes:
 
 
 def _image_fields(args: argparse.Namespace) -> dict[str, Any]:
-    from sdserve.engine.controlnet import ControlSpec
-    from sdserve.engine.ip_adapter import IPAdapterSpec
+    from sdserve.api.types import ControlSpec, IPAdapterSpec
 
     fields: dict[str, Any] = {}
     units = []
@@ -178,7 +177,7 @@ def _image_fields(args: argparse.Namespace) -> dict[str, Any]:
                                       scale=numbers[0] if numbers else None))
     if ip_units:
         fields["ip_adapters"] = tuple(ip_units)
-    from sdserve.engine.request import EmbeddingSpec, HypernetworkSpec
+    from sdserve.api.types import EmbeddingSpec, HypernetworkSpec
 
     embeddings = []
     for text in args.embedding:

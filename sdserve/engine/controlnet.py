@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from sdserve.api.types import ControlSpec
 from sdserve.engine.model import MODULE_BUILD_LOCK, ModelInfo
 from sdserve.engine.store import DirectoryModel, DirectoryRegistry, WeightKey
 from sdserve.errors import InvalidArgument
@@ -25,18 +26,6 @@ from sdserve.errors import InvalidArgument
 PREPROCESSORS = ("none", "canny")
 MAX_UNITS = 4
 FITTING_KEYS = ("cross_attention_dim", "block_out_channels")  # a ControlNet's and its UNet's must agree
-
-
-@dataclass(frozen=True)
-class ControlSpec:
-    """One unit as given: the proto's ControlNetUnit (None = absent)."""
-
-    model: str
-    image: bytes
-    preprocess: str = ""
-    scale: float | None = None
-    start: float | None = None
-    end: float | None = None
 
 
 @dataclass(frozen=True)

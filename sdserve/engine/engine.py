@@ -10,23 +10,25 @@ from __future__ import annotations
 
 import queue
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from sdserve.adapters import TargetSpec, targets_of
 from sdserve.engine.batch import assemble_batch
 from sdserve.engine.batcher import Batcher
 from sdserve.engine.config import EngineConfig
 from sdserve.engine.decode import decode_latents
 from sdserve.engine.ip_adapter import IPAdapterStore
-from sdserve.engine.model import LoadedModel, ModelStore
+from sdserve.engine.model import LoadedModel, ModelInfo, ModelStore
 from sdserve.engine.png import parameters_text
 from sdserve.engine.preview import latent_preview
 from sdserve.engine.request import EngineRequest, RequestSpec, resolve
-from sdserve.engine.residency import AdapterRuntime
+from sdserve.engine.residency import AdapterRuntime, ResidencyStats
 from sdserve.engine.runner import Runner
 from sdserve.engine.state import RequestState, Timings, prepare_state
 from sdserve.engine.store import WeightStore
@@ -116,19 +118,50 @@ class Engine:
         """The request leaves the batch at the next step boundary."""
         self._cancelled.add(request_id)
 
+    # -- what a server asks of the engine (its façade; thread-safe) ---------------------------
+
+    def model_info(self, name: str) -> ModelInfo:
+        """What `name` is (family, defaults, limits), from its directory; no weights read."""
+        return self.models.info(name)
+
+    def load_model(self, name: str) -> ModelInfo:
+        """Read `name`'s weights now (once), so that no request pays for it."""
+        return self.models.get(name).info
+
+    def serve_conditioning_models(self, controlnets: Mapping[str, Path], ip_adapters: Mapping[str, Path]) -> None:
+        """Requests may name only these ControlNet and IP-Adapter models, by these names; never a
+        directory (the CLI, which trusts its user, leaves paths allowed)."""
+        for registry, named in ((self.runner.controlnets, controlnets), (self.ip_adapters, ip_adapters)):
+            registry.allow_paths = False
+            for name, directory in named.items():
+                registry.register(name, Path(directory).expanduser())
+
+    def lora_targets(self, model: str) -> Mapping[str, TargetSpec]:
+        """The LoRA-targetable modules of `model` as it was loaded (before any layer was wrapped):
+        what an uploaded adapter is validated against."""
+        loaded = self.models.get(model)
+        if loaded.adapters is not None:
+            return loaded.adapters.targets  # the runtime described the model before wrapping it
+        components: dict[str, torch.nn.Module] = {"unet": loaded.unet}
+        for index, encoder in enumerate(loaded.text_encoders):
+            components["text_encoder" if index == 0 else f"text_encoder_{index + 1}"] = encoder
+        return targets_of(components)
+
+    def residency_stats(self, models: Iterable[str]) -> list[ResidencyStats]:
+        """Adapter residency counters (hits, misses, loads, evictions, bytes by tier) of each of
+        `models` that serves adapters; read by the metrics endpoint at scrape time."""
+        stats = []
+        for name in models:
+            runtime = self.models.get(name).adapters
+            if runtime is not None:
+                stats.append(runtime.stats)
+        return stats
+
     # -- the loop: one owner ---------------------------------------------------------------
 
     @property
     def idle(self) -> bool:
         return self._queue.empty() and not self._waiting and len(self.batcher) == 0
-
-    def adapter_runtime(self, model: LoadedModel) -> AdapterRuntime:
-        """The model's adapter machinery, attached once (its layers wrapped) when first loaded."""
-        if model.adapters is None:
-            model.adapters = AdapterRuntime(
-                model, self.config.residency, max_rows=self.config.max_batch_rows, executor=self._loader
-            )
-        return model.adapters
 
     def step(self) -> bool:
         """One step boundary and at most one UNet call. False when there was nothing to do."""

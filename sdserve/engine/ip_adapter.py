@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdserve.adapters.hypernetwork import apply_hypernetwork
+from sdserve.api.types import IPAdapterSpec
 from sdserve.engine.model import MODULE_BUILD_LOCK, ModelInfo
 from sdserve.engine.row_context import RowContextHolder
 from sdserve.engine.store import DirectoryModel, DirectoryRegistry, WeightKey
@@ -34,15 +35,6 @@ from sdserve.errors import InvalidArgument
 from sdserve.kernels import scaled_multi_branch_attention
 
 MAX_IP_ADAPTERS = 2
-
-
-@dataclass(frozen=True)
-class IPAdapterSpec:
-    """One entry of a request's `ip_adapters` as given (None = absent)."""
-
-    model: str
-    image: bytes
-    scale: float | None = None
 
 
 @dataclass(frozen=True)

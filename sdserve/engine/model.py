@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from sdserve.engine.config import EngineConfig
-from sdserve.errors import InvalidArgument, NotFound
+from sdserve.engine.model_limits import ModelDefaults, ModelLimits
+from sdserve.errors import NotFound
 from sdserve.models.builtin import METADATA_FILE, builtin_names, builtin_path
-from sdserve.models.configs import ModelDefaults, ModelLimits
 
 
 @dataclass(frozen=True)
@@ -206,11 +206,3 @@ class ModelStore:
             if info.name not in self._loaded:
                 self._loaded[info.name] = load_model(info, self.config.torch_device(), self.config.torch_dtype())
             return self._loaded[info.name]
-
-    def check_known(self, name: str) -> None:
-        try:
-            self.info(name)
-        except NotFound:
-            raise
-        except (OSError, ValueError, KeyError) as exc:
-            raise InvalidArgument("model directory could not be read", field="model") from exc

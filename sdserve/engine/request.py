@@ -15,12 +15,18 @@ import math
 import os
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
+from sdserve.api.types import (
+    AdapterSpec,
+    EmbeddingSpec,
+    HypernetworkSpec,
+    RequestSpec,
+)
 from sdserve.engine.activity import active_at
-from sdserve.engine.controlnet import ControlNetStore, ControlSpec, ControlUnit, resolve_units
-from sdserve.engine.ip_adapter import IPAdapterSpec, IPAdapterStore, IPAdapterUnit, resolve_ip_units
+from sdserve.engine.controlnet import ControlNetStore, ControlUnit, resolve_units
+from sdserve.engine.ip_adapter import IPAdapterStore, IPAdapterUnit, resolve_ip_units
 from sdserve.engine.model import ModelInfo
 from sdserve.engine.schedulers import make_scheduler, max_steps_for, resolve_scheduler
 from sdserve.engine.store import HeaderEntry, WeightKey, WeightStore, safetensors_header, zeros_file
@@ -36,22 +42,6 @@ MAX_STACK = 8  # adapters in one request's stack
 
 
 @dataclass(frozen=True)
-class AdapterSpec:
-    """One entry of a request's adapter stack: the proto's AdapterRef (None = absent).
-
-    The engine needs `path`; `name`, when given, is only the label errors and responses use.
-    `sha256`, when given (the server's registry knows it), is the file's identity: the engine
-    trusts it instead of hashing the file again."""
-
-    name: str = ""
-    path: str = ""
-    scale: float | None = None
-    start: float | None = None
-    end: float | None = None
-    sha256: str = ""
-
-
-@dataclass(frozen=True)
 class StackEntry:
     """A validated stack entry. `source` is a file path the engine can read; `name` is what
     errors and responses call it (the registered name, or the file name for the CLI)."""
@@ -62,25 +52,6 @@ class StackEntry:
     start: float
     end: float
     digest: str = ""  # sha256 of the file's bytes when the caller knows it ("" = hash it once)
-
-
-@dataclass(frozen=True)
-class EmbeddingSpec:
-    """A textual-inversion embedding as given (the engine reads `path`; `name` labels it;
-    `sha256`, when the server's registry knows it, is the file's identity, as for adapters)."""
-
-    name: str = ""
-    path: str = ""
-    token: str = ""
-    sha256: str = ""
-
-
-@dataclass(frozen=True)
-class HypernetworkSpec:
-    name: str = ""
-    path: str = ""
-    strength: float | None = None
-    sha256: str = ""
 
 
 @dataclass(frozen=True)
@@ -115,34 +86,6 @@ class PreparedScheduler:
         """The scheduler, once; None after (one owner takes it: the engine loop)."""
         scheduler, self._scheduler = self._scheduler, None
         return scheduler
-
-
-@dataclass(frozen=True)
-class RequestSpec:
-    """A request as given, field for field the proto's GenerateRequest; None = absent."""
-
-    model: str = ""
-    prompt: str = ""
-    negative_prompt: str | None = None
-    seed: int | None = None
-    steps: int | None = None
-    guidance_scale: float | None = None
-    scheduler: str | None = None
-    width: int | None = None
-    height: int | None = None
-    num_images: int | None = None
-    adapters: tuple[AdapterSpec, ...] = ()
-    init_image: bytes | None = None  # PNG/JPEG bytes
-    strength: float | None = None
-    mask: bytes | None = None  # PNG/JPEG bytes
-    outpaint: tuple[int, int, int, int] | None = None  # left, top, right, bottom
-    controlnets: tuple[ControlSpec, ...] = ()
-    ip_adapters: tuple[IPAdapterSpec, ...] = ()
-    embeddings: tuple[EmbeddingSpec, ...] = ()
-    hypernetworks: tuple[HypernetworkSpec, ...] = ()
-    preview_every: int | None = None
-    guidance_start: float | None = None
-    guidance_end: float | None = None
 
 
 @dataclass(frozen=True)
@@ -210,10 +153,6 @@ class EngineRequest:
         """Most UNet rows this request occupies in a batch (steps outside its guidance interval
         run half of them)."""
         return self.num_images * (2 if self.guidance else 1)
-
-
-def spec_field_names() -> list[str]:
-    return [f.name for f in fields(RequestSpec)]
 
 
 def _resolve_stack(specs: tuple[AdapterSpec, ...]) -> tuple[StackEntry, ...]:

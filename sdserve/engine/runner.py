@@ -15,13 +15,10 @@ from sdserve.engine.batch import Batch
 from sdserve.engine.controlnet import ControlNetStore, control_residuals
 from sdserve.engine.init_latents import blend_known_latents
 from sdserve.engine.model import LoadedModel
-from sdserve.engine.state import RequestState
 
 
 class UNetBackend(Protocol):
     name: str
-
-    def serves(self, state: RequestState) -> bool: ...
 
     def predict_noise(self, model: LoadedModel, batch: Batch) -> torch.Tensor:
         """Noise (or v) prediction for every row: [rows, C, h, w]."""
@@ -35,9 +32,6 @@ class EagerBackend:
 
     def __init__(self, controlnets: ControlNetStore | None = None) -> None:
         self.controlnets = controlnets or ControlNetStore()
-
-    def serves(self, state: RequestState) -> bool:
-        return True
 
     def predict_noise(self, model: LoadedModel, batch: Batch) -> torch.Tensor:
         added = None

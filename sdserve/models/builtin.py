@@ -10,7 +10,6 @@ building at once never see half a directory.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import asdict
@@ -20,16 +19,13 @@ import torch
 
 from sdserve.models.configs import BUILTIN_SPECS, BuiltinSpec
 from sdserve.models.tokenizer import BOS, EOS, write_clip_tokenizer
+from sdserve.paths import cache_root
 
 SHIPPED_DIR = Path(__file__).parent / "weights"
 METADATA_FILE = "sdserve.json"
 
 # Words the random tiny models' tokenizers keep whole; other text still tokenizes byte by byte.
 BASIC_WORDS = ["a", "an", "the", "of", "on", "in", "at", "and", "with", "photo", "painting", "drawing", "of", "cat", "dog", "house", "tree", "car", "sky", "sea", "mountain", "city", "red", "green", "blue", "yellow", "purple", "orange", "white", "black", "small", "large", "circle", "square", "triangle", "left", "right", "top", "bottom", "center", "background", "blurry", "ugly", "bad", "quality"]
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SDSERVE_HOME", Path.home() / ".cache" / "sdserve"))
 
 
 def builtin_names() -> list[str]:

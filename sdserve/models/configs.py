@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from sdserve.engine.model_limits import ModelDefaults, ModelLimits
+
 # SD's training noise schedule, shared by every family (SD 2.x adds v-prediction on top).
 SD_SCHEDULE: dict[str, Any] = {
     "num_train_timesteps": 1000,
@@ -23,39 +25,6 @@ SD_SCHEDULE: dict[str, Any] = {
     "timestep_spacing": "leading",
     "skip_prk_steps": True,  # as SD 1.5 ships PNDM: PLMS only
 }
-
-
-@dataclass(frozen=True)
-class ModelDefaults:
-    """What a request's absent fields take for this model."""
-
-    width: int
-    height: int
-    steps: int
-    guidance_scale: float
-    scheduler: str
-    guidance_start: float = 0.0
-    """Fraction of the schedule where classifier-free guidance starts (the request's guidance_start)."""
-    guidance_end: float = 1.0
-    """Fraction of the schedule where it ends. A model that guidance over-sharpens at low noise
-    records less than 1 here (the shapes model: guidance late in the schedule bends its squares'
-    sides in; see docs/benchmarks.md)."""
-
-
-@dataclass(frozen=True)
-class ModelLimits:
-    """Bounds a request must respect for this model."""
-
-    max_steps: int = 250
-    """Most denoising steps one request may ask for (schedulers may lower it, e.g. LCM)."""
-    min_side: int = 8
-    """Smallest width/height in pixels."""
-    max_side: int = 2048
-    """Largest width/height in pixels."""
-    max_pixels: int = 2048 * 2048
-    """Largest width × height."""
-    max_num_images: int = 8
-    """Most images one request may ask for."""
 
 
 @dataclass(frozen=True)

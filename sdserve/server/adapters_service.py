@@ -25,8 +25,9 @@ from typing import Any
 import grpc
 
 from sdserve.adapters import load_embedding, load_hypernetwork, load_lora
+from sdserve.api import convert
 from sdserve.errors import AdapterError, InvalidArgument, ResourceExhausted
-from sdserve.server import convert, status
+from sdserve.server import status
 from sdserve.server.auth import require_admin
 from sdserve.server.config import TenantConfig
 from sdserve.server.core import Core

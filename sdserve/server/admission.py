@@ -33,9 +33,9 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from sdserve.engine.model_limits import ModelDefaults, ModelLimits
 from sdserve.engine.request import EngineRequest, RequestSpec
 from sdserve.errors import InvalidArgument, ResourceExhausted
-from sdserve.models.configs import ModelDefaults, ModelLimits
 from sdserve.server.config import AdmissionConfig
 
 

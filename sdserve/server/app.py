@@ -26,10 +26,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 
+from sdserve.api import convert
 from sdserve.engine import Engine, EngineEvent, ModelStore
 from sdserve.engine.loop import EngineThread
 from sdserve.errors import Unavailable
-from sdserve.server import convert
+from sdserve.paths import cache_root
 from sdserve.server.adapters_service import AdaptersService, ModelsService
 from sdserve.server.admission import Admission
 from sdserve.server.auth import Authenticator
@@ -47,8 +48,6 @@ EXIT_ENGINE_DIED = 70  # sysexits' EX_SOFTWARE: an internal error, not bad input
 def data_dir(config: Config) -> Path:
     if config.registry.data_dir:
         return Path(config.registry.data_dir).expanduser()
-    from sdserve.models.builtin import cache_root
-
     return cache_root() / "server"
 
 
@@ -59,7 +58,9 @@ class Server:
             store = ModelStore(config.engine, default_model=config.models.default_model)
             engine = Engine(config.engine, models=store)
         self.engine = engine
-        self._lock_down_model_stores()
+        # Clients name ControlNet and IP-Adapter models; only the operator's configured ones
+        # resolve, never a directory a request names.
+        engine.serve_conditioning_models(config.models.controlnets, config.models.ip_adapters)
         self.metrics = Metrics(tenant_labels=config.server.metrics_tenant_labels)
         self.health = health.aio.HealthServicer()
         self.port = 0
@@ -71,27 +72,13 @@ class Server:
         self.engine_failure: BaseException | None = None  # why the engine thread died, if it did
         self._engine_watcher: asyncio.Task | None = None
 
-    def _lock_down_model_stores(self) -> None:
-        """Clients name ControlNet and IP-Adapter models; only the operator's configured ones
-        resolve, never a directory a request names (the engine allows those for the CLI)."""
-        stores = (
-            (getattr(getattr(self.engine, "runner", None), "controlnets", None), self.config.models.controlnets),
-            (getattr(self.engine, "ip_adapters", None), self.config.models.ip_adapters),
-        )
-        for store, registered in stores:
-            if store is None:
-                continue
-            store.allow_paths = False
-            for name, directory in registered.items():
-                store.register(name, Path(directory).expanduser())
-
     async def start(self) -> None:
         config = self.config
         served = {}
         for name in dict.fromkeys((config.models.default_model, *config.models.serve)):
-            info = self.engine.models.info(name)
+            info = self.engine.model_info(name)
             log.info("loading model %r (%s)", name, info.family)
-            await asyncio.to_thread(self.engine.models.get, name)  # weights load once, before serving
+            await asyncio.to_thread(self.engine.load_model, name)  # weights load once, before serving
             served[name] = info
         engine_thread = EngineThread(self.engine)
         # The engine thread dies on its own thread; the watcher hears it on this loop.
@@ -100,7 +87,7 @@ class Server:
         engine_thread.start()
         self.engine.observers.append(self.metrics.on_engine_event)
         engine_thread.step_hooks.append(self.metrics.on_step)
-        self.metrics.watch_adapters(lambda: self._residency_stats(served))
+        self.metrics.watch_adapters(lambda: self.engine.residency_stats(served))
         self.core = Core(
             config=config,
             engine=self.engine,
@@ -131,14 +118,6 @@ class Server:
             self.metrics_port = self.metrics.serve(
                 config.server.metrics_host, config.server.metrics_port, config.server.metrics_token_sha256
             )
-
-    def _residency_stats(self, served: dict) -> list:
-        stats = []
-        for name in served:
-            runtime = getattr(self.engine.models.get(name), "adapters", None)
-            if runtime is not None and hasattr(runtime, "stats"):
-                stats.append(runtime.stats)
-        return stats
 
     async def _watch_engine(self, died: asyncio.Event) -> None:
         """Wait until the engine thread dies or the server stops; on a death, stop serving."""

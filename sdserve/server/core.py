@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 
-from sdserve.adapters import TargetSpec, targets_of
+from sdserve.adapters import TargetSpec
 from sdserve.engine import Engine, ModelInfo
 from sdserve.engine.loop import EngineThread
 from sdserve.errors import InvalidArgument, NotFound, Unavailable
@@ -75,18 +75,7 @@ class Core:
     def targets(self, family: str) -> Mapping[str, TargetSpec]:
         """The LoRA-targetable modules of this server's first model of `family` (for uploads)."""
         if family not in self._targets:
-            info = self.family_model(family)
-            model = self.engine.models.get(info.name)
-            runtime = getattr(model, "adapters", None)
-            if runtime is not None:
-                # The engine wraps targeted layers once it serves adapters; its runtime kept the
-                # description of the unwrapped model.
-                self._targets[family] = runtime.targets
-            else:
-                components: dict[str, Any] = {"unet": model.unet}
-                for index, encoder in enumerate(model.text_encoders):
-                    components["text_encoder" if index == 0 else f"text_encoder_{index + 1}"] = encoder
-                self._targets[family] = targets_of(components)
+            self._targets[family] = self.engine.lora_targets(self.family_model(family).name)
         return self._targets[family]
 
 

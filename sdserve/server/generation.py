@@ -22,11 +22,12 @@ from typing import Any
 
 import grpc
 
+from sdserve.api import convert
 from sdserve.engine import EngineEvent, GenerationResult, RequestSpec
 from sdserve.engine.png import encode_png
 from sdserve.engine.request import EngineRequest
 from sdserve.errors import InvalidArgument, ResourceExhausted, SdserveError, Unavailable
-from sdserve.server import convert, status
+from sdserve.server import status
 from sdserve.server.admission import Ticket, estimated_cost
 from sdserve.server.config import TenantConfig
 from sdserve.server.core import Core, priority_of
@@ -214,7 +215,7 @@ class GenerationService:
         changes: dict[str, tuple] = {}
         used: list[convert.AdapterUse] = []
         for field_name, kind in NAMED_FILE_FIELDS:
-            entries = getattr(spec, field_name, ())
+            entries = getattr(spec, field_name)
             resolved = []
             for index, entry in enumerate(entries):
                 where = f"{field_name}[{index}]"

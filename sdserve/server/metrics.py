@@ -178,10 +178,10 @@ class _ResidencyCollector:
     def collect(self) -> Iterator[Metric]:
         stats = [s for source in self.sources for s in source()]
         for attribute, name, help_text in self.COUNTERS:
-            yield CounterMetricFamily(name, help_text, value=sum(getattr(s, attribute, 0) for s in stats))
+            yield CounterMetricFamily(name, help_text, value=sum(getattr(s, attribute) for s in stats))
         resident = GaugeMetricFamily("sdserve_adapter_resident_bytes", "Bytes of adapters resident, by tier", labels=["tier"])
         for tier in ("host", "device"):
-            resident.add_metric([tier], sum(getattr(s, f"{tier}_bytes", 0) for s in stats))
+            resident.add_metric([tier], sum(getattr(s, f"{tier}_bytes") for s in stats))
         yield resident
 
 

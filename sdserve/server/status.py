@@ -15,8 +15,8 @@ from typing import Any, TypeVar
 
 import grpc
 
+from sdserve.api.convert import Malformed, check_parsed
 from sdserve.errors import SdserveError
-from sdserve.server.convert import Malformed, check_parsed
 
 log = logging.getLogger("sdserve.server")
 

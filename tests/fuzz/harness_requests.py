@@ -27,7 +27,7 @@ from tests.fuzz.common import Choices, typed_errors_only
 # json_format is the Python half of protobuf's JSON parser (the binary parser is upb, in C).
 INSTRUMENT = ("sdserve", "google.protobuf.json_format", "PIL")
 MODULES = (
-    "sdserve.server.convert",
+    "sdserve.api.convert",
     "sdserve.server.admission",
     "sdserve.engine.request",
     "sdserve.engine.schedulers",
@@ -241,8 +241,8 @@ def structured_request(data: bytes) -> dict[str, Any]:
 
 
 def one_input(data: bytes) -> None:
+    from sdserve.api import convert
     from sdserve.protos.sdserve.v1 import sdserve_pb2 as pb
-    from sdserve.server import convert
 
     def grpc_route() -> None:
         message = convert._lenient(pb.GenerateRequest)(data)  # what the servicer receives

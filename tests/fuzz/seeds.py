@@ -204,7 +204,7 @@ def request_dicts() -> list[dict]:
 
 
 def request_files() -> dict[str, bytes]:
-    from sdserve.server.convert import pb_from_dict
+    from sdserve.api.convert import pb_from_dict
 
     files = {}
     for index, request in enumerate(request_dicts()):

@@ -67,8 +67,8 @@ def test_seeds_reach_past_the_parsers(seed_dirs, harnesses):
     them reach the checks behind the parsers. A format change that broke them all would leave
     the fuzzer knocking at the front door without anyone noticing."""
     from sdserve.adapters import load_embedding, load_hypernetwork, load_lora
+    from sdserve.api import convert
     from sdserve.engine.images import decode_image
-    from sdserve.server import convert
     from sdserve.server.config import load_config
 
     state = harnesses["adapters"]._state

@@ -124,7 +124,7 @@ def reference_engine() -> Engine:
 
 
 def reference_images(engine: Engine, request: dict[str, Any]) -> list[np.ndarray]:
-    from sdserve.server.convert import spec_from_dict
+    from sdserve.api.convert import spec_from_dict
 
     (outcome,) = engine.generate([engine.validate(spec_from_dict(request))])
     assert not isinstance(outcome, Exception), outcome

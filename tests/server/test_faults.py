@@ -22,10 +22,10 @@ from typing import Any
 import grpc
 import pytest
 
+from sdserve.api.convert import spec_from_dict
 from sdserve.client import Client
 from sdserve.errors import Internal
 from sdserve.server.config import AdmissionConfig
-from sdserve.server.convert import spec_from_dict
 from tests.server.conftest import (
     MODEL,
     ServerThread,

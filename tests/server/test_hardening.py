@@ -19,8 +19,8 @@ import urllib.request
 import grpc
 import pytest
 
+from sdserve.api.convert import pb_from_dict, stubs
 from sdserve.server.config import AdmissionConfig, ServerConfig
-from sdserve.server.convert import pb_from_dict, stubs
 from tests.server.conftest import KEYS, MODEL, ServerThread, make_config, sha
 
 SMALL = {"model": MODEL, "prompt": "a red circle", "steps": 2}  # 32x32 with CFG: 2 rows

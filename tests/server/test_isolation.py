@@ -35,7 +35,7 @@ def test_missing_or_bad_key_is_unauthenticated(server):
             assert code == grpc.StatusCode.UNAUTHENTICATED, details
     # A malformed header is refused too (not treated as anonymous).
     with grpc.insecure_channel(server.target) as channel:
-        from sdserve.server import convert
+        from sdserve.api import convert
 
         stub = convert.stubs(channel).models
         code, _ = _code(lambda: stub.ListModels(convert.request_message("ListModelsRequest"),

@@ -71,7 +71,7 @@ def overload_server(tmp_path_factory):
 
 def _burst(client, count: int) -> tuple[list[float], int]:
     """Fire `count` requests at once; (latencies of the refused ones, number completed)."""
-    from sdserve.server.convert import pb_from_dict
+    from sdserve.api.convert import pb_from_dict
 
     requests = [pb_from_dict({**SMALL, "seed": index}) for index in range(count)]  # off the clock
     futures, started, finished = [], {}, {}
@@ -242,5 +242,5 @@ def test_deadline_ends_a_long_request_and_frees_its_rows(server):
 
 
 def test_busy_cost_matches_the_admission_rule(server):
-    validated = server.server.engine.validate(__import__("sdserve.server.convert", fromlist=["x"]).spec_from_dict(BUSY))
+    validated = server.server.engine.validate(__import__("sdserve.api.convert", fromlist=["x"]).spec_from_dict(BUSY))
     assert request_cost(validated) == BUSY_COST

@@ -253,7 +253,7 @@ def limits_server(tmp_path_factory):
 
 
 def _header(data: bytes, name: str) -> Any:
-    from sdserve.server import convert
+    from sdserve.api import convert
     from tests.server.conftest import sha
 
     return convert.UploadHeader(name, "lora", "sd1", sha(data), False, len(data))
@@ -312,7 +312,7 @@ class SlowUpload:
     """An upload whose client sends the header and a first piece, then waits to be released."""
 
     def __init__(self, server: Any, tenant: str, data: bytes, name: str, timeout: float = 60) -> None:
-        from sdserve.server import convert
+        from sdserve.api import convert
 
         self.release = threading.Event()
         self.result: dict[str, Any] = {}

@@ -9,7 +9,7 @@ import grpc
 import pytest
 import torch
 
-from sdserve.server import convert
+from sdserve.api import convert
 from sdserve.server.config import RegistryConfig
 from tests.server.conftest import ServerThread, make_config, sha, tenants
 

@@ -7,24 +7,26 @@ field has one name, one type and one comment everywhere (ARCHITECTURE rule 1).
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 from dataclasses import asdict, dataclass
 from functools import cache
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pb2, json_format
 from google.protobuf.descriptor import FieldDescriptor
 
+from sdserve.api.types import (
+    AdapterSpec,
+    ControlSpec,
+    EmbeddingSpec,
+    HypernetworkSpec,
+    IPAdapterSpec,
+    RequestSpec,
+    spec_field_names,
+)
 from sdserve.errors import InvalidArgument
 from sdserve.protos.sdserve.v1 import sdserve_pb2 as pb
-
-if TYPE_CHECKING:
-    from sdserve.engine.request import AdapterSpec, RequestSpec
-
-# The engine's request types are imported inside the functions that build them: the Python
-# client imports this module for the JSON/pb helpers and must not pay for torch.
 
 _INT_TYPES = {
     FieldDescriptor.TYPE_INT32: (-(2**31), 2**31 - 1),
@@ -122,7 +124,7 @@ def _check_scalar(field: FieldDescriptor, value: Any, name: str) -> None:
             raise InvalidArgument(f"must be a base64 string (got {_shown(value)})", field=name)
         try:
             base64.b64decode(value.replace("-", "+").replace("_", "/") + "=" * (-len(value) % 4), validate=True)
-        except binascii.Error:
+        except ValueError:  # binascii.Error, and non-ASCII text
             raise InvalidArgument("is not valid base64", field=name) from None
     elif field.type == FieldDescriptor.TYPE_ENUM:
         names = [v.name for v in field.enum_type.values]
@@ -195,9 +197,6 @@ def _optional(message, name: str):
 
 def spec_from_pb(message: pb.GenerateRequest) -> RequestSpec:
     """Proto -> RequestSpec, keeping absent optional fields absent."""
-    from sdserve.engine.controlnet import ControlSpec
-    from sdserve.engine.ip_adapter import IPAdapterSpec
-    from sdserve.engine.request import EmbeddingSpec, HypernetworkSpec, RequestSpec, spec_field_names
 
     values: dict[str, Any] = {}
     for name in spec_field_names():
@@ -248,7 +247,6 @@ def spec_from_pb(message: pb.GenerateRequest) -> RequestSpec:
 
 
 def adapter_spec_from_pb(ref: pb.AdapterRef) -> AdapterSpec:
-    from sdserve.engine.request import AdapterSpec
 
     return AdapterSpec(
         name=ref.name,

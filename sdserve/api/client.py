@@ -1,0 +1,137 @@
+"""A small Python client for an sdserve server.
+
+    from sdserve.client import Client
+    with Client("127.0.0.1:50051", api_key=None) as client:
+        response = client.generate({"prompt": "a red circle", "steps": 4})
+        open("out.png", "wb").write(response.images[0].png)
+        info = client.upload_adapter("style.safetensors", name="style", family="sd1")
+        client.generate({"prompt": "...", "adapters": [{"name": "style", "scale": 0.8}]})
+
+Requests are dicts with GenerateRequest's field names (the same JSON as `sdserve generate
+--requests` reads) or GenerateRequest messages. Errors arrive as grpc.RpcError with the
+server's status code and a message naming the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from sdserve.api import convert
+
+CHUNK_BYTES = 1 << 20
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # responses carry every image of a request as PNG
+
+
+class Client:
+    def __init__(self, target: str, api_key: str | None = None, timeout: float | None = None) -> None:
+        self.target = target
+        self.timeout = timeout
+        self._metadata: list[tuple[str, str]] = [("authorization", f"Bearer {api_key}")] if api_key else []
+        self._channel = grpc.insecure_channel(
+            target,
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", 64 * 1024 * 1024),  # requests may carry images
+            ],
+        )
+        self._stubs = convert.stubs(self._channel)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _meta(self, priority: int | None = None) -> list[tuple[str, str]]:
+        meta = list(self._metadata)
+        if priority is not None:
+            meta.append(("sdserve-priority", str(priority)))
+        return meta
+
+    @staticmethod
+    def _request(request: dict[str, Any] | Any) -> Any:
+        return convert.pb_from_dict(request) if isinstance(request, dict) else request
+
+    # -- generation ------------------------------------------------------------------------------
+
+    def generate(self, request: dict[str, Any] | Any, *, timeout: float | None = None, priority: int | None = None) -> Any:
+        """Run one request; returns the GenerateResponse (images[i].png, seed, timings, adapters)."""
+        return self._stubs.generation.Generate(
+            self._request(request), timeout=timeout or self.timeout, metadata=self._meta(priority)
+        )
+
+    def generate_future(self, request: dict[str, Any] | Any, *, timeout: float | None = None, priority: int | None = None) -> Any:
+        """Start one request without waiting: a grpc Future (`.result()`, `.cancel()`)."""
+        return self._stubs.generation.Generate.future(
+            self._request(request), timeout=timeout or self.timeout, metadata=self._meta(priority)
+        )
+
+    def generate_stream(self, request: dict[str, Any] | Any, *, timeout: float | None = None, priority: int | None = None) -> Any:
+        """Events (queued, progress per step, result); the returned call can be `.cancel()`ed."""
+        return self._stubs.generation.GenerateStream(
+            self._request(request), timeout=timeout or self.timeout, metadata=self._meta(priority)
+        )
+
+    # -- adapters --------------------------------------------------------------------------------
+
+    def upload_adapter(
+        self,
+        source: str | os.PathLike[str] | bytes,
+        *,
+        name: str,
+        family: str,
+        kind: str = "lora",
+        shared: bool = False,
+        sha256: str | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """Upload a safetensors file (path or bytes); returns its AdapterInfo."""
+        data = source if isinstance(source, bytes) else Path(source).read_bytes()
+        header = convert.UploadHeader(
+            name=name,
+            kind=kind,
+            family=family,
+            sha256=sha256 or hashlib.sha256(data).hexdigest(),
+            shared=shared,
+            size=len(data),
+        )
+        return self.upload_chunks(convert.upload_chunks(header, data, CHUNK_BYTES), timeout=timeout)
+
+    def upload_chunks(self, chunks: Iterator[Any], *, timeout: float | None = None) -> Any:
+        """Send a prepared upload stream (tests use this to send malformed streams)."""
+        return self._stubs.adapters.UploadAdapter(chunks, timeout=timeout or self.timeout, metadata=self._meta())
+
+    def list_adapters(self, family: str = "") -> Any:
+        request = convert.request_message("ListAdaptersRequest", family=family)
+        return self._stubs.adapters.ListAdapters(request, timeout=self.timeout, metadata=self._meta())
+
+    def get_adapter(self, name: str) -> Any:
+        request = convert.request_message("GetAdapterRequest", name=name)
+        return self._stubs.adapters.GetAdapter(request, timeout=self.timeout, metadata=self._meta())
+
+    def delete_adapter(self, name: str, *, shared: bool = False) -> Any:
+        request = convert.request_message("DeleteAdapterRequest", name=name, shared=shared)
+        return self._stubs.adapters.DeleteAdapter(request, timeout=self.timeout, metadata=self._meta())
+
+    # -- models and health -------------------------------------------------------------------------
+
+    def list_models(self) -> Any:
+        request = convert.request_message("ListModelsRequest")
+        return self._stubs.models.ListModels(request, timeout=self.timeout, metadata=self._meta())
+
+    def health(self, service: str = "", timeout: float | None = 5.0) -> str:
+        """"SERVING", "NOT_SERVING", ... from the standard grpc.health.v1 service."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
