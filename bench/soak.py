@@ -237,7 +237,7 @@ def server_config(port: int, data_dir: Path, model: str, keys: Sequence[str]) ->
 @contextmanager
 def launch_server(work: Path, model: str, keys: Sequence[str]) -> Iterator[tuple[str, subprocess.Popen]]:
     """`sdserve serve` on a free loopback port; yields (target, process); always stopped on exit."""
-    from bench.baselines import free_port, server_env, wait_serving
+    from bench.baselines import free_port, server_env, stop_server, wait_serving
 
     port = free_port()
     config = work / "server.toml"
@@ -251,13 +251,7 @@ def launch_server(work: Path, model: str, keys: Sequence[str]) -> Iterator[tuple
         wait_serving(target, process, log)
         yield target, process
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
+        stop_server(process)
 
 
 # -- the load ----------------------------------------------------------------------------------

@@ -61,6 +61,8 @@ class _PatternTable(Generic[_Value]):
 
     def lookup(self, module_path: str) -> _Value | None:
         """The value of the first pattern in file order that matches `module_path`, if any."""
+        if not self.whole and not self.suffix:
+            return None  # the common config: no patterns (a LoRA load asks twice per module)
         hits = [self.whole[module_path]] if module_path in self.whole else []
         start = 0
         while True:
