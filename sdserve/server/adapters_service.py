@@ -17,7 +17,9 @@ NOT_FOUND with the same message as one that does not exist.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -35,6 +37,8 @@ from sdserve.server.registry import SHA256, SHARED, Quota, check_name
 from sdserve.server.upload_check import UploadChecks
 
 KINDS = ("lora", "embedding", "hypernetwork")
+
+log = logging.getLogger("sdserve.server")
 
 
 class AdaptersService:
@@ -104,34 +108,42 @@ class AdaptersService:
         # it names the file, in the same transaction.
         core.registry.check_quota(scope, header.name, max(header.size, 0), quota)
 
-        with core.registry.staging_file() as (staged, handle):
-            hasher = hashlib.sha256()
-            received = 0
-            async for chunk in chunks:
-                part = convert.upload_part(chunk)
-                if isinstance(part, convert.UploadHeader):
-                    raise InvalidArgument("only the first chunk may be a header", field="header")
-                if not part:
-                    continue
-                received += len(part)
-                if received > limit:
-                    raise InvalidArgument(f"the file exceeds the limit of {limit} bytes", field="data")
-                hasher.update(part)
-                handle.write(part)
-            handle.close()
-            if header.size and received != header.size:
-                raise InvalidArgument(
-                    f"received {received} bytes, the header declared {header.size} (truncated upload?)", field="data"
+        try:
+            with core.registry.staging_file() as (staged, handle):
+                hasher = hashlib.sha256()
+                received = 0
+                async for chunk in chunks:
+                    part = convert.upload_part(chunk)
+                    if isinstance(part, convert.UploadHeader):
+                        raise InvalidArgument("only the first chunk may be a header", field="header")
+                    if not part:
+                        continue
+                    received += len(part)
+                    if received > limit:
+                        raise InvalidArgument(f"the file exceeds the limit of {limit} bytes", field="data")
+                    hasher.update(part)
+                    handle.write(part)
+                handle.close()
+                if header.size and received != header.size:
+                    raise InvalidArgument(
+                        f"received {received} bytes, the header declared {header.size} (truncated upload?)", field="data"
+                    )
+                digest = hasher.hexdigest()
+                if digest != header.sha256:
+                    raise InvalidArgument(
+                        f"the received bytes have sha256 {digest}, not the declared one", field="header.sha256"
+                    )
+                await self._validate(staged, header.name, kind, info)
+                record = await asyncio.to_thread(
+                    core.registry.register, scope, header.name, kind, header.family, staged, digest, quota
                 )
-            digest = hasher.hexdigest()
-            if digest != header.sha256:
-                raise InvalidArgument(
-                    f"the received bytes have sha256 {digest}, not the declared one", field="header.sha256"
-                )
-            await self._validate(staged, header.name, kind, info)
-            record = await asyncio.to_thread(
-                core.registry.register, scope, header.name, kind, header.family, staged, digest, quota
-            )
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # The disk filled while staging or storing: nothing was kept (the staging file is
+            # removed), and the caller may retry later or on another replica.
+            log.error("upload of %r refused: the adapter store is out of disk space", header.name[:64])
+            raise ResourceExhausted("the server's adapter store is out of disk space; retry later") from None
         core.metrics.adapter_upload_bytes.inc(record.size)
         return convert.adapter_info(record)
 
