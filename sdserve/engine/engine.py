@@ -142,10 +142,7 @@ class Engine:
         loaded = self.models.get(model)
         if loaded.adapters is not None:
             return loaded.adapters.targets  # the runtime described the model before wrapping it
-        components: dict[str, torch.nn.Module] = {"unet": loaded.unet}
-        for index, encoder in enumerate(loaded.text_encoders):
-            components["text_encoder" if index == 0 else f"text_encoder_{index + 1}"] = encoder
-        return targets_of(components)
+        return targets_of(loaded.adapter_components())
 
     def residency_stats(self, models: Iterable[str]) -> list[ResidencyStats]:
         """Adapter residency counters (hits, misses, loads, evictions, bytes by tier) of each of

@@ -124,6 +124,13 @@ class LoadedModel:
     vae_dtype: torch.dtype
     adapters: Any = None  # engine.residency.AdapterRuntime, attached once at load by the engine
 
+    def adapter_components(self) -> dict[str, torch.nn.Module]:
+        """The modules adapters target, under the component names adapter files use."""
+        components = {"unet": self.unet, "text_encoder": self.text_encoders[0]}
+        if len(self.text_encoders) > 1:
+            components["text_encoder_2"] = self.text_encoders[1]
+        return components
+
 
 # diffusers' and transformers' from_pretrained patch torch globally while they build modules
 # (torch.nn.init skipped, accelerate's init_empty_weights putting new parameters on "meta"): two

@@ -118,9 +118,7 @@ class AdapterRuntime:
         self.config = config
         # The engine's one store; a runtime built without one (standalone) gets its own.
         self.store = store if store is not None else WeightStore(config, executor)
-        components = {"unet": model.unet, "text_encoder": model.text_encoders[0]}
-        if len(model.text_encoders) > 1:
-            components["text_encoder_2"] = model.text_encoders[1]
+        components = model.adapter_components()
         self.targets = targets_of(components)
         # Every adapter-aware module installed below reads this one holder (see `rows`).
         self.row_context = RowContextHolder()

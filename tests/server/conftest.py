@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -161,6 +161,16 @@ def lora_bytes() -> dict[str, bytes]:
         return safetensors.torch.save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
 
     return {"sd1_a": make(MODEL, 1), "sd1_b": make(MODEL, 2), "sd1_c": make(MODEL, 4), "sdxl": make("tiny-sdxl", 3)}
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 20.0) -> bool:
+    """Poll `predicate` every 20 ms until it holds (True) or `timeout` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
 
 
 def sha(data: bytes) -> str:

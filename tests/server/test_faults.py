@@ -36,20 +36,12 @@ from tests.server.conftest import (
     reference_images,
     sha,
     subprocess_env,
+    wait_for,
 )
 
 SMALL = {"model": MODEL, "prompt": "a red circle", "steps": 2}  # 32x32 with CFG: 2 rows
 SMALL_COST = 32 * 32 * 2 * 2
 POISON = "a poisoned lighthouse"  # the prompt of the request whose model call raises
-
-
-def _wait(predicate: Callable[[], bool], timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def _rpc_error(call: Callable[[], Any]) -> grpc.RpcError:
@@ -318,7 +310,7 @@ def test_one_requests_model_fault_fails_it_alone_over_grpc(fresh_server, referen
     with server.client("alice") as alice, server.client("bob") as bob:
         futures = [alice.generate_future(GOOD[0], timeout=60), bob.generate_future(BAD, timeout=60),
                    bob.generate_future(GOOD[1], timeout=60)]
-        assert _wait(lambda: engine._queue.qsize() == 3), "the calls never reached the engine"
+        assert wait_for(lambda: engine._queue.qsize() == 3), "the calls never reached the engine"
         gate.set()
         error = _rpc_error(lambda: futures[1].result())
         got = [futures[0].result(), futures[2].result()]
@@ -356,7 +348,7 @@ def test_engine_thread_death_ends_every_call_with_unavailable_and_health_not_ser
     def dying_step() -> bool:
         if engine.idle:
             return original_step()
-        _wait(lambda: len(core.jobs) == 3, timeout=10)  # one in the engine, two queued
+        wait_for(lambda: len(core.jobs) == 3, timeout=10)  # one in the engine, two queued
         raise SystemError("injected engine fault")
 
     engine.step = dying_step  # the instance's attribute: the engine thread calls engine.step()
@@ -411,7 +403,7 @@ def test_sdserve_serve_exits_non_zero_when_the_engine_thread_dies(tmp_path):
                                    stderr=subprocess.STDOUT, env=subprocess_env())
     try:
         with Client(f"127.0.0.1:{port}") as client:
-            assert _wait(lambda: _serving(client, process), timeout=120), log.read_text()
+            assert wait_for(lambda: _serving(client, process), timeout=120), log.read_text()
             error = _rpc_error(lambda: client.generate({**SMALL, "seed": 1}, timeout=20))
             assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
         code = process.wait(20)

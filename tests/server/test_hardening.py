@@ -21,7 +21,7 @@ import pytest
 
 from sdserve.api.convert import pb_from_dict, stubs
 from sdserve.server.config import AdmissionConfig, ServerConfig
-from tests.server.conftest import KEYS, MODEL, ServerThread, make_config, sha
+from tests.server.conftest import KEYS, MODEL, ServerThread, make_config, sha, wait_for
 
 SMALL = {"model": MODEL, "prompt": "a red circle", "steps": 2}  # 32x32 with CFG: 2 rows
 SMALL_COST = 32 * 32 * 2 * 2
@@ -29,15 +29,6 @@ SMALL_COST = 32 * 32 * 2 * 2
 
 def _auth(tenant: str) -> list[tuple[str, str]]:
     return [("authorization", f"Bearer {KEYS[tenant]}")]
-
-
-def _wait(predicate, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 @pytest.fixture
@@ -67,7 +58,7 @@ def test_delete_while_queued_neither_fails_the_request_nor_poisons_the_digest(fr
         server.server.engine._loader.submit(gate.wait, 30)
         request = {**SMALL, "adapters": [{"name": "alice-style", "scale": 1.0}]}
         future = alice.generate_future(pb_from_dict(request), timeout=60)
-        assert _wait(lambda: len(server.server.engine._waiting) == 1), "the request never waited for its load"
+        assert wait_for(lambda: len(server.server.engine._waiting) == 1), "the request never waited for its load"
         alice.delete_adapter("alice-style")  # the name goes at once; the file is pinned by the call
         gate.set()
         response = future.result()  # used to fail: "adapter 'alice-style': file could not be read"
@@ -96,8 +87,8 @@ def test_unread_responses_stay_counted_until_the_call_ends(fresh_server):
     engine = server.server.engine
     opened = [_unread_stream(server.target, {**SMALL, "seed": i}, "alice") for i in range(2)]
     try:
-        assert _wait(lambda: server.on_loop(lambda: server.core.admission.pending_cost) == 2 * SMALL_COST)
-        assert _wait(lambda: engine.idle and server.on_loop(lambda: server.core.admission.running) == 0), \
+        assert wait_for(lambda: server.on_loop(lambda: server.core.admission.pending_cost) == 2 * SMALL_COST)
+        assert wait_for(lambda: engine.idle and server.on_loop(lambda: server.core.admission.running) == 0), \
             "the two requests never finished computing"
         time.sleep(0.3)
         with server.client("alice") as alice, server.client("bob") as bob:
@@ -109,7 +100,7 @@ def test_unread_responses_stay_counted_until_the_call_ends(fresh_server):
             assert bob.generate({**SMALL, "seed": 9}, timeout=30).images  # other tenants are unaffected
             for _channel, call in opened:
                 call.cancel()
-            assert _wait(lambda: server.on_loop(lambda: server.core.admission.pending_cost) == 0)
+            assert wait_for(lambda: server.on_loop(lambda: server.core.admission.pending_cost) == 0)
             assert alice.generate({**SMALL, "seed": 9}, timeout=30).images
     finally:
         for channel, _call in opened:
@@ -159,7 +150,7 @@ def test_requests_cut_off_by_the_drain_grace_are_unavailable(fresh_server):
     with server.client("alice") as alice:
         running = alice.generate_future(pb_from_dict(busy), timeout=60)
         queued = alice.generate_future(pb_from_dict({**busy, "seed": 3}), timeout=60)
-        assert _wait(lambda: server.on_loop(lambda: server.core.admission.queued) == 1)
+        assert wait_for(lambda: server.on_loop(lambda: server.core.admission.queued) == 1)
         server.call(server.server.drain(grace=0.2))
         for future in (running, queued):
             with pytest.raises(grpc.RpcError) as cut:
@@ -182,7 +173,7 @@ def test_capacity_refusals_do_not_reveal_other_tenants_load(fresh_server):
     server = fresh_server(admission=AdmissionConfig(busy_cost + SMALL_COST, busy_cost, busy_cost + SMALL_COST))
     with server.client("bob") as bob, server.client("alice") as alice:
         running = bob.generate_future(pb_from_dict(busy), timeout=60)
-        assert _wait(lambda: server.on_loop(lambda: server.core.admission.pending_cost) == busy_cost)
+        assert wait_for(lambda: server.on_loop(lambda: server.core.admission.pending_cost) == busy_cost)
         with pytest.raises(grpc.RpcError) as refused:
             alice.generate({**SMALL, "steps": 4}, timeout=30)  # twice the room bob leaves
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
