@@ -1,4 +1,9 @@
-"""`sdserve train base ...`: train the embedded shapes base model (see sdserve/trainers/base_model.py).
+"""`sdserve train base|lora ...`: train the embedded shapes base model, or an adapter on a base model.
+
+`train base` is sdserve/trainers/base_model.py. Adapter methods share one loop
+(sdserve/trainers/loop.py) and so share their flags: a method's subcommand calls
+`add_adapter_arguments(parser)`, adds its own flags, and sets `func` to a function that calls
+`run_adapter(args, build)` with `build(components, args) -> Method` (see `_run_lora`).
 
 The lead's `sdserve.cli.main` calls `register(subparsers)`; `python -m sdserve.cli.train base ...`
 runs the same parser standalone.
@@ -7,9 +12,12 @@ runs the same parser standalone.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from sdserve.models.shapes.components import ComponentSizes
 
@@ -41,6 +49,14 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     base.add_argument("--tiny", action="store_true", help="test-sized networks")
     base.add_argument("--no-progress", action="store_true")
     base.set_defaults(func=run_base)
+    _register_lora(kinds)
+    try:  # `sdserve train data ...` (captioned folders of the shapes world), written separately
+        train_data = importlib.import_module("sdserve.cli.train_data")
+    except ImportError as exc:
+        if exc.name != "sdserve.cli.train_data":
+            raise
+    else:
+        train_data.register(kinds)
     return train
 
 
@@ -79,6 +95,173 @@ def run_base(args: argparse.Namespace) -> int:
     out = train_base(config_from_args(args))
     print(f"wrote {out}")
     return 0
+
+
+def add_adapter_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags every adapter method shares: the base model, the data, the output and the loop
+    (sdserve.trainers.loop.LoopConfig mirrors the loop's)."""
+    parser.add_argument("--model", default="default",
+                        help="base model: a built-in name (default: the embedded shapes model; see "
+                             "`sdserve models list`) or a diffusers-format directory")
+    parser.add_argument("--data", type=Path, required=True,
+                        help="folder of training images (PNG/JPEG/WebP) with captions: NAME.txt beside "
+                             "NAME.png (kohya) or a metadata.jsonl of {\"file_name\", \"text\"} lines "
+                             "(diffusers imagefolder)")
+    parser.add_argument("--caption", metavar="TEXT",
+                        help="one caption for every --data image (instead of their own captions)")
+    parser.add_argument("--reg-data", type=Path, metavar="DIR",
+                        help="regularization (class) images, same layout as --data, mixed into every "
+                             "batch to keep the model's prior (kohya's reg images, DreamBooth's class images)")
+    parser.add_argument("--reg-caption", metavar="TEXT",
+                        help="one caption for every --reg-data image, e.g. \"a photo of a dog\"")
+    parser.add_argument("--prior-loss-weight", type=float, default=1.0,
+                        help="weight of the --reg-data images' loss against the --data images' (default 1)")
+    parser.add_argument("--resolution", type=int,
+                        help="side of the square training images in pixels; others are resized (shorter "
+                             "side) and center-cropped (default: the model's native size, 64 for `default`)")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="the adapter file to write (.safetensors), written whole or not at all")
+    parser.add_argument("--steps", type=int, default=500, help="total optimizer steps (default 500)")
+    parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate, constant (default 1e-4)")
+    parser.add_argument("--batch-size", type=int, default=1, help="images per step (default 1)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seeds initial weights, image order, timesteps and noise: the same seed "
+                             "gives the same output bytes (default 0)")
+    parser.add_argument("--min-snr-gamma", type=float,
+                        help="Min-SNR-γ loss weighting, e.g. 5 (default: off, plain MSE)")
+    parser.add_argument("--save-every", type=int, default=0, metavar="N",
+                        help="write a checkpoint every N steps (default 0: at the end and when stopped); "
+                             "Ctrl-C or SIGTERM saves one at the next step boundary")
+    parser.add_argument("--state-dir", type=Path, metavar="DIR",
+                        help="where checkpoints go (default: OUT without .safetensors, plus .state)")
+    parser.add_argument("--resume", type=Path, metavar="DIR",
+                        help="continue from the checkpoint in DIR (a --state-dir) up to --steps; "
+                             "the result equals an uninterrupted run's")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1; part of what makes reruns byte-identical)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def loop_config_from_args(args: argparse.Namespace):
+    from sdserve.trainers.loop import LoopConfig
+
+    return LoopConfig(
+        steps=args.steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        save_every=args.save_every,
+        threads=args.threads,
+        progress=not args.no_progress,
+        resume=args.resume,
+        state_dir=args.state_dir,
+        prior_loss_weight=args.prior_loss_weight,
+        resolution=args.resolution,
+        min_snr_gamma=args.min_snr_gamma,
+    )
+
+
+def run_adapter(args: argparse.Namespace, build: Callable[[Any, argparse.Namespace], Any]) -> int:
+    """Check the cheap things, load the model and the data, build the method, train, report.
+
+    Bad input is one line naming the file or flag, exit 2, with nothing written; a diverged run
+    exits 2 naming the step; SIGINT/SIGTERM exit 128 + the signal's number after saving.
+    """
+    from sdserve.cli.common import fail, quiet_libraries
+    from sdserve.errors import SdserveError
+
+    quiet_libraries()
+    from sdserve.trainers.data import load_folder
+    from sdserve.trainers.loop import (
+        Diverged,
+        Interrupted,
+        check_loop_config,
+        default_state_dir,
+        load_components,
+        train,
+    )
+    from sdserve.trainers.output import check_directory_writable, check_writable
+
+    try:
+        cfg = loop_config_from_args(args)
+        check_loop_config(cfg)
+        check_writable(args.out, "--out")
+        check_directory_writable(cfg.state_dir or default_state_dir(args.out), "--state-dir")
+        for flag, folder in (("--data", args.data), ("--reg-data", args.reg_data)):
+            if folder is not None and not folder.is_dir():
+                fail(f"{flag}: {folder} is not a directory")
+        if args.resume is not None and not args.resume.is_dir():
+            fail(f"--resume: {args.resume} is not a directory")
+        components = load_components(args.model)
+        resolution = args.resolution or components.resolution
+        data = load_folder(args.data, resolution, args.caption)
+        reg = None
+        if args.reg_data is not None:
+            reg = load_folder(args.reg_data, resolution, args.reg_caption, flag="--reg-data")
+        method = build(components, args)
+        result = train(method, components, data, replace(cfg, resolution=resolution), args.out, reg=reg)
+    except SdserveError as error:
+        fail(str(error))
+    except Diverged as stopped:
+        fail(str(stopped))
+    except Interrupted as stopped:
+        print(f"sdserve: {stopped}", file=sys.stderr)
+        return 128 + stopped.signum
+    loss = f", last loss {result.losses[-1]:.4f}" if result.losses else ""
+    print(f"wrote {result.out} ({method.kind}, {result.steps} steps{loss}); checkpoint in {result.state_dir}")
+    return 0
+
+
+def _register_lora(kinds: argparse._SubParsersAction) -> None:
+    lora = kinds.add_parser(
+        "lora", help="train a LoRA on captioned images",
+        description="Train a LoRA (low-rank factors on the UNet's attention, optionally the text encoder's) "
+                    "on a folder of captioned images, against a base model's own noise schedule and "
+                    "prediction type. The file loads in sdserve and in diffusers (load_lora_weights).",
+    )
+    add_adapter_arguments(lora)
+    lora.add_argument("--rank", type=int, default=4, help="rank of every factor pair (default 4, at most 128)")
+    lora.add_argument("--alpha", type=float,
+                      help="scale numerator: the delta is (alpha/rank)·B·A (default: alpha = rank)")
+    lora.add_argument("--targets", default="attn",
+                      help="comma-separated UNet module groups: attn (to_q/k/v/out), ff (feed-forward), "
+                           "proj (proj_in/out) (default attn)")
+    lora.add_argument("--text-encoder", action="store_true",
+                      help="also train LoRA factors on the text encoders' attention (q/k/v/out_proj)")
+    lora.add_argument("--init", choices=["kaiming", "gaussian"], default="kaiming",
+                      help="initial down factors: kaiming-uniform (PEFT's default) or normal(0, 1/rank); "
+                           "up factors start at 0, so step 0 is the base model")
+    lora.add_argument("--format", choices=["diffusers", "kohya"], default="diffusers",
+                      help="key layout of --out: diffusers/PEFT (lora_A/lora_B) or kohya sd-scripts "
+                           "(lora_unet_..., lora_down/lora_up, .alpha) (default diffusers)")
+    lora.set_defaults(func=_run_lora)
+
+
+def _lora_config(args: argparse.Namespace):
+    from sdserve.trainers.lora import LoRAConfig, check_config
+
+    config = LoRAConfig(
+        rank=args.rank,
+        alpha=args.alpha,
+        unet_targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
+        text_encoder=args.text_encoder,
+        init=args.init,
+        format=args.format,
+    )
+    check_config(config)
+    return config
+
+
+def _run_lora(args: argparse.Namespace) -> int:
+    from sdserve.cli.common import fail
+    from sdserve.errors import SdserveError
+    from sdserve.trainers.lora import LoRAMethod
+
+    try:
+        config = _lora_config(args)  # before the model loads: a bad flag costs nothing
+    except SdserveError as error:
+        fail(str(error))
+    return run_adapter(args, lambda components, a: LoRAMethod(components, config, seed=a.seed))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,101 @@
+"""Files a trainer writes: whole or not at all.
+
+An adapter, a checkpoint or a pipeline file is written to a temporary file in its own directory,
+fsynced, and moved over the target with `os.replace` (atomic within one filesystem), then the
+directory is fsynced so the rename survives a crash. A run killed at any moment leaves either
+the previous file or the new one, never a torn one, and no temporary file is left behind by an
+error inside the process.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdserve.errors import InvalidArgument
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - a platform without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some filesystems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call `write(temporary path)` and move the result over `path` in one rename.
+
+    The temporary file is in `path`'s directory (so the rename stays on one filesystem) and gets
+    the mode an ordinary `open` would give it (mkstemp makes it 0600).
+    """
+    path = Path(path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    temporary = Path(name)
+    try:
+        write(temporary)
+        with temporary.open("rb+") as handle:
+            os.fsync(handle.fileno())
+        temporary.chmod(0o666 & ~_umask())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """torch.save `state` to `path` atomically (read back with `load_checkpoint`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda temporary: torch.save(state, temporary))
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint written by `save_checkpoint`; tensors and plain containers only (weights_only)."""
+    return torch.load(path, weights_only=True, map_location="cpu")
+
+
+def check_writable(path: Path, flag: str) -> None:
+    """Refuse, before any work, an output whose directory is missing or not writable, or which
+    is a directory itself; the error names `flag` and the path."""
+    path = Path(path)
+    if path.is_dir():
+        raise InvalidArgument(f"{path} is a directory, expected a file path", field=flag)
+    parent = path.parent
+    if not parent.is_dir():
+        raise InvalidArgument(f"directory {parent} does not exist", field=flag)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=parent)
+    except OSError as error:
+        raise InvalidArgument(f"cannot write to {parent} ({error.strerror or error})", field=flag) from None
+    os.close(fd)
+    os.unlink(name)
+
+
+def check_directory_writable(directory: Path, flag: str) -> None:
+    """Like `check_writable` for a directory that may not exist yet (created on first use)."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise InvalidArgument(f"{directory} exists and is not a directory", field=flag)
+    existing = directory
+    while not existing.exists():
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InvalidArgument(f"cannot write to {existing}", field=flag)
