@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 
 import pytest
 import safetensors
@@ -164,6 +165,95 @@ def test_stricter_than_the_library(case):
         text = b'{"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1], "extra": 1}}'
     with pytest.raises(AdapterError):
         read_safetensors(_raw_header(text, b"x"), NAME)
+
+
+# The reader parses JSON without a hook and counts the keys the text spells against the keys it
+# built (see reader._parse_json): every way of spelling a duplicate must still be found.
+_ONE = '{"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}'
+DUPLICATES = {
+    "top_level": '{"a": ONE, "a": ONE}',
+    "escaped_spelling": '{"a": ONE, "\\u0061": ONE}',
+    "inside_entry": '{"a": {"dtype": "U8", "dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}',
+    "inside_metadata": '{"__metadata__": {"k": "1", "k": "2"}, "a": ONE}',
+    "metadata_twice": '{"__metadata__": {"k": "1"}, "__metadata__": {"j": "2"}, "a": ONE}',
+    "beside_quoted_colons": '{"__metadata__": {"x\\":": "\\":", "x\\":": "y"}, "a": ONE}',
+    "after_escaped_backslash": '{"__metadata__": {"x\\\\": "1", "x\\\\": "2"}, "a": ONE}',
+    "whitespace_before_colon": '{"a" :ONE,\n "a"\t: ONE}',
+    "deeper_than_entries": '{"a": {"dtype": "U8", "shape": [{"q": 1, "q": 2}], "data_offsets": [0, 1]}}',
+}
+
+
+@pytest.mark.parametrize("case", sorted(DUPLICATES))
+def test_duplicate_keys_are_refused_however_spelled(case):
+    text = DUPLICATES[case].replace("ONE", _ONE).encode()
+    json.loads(text)  # valid JSON: only the duplicate is wrong
+    with pytest.raises(AdapterError) as info:
+        read_safetensors(_raw_header(text, b"x"), NAME)
+    assert info.value.problem == "not a valid safetensors file"
+
+
+def test_keys_with_escapes_and_colons_read():
+    """Quotes, colons and backslashes inside keys and values are not mistaken for key ends."""
+    metadata = {'a":': '":b', "c\\": "\\", "\u00e9": "é"}
+    text = json.dumps({"__metadata__": metadata, 't\\":': json.loads(_ONE)}).encode()
+    raw = read_safetensors(_raw_header(text, b"x"), NAME)
+    assert raw.metadata == metadata and list(raw.tensors) == ['t\\":']
+
+
+def test_hostile_shape_is_refused_fast():
+    """600k dims of 10^11 made math.prod build a 25-Mbit integer: minutes of CPU (fuzz-style
+    finding). A product past the data section's size is refused without being computed."""
+    header = json.dumps({"a": {"dtype": "F32", "shape": [99_999_999_999] * 600_000, "data_offsets": [0, 4]}})
+    started = time.perf_counter()
+    with pytest.raises(AdapterError):
+        read_safetensors(_raw_header(header.encode(), bytes(4)), NAME)
+    assert time.perf_counter() - started < 2.0
+    ones = json.dumps({"a": {"dtype": "F32", "shape": [1] * 40 + [2], "data_offsets": [0, 8]}})
+    assert read_safetensors(_raw_header(ones.encode(), bytes(8)), NAME).tensors["a"].shape == (1,) * 40 + (2,)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_large_data_read_in_halves_equals_the_library(tmp_path, shared):
+    """Data sections past reader._SPLIT_READ_BYTES are read by two threads; every byte lands."""
+    from sdserve.adapters.reader import _SPLIT_READ_BYTES
+
+    generator = torch.Generator().manual_seed(3)
+    tensors = {f"t{i}": torch.randn(300, 1001, generator=generator) for i in range(5)}  # ~6 MB
+    assert sum(t.numel() * 4 for t in tensors.values()) > _SPLIT_READ_BYTES
+    path = tmp_path / "large.safetensors"
+    safetensors.torch.save_file(tensors, path)
+    raw = read_safetensors(path, NAME, shared=shared)
+    for key, tensor in safetensors.torch.load_file(path).items():
+        assert torch.equal(raw.tensors[key], tensor), key
+
+
+def test_large_read_without_a_thread_reads_serially(tmp_path, monkeypatch):
+    """Where no thread can start (RLIMIT_AS in an upload worker), the read is done in one go."""
+    from sdserve.adapters import reader
+
+    def refuse(self):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(reader.threading.Thread, "start", refuse)
+    path = tmp_path / "data.bin"
+    content = torch.randint(0, 256, (6_000_000,), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    path.write_bytes(content.numpy().tobytes())
+    target = torch.empty_like(content)
+    with open(path, "rb") as handle:
+        reader._read_into(handle.fileno(), 0, target)
+    assert torch.equal(target, content)
+
+
+@pytest.mark.parametrize("short_by", [1, 5_000_000])
+def test_file_shorter_than_its_read_is_refused_from_either_half(tmp_path, short_by):
+    """A file that shrinks while read ends one half early: refused, whichever half it was."""
+    from sdserve.adapters.reader import _Invalid, _read_into
+
+    path = tmp_path / "short.bin"
+    path.write_bytes(bytes(6_000_000 - short_by))
+    target = torch.empty(6_000_000, dtype=torch.uint8)
+    with open(path, "rb") as handle, pytest.raises(_Invalid):
+        _read_into(handle.fileno(), 0, target)
 
 
 def test_whitespace_around_header_reads():

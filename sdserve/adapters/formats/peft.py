@@ -231,7 +231,8 @@ def parse_peft(
     encoders' "text_model." level; unresolved ones are kept for validation to report.
     """
     configs = parse_configs(name, metadata)
-    factors: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    # target -> role -> (key, tensor, component, module as the file spells them)
+    factors: dict[str, dict[str, tuple[str, torch.Tensor, str, str]]] = {}
     for key, tensor in tensors.items():
         found = _role_and_module(key)
         if found is None:
@@ -241,18 +242,17 @@ def parse_peft(
         slot = factors.setdefault(resolve_target(target, targets) or target, {})
         if role in slot:
             raise AdapterError(name, f"two LoRA weights for the same module ({short(key)!r})")
-        slot[role] = (key, tensor)
+        slot[role] = (key, tensor, component, module)
 
     pairs: list[RawPair] = []
     for target, slot in factors.items():
         if "down" not in slot or "up" not in slot:
             present = next(iter(slot.values()))[0]
             raise AdapterError(name, f"LoRA key {short(present)!r} has no matching up/down partner")
-        down_key, down = slot["down"]
-        _, up = slot["up"]
         # Config patterns (often "^"-anchored) were written against the file's own spelling
         # of the module path, so they are matched against that, not the resolved target.
-        _, component, module = _role_and_module(down_key) or ("", "", "")
+        down_key, down, component, module = slot["down"]
+        up = slot["up"][1]
         config = None if configs is None else configs.get(component, configs.get(""))
         pairs.append(
             RawPair(
