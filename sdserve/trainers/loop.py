@@ -115,7 +115,8 @@ class Method(Protocol):
 
     def write(self, out: Path, metadata: dict[str, str]) -> None:
         """Write the final adapter to `out` (a temporary path: the loop makes it atomic), with
-        `metadata` in its safetensors header."""
+        `metadata` in its safetensors header; `output.safetensors_bytes` gives the same bytes
+        for the same contents (safetensors' own writer orders the metadata at random)."""
         ...
 
 

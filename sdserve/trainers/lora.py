@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import safetensors.torch
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,6 +37,7 @@ from sdserve.adapters.save import lora_state_dict
 from sdserve.errors import InvalidArgument
 from sdserve.trainers.components import Components
 from sdserve.trainers.loop import seeded_generator
+from sdserve.trainers.output import safetensors_bytes
 
 # Module-path endings of each target group. "attn" is what diffusers' and kohya's LoRA scripts
 # train by default; "ff" and "proj" add the transformer blocks' MLP and their in/out projections
@@ -221,5 +221,5 @@ class LoRAMethod:
             "ss_seed": metadata.get("sdserve_seed", ""),
             "ss_resolution": metadata.get("sdserve_resolution", ""),
         }
-        header = {"format": "pt", **kohya, **metadata, "sdserve_format": self.config.format, **header}
-        safetensors.torch.save_file(tensors, str(out), metadata=header)
+        header = {**kohya, **metadata, "sdserve_format": self.config.format, **header}
+        out.write_bytes(safetensors_bytes(tensors, header))

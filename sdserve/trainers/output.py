@@ -9,12 +9,15 @@ error inside the process.
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 
 from sdserve.errors import InvalidArgument
@@ -59,6 +62,22 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         temporary.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """A safetensors file whose bytes depend only on its contents.
+
+    The safetensors library writes the header's `__metadata__` map in a random order (a Rust
+    HashMap: three saves of one dict give three orders), so the same trained adapter would not
+    give the same bytes twice. The header is rewritten here with sorted keys; the data section
+    and its offsets are the library's, unchanged, and the header is padded to 8 bytes as it pads.
+    """
+    data = safetensors.torch.save(tensors, metadata={"format": "pt", **metadata})
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-(8 + len(text)) % 8)
+    return struct.pack("<Q", len(text)) + text + data[8 + length :]
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
