@@ -45,6 +45,7 @@ from sdserve.models.shapes.components import (
     build_vae,
 )
 from sdserve.models.shapes.scorer import score
+from sdserve.trainers.output import load_checkpoint, save_checkpoint
 from sdserve.trainers.shapes_data import (
     STAGE_UNET,
     STAGE_VAE,
@@ -138,7 +139,7 @@ class _Stage:
     def load(self) -> dict | None:
         if not (self.cfg.resume and self.path.exists()):
             return None
-        state = torch.load(self.path, weights_only=True)
+        state = load_checkpoint(self.path)
         self.step, self.elapsed_prior = state["step"], state["elapsed_s"]
         self.bar.update(self.step)
         return state
@@ -172,10 +173,8 @@ class _Stage:
             self.save(save())
 
     def save(self, state: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         state |= {"step": self.step, "elapsed_s": self.elapsed}
-        torch.save(state, self.path.with_suffix(".tmp"))
-        self.path.with_suffix(".tmp").replace(self.path)  # never leave a torn checkpoint
+        save_checkpoint(self.path, state)  # the adapter loop's writer: never a torn checkpoint
         self.last_ckpt = time.monotonic()
 
     def close(self) -> None:
