@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
+import safetensors
 
 from sdserve.adapters import load_lora, targets_of
 from sdserve.cli.main import build_parser, main
 from sdserve.trainers.lora import LoRAMethod  # noqa: F401  (imported once here, not per CLI call)
+from sdserve.trainers.output import load_checkpoint
 from tests.trainers.conftest import write_folder
 
+REPO = Path(__file__).resolve().parents[2]
 BRIEF_FLAGS = [
     "--model", "--data", "--out", "--rank", "--alpha", "--steps", "--lr", "--batch-size", "--seed", "--resume",
     "--save-every", "--threads", "--text-encoder", "--format", "--reg-data", "--prior-loss-weight",
@@ -114,3 +124,39 @@ def test_a_diverging_run_exits_2_naming_the_step(capsys, tmp_path):
     line = _refused(capsys, tmp_path, "--model", "tiny-sd1", "--data", str(data),
                     "--out", str(tmp_path / "o.safetensors"), "--lr", "1e30", "--steps", "20")
     assert "at step" in line and "no checkpoint was saved" in line
+
+
+def test_the_embedded_default_model_trains_at_its_native_size_with_v_prediction(capsys, tmp_path):
+    data = write_folder(tmp_path / "d", count=1, size=(80, 70))
+    out = tmp_path / "o.safetensors"
+    code, _, stderr = _cli(capsys, "--data", str(data), "--out", str(out), "--steps", "1", "--text-encoder")
+    assert code == 0, stderr
+    with safetensors.safe_open(str(out), "pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["sdserve_base_model"] == "default" and metadata["sdserve_resolution"] == "64"
+    assert metadata["sdserve_prediction_type"] == "v_prediction"
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_with_one_line(tmp_path):
+    """The real entry point in a child process: SIGTERM mid-run -> checkpoint at the next step
+    boundary, a one-line message, exit 128 + 15, no output file."""
+    data = write_folder(tmp_path / "d", count=2)
+    out = tmp_path / "o.safetensors"
+    checkpoint = tmp_path / "o.state" / "checkpoint.pt"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    child = subprocess.Popen(
+        [sys.executable, "-m", "sdserve.cli.main", "train", "lora", "--model", "tiny-sd1", "--data", str(data),
+         "--out", str(out), "--steps", "100000", "--save-every", "1", "--no-progress"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists():
+        assert child.poll() is None and time.monotonic() < deadline, child.communicate()
+        time.sleep(0.05)
+    child.send_signal(signal.SIGTERM)
+    _, stderr = child.communicate(timeout=60)
+    assert child.returncode == 128 + signal.SIGTERM, stderr
+    line = stderr.strip().splitlines()[-1]
+    step = int(re.search(r"stopped by SIGTERM after step (\d+);", line).group(1))
+    assert load_checkpoint(checkpoint)["step"] == step >= 1
+    assert not out.exists()

@@ -173,3 +173,17 @@ def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
 def test_trigger_tokens_are_the_words_every_caption_holds():
     assert trigger_tokens(["a photo of sks dog, sitting", "sks dog running", "SKS Dog."]) == ["sks", "dog"]
     assert trigger_tokens([]) == []
+
+
+def test_prior_loss_weight_scales_the_regularization_term(components_of, folders, tmp_path):
+    """Step 1's loss (before any update) is L_instance + w·L_reg over the same draws for every w."""
+    data, reg = folders
+    first = [
+        _run(components_of, data, reg, tmp_path / f"w{w}.safetensors",
+             replace(CFG, steps=1, prior_loss_weight=w)).losses[0]
+        for w in (0.0, 1.0, 2.0)
+    ]
+    without_reg = _run(components_of, data, None, tmp_path / "none.safetensors", replace(CFG, steps=1)).losses[0]
+    assert first[1] - first[0] > 1e-4
+    assert first[2] - first[1] == pytest.approx(first[1] - first[0], rel=1e-5)
+    assert first[0] != without_reg  # reg images share the step's noise stream, so draws differ
