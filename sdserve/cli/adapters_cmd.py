@@ -3,19 +3,24 @@
 Conversion is offline and weights-only (`torch.load(weights_only=True)`): a pickle that holds
 anything but tensors and plain data is refused, never unpickled. The server loads only the
 safetensors files this writes.
+
+`sdserve adapters extract --base A --tuned B --rank R --out FILE`: the rank-R LoRA closest to a
+fine-tuned model's difference to its base (sdserve/adapters/extract.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+from pathlib import Path
 
 from sdserve.cli.common import fail, fail_on
 from sdserve.errors import SdserveError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("adapters", help="convert adapter files", description=__doc__,
+    parser = subparsers.add_parser("adapters", help="convert adapter files, extract a LoRA from a fine-tuned model", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="adapters_command", required=True)
     convert = sub.add_parser("convert", help="convert an A1111 .pt embedding or hypernetwork to safetensors")
@@ -27,6 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          help="the embedding's token (default: the name stored in the file)")
     convert.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     convert.set_defaults(func=_convert)
+    _register_extract(sub)
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -43,3 +49,99 @@ def _convert(args: argparse.Namespace) -> None:
     except SdserveError as error:
         fail_on(error)
     print(f"wrote {kind} {args.output}")
+
+
+def _register_extract(sub: argparse._SubParsersAction) -> None:
+    extract = sub.add_parser(
+        "extract", help="extract a LoRA from a fine-tuned model (its difference to the base, by SVD)",
+        description="Write the rank-R LoRA closest (in the Frobenius norm) to the difference between a "
+                    "fine-tuned model and its base, for every linear and conv module the two differ in. "
+                    "Both are built-in model names or diffusers-format directories of one architecture.",
+    )
+    extract.add_argument("--base", required=True, metavar="MODEL", help="the model that was fine-tuned")
+    extract.add_argument("--tuned", required=True, metavar="MODEL", help="the fine-tuned model")
+    extract.add_argument("--rank", type=int, required=True, help="rank of every module's factors (1 to 128)")
+    extract.add_argument("--out", type=Path, required=True, metavar="FILE.safetensors", help="the LoRA to write")
+    extract.add_argument("--format", choices=("diffusers", "kohya"), default="diffusers",
+                         help="key layout: diffusers/PEFT (lora_A/lora_B) or kohya (lora_unet_...) (default diffusers)")
+    extract.add_argument("--text-encoder", action="store_true", help="also extract the text encoders' differences")
+    extract.add_argument("--min-delta", type=float, default=1e-6,
+                         help="skip modules whose weights differ by at most this anywhere (default 1e-6)")
+    extract.add_argument("--device", default="cpu", help="where the SVDs run: cpu, cuda or cuda:N (default cpu)")
+    extract.add_argument("--report", type=Path, metavar="FILE.json", help="also write every module's error as JSON")
+    extract.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    extract.add_argument("--no-progress", action="store_true", help="no progress bar")
+    extract.set_defaults(func=_extract)
+
+
+def _load_for_extract(name: str, flag: str):
+    """(ModelInfo, adapter components) of a built-in name or a diffusers directory, on the CPU in
+    float32 (the difference of two float16 weights would lose the bits the fine-tune changed)."""
+    import torch
+
+    from sdserve.engine.model import load_model, read_model_info
+    from sdserve.models.builtin import builtin_names, builtin_path
+
+    if name in builtin_names():
+        path = builtin_path(name)
+    else:
+        path = Path(name).expanduser()
+        if not path.is_dir():
+            fail(f"{flag}: {name!r} is neither a built-in model ({', '.join(builtin_names())}) nor a directory")
+    try:
+        info = read_model_info(name, path.resolve())
+    except SdserveError as error:
+        fail(f"{flag}: {error}")
+    return info, load_model(info, torch.device("cpu"), torch.float32).adapter_components()
+
+
+def _extract(args: argparse.Namespace) -> None:
+    from sdserve.cli.common import quiet_libraries
+
+    quiet_libraries()
+    import torch
+
+    from sdserve.adapters.extract import ExtractConfig, check_config, extract_lora, write_extraction
+    from sdserve.trainers.output import atomic_write, check_writable
+
+    config = ExtractConfig(rank=args.rank, text_encoder=args.text_encoder, min_delta=args.min_delta,
+                           device=args.device)
+    try:
+        check_config(config)
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            fail(f"--device {args.device}: no CUDA device is available")
+        if not str(args.out).endswith(".safetensors"):
+            fail(f"--out {args.out}: the output must be a .safetensors file")
+        if args.out.exists() and not args.force:
+            fail(f"--out {args.out} exists; pass --force to overwrite it")
+        check_writable(args.out, "--out")
+        base_info, base = _load_for_extract(args.base, "--base")
+        tuned_info, tuned = _load_for_extract(args.tuned, "--tuned")
+        if base_info.family != tuned_info.family:
+            fail(f"--base {args.base} ({base_info.family}) and --tuned {args.tuned} ({tuned_info.family}) "
+                 f"are different architectures")
+        extraction = extract_lora(base, tuned, config, base_name=args.base, tuned_name=args.tuned,
+                                  progress=not args.no_progress)
+    except SdserveError as error:
+        fail_on(error)
+    atomic_write(args.out, lambda temporary: write_extraction(extraction, temporary, args.format))
+    errors = sorted(extraction.errors, key=lambda e: -e.relative_error)
+    print(f"extracted {len(errors)} modules at rank <= {args.rank}, skipped {len(extraction.skipped)} "
+          f"unchanged; relative error max {extraction.max_error:.3g}, mean {extraction.mean_error:.3g}")
+    for error in errors[:5]:
+        print(f"  {error.relative_error:9.3g}  rank {error.rank:<3d} {error.target}")
+    if extraction.changed_biases:
+        count = len(extraction.changed_biases)
+        print(f"note: {count} module{'s' if count != 1 else ''} changed their bias too; a LoRA holds no biases")
+    for component in extraction.changed_elsewhere:
+        print(f"note: {component} differs from the base too; pass --text-encoder to extract it")
+    if args.report is not None:
+        report = {
+            "base": args.base, "tuned": args.tuned, "rank": args.rank,
+            "max_relative_error": extraction.max_error, "mean_relative_error": extraction.mean_error,
+            "modules": [{"target": e.target, "rank": e.rank, "relative_error": e.relative_error,
+                         "delta_norm": e.delta_norm} for e in extraction.errors],
+            "skipped": list(extraction.skipped), "changed_biases": list(extraction.changed_biases),
+        }
+        args.report.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out} ({args.format} layout)")
