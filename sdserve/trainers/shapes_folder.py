@@ -1,0 +1,253 @@
+"""Captioned training folders drawn from the shapes world, for adapter trainers and their benches.
+
+The base model's own data is an endless in-memory stream (shapes_data.py); adapters train from
+folders, as users' trainers do, so this writes the shapes world in the two layouts
+`trainers/data.py` reads: kohya's `NAME.png` + `NAME.txt`, or diffusers' imagefolder
+`metadata.jsonl` of `{"file_name", "text"}` lines. Narrowing the vocabulary (only stars, only
+teal, only outlined shapes, ...) makes a folder that teaches one thing the default model cannot
+draw; `exclude` holds (color, kind, position) triples out so a bench can score prompts the
+adapter never saw.
+
+Image i is drawn from `np.random.default_rng([seed, i])`, so a folder is a pure function of its
+config and a larger count only appends images. The folder is built in a temporary sibling and
+renamed into place: it appears whole or not at all. Beside the images, `PROVENANCE_FILE` (a dot
+file, which both layouts' readers skip) records the config and every image's scene, the ground
+truth a bench scores against.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from sdserve.errors import InvalidArgument
+from sdserve.models.shapes.captions import full_spec, to_caption
+from sdserve.models.shapes.world import (
+    ALL_COLORS,
+    ALL_KINDS,
+    COLORS,
+    HELD_OUT,
+    IMAGE_SIZE,
+    KINDS,
+    POSITIONS,
+    SIZES,
+    STYLES,
+    SceneSpec,
+    render,
+    sample_scene,
+)
+
+LAYOUTS: tuple[str, ...] = ("kohya", "imagefolder")
+METADATA_FILE = "metadata.jsonl"  # the diffusers imagefolder caption file
+PROVENANCE_FILE = ".sdserve_shapes.json"
+HELD_OUT_WORD = "held-out"  # in `exclude` text: the base world's HELD_OUT triples
+PROGRESS_MIN_COUNT = 200  # fewer images take about a second; a bar would only flash
+
+
+@dataclass(frozen=True)
+class ShapesFolderConfig:
+    """One folder of captioned shapes images; each field mirrors the `sdserve train data shapes` flag."""
+
+    out: Path
+    """Directory to create. An existing one must be empty, or written by this module and `overwrite` set."""
+    count: int
+    """Number of images."""
+    seed: int = 0
+    """Image i is drawn from rng([seed, i]): the same seed gives the same bytes."""
+    kinds: tuple[str, ...] = KINDS
+    """Shape kinds drawn from, uniformly (ALL_KINDS: the base three and "star")."""
+    colors: tuple[str, ...] = COLORS
+    """Shape colours drawn from (ALL_COLORS: the base eight and "teal"); never the background's."""
+    backgrounds: tuple[str, ...] = COLORS
+    """Background colours drawn from."""
+    positions: tuple[str, ...] = POSITIONS
+    """Anchors drawn from; two shapes in one image take two different ones."""
+    sizes: tuple[str, ...] = SIZES
+    """"small" (12-16 px) and/or "large" (24-32 px)."""
+    styles: tuple[str, ...] = ("filled",)
+    """"filled" and/or "outlined"; captions say "outlined", never "filled"."""
+    shapes_per_image: int | None = None
+    """1 or 2; None draws 1 (60 %) or 2 as the base world does."""
+    exclude: frozenset[tuple[str, str, str]] = field(default_factory=frozenset)
+    """(color, kind, position) triples no image contains."""
+    token: str | None = None
+    """Written instead of the kind word in every caption (DreamBooth's "a large blue sks ...")."""
+    layout: str = "kohya"
+    """"kohya" (NAME.png + NAME.txt) or "imagefolder" (metadata.jsonl)."""
+    resolution: int = IMAGE_SIZE
+    """Side of the written images: a multiple of 64, the 64 px scene upscaled nearest-neighbour."""
+    overwrite: bool = False
+    """Replace `out` when it is a non-empty folder this module wrote."""
+    progress: bool = True
+    """Show a progress bar for large counts."""
+
+
+def parse_exclude(text: str) -> frozenset[tuple[str, str, str]]:
+    """"red,star,left;blue,circle,top" (or "held-out" among them) -> (color, kind, position) triples."""
+    triples: set[tuple[str, str, str]] = set()
+    for item in filter(None, (part.strip() for part in text.split(";"))):
+        if item == HELD_OUT_WORD:
+            triples |= HELD_OUT
+            continue
+        parts = tuple(p.strip() for p in item.split(","))
+        if len(parts) != 3:
+            raise InvalidArgument(f"{item!r} is not color,kind,position (or {HELD_OUT_WORD!r})", field="--exclude")
+        color, kind, position = parts
+        for value, allowed, what in ((color, ALL_COLORS, "colour"), (kind, ALL_KINDS, "kind"),
+                                     (position, POSITIONS, "position")):
+            if value not in allowed:
+                raise InvalidArgument(f"unknown {what} {value!r} in {item!r} (one of {', '.join(allowed)})",
+                                      field="--exclude")
+        triples.add((color, kind, position))
+    return frozenset(triples)
+
+
+def check_shapes_folder_config(cfg: ShapesFolderConfig) -> None:
+    """Refuse a config that cannot be written, naming the flag; before anything touches the disk."""
+    if cfg.count < 1:
+        raise InvalidArgument(f"must be at least 1 (got {cfg.count})", field="--count")
+    for flag, values, allowed in (("--kinds", cfg.kinds, ALL_KINDS), ("--colors", cfg.colors, ALL_COLORS),
+                                  ("--backgrounds", cfg.backgrounds, ALL_COLORS),
+                                  ("--positions", cfg.positions, POSITIONS), ("--sizes", cfg.sizes, SIZES),
+                                  ("--styles", cfg.styles, STYLES)):
+        if not values:
+            raise InvalidArgument(f"needs at least one of {', '.join(allowed)}", field=flag)
+        unknown = [v for v in values if v not in allowed]
+        if unknown:
+            raise InvalidArgument(f"unknown {unknown[0]!r} (one of {', '.join(allowed)})", field=flag)
+        if len(set(values)) != len(values):
+            raise InvalidArgument("lists a value twice (values are drawn uniformly)", field=flag)
+    if cfg.shapes_per_image not in (None, 1, 2):
+        raise InvalidArgument(f"must be 1 or 2 (got {cfg.shapes_per_image})", field="--shapes-per-image")
+    if cfg.shapes_per_image != 1 and len(cfg.positions) < 2:
+        raise InvalidArgument("two-shape images need two positions; give more, or --shapes-per-image 1",
+                              field="--positions")
+    if all(set(cfg.colors) <= {background} for background in cfg.backgrounds):
+        raise InvalidArgument("every shape colour equals every background; shapes would be invisible",
+                              field="--colors")
+    if cfg.layout not in LAYOUTS:
+        raise InvalidArgument(f"unknown layout {cfg.layout!r} (one of {', '.join(LAYOUTS)})", field="--layout")
+    if cfg.resolution < IMAGE_SIZE or cfg.resolution % IMAGE_SIZE:
+        raise InvalidArgument(f"must be a multiple of {IMAGE_SIZE} (got {cfg.resolution}): scenes are "
+                              f"{IMAGE_SIZE} px, upscaled by whole pixels", field="--resolution")
+    if cfg.token is not None and (not cfg.token.strip() or "\n" in cfg.token):
+        raise InvalidArgument("must be non-empty text on one line", field="--token")
+    try:
+        _draw(cfg, 0)  # an exclusion that leaves nothing fails here, not halfway through
+    except ValueError:
+        raise InvalidArgument("excludes every scene the other flags allow", field="--exclude") from None
+    _check_out(cfg)
+
+
+def _check_out(cfg: ShapesFolderConfig) -> None:
+    out = cfg.out
+    if out.exists() and not out.is_dir():
+        raise InvalidArgument(f"{out} exists and is not a directory", field="--out")
+    if out.is_dir() and any(out.iterdir()):
+        if not cfg.overwrite:
+            raise InvalidArgument(f"{out} is not empty (add --overwrite to replace a folder this command wrote)",
+                                  field="--out")
+        if not (out / PROVENANCE_FILE).is_file():
+            raise InvalidArgument(f"{out} is not empty and was not written by this command; "
+                                  "refusing to delete it", field="--out")
+
+
+def _draw(cfg: ShapesFolderConfig, index: int) -> SceneSpec:
+    return sample_scene(
+        np.random.default_rng([cfg.seed, index]),
+        num_shapes=cfg.shapes_per_image,
+        exclude=cfg.exclude,
+        kinds=cfg.kinds,
+        colors=cfg.colors,
+        backgrounds=cfg.backgrounds,
+        positions=cfg.positions,
+        sizes=cfg.sizes,
+        styles=cfg.styles,
+    )
+
+
+def scene_caption(scene: SceneSpec, token: str | None = None) -> str:
+    """The scene's full caption; with `token`, the token stands where each kind word would."""
+    spec = full_spec(scene)
+    if token is not None:
+        spec = replace(spec, shapes=tuple(replace(shape, kind=token) for shape in spec.shapes))
+    return to_caption(spec)
+
+
+def scene_record(scene: SceneSpec) -> dict:
+    """JSON-ready ground truth of a scene (all ShapeSpec fields)."""
+    return {"background": scene.background, "shapes": [asdict(shape) for shape in scene.shapes]}
+
+
+def upscale(image: np.ndarray, resolution: int) -> np.ndarray:
+    """uint8 [64, 64, 3] -> [resolution, resolution, 3] by repeating pixels (no new colours)."""
+    factor = resolution // image.shape[0]
+    return image.repeat(factor, axis=0).repeat(factor, axis=1)
+
+
+def write_shapes_folder(cfg: ShapesFolderConfig) -> Path:
+    """Write the folder `cfg` describes and return its path; InvalidArgument (naming the flag) for bad config."""
+    from tqdm import tqdm
+
+    check_shapes_folder_config(cfg)
+    out = cfg.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the folder is meant to be shared
+        width = max(6, len(str(cfg.count - 1)))
+        records = []
+        bar = tqdm(range(cfg.count), desc="writing", unit="img",
+                   disable=not cfg.progress or cfg.count < PROGRESS_MIN_COUNT)
+        for index in bar:
+            scene = _draw(cfg, index)
+            name = f"{index:0{width}d}"
+            text = scene_caption(scene, cfg.token)
+            Image.fromarray(upscale(render(scene), cfg.resolution)).save(staging / f"{name}.png")
+            if cfg.layout == "kohya":
+                (staging / f"{name}.txt").write_text(text + "\n", encoding="utf-8")
+            records.append({"file_name": f"{name}.png", "text": text, "scene": scene_record(scene)})
+        if cfg.layout == "imagefolder":
+            lines = (json.dumps({"file_name": r["file_name"], "text": r["text"]}) for r in records)
+            (staging / METADATA_FILE).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        config = {k: (sorted(v) if isinstance(v, frozenset) else v) for k, v in asdict(cfg).items()}
+        config["out"] = str(cfg.out)
+        provenance = {"writer": "sdserve.trainers.shapes_folder", "config": config, "images": records}
+        (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=1), encoding="utf-8")
+        _move_into_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    """Rename the finished folder to `out`; a replaced folder is moved aside first, then deleted."""
+    old = None
+    if out.is_dir():
+        if any(out.iterdir()):  # checked earlier: ours, and overwrite was asked for
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.rename(out, old / out.name)
+        else:
+            out.rmdir()
+    os.rename(staging, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_provenance(folder: Path) -> dict:
+    """The config and per-image scenes a folder was written with (see PROVENANCE_FILE)."""
+    return json.loads((Path(folder) / PROVENANCE_FILE).read_text(encoding="utf-8"))
