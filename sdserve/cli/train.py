@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import replace
@@ -207,6 +208,9 @@ def run_adapter(args: argparse.Namespace, build: Callable[[Any, argparse.Namespa
     except Interrupted as stopped:
         print(f"sdserve: {stopped}", file=sys.stderr)
         return 128 + stopped.signum
+    except KeyboardInterrupt:  # before the loop's handlers were installed, or a second Ctrl-C
+        fail("interrupted; files already written are whole (checkpoints, never a torn --out)",
+             128 + signal.SIGINT)
     loss = f", last loss {result.losses[-1]:.4f}" if result.losses else ""
     print(f"wrote {result.out} ({method.kind}, {result.steps} steps{loss}); checkpoint in {result.state_dir}")
     return 0

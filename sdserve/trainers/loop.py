@@ -210,14 +210,17 @@ def batch_indices(seed: int, stream: int, step: int, batch_size: int, count: int
 
 
 class _StopSignals:
-    """SIGINT/SIGTERM set a flag the loop reads at each step boundary (the main thread only:
-    Python delivers signals there; elsewhere the loop runs without handlers)."""
+    """SIGINT/SIGTERM set a flag the loop reads at each step boundary; a second one raises
+    KeyboardInterrupt at once. Main thread only: Python delivers signals there; elsewhere the
+    loop runs without handlers."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum: int, frame: object) -> None:
+        if self.signum is not None:  # a second Ctrl-C: stop now (atomic writes leave no torn file)
+            raise KeyboardInterrupt
         self.signum = signum
 
     def __enter__(self) -> _StopSignals:
@@ -319,6 +322,90 @@ def _resume(
     return step
 
 
+class _Checkpoints:
+    """The run's checkpoint file: trainable state, optimizer state and step, plus the identity a
+    resume must match. Remembers the last step saved, which a divergence message names."""
+
+    def __init__(self, state_dir: Path, identity: dict[str, str], saved_step: int | None) -> None:
+        self.state_dir, self.identity, self.saved_step = state_dir, identity, saved_step
+        self.path = state_dir / CHECKPOINT_FILE
+
+    def save(self, step: int, method: Method, optimizer: torch.optim.Optimizer) -> None:
+        save_checkpoint(self.path, {
+            "format": CHECKPOINT_FORMAT,
+            "step": step,
+            "identity": self.identity,
+            "method": method.state_dict(),
+            "optimizer": optimizer.state_dict(),
+        })
+        self.saved_step = step
+
+    def kept(self) -> str:
+        if self.saved_step is None:
+            return "no checkpoint was saved before it"
+        return f"the last good checkpoint (step {self.saved_step}) is in {self.state_dir}"
+
+
+_Images = tuple[torch.Tensor, CaptionedImages]  # latents [N, C, h, w] and the images they encode
+
+
+def _batch(step: int, cfg: LoopConfig, data: _Images, reg: _Images | None) -> tuple[torch.Tensor, list[str]]:
+    """Step `step`'s latents [B', C, h, w] and captions: B instance images, then B regularization
+    images when there are any (B' = B or 2B)."""
+    latents, images = data
+    indices = batch_indices(cfg.seed, _STREAM_IMAGES, step, cfg.batch_size, len(images))
+    batch, captions = latents[indices], [images.captions[i] for i in indices]  # [B, C, h, w]
+    if reg is not None:
+        reg_latents, reg_images = reg
+        indices = batch_indices(cfg.seed, _STREAM_REG_IMAGES, step, cfg.batch_size, len(reg_images))
+        batch = torch.cat([batch, reg_latents[indices]])  # [2B, C, h, w]
+        captions += [reg_images.captions[i] for i in indices]
+    return batch, captions
+
+
+def _loss(method: Method, components: Components, batch: torch.Tensor, captions: list[str],
+          cfg: LoopConfig, step: int) -> torch.Tensor:
+    """The step's loss: timesteps and noise from the (seed, step) generator, the method's
+    prediction against the base model's target; mean over the instance images plus
+    prior_loss_weight times the mean over the regularization images."""
+    objective = components.objective
+    generator = seeded_generator(cfg.seed, _STREAM_NOISE, step)
+    timesteps = torch.randint(0, objective.num_timesteps, (len(batch),), generator=generator)  # [B']
+    noise = torch.randn(batch.shape, generator=generator)  # [B', C, h, w]
+    noisy = objective.add_noise(batch, noise, timesteps)
+    target = objective.target(batch, noise, timesteps)  # [B', C, h, w]
+    prediction = method.predict(noisy, timesteps, captions)  # [B', C, h, w]
+    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # [B']
+    per_sample = per_sample * objective.weights(timesteps, cfg.min_snr_gamma)
+    loss = per_sample[: cfg.batch_size].mean()
+    if len(batch) > cfg.batch_size:
+        loss = loss + cfg.prior_loss_weight * per_sample[cfg.batch_size :].mean()
+    return loss
+
+
+def _output_metadata(method: Method, components: Components, cfg: LoopConfig, step: int,
+                     data: CaptionedImages, reg: CaptionedImages | None) -> dict[str, str]:
+    """The output's provenance: the loop's keys, then the method's (which may override them,
+    e.g. a textual inversion's trigger tokens are its placeholder tokens)."""
+    metadata = {
+        "sdserve_method": method.kind,
+        "sdserve_base_model": components.name,
+        "sdserve_base_model_family": components.family,
+        "sdserve_base_model_sha256": components.digest,
+        "sdserve_prediction_type": components.prediction_type,
+        "sdserve_steps": str(step),
+        "sdserve_batch_size": str(cfg.batch_size),
+        "sdserve_learning_rate": repr(cfg.lr),
+        "sdserve_seed": str(cfg.seed),
+        "sdserve_resolution": str(data.resolution),
+        "sdserve_images": str(len(data)),
+        "sdserve_reg_images": str(len(reg) if reg is not None else 0),
+        "sdserve_trigger_tokens": ",".join(trigger_tokens(data.captions)),
+        "sdserve_version": __version__,
+    }
+    return metadata | method.metadata()
+
+
 def train(
     method: Method,
     components: Components,
@@ -352,93 +439,40 @@ def train(
 
     latents = components.encode_images(data.images)  # [N, C, h, w]
     reg_latents = components.encode_images(reg.images) if reg is not None else None  # [M, C, h, w]
-    objective = components.objective
-    checkpoint = state_dir / CHECKPOINT_FILE
-    saved_step: int | None = start if cfg.resume is not None else None
-
-    def save(step: int) -> None:
-        nonlocal saved_step
-        save_checkpoint(checkpoint, {
-            "format": CHECKPOINT_FORMAT,
-            "step": step,
-            "identity": identity,
-            "method": method.state_dict(),
-            "optimizer": optimizer.state_dict(),
-        })
-        saved_step = step
-
-    def kept() -> str:
-        if saved_step is None:
-            return "no checkpoint was saved before it"
-        return f"the last good checkpoint (step {saved_step}) is in {state_dir}"
-
+    checkpoints = _Checkpoints(state_dir, identity, start if cfg.resume is not None else None)
     losses: list[float] = []
     step = start
     bar = tqdm(total=cfg.steps, initial=start, desc=method.kind, unit="step", disable=not cfg.progress,
                dynamic_ncols=True)
-    with _StopSignals() as stop, bar:
-        while step < cfg.steps:
-            indices = batch_indices(cfg.seed, _STREAM_IMAGES, step, cfg.batch_size, len(data))
-            batch = latents[indices]  # [B, C, h, w]
-            captions = [data.captions[i] for i in indices]
-            if reg is not None and reg_latents is not None:
-                reg_indices = batch_indices(cfg.seed, _STREAM_REG_IMAGES, step, cfg.batch_size, len(reg))
-                batch = torch.cat([batch, reg_latents[reg_indices]])  # [2B, C, h, w]
-                captions += [reg.captions[i] for i in reg_indices]
-            generator = seeded_generator(cfg.seed, _STREAM_NOISE, step)
-            timesteps = torch.randint(0, objective.num_timesteps, (len(batch),), generator=generator)  # [B']
-            noise = torch.randn(batch.shape, generator=generator)  # [B', C, h, w]
-            noisy = objective.add_noise(batch, noise, timesteps)
-            target = objective.target(batch, noise, timesteps)
-
-            prediction = method.predict(noisy, timesteps, captions)  # [B', C, h, w]
-            per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-            per_sample = per_sample * objective.weights(timesteps, cfg.min_snr_gamma)  # [B']
-            loss = per_sample[: cfg.batch_size].mean()
-            if reg is not None:
-                loss = loss + cfg.prior_loss_weight * per_sample[cfg.batch_size :].mean()
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise Diverged(f"the loss became {value} at step {step + 1}; {kept()}", step, checkpoint)
-
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            norm = float(torch.nn.utils.clip_grad_norm_(parameters, cfg.max_grad_norm))
-            if not math.isfinite(norm):
-                raise Diverged(f"the gradient became {norm} at step {step + 1}; {kept()}", step, checkpoint)
-            optimizer.step()
-            step += 1
-            losses.append(value)
-            bar.set_postfix(loss=f"{value:.4f}", refresh=False)
-            bar.update(1)
-
-            if stop.signum is not None:
-                save(step)
-                name = signal.Signals(stop.signum).name
-                raise Interrupted(
-                    f"stopped by {name} after step {step}; checkpoint saved in {state_dir} "
-                    f"(continue with --resume {state_dir})", step, checkpoint, stop.signum,
-                )
-            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-                save(step)
-
-    save(step)  # the final state, so a later run with more --steps continues from here
-    metadata = {
-        "sdserve_method": method.kind,
-        "sdserve_base_model": components.name,
-        "sdserve_base_model_family": components.family,
-        "sdserve_base_model_sha256": components.digest,
-        "sdserve_prediction_type": components.prediction_type,
-        "sdserve_steps": str(step),
-        "sdserve_batch_size": str(cfg.batch_size),
-        "sdserve_learning_rate": repr(cfg.lr),
-        "sdserve_seed": str(cfg.seed),
-        "sdserve_resolution": str(data.resolution),
-        "sdserve_images": str(len(data)),
-        "sdserve_reg_images": str(len(reg) if reg is not None else 0),
-        "sdserve_trigger_tokens": ",".join(trigger_tokens(data.captions)),
-        "sdserve_version": __version__,
-    }
-    metadata |= method.metadata()
-    atomic_write(out, lambda temporary: method.write(temporary, dict(metadata)))
+    with _StopSignals() as stop:  # held until the output is written: a signal then waits for it
+        with bar:
+            while step < cfg.steps:
+                batch, captions = _batch(step, cfg, (latents, data), (reg_latents, reg) if reg else None)
+                loss = _loss(method, components, batch, captions, cfg, step)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise Diverged(f"the loss became {value} at step {step + 1}; {checkpoints.kept()}",
+                                   step, checkpoints.path)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                norm = float(torch.nn.utils.clip_grad_norm_(parameters, cfg.max_grad_norm))
+                if not math.isfinite(norm):
+                    raise Diverged(f"the gradient became {norm} at step {step + 1}; {checkpoints.kept()}",
+                                   step, checkpoints.path)
+                optimizer.step()
+                step += 1
+                losses.append(value)
+                bar.set_postfix(loss=f"{value:.4f}", refresh=False)
+                bar.update(1)
+                if stop.signum is not None:
+                    checkpoints.save(step, method, optimizer)
+                    raise Interrupted(
+                        f"stopped by {signal.Signals(stop.signum).name} after step {step}; checkpoint saved in "
+                        f"{state_dir} (continue with --resume {state_dir})", step, checkpoints.path, stop.signum,
+                    )
+                if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                    checkpoints.save(step, method, optimizer)
+        checkpoints.save(step, method, optimizer)  # so a later run with more --steps continues from here
+        metadata = _output_metadata(method, components, cfg, step, data, reg)
+        atomic_write(out, lambda temporary: method.write(temporary, dict(metadata)))
     return Result(out=out, steps=step, losses=tuple(losses), state_dir=state_dir, metadata=metadata)
