@@ -12,7 +12,6 @@ runs the same parser standalone.
 from __future__ import annotations
 
 import argparse
-import importlib
 import signal
 import sys
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from sdserve.cli import train_data
 from sdserve.models.shapes.components import ComponentSizes
 
 VAE_SHARE = 0.2  # of --minutes; the VAE plateaus long before the UNet does
@@ -51,13 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     base.add_argument("--no-progress", action="store_true")
     base.set_defaults(func=run_base)
     _register_lora(kinds)
-    try:  # `sdserve train data ...` (captioned folders of the shapes world), written separately
-        train_data = importlib.import_module("sdserve.cli.train_data")
-    except ImportError as exc:
-        if exc.name != "sdserve.cli.train_data":
-            raise
-    else:
-        train_data.register(kinds)
+    train_data.register(kinds)  # `sdserve train data shapes`: captioned folders of the shapes world
     return train
 
 
