@@ -14,6 +14,10 @@ from `parameters()`, and in `predict` call the base model's pieces with your cha
         conditioning = self.components.encode_text(captions)         # or your own encoding
         return self.components.predict(noisy, timesteps, conditioning)
 
+A method may also define `check_data(data: CaptionedImages) -> None`, which `train` calls on the
+--data images before anything runs, to refuse with one line what it cannot learn from (a textual
+inversion whose captions lack its token). It is optional, so it is not part of `Method`.
+
 Determinism. Everything random in a step is drawn from generators keyed by (seed, step): the
 images of step s are positions [s·B, (s+1)·B) of a stream of seeded per-epoch permutations, and
 timesteps and noise come from a torch generator seeded by (seed, s). Nothing depends on
@@ -426,6 +430,9 @@ def train(
     check_writable(out, "--out")
     check_directory_writable(state_dir, "--state-dir")
     _check_data(data, components, cfg, "--data")
+    check_method_data = getattr(method, "check_data", None)  # optional: see the module docstring
+    if check_method_data is not None:
+        check_method_data(data)
     if reg is not None:
         _check_data(reg, components, cfg, "--reg-data")
         if reg.resolution != data.resolution:
