@@ -86,7 +86,11 @@ class Components:
         """The UNet's conditioning for `captions`. Methods that change text encoding (new token
         rows, other encoders) call the encoders themselves and build a Conditioning alike."""
         if self.family != "sdxl":
-            return Conditioning(self.text_encoders[0](self.tokenize(captions))[0])  # [B, T, dim]
+            encoder, ids = self.text_encoders[0], self.tokenize(captions)  # ids [B, T]
+            if getattr(encoder.config, "use_attention_mask", False):  # as the server's SD family does
+                mask = (ids != self.tokenizers[0].pad_token_id).long()
+                return Conditioning(encoder(ids, attention_mask=mask)[0])
+            return Conditioning(encoder(ids)[0])  # [B, T, dim]
         hidden, pooled = [], None
         for index, encoder in enumerate(self.text_encoders):
             out = encoder(self.tokenize(captions, index), output_hidden_states=True)

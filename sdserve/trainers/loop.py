@@ -323,6 +323,8 @@ def _resume(
     except (KeyError, ValueError, RuntimeError) as error:
         raise InvalidArgument(f"the checkpoint does not fit this method ({error})".splitlines()[0],
                               field="--resume") from None
+    for group in optimizer.param_groups:  # load_state_dict restored the old run's; this run's flags win
+        group["lr"], group["weight_decay"] = cfg.lr, cfg.weight_decay
     return step
 
 

@@ -73,9 +73,12 @@ def test_same_seed_same_bytes_and_resume_is_exact(components_of, folders, tmp_pa
     # Half the steps, stop, resume to the full count: the same bytes as the straight run.
     half = _run(components_of, data, reg, tmp_path / "d.safetensors", replace(CFG, steps=2))
     assert load_checkpoint(half.state_dir / CHECKPOINT_FILE)["step"] == 2
-    resumed = _run(components_of, data, reg, tmp_path / "d.safetensors", replace(CFG, resume=half.state_dir))
+    resumed = _run(components_of, data, reg, tmp_path / "d2.safetensors", replace(CFG, resume=half.state_dir))
     assert resumed.losses == straight.losses[2:]
     assert resumed.out.read_bytes() == straight.out.read_bytes()
+    # The resumed run's flags apply (the optimizer state holds the first run's learning rate).
+    slower = _run(components_of, data, reg, tmp_path / "e.safetensors", replace(CFG, resume=half.state_dir, lr=1e-6))
+    assert slower.losses[0] == straight.losses[2] and slower.losses[1] != straight.losses[3]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
