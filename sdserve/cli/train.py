@@ -52,6 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     base.set_defaults(func=run_base)
     _register_lora(kinds)
     _register_dreambooth(kinds)
+    _register_textual_inversion(kinds)
+    _register_hypernetwork(kinds)
     train_data.register(kinds)  # `sdserve train data shapes`: captioned folders of the shapes world
     return train
 
@@ -328,6 +330,95 @@ def _run_dreambooth(args: argparse.Namespace) -> int:
     what = "LoRA" if args.lora else "pipeline"
     print(f"wrote {what} {result.out} ({result.steps} steps{loss}); checkpoint in {result.state_dir}")
     return 0
+
+
+def _method_lr(parser: argparse.ArgumentParser, lr: float, why: str) -> None:
+    """A method whose parameters want another learning rate than LoRA's: the default and its help."""
+    parser.set_defaults(lr=lr)
+    action = next(a for a in parser._actions if "--lr" in a.option_strings)
+    action.help = f"AdamW learning rate, constant (default {lr:g}: {why})"
+
+
+def _register_textual_inversion(kinds: argparse._SubParsersAction) -> None:
+    """`sdserve train textual-inversion` (sdserve/trainers/textual_inversion.py)."""
+    parser = kinds.add_parser(
+        "textual-inversion", help="train a textual-inversion embedding: a new word for what the images show",
+        description="Learn --num-vectors token vectors for a new word --token from captioned images whose "
+                    "captions name it (\"a large <teal> circle\"); only those vectors train, the model is "
+                    "unchanged. The file loads in sdserve (generate --embedding FILE) and in diffusers "
+                    "(load_textual_inversion); SDXL models get both text encoders' vectors (clip_l/clip_g).",
+    )
+    add_adapter_arguments(parser)
+    _method_lr(parser, 5e-3, "token vectors move little per step at LoRA's rate; A1111's embedding default")
+    parser.add_argument("--token", required=True,
+                        help="the new word prompts will use, e.g. \"<teal>\"; it must not be in the model's "
+                             "vocabulary, and every --data caption must contain it")
+    parser.add_argument("--init-token", required=True, metavar="WORD",
+                        help="a word close to the concept, e.g. blue; every vector starts as its token row "
+                             "(the mean of its rows when the tokenizer splits it)")
+    parser.add_argument("--num-vectors", type=int, default=1, metavar="K",
+                        help="vectors the token stands for, 1 to 75 (default 1); each takes one of the "
+                             "prompt's 75 token positions")
+    parser.set_defaults(func=_run_textual_inversion)
+
+
+def _run_textual_inversion(args: argparse.Namespace) -> int:
+    from sdserve.cli.common import fail
+    from sdserve.errors import SdserveError
+    from sdserve.trainers.textual_inversion import (
+        TextualInversionConfig,
+        TextualInversionMethod,
+        check_config,
+    )
+
+    config = TextualInversionConfig(token=args.token, init_token=args.init_token, num_vectors=args.num_vectors)
+    try:
+        check_config(config)  # before the model loads: a bad flag costs nothing
+    except SdserveError as error:
+        fail(str(error))
+    return run_adapter(args, lambda components, a: TextualInversionMethod(components, config))
+
+
+def _register_hypernetwork(kinds: argparse._SubParsersAction) -> None:
+    """`sdserve train hypernetwork` (sdserve/trainers/hypernetwork.py)."""
+    parser = kinds.add_parser(
+        "hypernetwork", help="train an A1111-style hypernetwork (MLPs on the attention contexts)",
+        description="Train a pair of small MLPs (k, v) per attention context width, applied as A1111 applies "
+                    "them: k = to_k(c + mlp_k(c)), v = to_v(c + mlp_v(c)), in self- and cross-attention. The "
+                    "MLPs start with a zero output (step 0 is the base model). The file is sdserve's "
+                    "hypernetwork layout (generate --hypernetwork FILE[:STRENGTH]).",
+    )
+    add_adapter_arguments(parser)
+    parser.add_argument("--layer-structure", default="1,2,1", metavar="S0,S1,...",
+                        help="MLP layer widths as multiples of the context width, starting and ending with 1 "
+                             "(default 1,2,1: one hidden layer twice as wide)")
+    parser.add_argument("--activation", default="linear",
+                        help="activation after each layer but the last: linear (none), relu, leakyrelu, elu, "
+                             "swish, tanh, sigmoid, gelu, silu, mish, ... (A1111's names; default linear)")
+    parser.add_argument("--layer-norm", action="store_true", help="a LayerNorm after every layer (A1111's option)")
+    parser.add_argument("--activate-output", action="store_true",
+                        help="apply the activation after the last layer too")
+    parser.set_defaults(func=_run_hypernetwork)
+
+
+def _run_hypernetwork(args: argparse.Namespace) -> int:
+    from sdserve.cli.common import fail
+    from sdserve.errors import SdserveError
+    from sdserve.trainers.hypernetwork import (
+        HypernetworkConfig,
+        HypernetworkMethod,
+        check_config,
+        parse_layer_structure,
+    )
+
+    try:  # before the model loads: a bad flag costs nothing
+        config = HypernetworkConfig(layer_structure=parse_layer_structure(args.layer_structure),
+                                    activation=args.activation, layer_norm=args.layer_norm,
+                                    activate_output=args.activate_output)
+        check_config(config)
+    except SdserveError as error:
+        fail(str(error))
+    return run_adapter(args, lambda components, a: HypernetworkMethod(components, config, seed=a.seed))
 
 
 def main(argv: list[str] | None = None) -> int:
