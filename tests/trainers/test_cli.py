@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import safetensors
@@ -20,7 +15,6 @@ from sdserve.trainers.lora import LoRAMethod  # noqa: F401  (imported once here,
 from sdserve.trainers.output import load_checkpoint
 from tests.trainers.conftest import write_folder
 
-REPO = Path(__file__).resolve().parents[2]
 BRIEF_FLAGS = [
     "--model", "--data", "--out", "--rank", "--alpha", "--steps", "--lr", "--batch-size", "--seed", "--resume",
     "--save-every", "--threads", "--text-encoder", "--format", "--reg-data", "--prior-loss-weight",
@@ -137,26 +131,23 @@ def test_the_embedded_default_model_trains_at_its_native_size_with_v_prediction(
     assert metadata["sdserve_prediction_type"] == "v_prediction"
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_with_one_line(tmp_path):
-    """The real entry point in a child process: SIGTERM mid-run -> checkpoint at the next step
-    boundary, a one-line message, exit 128 + 15, no output file."""
+def test_sigterm_saves_a_checkpoint_and_exits_with_one_line(capsys, tmp_path, monkeypatch):
+    """A real SIGTERM to this process during step 2 (sent by the method, so it lands mid-step):
+    a checkpoint at the next step boundary, one line naming the step, exit 128 + 15, no output."""
+    import sdserve.trainers.lora as lora_module
+    from tests.trainers.test_loop import _Sabotaged
+
+    class SignalledLoRA(_Sabotaged):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, at=2, signum=signal.SIGTERM, **kwargs)
+
+    monkeypatch.setattr(lora_module, "LoRAMethod", SignalledLoRA)
     data = write_folder(tmp_path / "d", count=2)
     out = tmp_path / "o.safetensors"
-    checkpoint = tmp_path / "o.state" / "checkpoint.pt"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    child = subprocess.Popen(
-        [sys.executable, "-m", "sdserve.cli.main", "train", "lora", "--model", "tiny-sd1", "--data", str(data),
-         "--out", str(out), "--steps", "100000", "--save-every", "1", "--no-progress"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    deadline = time.monotonic() + 120
-    while not checkpoint.exists():
-        assert child.poll() is None and time.monotonic() < deadline, child.communicate()
-        time.sleep(0.05)
-    child.send_signal(signal.SIGTERM)
-    _, stderr = child.communicate(timeout=60)
-    assert child.returncode == 128 + signal.SIGTERM, stderr
-    line = stderr.strip().splitlines()[-1]
-    step = int(re.search(r"stopped by SIGTERM after step (\d+);", line).group(1))
-    assert load_checkpoint(checkpoint)["step"] == step >= 1
+    code, _, stderr = _cli(capsys, "--model", "tiny-sd1", "--data", str(data), "--out", str(out), "--steps", "1000")
+    assert code == 128 + signal.SIGTERM, stderr
+    (line,) = stderr.strip().splitlines()
+    assert re.fullmatch(r"sdserve: stopped by SIGTERM after step 2; checkpoint saved in .*o\.state "
+                        r"\(continue with --resume .*o\.state\)", line), line
+    assert load_checkpoint(tmp_path / "o.state" / "checkpoint.pt")["step"] == 2
     assert not out.exists()
