@@ -42,12 +42,20 @@ from sdserve.errors import InvalidArgument, NotFound
 from sdserve.models.builtin import METADATA_FILE
 from sdserve.trainers.components import Components, load_components, resolve_model
 from sdserve.trainers.data import IMAGE_SUFFIXES, CaptionedImages, load_folder
-from sdserve.trainers.loop import LoopConfig, Result, check_loop_config, default_state_dir, train
+from sdserve.trainers.loop import (
+    LoopConfig,
+    Result,
+    check_loop_config,
+    default_state_dir,
+    restore_state,
+    train,
+)
 from sdserve.trainers.lora import LoRAConfig, LoRAMethod, check_config
 from sdserve.trainers.output import (
     atomic_write,
     check_directory_writable,
     check_writable,
+    fsync_dir,
     safetensors_bytes,
 )
 
@@ -194,15 +202,7 @@ class FullFineTune:
                 for key, tensor in module.state_dict().items()}
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        mine = self.state_dict()
-        if set(state) != set(mine):
-            differing = sorted(set(mine) ^ set(state))
-            raise ValueError(f"weights differ: {differing[0]} and {len(differing) - 1} more")
-        with torch.no_grad():
-            for key, tensor in mine.items():
-                if state[key].shape != tensor.shape:
-                    raise ValueError(f"{key} has shape {list(state[key].shape)}, expected {list(tensor.shape)}")
-                tensor.copy_(state[key])
+        restore_state(self.state_dict(), state, "weights")
 
     def metadata(self) -> dict[str, str]:
         return {**self.prompts, "sdserve_text_encoder": str(self.text_encoder).lower()}
@@ -347,13 +347,7 @@ def _move_into_place(staging: Path, out: Path) -> None:
     os.replace(staging, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    fd = os.open(out.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - some filesystems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
+    fsync_dir(out.parent)
 
 
 # -- the run -------------------------------------------------------------------------------------

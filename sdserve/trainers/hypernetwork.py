@@ -56,7 +56,7 @@ from sdserve.engine.ip_adapter import install_processors
 from sdserve.engine.row_context import RowContext, RowContextHolder
 from sdserve.errors import InvalidArgument
 from sdserve.trainers.components import Components
-from sdserve.trainers.loop import seeded_generator
+from sdserve.trainers.loop import restore_state, seeded_generator
 from sdserve.trainers.output import safetensors_bytes
 
 _INIT_STREAM = 31  # seeded_generator stream of the initial hidden weights
@@ -184,15 +184,7 @@ class HypernetworkMethod:
         return {key: tensor.detach() for key, tensor in self.tensors.items()}
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        mine = self.state_dict()
-        if set(state) != set(mine):
-            different = sorted(set(mine) ^ set(state))
-            raise ValueError(f"hypernetwork tensors differ: {different[0]} and {len(different) - 1} more")
-        with torch.no_grad():
-            for key, tensor in mine.items():
-                if state[key].shape != tensor.shape:
-                    raise ValueError(f"{key} has shape {list(state[key].shape)}, expected {list(tensor.shape)}")
-                tensor.copy_(state[key])
+        restore_state(self.state_dict(), state, "hypernetwork tensors")
 
     def metadata(self) -> dict[str, str]:
         config = self.config

@@ -77,6 +77,7 @@ __all__ = [
     "TrainingStopped",
     "default_state_dir",
     "load_components",
+    "restore_state",
     "seeded_generator",
     "train",
 ]
@@ -186,6 +187,20 @@ class Interrupted(TrainingStopped):
     def __init__(self, message: str, step: int, checkpoint: Path | None, signum: int) -> None:
         super().__init__(message, step, checkpoint)
         self.signum = signum
+
+
+def restore_state(current: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], what: str) -> None:
+    """Copy a checkpoint's `state` into a method's live tensors `current` (its `state_dict()`,
+    whose tensors are the trainable ones), in place: every method's `load_state_dict`.
+    ValueError naming the first difference of names (`what` says what they are) or shapes."""
+    if set(state) != set(current):
+        differing = sorted(set(current) ^ set(state))
+        raise ValueError(f"{what} differ: {differing[0]} and {len(differing) - 1} more")
+    with torch.no_grad():
+        for key, tensor in current.items():
+            if state[key].shape != tensor.shape:
+                raise ValueError(f"{key} has shape {list(state[key].shape)}, expected {list(tensor.shape)}")
+            tensor.copy_(state[key])
 
 
 def default_state_dir(out: Path) -> Path:

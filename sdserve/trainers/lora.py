@@ -36,7 +36,7 @@ from sdserve.adapters.lora import ParsedLoRA
 from sdserve.adapters.save import lora_state_dict
 from sdserve.errors import InvalidArgument
 from sdserve.trainers.components import Components
-from sdserve.trainers.loop import seeded_generator
+from sdserve.trainers.loop import restore_state, seeded_generator
 from sdserve.trainers.output import safetensors_bytes
 
 # Module-path endings of each target group. "attn" is what diffusers' and kohya's LoRA scripts
@@ -178,15 +178,7 @@ class LoRAMethod:
         return state
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        mine = self.state_dict()
-        if set(state) != set(mine):
-            missing = sorted(set(mine) ^ set(state))
-            raise ValueError(f"LoRA modules differ: {missing[0]} and {len(missing) - 1} more")
-        with torch.no_grad():
-            for key, tensor in mine.items():
-                if state[key].shape != tensor.shape:
-                    raise ValueError(f"{key} has shape {list(state[key].shape)}, expected {list(tensor.shape)}")
-                tensor.copy_(state[key])
+        restore_state(self.state_dict(), state, "LoRA modules")
 
     def metadata(self) -> dict[str, str]:
         alpha = self.config.rank if self.config.alpha is None else self.config.alpha

@@ -44,6 +44,7 @@ from sdserve.adapters.formats.common import short
 from sdserve.errors import InvalidArgument
 from sdserve.trainers.components import Components, Conditioning
 from sdserve.trainers.data import CaptionedImages
+from sdserve.trainers.loop import restore_state
 from sdserve.trainers.output import safetensors_bytes
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
@@ -190,14 +191,7 @@ class TextualInversionMethod:
         return {component: vectors.detach() for component, vectors in zip(TEXT_ENCODERS, self.vectors)}
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        mine = self.state_dict()
-        if set(state) != set(mine):
-            raise ValueError(f"text encoders differ: {sorted(state)} against {sorted(mine)}")
-        with torch.no_grad():
-            for key, tensor in mine.items():
-                if state[key].shape != tensor.shape:
-                    raise ValueError(f"{key} has shape {list(state[key].shape)}, expected {list(tensor.shape)}")
-                tensor.copy_(state[key])
+        restore_state(self.state_dict(), state, "text encoders")
 
     def metadata(self) -> dict[str, str]:
         return {

@@ -1,0 +1,403 @@
+"""What do sdserve's trainers teach the embedded default model? One table, read by the scorer.
+
+Each method trains on a shapes folder (`sdserve train data shapes`) of something the default
+model cannot draw, as a user would: the `sdserve train METHOD` command in a child process, timed,
+its peak RSS read from `wait4`. Its output is then sampled through sdserve's engine on prompts
+held out of its data (color/position combinations no training image has), beside the base model
+on the same prompts and seeds, and every image is read by the weight-free scorer
+(sdserve/models/shapes/scorer.py, >= 98 % on ground truth for the star, teal and outlined).
+
+    lora         32 stars ("a large red star on the left on a white background") + 96 base-world
+                 regularization images -> held-out star prompts draw a star, with colour and
+                 position right; circle/square/triangle prompts keep >= 90 % of base accuracy
+    dreambooth   8 stars captioned with "sks", prior preservation on the class prompt "a shape"
+    (-lora)      (class images made by sdserve's engine) -> "a large blue sks on the right on a
+                 black background" draws a star; the class prompt still draws the base shapes
+    ti1, ti4     teal shapes captioned "<teal>" (1 and 4 vectors) -> held-out prompts read teal
+    hypernetwork outlined shapes (captions without the word) -> fill ratio at strengths 0..1
+
+    python -m bench.trainers [--methods lora,ti1] [--work DIR] [--json PATH]
+
+Goals (issue 18): each run under 10 minutes and 4 GB peak RSS on a 2-core CPU; the thresholds
+above. Machine noise moves train times 2-10x; the scores do not depend on timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import machine, print_table, write_json
+
+REPO = Path(__file__).resolve().parent.parent
+GOAL_SECONDS = 600.0
+GOAL_RSS_BYTES = 4 * 1024**3
+SAMPLE_STEPS = 20
+# Star triples held out of the LoRA's data: every colour keeps 4 of its 5 positions in training.
+STAR_HELD_OUT = (
+    ("red", "left"), ("green", "right"), ("blue", "top"), ("yellow", "bottom"),
+    ("purple", "center"), ("orange", "left"), ("white", "right"), ("black", "top"),
+)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str
+    seed: int
+    expect: dict[str, str] = field(default_factory=dict)  # attribute -> value the image should show
+
+
+@dataclass
+class Run:
+    """One trainer run: how it went and what its adapter does."""
+
+    method: str
+    data: str
+    seconds: float = 0.0
+    peak_rss: int = 0
+    base: dict[str, float] = field(default_factory=dict)
+    adapter: dict[str, float] = field(default_factory=dict)
+    checks: list[tuple[str, float, str, bool]] = field(default_factory=list)  # name, value, goal, met
+    ceiling: float = float("nan")  # share of its training images the VAE round trip keeps readable
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def sdserve(*args: str) -> list[str]:
+    return [sys.executable, "-m", "sdserve.cli.main", *args]
+
+
+def run_child(command: Sequence[str]) -> tuple[float, int]:
+    """Wall seconds and peak RSS bytes of a child command (its own, not this process's)."""
+    started = time.monotonic()
+    env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+    process = subprocess.Popen(command, cwd=REPO, env=env)
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} exited {process.returncode}")
+    return time.monotonic() - started, usage.ru_maxrss * 1024
+
+
+def write_folder(out: Path, count: int, seed: int, **options: Any) -> Path:
+    from sdserve.trainers.shapes_folder import ShapesFolderConfig, write_shapes_folder
+
+    if (out / ".sdserve_shapes.json").exists():
+        return out  # a pure function of its config: reuse
+    return write_shapes_folder(ShapesFolderConfig(out=out, count=count, seed=seed, progress=False, **options))
+
+
+def sample(prompts: Sequence[Prompt], **request: Any) -> np.ndarray:
+    """uint8 [N, 64, 64, 3] from sdserve's engine on the default model, 16 requests per call.
+
+    `request` adds RequestSpec fields (adapters, embeddings, hypernetworks, model)."""
+    from sdserve.engine import Engine, EngineConfig, RequestSpec
+
+    engine = Engine(EngineConfig(max_batch_rows=32))
+    model = request.pop("model", "default")
+    specs = [engine.validate(RequestSpec(model=model, prompt=p.text, seed=p.seed, steps=SAMPLE_STEPS, **request))
+             for p in prompts]
+    images = []
+    for start in range(0, len(specs), 16):
+        for result in engine.generate(specs[start : start + 16]):
+            if not hasattr(result, "images"):
+                raise RuntimeError(f"generation failed: {result}")
+            images.append(result.images[0])
+    return np.stack(images)
+
+
+def read(images: np.ndarray, prompts: Sequence[Prompt]) -> dict[str, float]:
+    """Share of images whose largest shape shows each expected attribute; 'all' needs every one,
+    'fill' is the mean fill ratio of the largest shape (0 where none is found)."""
+    from sdserve.models.shapes.scorer import read_image
+
+    hits: dict[str, list[bool]] = {}
+    fills = []
+    for image, prompt in zip(images, prompts, strict=True):
+        reading = read_image(image)
+        shape = reading.shapes[0] if reading.shapes else None
+        fills.append(shape.fill if shape else 0.0)
+        right = []
+        for attribute, value in prompt.expect.items():
+            if attribute == "kind_in":
+                ok = shape is not None and shape.kind in value.split(",")
+            elif attribute == "background":
+                ok = reading.background == value
+            else:
+                ok = shape is not None and getattr(shape, attribute) == value
+            hits.setdefault(attribute, []).append(ok)
+            right.append(ok)
+        hits.setdefault("all", []).append(all(right))
+    return {key: float(np.mean(values)) for key, values in hits.items()} | {"fill": float(np.mean(fills))}
+
+
+def vae_ceiling(folder: Path, attribute: str) -> float:
+    """Share of a folder's images whose round trip through the default model's VAE (encode,
+    decode) the scorer still reads right for `attribute` ("kind", "color" or "style"): no adapter
+    on the UNet or text encoder can draw what the decoder cannot. Small stars: 0 of 33 survive."""
+    import torch
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    from sdserve.models.builtin import builtin_path
+    from sdserve.models.shapes.scorer import read_image
+    from sdserve.trainers.shapes_folder import read_provenance
+
+    vae = AutoencoderKL.from_pretrained(builtin_path("default"), subfolder="vae").eval()
+    hits = []
+    with torch.no_grad():
+        for image in read_provenance(folder)["images"]:
+            pixels = torch.from_numpy(np.array(Image.open(folder / image["file_name"]).convert("RGB")))
+            x = pixels.permute(2, 0, 1).float()[None] / 127.5 - 1  # [1, 3, 64, 64]
+            y = vae.decode(vae.encode(x).latent_dist.mode()).sample  # [1, 3, 64, 64]
+            decoded = ((y[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+            found = read_image(decoded).shapes
+            hits.append(bool(found) and getattr(found[0], attribute) == image["scene"]["shapes"][0][attribute])
+    return float(np.mean(hits))
+
+
+def shape_prompts(kinds: Sequence[str], pairs: Sequence[tuple[str, str]], seed: int, word: str | None = None,
+                  color_word: str | None = None, sizes: Sequence[str] = ("large", "small")) -> list[Prompt]:
+    """One prompt per (kind, (colour, position), size) on two backgrounds, with the scorer's
+    expectations; `word` replaces the kind word (DreamBooth's "sks"), `color_word` the colour's."""
+    from sdserve.models.shapes.world import COLORS
+
+    prompts = []
+    for kind in kinds:
+        for index, (color, position) in enumerate(pairs):
+            for size in sizes:
+                background = [c for c in COLORS if c not in (color, "teal")][(index * 3 + len(prompts)) % 7]
+                place = {"left": "on the left", "right": "on the right", "top": "at the top",
+                         "bottom": "at the bottom", "center": "in the center"}[position]
+                text = f"a {size} {color_word or color} {word or kind} {place} on a {background} background"
+                expect = {"kind": kind, "color": color, "position": position, "background": background}
+                prompts.append(Prompt(text, seed * 1000 + len(prompts), expect))
+    return prompts
+
+
+def base_world_prompts(count: int, seed: int) -> list[Prompt]:
+    """Single-shape circle/square/triangle prompts of the base world, held-out triples excluded."""
+    from sdserve.models.shapes import HELD_OUT, sample_scene
+    from sdserve.models.shapes.captions import full_spec, to_caption
+
+    rng = np.random.default_rng([seed, 18])
+    prompts = []
+    for index in range(count):
+        scene = sample_scene(rng, num_shapes=1, exclude=HELD_OUT)
+        shape = scene.shapes[0]
+        expect = {"kind": shape.kind, "color": shape.color, "position": shape.position,
+                  "background": scene.background}
+        prompts.append(Prompt(to_caption(full_spec(scene)), seed * 1000 + 500 + index, expect))
+    return prompts
+
+
+def check(run: Run, name: str, value: float, goal: str, met: bool) -> None:
+    run.checks.append((name, value, goal, met))
+
+
+# -- methods ---------------------------------------------------------------------------------
+
+
+def bench_lora(work: Path, args: argparse.Namespace) -> Run:
+    exclude = frozenset((color, "star", position) for color, position in STAR_HELD_OUT)
+    # Large stars only: the default model's VAE decodes no small star back into one (see vae_ceiling).
+    data = write_folder(work / "star", 32, seed=1, kinds=("star",), sizes=("large",), shapes_per_image=1,
+                        exclude=exclude)
+    reg = write_folder(work / "reg", 96, seed=2, exclude=_base_held_out())
+    out = work / "star_lora.safetensors"
+    run = Run("lora", "32 large stars + 96 reg")
+    run.ceiling = vae_ceiling(data, "kind")
+    run.seconds, run.peak_rss = run_child(sdserve(
+        "train", "lora", "--data", str(data), "--reg-data", str(reg), "--out", str(out),
+        "--rank", "16", "--targets", "attn,ff,proj", "--text-encoder", "--lr", "1e-3", "--batch-size", "8",
+        "--steps", str(args.lora_steps), "--min-snr-gamma", "5", "--threads", str(args.threads), "--no-progress"))
+    from sdserve.api.types import AdapterSpec
+
+    stars = shape_prompts(["star"], STAR_HELD_OUT, seed=1, sizes=("large",)) * 2
+    stars = [Prompt(p.text, 1000 + index, p.expect) for index, p in enumerate(stars)]  # 2 seeds per prompt
+    known = base_world_prompts(48, seed=2)
+    lora = {"adapters": (AdapterSpec(path=str(out), scale=1.0),)}
+    run.base = read(sample(stars), stars)
+    run.adapter = read(sample(stars, **lora), stars)
+    base_known, lora_known = read(sample(known), known), read(sample(known, **lora), known)
+    check(run, "held-out star prompts: star", run.adapter["kind"], ">= 0.80", run.adapter["kind"] >= 0.80)
+    check(run, "  base model: star", run.base["kind"], "~0", True)
+    color_position = float(np.mean([run.adapter["color"], run.adapter["position"]]))
+    check(run, "  colour and position right (mean)", color_position, ">= 0.85", color_position >= 0.85)
+    kept = lora_known["all"] / max(base_known["all"], 1e-9)
+    check(run, f"base shapes kept: {lora_known['all']:.2f} / {base_known['all']:.2f}", kept, ">= 0.90", kept >= 0.90)
+    return run
+
+
+def bench_dreambooth(work: Path, args: argparse.Namespace, lora: bool = False) -> Run:
+    # 8 stars named "sks"; the test prompt's (blue, right) is in no training image.
+    data = write_folder(work / "sks", 8, seed=3, kinds=("star",), sizes=("large",), shapes_per_image=1,
+                        token="sks", exclude=frozenset({("blue", "star", "right")}))
+    out = work / ("sks_lora.safetensors" if lora else "sks_model")
+    run = Run("dreambooth-lora" if lora else "dreambooth", '8 large "sks" stars + class "a shape"')
+    run.ceiling = vae_ceiling(data, "kind")
+    mode = ["--lora", "--rank", "8", "--lr", "1e-3"] if lora else ["--lr", "2e-4"]
+    run.seconds, run.peak_rss = run_child(sdserve(
+        "train", "dreambooth", "--data", str(data), "--use-captions", "--class-prompt", "a shape",
+        "--num-class-images", "48", "--class-dir", str(work / "class_shape"), "--out", str(out), *mode,
+        "--text-encoder", "--batch-size", "4", "--steps", str(args.dreambooth_steps),
+        "--threads", str(args.threads), "--no-progress"))
+    from sdserve.api.types import AdapterSpec
+
+    instance = [Prompt("a large blue sks on the right on a black background", 3000 + i,
+                       {"kind": "star", "color": "blue", "position": "right"}) for i in range(16)]
+    klass = [Prompt("a shape", 3100 + i, {"kind_in": "circle,square,triangle"}) for i in range(16)]
+    served = {"adapters": (AdapterSpec(path=str(out), scale=1.0),)} if lora else {"model": str(out)}
+    run.base = read(sample(instance), instance)
+    run.adapter = read(sample(instance, **served), instance)
+    base_class, tuned_class = read(sample(klass), klass), read(sample(klass, **served), klass)
+    check(run, '"a large blue sks on the right ...": star', run.adapter["kind"], ">= 0.80", run.adapter["kind"] >= 0.80)
+    check(run, "  base model: star", run.base["kind"], "~0", True)
+    check(run, f'class prompt "a shape": base shapes (base {base_class["kind_in"]:.2f})', tuned_class["kind_in"],
+          ">= 0.80", tuned_class["kind_in"] >= 0.80)
+    return run
+
+
+def _recaption(folder: Path, old: str, new: str) -> None:
+    """Rewrite a kohya folder's captions (e.g. "teal" -> "<teal>"): the folder writer speaks the
+    world's grammar; textual inversion and hypernetworks need other wording."""
+    for caption in folder.glob("*.txt"):
+        caption.write_text(caption.read_text().replace(old, new))
+
+
+# (kind, position) pairs of teal shapes held out of the textual inversion's data.
+TEAL_HELD_OUT = (("circle", "left"), ("square", "right"), ("triangle", "top"), ("circle", "bottom"),
+                 ("square", "center"), ("triangle", "left"))
+
+
+def bench_textual_inversion(work: Path, args: argparse.Namespace, vectors: int) -> Run:
+    folder = work / "teal"
+    if not (folder / ".sdserve_shapes.json").exists():
+        exclude = frozenset(("teal", kind, position) for kind, position in TEAL_HELD_OUT)
+        write_folder(folder, 32, seed=4, colors=("teal",), shapes_per_image=1, exclude=exclude)
+        _recaption(folder, " teal ", " <teal> ")
+    out = work / f"teal_{vectors}.safetensors"
+    run = Run(f"textual-inversion ({vectors} vector{'s' if vectors > 1 else ''})", "32 teal shapes")
+    run.ceiling = vae_ceiling(folder, "color")
+    run.seconds, run.peak_rss = run_child(sdserve(
+        "train", "textual-inversion", "--data", str(folder), "--token", "<teal>", "--init-token", "blue",
+        "--num-vectors", str(vectors), "--out", str(out), "--lr", "5e-3", "--batch-size", "8",
+        "--steps", str(args.ti_steps), "--threads", str(args.threads), "--no-progress"))
+    from sdserve.api.types import EmbeddingSpec
+
+    prompts = []
+    for index, (kind, position) in enumerate(TEAL_HELD_OUT):
+        for size in ("large", "small"):
+            background = ("white", "black", "yellow", "red")[index % 4]
+            place = {"left": "on the left", "right": "on the right", "top": "at the top",
+                     "bottom": "at the bottom", "center": "in the center"}[position]
+            text = f"a {size} <teal> {kind} {place} on a {background} background"
+            prompts.append(Prompt(text, 4000 + len(prompts), {"color": "teal", "kind": kind, "position": position}))
+    embedding = {"embeddings": (EmbeddingSpec(path=str(out), token="<teal>"),)}
+    run.base = read(sample(prompts), prompts)
+    run.adapter = read(sample(prompts, **embedding), prompts)
+    check(run, "held-out prompts: colour reads teal", run.adapter["color"], ">= 0.80", run.adapter["color"] >= 0.80)
+    check(run, "  base model (no embedding): teal", run.base["color"], "~0", True)
+    return run
+
+
+def bench_hypernetwork(work: Path, args: argparse.Namespace) -> Run:
+    folder = work / "outlined"
+    if not (folder / ".sdserve_shapes.json").exists():
+        write_folder(folder, 64, seed=5, styles=("outlined",), shapes_per_image=1, exclude=_base_held_out())
+        _recaption(folder, "a outlined ", "a ")  # the style comes from the hypernetwork, not the prompt
+    out = work / "outlined.safetensors"
+    run = Run("hypernetwork", "64 outlined shapes")
+    run.ceiling = vae_ceiling(folder, "style")
+    run.seconds, run.peak_rss = run_child(sdserve(
+        "train", "hypernetwork", "--data", str(folder), "--out", str(out), "--lr", "1e-3", "--batch-size", "8",
+        "--steps", str(args.hypernetwork_steps), "--threads", str(args.threads), "--no-progress"))
+    from sdserve.api.types import HypernetworkSpec
+
+    prompts = base_world_prompts(24, seed=5)
+    fills = {}
+    for strength in (0.0, 0.25, 0.5, 0.75, 1.0):
+        hyper = {"hypernetworks": (HypernetworkSpec(path=str(out), strength=strength),)}
+        fills[strength] = read(sample(prompts, **hyper), prompts)["fill"]
+    run.base, run.adapter = {"fill": fills[0.0]}, {"fill": fills[1.0]}
+    drop = 1 - fills[1.0] / max(fills[0.0], 1e-9)
+    check(run, f"fill ratio drop at strength 1 ({fills[0.0]:.2f} -> {fills[1.0]:.2f})", drop, ">= 0.50", drop >= 0.5)
+    values = [fills[s] for s in sorted(fills)]
+    monotonic = all(later <= earlier for earlier, later in zip(values, values[1:]))
+    check(run, "fill falls monotonically over 0, .25, .5, .75, 1: " + " ".join(f"{v:.2f}" for v in values),
+          float(monotonic), "yes", monotonic)
+    return run
+
+
+def _base_held_out() -> frozenset[tuple[str, str, str]]:
+    from sdserve.models.shapes import HELD_OUT
+
+    return HELD_OUT
+
+
+METHODS: dict[str, Callable[[Path, argparse.Namespace], Run]] = {
+    "lora": bench_lora,
+    "dreambooth": bench_dreambooth,
+    "dreambooth-lora": lambda work, args: bench_dreambooth(work, args, lora=True),
+    "ti1": lambda work, args: bench_textual_inversion(work, args, 1),
+    "ti4": lambda work, args: bench_textual_inversion(work, args, 4),
+    "hypernetwork": bench_hypernetwork,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {','.join(METHODS)}")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/sdserve-bench-trainers"),
+                        help="data folders and outputs (kept, reused by later runs)")
+    parser.add_argument("--json", type=Path, help="default: bench/results/trainers.json (git-ignored)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--lora-steps", type=int, default=600)
+    parser.add_argument("--dreambooth-steps", type=int, default=300)
+    parser.add_argument("--ti-steps", type=int, default=300)
+    parser.add_argument("--hypernetwork-steps", type=int, default=300)
+    args = parser.parse_args(argv)
+    names = [name.strip() for name in args.methods.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(METHODS))
+    if unknown:
+        parser.error(f"--methods: unknown {','.join(unknown)} (known: {','.join(METHODS)})")
+    args.work.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    runs = [METHODS[name](args.work, args) for name in names]
+    report(runs, args, argv)
+    return 0 if all(met for run in runs for *_, met in run.checks) else 1
+
+
+def report(runs: list[Run], args: argparse.Namespace, argv: list[str] | None) -> None:
+    print(f"\nTrainers on the embedded default model (64 px, v-prediction); {machine()['cpu']}, {args.threads} threads; "
+          f"sampling {SAMPLE_STEPS} steps through the sdserve engine")
+    rows = []
+    for run in runs:
+        under = run.seconds <= GOAL_SECONDS and run.peak_rss <= GOAL_RSS_BYTES
+        rows.append([run.method, run.data, f"{run.seconds / 60:.1f} min", f"{run.peak_rss / 1024**3:.2f} GB",
+                     "yes" if under else "NO", f"{run.ceiling:.2f}"])
+    print_table(["method", "data", "train time", "peak RSS", "<= 10 min, 4 GB", "VAE ceiling"], rows)
+    checks = [[run.method, name, f"{value:.3f}", goal, "yes" if met else "NO"]
+              for run in runs for name, value, goal, met in run.checks]
+    print_table(["method", "check (scorer on held-out prompts)", "value", "goal", "met"], checks)
+    path = write_json("trainers", {
+        "command": "python -m bench.trainers " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "threads": args.threads, "sample_steps": SAMPLE_STEPS, "runs": [run.__dict__ for run in runs],
+    }, out=args.json)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
