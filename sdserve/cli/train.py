@@ -293,6 +293,8 @@ def _register_dreambooth(kinds: argparse._SubParsersAction) -> None:
     dreambooth.add_argument("--lora", action="store_true",
                             help="train a LoRA (attention factors) instead of the full weights; --out is then a file")
     dreambooth.add_argument("--rank", type=int, help="with --lora: rank of every factor pair (default 4, at most 128)")
+    dreambooth.add_argument("--targets", help="with --lora: comma-separated UNet module groups: attn (to_q/k/v/out), "
+                                              "ff (feed-forward), proj (proj_in/out) (default attn)")
     dreambooth.add_argument("--alpha", type=float,
                             help="with --lora: scale numerator, the delta is (alpha/rank)·B·A (default: alpha = rank)")
     dreambooth.add_argument("--text-encoder", action="store_true",
@@ -309,13 +311,17 @@ def _run_dreambooth(args: argparse.Namespace) -> int:
     from sdserve.trainers.loop import Diverged, Interrupted
     from sdserve.trainers.lora import LoRAConfig
 
-    if not args.lora and (args.rank is not None or args.alpha is not None):
-        fail(f"{'--rank' if args.rank is not None else '--alpha'}: only with --lora")
+    lora_only = [flag for flag, value in (("--rank", args.rank), ("--alpha", args.alpha), ("--targets", args.targets))
+                 if value is not None]
+    if not args.lora and lora_only:
+        fail(f"{lora_only[0]}: only with --lora")
+    targets = tuple(t.strip() for t in (args.targets or "attn").split(",") if t.strip())
     config = DreamBoothConfig(
         model=args.model, data=args.data, out=args.out, instance_prompt=args.caption,
         use_captions=args.use_captions, class_prompt=args.reg_caption, num_class_images=args.num_class_images,
         class_dir=args.reg_data, text_encoder=args.text_encoder,
-        lora=LoRAConfig(rank=4 if args.rank is None else args.rank, alpha=args.alpha) if args.lora else None,
+        lora=LoRAConfig(rank=4 if args.rank is None else args.rank, alpha=args.alpha, unet_targets=targets)
+        if args.lora else None,
     )
     try:
         result = train_dreambooth(config, loop_config_from_args(args))

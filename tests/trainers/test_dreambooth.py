@@ -124,11 +124,12 @@ def test_lora_mode_writes_a_lora_file_that_loads(tmp_path, capsys):
     out = tmp_path / "dog.safetensors"
     code, stdout, stderr = _cli(capsys, "--model", "tiny-sd1", "--data", str(data), "--out", str(out),
                                 "--instance-prompt", INSTANCE, "--lora", "--rank", "2", "--alpha", "1",
-                                "--text-encoder", "--steps", "2", "--lr", "1e-3")
+                                "--targets", "attn,ff", "--text-encoder", "--steps", "2", "--lr", "1e-3")
     assert code == 0, stderr
     assert stdout.startswith(f"wrote LoRA {out} (2 steps, last loss ")
     adapter = load_lora(out, "dog", targets_of(load_components("tiny-sd1").adapter_components()))
     assert adapter.max_rank == 2 and "text_encoder" in adapter.components
+    assert any(target.endswith(".ff.net.2") for target in adapter.modules)  # --targets reached the LoRA
     assert all(module.scale == 0.5 for module in adapter.modules.values())
     assert max(float(module.b.abs().max()) for module in adapter.modules.values()) > 0  # B trained from 0
     with safetensors.safe_open(str(out), "pt") as handle:
@@ -146,6 +147,8 @@ def test_lora_mode_writes_a_lora_file_that_loads(tmp_path, capsys):
         (["--instance-prompt", INSTANCE, "--num-class-images", "4"], "--num-class-images"),
         (["--instance-prompt", INSTANCE, "--class-prompt", CLASS, "--num-class-images", "0"], "--num-class-images"),
         (["--instance-prompt", INSTANCE, "--rank", "4"], "--rank"),
+        (["--instance-prompt", INSTANCE, "--targets", "attn,ff"], "--targets"),
+        (["--instance-prompt", INSTANCE, "--lora", "--targets", "attn,nope"], "--targets"),
         (["--instance-prompt", INSTANCE, "--lora", "--rank", "0"], "--rank"),
         (["--instance-prompt", INSTANCE, "--steps", "-1"], "--steps"),
         (["--instance-prompt", INSTANCE, "--resolution", "30"], "--resolution"),
