@@ -290,7 +290,7 @@ def bench_dreambooth(work: Path, args: argparse.Namespace, lora: bool = False) -
     run = Run("dreambooth-lora" if lora else "dreambooth", '8 large "sks" stars + 48 class images')
     run.ceiling = vae_ceiling(data, "kind")
     mode = ["--lora", "--rank", "16", "--targets", "attn,ff,proj", "--lr", str(args.dreambooth_lora_lr)] if lora \
-        else ["--lr", "2e-4"]
+        else ["--lr", str(args.dreambooth_lr)]
     run.seconds, run.peak_rss = run_child(sdserve(
         "train", "dreambooth", "--data", str(data), "--use-captions", "--class-prompt", CLASS_PROMPT,
         "--num-class-images", "48", "--class-dir", str(work / "class_large_blue_shape"), "--out", str(out), *mode,
@@ -430,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="score outputs already in --work without training them again (no time or RSS)")
     parser.add_argument("--lora-steps", type=int, default=600)
     parser.add_argument("--dreambooth-steps", type=int, default=600)
+    parser.add_argument("--dreambooth-lr", type=float, default=2e-4, help="full fine-tune learning rate")
     parser.add_argument("--dreambooth-lora-lr", type=float, default=3e-3,
                         help="1e-3 drew no star in 600 steps (0/16): 8 images teach a LoRA more slowly")
     parser.add_argument("--ti-steps", type=int, default=300)
