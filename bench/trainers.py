@@ -295,6 +295,7 @@ def bench_dreambooth(work: Path, args: argparse.Namespace, lora: bool = False) -
         "train", "dreambooth", "--data", str(data), "--use-captions", "--class-prompt", CLASS_PROMPT,
         "--num-class-images", "48", "--class-dir", str(work / "class_large_blue_shape"), "--out", str(out), *mode,
         "--text-encoder", "--batch-size", "4", "--steps", str(args.dreambooth_steps),
+        "--prior-loss-weight", str(args.prior_loss_weight),
         "--threads", str(args.threads), "--no-progress"),
         reuse=out if args.reuse else None)
     from sdserve.api.types import AdapterSpec
@@ -430,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="score outputs already in --work without training them again (no time or RSS)")
     parser.add_argument("--lora-steps", type=int, default=600)
     parser.add_argument("--dreambooth-steps", type=int, default=600)
+    parser.add_argument("--prior-loss-weight", type=float, default=1.0, help="DreamBooth's class-image weight")
     parser.add_argument("--dreambooth-lr", type=float, default=5e-4,
                         help="full fine-tune learning rate (2e-4: stars 6/16 in 600 steps; 5e-4: 15/16)")
     parser.add_argument("--dreambooth-lora-lr", type=float, default=3e-3,
