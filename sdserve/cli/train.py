@@ -159,6 +159,36 @@ def loop_config_from_args(args: argparse.Namespace):
     )
 
 
+def _train_or_fail(run: Callable[[], Any]) -> Any:
+    """run()'s value, or how a training command ends instead: bad input and a diverged run are one
+    line and exit 2 (`fail` exits); SIGINT/SIGTERM after the checkpoint return 128 + the signal."""
+    from sdserve.cli.common import fail
+    from sdserve.errors import SdserveError
+    from sdserve.trainers.loop import Diverged, Interrupted
+
+    try:
+        return run()
+    except SdserveError as error:
+        fail(str(error))
+    except Diverged as stopped:
+        fail(str(stopped))
+    except Interrupted as stopped:
+        print(f"sdserve: {stopped}", file=sys.stderr)
+        return 128 + stopped.signum
+    except KeyboardInterrupt:  # before the loop's handlers were installed, or a second Ctrl-C
+        fail("interrupted; files already written are whole (checkpoints, never a torn --out)",
+             128 + signal.SIGINT)
+
+
+def _last_loss(result: Any) -> str:
+    return f", last loss {result.losses[-1]:.4f}" if result.losses else ""
+
+
+def _groups(text: str) -> tuple[str, ...]:
+    """--targets: comma-separated UNet module groups."""
+    return tuple(group.strip() for group in text.split(",") if group.strip())
+
+
 def run_adapter(args: argparse.Namespace, build: Callable[[Any, argparse.Namespace], Any]) -> int:
     """Check the cheap things, load the model and the data, build the method, train, report.
 
@@ -166,21 +196,13 @@ def run_adapter(args: argparse.Namespace, build: Callable[[Any, argparse.Namespa
     exits 2 naming the step; SIGINT/SIGTERM exit 128 + the signal's number after saving.
     """
     from sdserve.cli.common import fail, quiet_libraries
-    from sdserve.errors import SdserveError
 
     quiet_libraries()
     from sdserve.trainers.data import load_folder
-    from sdserve.trainers.loop import (
-        Diverged,
-        Interrupted,
-        check_loop_config,
-        default_state_dir,
-        load_components,
-        train,
-    )
+    from sdserve.trainers.loop import check_loop_config, default_state_dir, load_components, train
     from sdserve.trainers.output import check_directory_writable, check_writable
 
-    try:
+    def run() -> tuple[Any, str]:
         cfg = loop_config_from_args(args)
         check_loop_config(cfg)
         check_writable(args.out, "--out")
@@ -197,19 +219,13 @@ def run_adapter(args: argparse.Namespace, build: Callable[[Any, argparse.Namespa
         if args.reg_data is not None:
             reg = load_folder(args.reg_data, resolution, args.reg_caption, flag="--reg-data")
         method = build(components, args)
-        result = train(method, components, data, replace(cfg, resolution=resolution), args.out, reg=reg)
-    except SdserveError as error:
-        fail(str(error))
-    except Diverged as stopped:
-        fail(str(stopped))
-    except Interrupted as stopped:
-        print(f"sdserve: {stopped}", file=sys.stderr)
-        return 128 + stopped.signum
-    except KeyboardInterrupt:  # before the loop's handlers were installed, or a second Ctrl-C
-        fail("interrupted; files already written are whole (checkpoints, never a torn --out)",
-             128 + signal.SIGINT)
-    loss = f", last loss {result.losses[-1]:.4f}" if result.losses else ""
-    print(f"wrote {result.out} ({method.kind}, {result.steps} steps{loss}); checkpoint in {result.state_dir}")
+        return train(method, components, data, replace(cfg, resolution=resolution), args.out, reg=reg), method.kind
+
+    outcome = _train_or_fail(run)
+    if isinstance(outcome, int):
+        return outcome
+    result, kind = outcome
+    print(f"wrote {result.out} ({kind}, {result.steps} steps{_last_loss(result)}); checkpoint in {result.state_dir}")
     return 0
 
 
@@ -244,7 +260,7 @@ def _lora_config(args: argparse.Namespace):
     config = LoRAConfig(
         rank=args.rank,
         alpha=args.alpha,
-        unet_targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
+        unet_targets=_groups(args.targets),
         text_encoder=args.text_encoder,
         init=args.init,
         format=args.format,
@@ -304,18 +320,16 @@ def _register_dreambooth(kinds: argparse._SubParsersAction) -> None:
 
 def _run_dreambooth(args: argparse.Namespace) -> int:
     from sdserve.cli.common import fail, quiet_libraries
-    from sdserve.errors import SdserveError
 
     quiet_libraries()
     from sdserve.trainers.dreambooth import DreamBoothConfig, train_dreambooth
-    from sdserve.trainers.loop import Diverged, Interrupted
     from sdserve.trainers.lora import LoRAConfig
 
     lora_only = [flag for flag, value in (("--rank", args.rank), ("--alpha", args.alpha), ("--targets", args.targets))
                  if value is not None]
     if not args.lora and lora_only:
         fail(f"{lora_only[0]}: only with --lora")
-    targets = tuple(t.strip() for t in (args.targets or "attn").split(",") if t.strip())
+    targets = _groups(args.targets or "attn")
     config = DreamBoothConfig(
         model=args.model, data=args.data, out=args.out, instance_prompt=args.caption,
         use_captions=args.use_captions, class_prompt=args.reg_caption, num_class_images=args.num_class_images,
@@ -323,18 +337,11 @@ def _run_dreambooth(args: argparse.Namespace) -> int:
         lora=LoRAConfig(rank=4 if args.rank is None else args.rank, alpha=args.alpha, unet_targets=targets)
         if args.lora else None,
     )
-    try:
-        result = train_dreambooth(config, loop_config_from_args(args))
-    except SdserveError as error:
-        fail(str(error))
-    except Diverged as stopped:
-        fail(str(stopped))
-    except Interrupted as stopped:
-        print(f"sdserve: {stopped}", file=sys.stderr)
-        return 128 + stopped.signum
-    loss = f", last loss {result.losses[-1]:.4f}" if result.losses else ""
+    result = _train_or_fail(lambda: train_dreambooth(config, loop_config_from_args(args)))
+    if isinstance(result, int):
+        return result
     what = "LoRA" if args.lora else "pipeline"
-    print(f"wrote {what} {result.out} ({result.steps} steps{loss}); checkpoint in {result.state_dir}")
+    print(f"wrote {what} {result.out} ({result.steps} steps{_last_loss(result)}); checkpoint in {result.state_dir}")
     return 0
 
 

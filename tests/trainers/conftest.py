@@ -39,6 +39,18 @@ def write_folder(
     return folder
 
 
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    """`sdserve ARGS` in process: (exit code, stdout, stderr), whether main returns or exits."""
+    from sdserve.cli.main import main
+
+    try:
+        code = main([*args])
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 @pytest.fixture(scope="session")
 def _bases() -> dict[str, Components]:
     return {}

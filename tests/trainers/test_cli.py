@@ -10,10 +10,10 @@ import pytest
 import safetensors
 
 from sdserve.adapters import load_lora, targets_of
-from sdserve.cli.main import build_parser, main
+from sdserve.cli.main import build_parser
 from sdserve.trainers.lora import LoRAMethod  # noqa: F401  (imported once here, not per CLI call)
 from sdserve.trainers.output import load_checkpoint
-from tests.trainers.conftest import write_folder
+from tests.trainers.conftest import run_cli, write_folder
 
 BRIEF_FLAGS = [
     "--model", "--data", "--out", "--rank", "--alpha", "--steps", "--lr", "--batch-size", "--seed", "--resume",
@@ -23,12 +23,7 @@ BRIEF_FLAGS = [
 
 
 def _cli(capsys, *args: str) -> tuple[int, str, str]:
-    try:
-        code = main(["train", "lora", "--no-progress", *args])
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_cli(capsys, "train", "lora", "--no-progress", *args)
 
 
 def _lora_parser() -> argparse.ArgumentParser:

@@ -16,7 +16,6 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from sdserve.adapters import load_lora, targets_of
-from sdserve.cli.main import main
 from sdserve.models.builtin import builtin_path
 from sdserve.trainers.components import load_components
 from sdserve.trainers.dreambooth import (
@@ -28,19 +27,14 @@ from sdserve.trainers.dreambooth import (
 )
 from sdserve.trainers.loop import LoopConfig
 from sdserve.trainers.lora import LoRAConfig
-from tests.trainers.conftest import write_folder
+from tests.trainers.conftest import run_cli, write_folder
 
 LOOP = LoopConfig(steps=2, lr=1e-3, progress=False)
 INSTANCE, CLASS = "a photo of sks dog", "a photo of dog"
 
 
 def _cli(capsys, *args: str) -> tuple[int, str, str]:
-    try:
-        code = main(["train", "dreambooth", "--no-progress", *args])
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_cli(capsys, "train", "dreambooth", "--no-progress", *args)
 
 
 def _differing(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> int:

@@ -15,7 +15,6 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from sdserve.adapters.embeddings import load_embedding
-from sdserve.cli.main import main
 from sdserve.engine.config import ResidencyConfig
 from sdserve.engine.families import family_of
 from sdserve.engine.model import LoadedModel, load_model, read_model_info
@@ -28,7 +27,7 @@ from sdserve.trainers.data import load_folder
 from sdserve.trainers.loop import CHECKPOINT_FILE, LoopConfig, train
 from sdserve.trainers.output import load_checkpoint
 from sdserve.trainers.textual_inversion import TextualInversionConfig, TextualInversionMethod
-from tests.trainers.conftest import write_folder
+from tests.trainers.conftest import run_cli, write_folder
 
 CFG = LoopConfig(steps=3, lr=5e-2, batch_size=2, progress=False)
 TEAL = TextualInversionConfig(token="<teal>", init_token="blue", num_vectors=3)
@@ -173,12 +172,7 @@ def test_resume_is_exact_and_the_same_seed_gives_the_same_bytes(components_of, t
 
 
 def _cli(capsys, *args: str) -> tuple[int, str, str]:
-    try:
-        code = main([*args])
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_cli(capsys, *args)
 
 
 def test_cli_trains_a_file_that_sdserve_generate_uses(capsys, teal_folder, tmp_path):
