@@ -55,13 +55,13 @@ from sdserve.trainers.output import (
     atomic_write,
     check_directory_writable,
     check_writable,
-    fsync_dir,
+    replace_directory,
     safetensors_bytes,
+    stage_pipeline,
 )
 
 DEFAULT_NUM_CLASS_IMAGES = 100  # diffusers' train_dreambooth.py default
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"  # the file diffusers' from_pretrained reads
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt")
 _CLASS_SEED_STREAM = 31  # of np.random.SeedSequence([seed, stream, index]): class image seeds
 _CLASS_BATCH = 8  # class images per engine call: the engine batches them; the cache fills per call
 _TEXT_ENCODER_DIRS = ("text_encoder", "text_encoder_2")
@@ -292,30 +292,6 @@ def _first(images: CaptionedImages, count: int) -> CaptionedImages:
 # -- the pipeline directory ----------------------------------------------------------------------
 
 
-def _stage_pipeline(base: Path, out: Path, trained: Sequence[str]) -> Path:
-    """OUT.tmp-xxx beside OUT holding the base pipeline's files, minus the weights of the
-    components in `trained` (written after training) and its sdserve.json (rewritten)."""
-    staging = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
-
-    def skip(directory: str, names: list[str]) -> list[str]:
-        here = Path(directory)
-        if here == base:
-            return [n for n in names if n == METADATA_FILE or n.startswith(".")]
-        if here.parent == base and here.name in trained:
-            return [n for n in names if n.endswith(_WEIGHT_SUFFIXES) or n.endswith(".index.json")]
-        return []
-
-    try:
-        shutil.copytree(base, staging, ignore=skip, dirs_exist_ok=True)
-        mask = os.umask(0)
-        os.umask(mask)
-        staging.chmod(0o777 & ~mask)  # mkdtemp made it 0700
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return staging
-
-
 def _finish_pipeline(staging: Path, components: Components, config: DreamBoothConfig,
                      metadata: Mapping[str, str]) -> None:
     """Save the trained text encoders and the model's sdserve.json into the staged pipeline."""
@@ -335,19 +311,6 @@ def _finish_pipeline(staging: Path, components: Components, config: DreamBoothCo
         "training": dict(sorted(metadata.items())),
     }
     (staging / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-
-
-def _move_into_place(staging: Path, out: Path) -> None:
-    """Rename the finished pipeline to OUT; a previous DreamBooth pipeline there is moved aside
-    first and removed after (a directory cannot be renamed over a non-empty one)."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f"{out.name}.old-", dir=out.parent))
-        os.replace(out, old / out.name)
-    os.replace(staging, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    fsync_dir(out.parent)
 
 
 # -- the run -------------------------------------------------------------------------------------
@@ -395,11 +358,11 @@ def train_dreambooth(config: DreamBoothConfig, loop: LoopConfig) -> Result:
 
     method = FullFineTune(components, config.text_encoder, prompts)
     trained = ("unet", *(_TEXT_ENCODER_DIRS[: len(components.text_encoders)] if config.text_encoder else ()))
-    staging = _stage_pipeline(components.path, config.out, trained)
+    staging = stage_pipeline(components.path, config.out, trained)
     try:
         result = train(method, components, data, loop, staging / "unet" / UNET_WEIGHTS, reg=reg)
         _finish_pipeline(staging, components, config, result.metadata)
-        _move_into_place(staging, config.out)
+        replace_directory(staging, config.out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,8 @@ import safetensors.torch
 import torch
 
 from sdserve.errors import InvalidArgument
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt")
 
 
 def fsync_dir(directory: Path) -> None:
@@ -119,3 +122,44 @@ def check_directory_writable(directory: Path, flag: str) -> None:
         existing = existing.parent
     if not os.access(existing, os.W_OK | os.X_OK):
         raise InvalidArgument(f"cannot write to {existing}", field=flag)
+
+
+# -- pipeline directories: staged beside OUT, renamed into place whole ---------------------------
+
+
+def stage_pipeline(base: Path, out: Path, trained: Sequence[str]) -> Path:
+    """OUT.tmp-xxx beside OUT holding the base pipeline's files, minus the weights of the
+    components in `trained` (written after training) and its sdserve.json (rewritten)."""
+    from sdserve.models.builtin import METADATA_FILE
+
+    staging = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
+
+    def skip(directory: str, names: list[str]) -> list[str]:
+        here = Path(directory)
+        if here == base:
+            return [n for n in names if n == METADATA_FILE or n.startswith(".")]
+        if here.parent == base and here.name in trained:
+            return [n for n in names if n.endswith(WEIGHT_SUFFIXES) or n.endswith(".index.json")]
+        return []
+
+    try:
+        shutil.copytree(base, staging, ignore=skip, dirs_exist_ok=True)
+        staging.chmod(0o777 & ~_umask())  # mkdtemp made it 0700
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return staging
+
+
+def replace_directory(staging: Path, out: Path) -> None:
+    """Rename the finished directory to OUT; a previous one there (checked by the caller: one the
+    same command wrote) is moved aside first and removed after, as a directory cannot be renamed
+    over a non-empty one."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f"{out.name}.old-", dir=out.parent))
+        os.replace(out, old / out.name)
+    os.replace(staging, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    fsync_dir(out.parent)
