@@ -18,6 +18,7 @@ SUBCOMMANDS = {  # command -> the module that registers it, in --help's order
     "models": "sdserve.cli.models_cmd",
     "generate": "sdserve.cli.generate_cmd",
     "train": "sdserve.cli.train",
+    "compile": "sdserve.cli.compile_cmd",
     "serve": "sdserve.cli.serve_cmd",
     "client": "sdserve.cli.client_cmd",
     "adapters": "sdserve.cli.adapters_cmd",
