@@ -243,7 +243,7 @@ def _register_lora(kinds: argparse._SubParsersAction) -> None:
                       help="scale numerator: the delta is (alpha/rank)·B·A (default: alpha = rank)")
     lora.add_argument("--targets", default="attn",
                       help="comma-separated UNet module groups: attn (to_q/k/v/out), ff (feed-forward), "
-                           "proj (proj_in/out) (default attn)")
+                           "proj (proj_in/out), conv (the ResNet blocks' 3x3 convs: LoCon) (default attn)")
     lora.add_argument("--text-encoder", action="store_true",
                       help="also train LoRA factors on the text encoders' attention (q/k/v/out_proj)")
     lora.add_argument("--init", choices=["kaiming", "gaussian"], default="kaiming",
@@ -311,7 +311,8 @@ def _register_dreambooth(kinds: argparse._SubParsersAction) -> None:
                             help="train a LoRA (attention factors) instead of the full weights; --out is then a file")
     dreambooth.add_argument("--rank", type=int, help="with --lora: rank of every factor pair (default 4, at most 128)")
     dreambooth.add_argument("--targets", help="with --lora: comma-separated UNet module groups: attn (to_q/k/v/out), "
-                                              "ff (feed-forward), proj (proj_in/out) (default attn)")
+                                              "ff (feed-forward), proj (proj_in/out), conv (ResNet 3x3 convs) "
+                                              "(default attn)")
     dreambooth.add_argument("--alpha", type=float,
                             help="with --lora: scale numerator, the delta is (alpha/rank)·B·A (default: alpha = rank)")
     dreambooth.add_argument("--text-encoder", action="store_true",

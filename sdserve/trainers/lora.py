@@ -46,6 +46,9 @@ UNET_GROUPS: dict[str, tuple[str, ...]] = {
     "attn": (".to_q", ".to_k", ".to_v", ".to_out.0"),
     "ff": (".ff.net.0.proj", ".ff.net.2"),
     "proj": (".proj_in", ".proj_out"),
+    # The ResNet blocks' 3x3 convs: kohya's LoCon ("conv_dim"), which sdserve serves per row and
+    # PEFT loads as Conv2d LoRA; where shape, not style, is what the adapter must teach.
+    "conv": (".conv1", ".conv2"),
 }
 TEXT_ENCODER_ENDINGS = (".self_attn.q_proj", ".self_attn.k_proj", ".self_attn.v_proj", ".self_attn.out_proj")
 _INIT_STREAM = 21  # seeded_generator stream of the initial A factors
@@ -61,7 +64,7 @@ class LoRAConfig:
     alpha: float | None = None
     """Scale numerator: the delta is (alpha / rank)·B·A (None: alpha = rank, scale 1)."""
     unet_targets: tuple[str, ...] = ("attn",)
-    """Groups of UNet modules to adapt: attn, ff, proj (see UNET_GROUPS)."""
+    """Groups of UNet modules to adapt: attn, ff, proj, conv (see UNET_GROUPS)."""
     text_encoder: bool = False
     """Also adapt the text encoders' attention (q/k/v/out_proj)."""
     init: Literal["kaiming", "gaussian"] = "kaiming"
@@ -115,6 +118,15 @@ class LoRALayer(nn.Module):
         down = self.down.view(self.rank, spec.in_features, *spec.kernel_size)  # [r, in, kh, kw]
         hidden = F.conv2d(x, down, None, spec.stride, spec.padding, spec.dilation)  # [B, r, H', W']
         return y + self.scale * F.conv2d(hidden, self.up[:, :, None, None])
+
+
+def _file_factors(layer: LoRALayer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(down, up) as files store them: a conv's down `[r, in, kh, kw]` and up `[out, r, 1, 1]`
+    (as kohya's LoCon and PEFT write them), a linear's `[r, in]` and `[out, r]`."""
+    down, up = layer.down.detach().clone(), layer.up.detach().clone()
+    if layer.spec.kind == "linear":
+        return down, up
+    return down.view(layer.rank, layer.spec.in_features, *layer.spec.kernel_size), up[:, :, None, None]
 
 
 def select_targets(targets: Mapping[str, TargetSpec], config: LoRAConfig) -> list[str]:
@@ -192,9 +204,8 @@ class LoRAMethod:
         """The current factors as a validated LoRAAdapter (what the server would load)."""
         alpha = float(self.config.rank if self.config.alpha is None else self.config.alpha)
         pairs = [
-            RawPair(target=target, down=layer.down.detach().clone(), up=layer.up.detach().clone(),
-                    alpha=alpha, use_rslora=False, key=target)
-            for target, layer in self.layers.items()
+            RawPair(target=target, down=down, up=up, alpha=alpha, use_rslora=False, key=target)
+            for target, (down, up) in ((t, _file_factors(layer)) for t, layer in self.layers.items())
         ]
         parsed = ParsedLoRA(layout="peft", pairs=pairs, is_slider=False)
         return validate_lora(parsed, name, self.targets, max_rank=DEFAULT_MAX_RANK)

@@ -41,7 +41,7 @@ def trained(tmp_path_factory) -> dict[str, Path]:
     commands = [
         ["lora", "--data", str(data), "--out", str(outputs["lora"]), "--text-encoder"],
         ["lora", "--data", str(data), "--out", str(outputs["kohya"]), "--text-encoder", "--format", "kohya",
-         "--seed", "1"],
+         "--targets", "attn,conv", "--seed", "1"],  # LoCon: the ResNet convs too,
         ["dreambooth", "--data", str(data), "--instance-prompt", "a photo of sks dog",
          "--class-prompt", "a photo of dog", "--num-class-images", "2", "--out", str(outputs["dreambooth"])],
         ["textual-inversion", "--data", str(token_data), "--token", "<toy>", "--init-token", "dog",

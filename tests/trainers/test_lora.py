@@ -61,7 +61,7 @@ def test_trained_lora_gives_the_same_unet_output_in_the_trainer_diffusers_and_sd
 ):
     targets = targets_of(sd1.adapter_components())
     base = replace(sd1, unet=copy.deepcopy(sd1.unet), text_encoders=[copy.deepcopy(t) for t in sd1.text_encoders])
-    config = LoRAConfig(rank=4, alpha=2.0, text_encoder=True, unet_targets=("attn", "ff", "proj"), format=layout)
+    config = LoRAConfig(rank=4, alpha=2.0, text_encoder=True, unet_targets=("attn", "ff", "proj", "conv"), format=layout)
     method = LoRAMethod(sd1, config)
     initial = {t: layer.down.detach().clone() for t, layer in method.layers.items()}
     out = tmp_path / "lora.safetensors"
