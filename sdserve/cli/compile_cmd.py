@@ -7,6 +7,7 @@ and other subcommands stay light. Bad input is one line on stderr and exit 2.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from sdserve.cli.common import fail, fail_on, quiet_libraries
@@ -19,6 +20,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _register_fuse(sub)
     _register_onnx(sub)
     _register_check(sub)
+
+
+def _quiet() -> None:
+    """sdserve's own bars only: the hub's per-file loading and saving bars are noise here."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    quiet_libraries()
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -55,7 +62,7 @@ def _register_fuse(sub: argparse._SubParsersAction) -> None:
 
 
 def _fuse(args: argparse.Namespace) -> None:
-    quiet_libraries()
+    _quiet()
     from sdserve.compile.fused_model import FuseConfig, fuse_model, unfuse_model
     from sdserve.compile.source import parse_embedding_arg, parse_lora_arg
 
@@ -97,7 +104,7 @@ def _register_onnx(sub: argparse._SubParsersAction) -> None:
 
 
 def _onnx(args: argparse.Namespace) -> None:
-    quiet_libraries()
+    _quiet()
     from sdserve.compile.onnx_export import OnnxConfig, export_onnx, parse_controlnet_arg
 
     try:

@@ -58,7 +58,7 @@ def fold(components: Mapping[str, nn.Module], stack: Sequence[StackLoRA], *, sig
     deltas = stack_deltas(stack)
     touched = set()
     for target in tqdm(sorted(deltas), desc="fuse" if sign > 0 else "unfuse", unit="module",
-                       disable=not progress, dynamic_ncols=True):
+                       disable=not progress or not deltas, dynamic_ncols=True):
         component, _, path = target.partition(".")
         weight = components[component].get_submodule(path).weight  # [out, in] or [out, in, kh, kw]
         total = weight.double() + sign * deltas[target].reshape(weight.shape)
@@ -67,18 +67,28 @@ def fold(components: Mapping[str, nn.Module], stack: Sequence[StackLoRA], *, sig
     return FoldReport(len(deltas), tuple(sorted(touched)))
 
 
-@torch.no_grad()
-def add_embeddings(text_encoders: Sequence[nn.Module], tokenizers: Sequence, embeddings: Sequence[TextualInversion]
-                   ) -> dict[str, list[str]]:
-    """Add every embedding's tokens to the tokenizers and its vectors to the token tables, in
-    order; returns component -> the tokens added there. Multi-vector embeddings are refused:
-    diffusers rewrites `tok` to `tok tok_1 ...` for a model's own added tokens, the eager engine
-    does that only for per-request embeddings, so a fused one would serve a different image."""
+def check_fusable(tokenizers: Sequence, embeddings: Sequence[TextualInversion]) -> None:
+    """Refuse, before any weight changes, what `add_embeddings` cannot add: tokens the vocabulary
+    has or two embeddings share, and multi-vector embeddings (diffusers rewrites `tok` to
+    `tok tok_1 ...` for a model's own added tokens; the eager engine does that only for
+    per-request embeddings, so a fused one would serve another image than the unfused one)."""
     for embedding in embeddings:
         if embedding.num_vectors > 1:
             raise InvalidArgument(f"{embedding.name}: {embedding.num_vectors} vectors; only single-vector "
                                   "embeddings can be fused yet (serve multi-vector ones per request)",
                                   field="--embedding")
+    for component, tokenizer in zip(TEXT_ENCODERS, tokenizers):
+        try:
+            placeholder_token_ids(tokenizer, embeddings, component)
+        except InvalidArgument as error:  # AdapterError included: say which flag it came from
+            raise InvalidArgument(error.message, field="--embedding") from None
+
+
+@torch.no_grad()
+def add_embeddings(text_encoders: Sequence[nn.Module], tokenizers: Sequence, embeddings: Sequence[TextualInversion]
+                   ) -> dict[str, list[str]]:
+    """Add every embedding's tokens to the tokenizers and its vectors to the token tables, in
+    order; returns component -> the tokens added there (`check_fusable` first)."""
     added: dict[str, list[str]] = {}
     for component, encoder, tokenizer in zip(TEXT_ENCODERS, text_encoders, tokenizers):
         ids = placeholder_token_ids(tokenizer, embeddings, component)  # token -> id, diffusers' order

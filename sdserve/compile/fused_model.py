@@ -20,12 +20,13 @@ from typing import Any
 import torch
 
 from sdserve import __version__
-from sdserve.compile.fuse import add_embeddings, fold
+from sdserve.compile.fuse import add_embeddings, check_fusable, fold
 from sdserve.compile.source import (
     BaseModel,
     EmbeddingArg,
     LoRAArg,
     check_out_dir,
+    describe_model,
     file_sha256,
     load_base,
     load_embeddings,
@@ -142,10 +143,12 @@ def fuse_model(config: FuseConfig) -> FuseResult:
     if not config.loras and not config.embeddings:
         raise InvalidArgument("nothing to fuse: give at least one --lora or --embedding", field="--lora")
     out = Path(config.out).expanduser().resolve()
+    path, _ = describe_model(config.model)
+    check_out_dir(out, config.force, [path])
     base = load_base(config.model)
-    check_out_dir(out, config.force, [base.path])
     stack = load_stack(base, config.loras)
     embeddings = load_embeddings(base, config.embeddings)
+    check_fusable(base.loaded.tokenizers, embeddings)
     report = fold(base.components, stack, progress=config.progress)
     added = add_embeddings(base.loaded.text_encoders, base.loaded.tokenizers, embeddings)
     changed = sorted(set(report.components) | set(added))
@@ -196,8 +199,9 @@ def unfuse_model(config: FuseConfig) -> FuseResult:
     if config.embeddings:
         raise InvalidArgument("unfuse takes LoRAs only; added tokens stay in the model", field="--embedding")
     out = Path(config.out).expanduser().resolve()
+    path, _ = describe_model(config.model)
+    check_out_dir(out, config.force, [path])
     fused = load_base(config.model)
-    check_out_dir(out, config.force, [fused.path])
     record = read_record(fused.path)
     if record is not None and record.get("sdserve_version") not in (None, __version__):
         raise InvalidArgument(f"{config.model} was fused by sdserve {record.get('sdserve_version')}, "

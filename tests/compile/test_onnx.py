@@ -1,0 +1,133 @@
+"""`compile onnx`: tiny-sd1 and a ControlNet exported, each graph checked by the command, and the
+graphs checked again here against the diffusers modules at a batch and size not exported with;
+the manifest describes the directory and its refit map names the modules' weights."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+
+from sdserve.compile.manifest import MANIFEST_FILE, read_manifest
+from sdserve.compile.onnx_export import OnnxConfig, export_onnx
+from tests.compile.conftest import MODEL, base_dir, run_cli, tree_digest
+
+
+@pytest.fixture(scope="module")
+def controlnet_dir(tmp_path_factory):
+    unet = UNet2DConditionModel.from_pretrained(base_dir(), subfolder="unet")
+    torch.manual_seed(0)
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
+    with torch.no_grad():  # from_unet zero-initialises the output convs: give them values
+        for parameter in net.parameters():
+            parameter.add_(0.02 * torch.randn_like(parameter))
+    path = tmp_path_factory.mktemp("controlnet") / "canny"
+    net.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, controlnet_dir):
+    out = tmp_path_factory.mktemp("onnx") / "tiny"
+    before = tree_digest(base_dir())
+    from sdserve.cli.main import main
+
+    assert main(["compile", "onnx", "--model", MODEL, "--controlnet", f"canny={controlnet_dir}",
+                 "--out", str(out), "--no-progress"]) == 0
+    assert tree_digest(base_dir()) == before
+    return out
+
+
+def _session(path):
+    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def test_manifest_describes_every_component(exported):
+    manifest = read_manifest(exported)
+    assert set(manifest.components) == {"text_encoder", "unet", "vae_decoder", "vae_encoder", "controlnet/canny",
+                                        "unet_controlled"}
+    assert manifest.family == "sd1" and manifest.opset == 17 and not manifest.fp16
+    for component in manifest.components.values():
+        assert component.check.passed and component.check.max_rel < 1e-4, component.name
+    unet = manifest.components["unet"]
+    assert [t.name for t in unet.inputs] == ["sample", "timestep", "encoder_hidden_states"]
+    assert unet.inputs[0].shape == ("batch", 4, "height", "width")
+    meta = json.loads((exported / "sdserve.json").read_text())
+    assert meta["family"] == "sd1" and meta["defaults"]["width"] == 32
+    for name in ("scheduler/scheduler_config.json", "tokenizer/tokenizer.json"):
+        assert (exported / name).is_file()
+
+
+def test_unet_graph_matches_diffusers_at_another_batch_and_size(exported):
+    unet = UNet2DConditionModel.from_pretrained(base_dir(), subfolder="unet").eval()
+    generator = torch.Generator().manual_seed(3)
+    sample = torch.randn(3, 4, 12, 20, generator=generator)  # neither the export's batch nor its size
+    timestep = torch.tensor([1.0, 500.0, 999.0])
+    states = torch.randn(3, 77, unet.config.cross_attention_dim, generator=generator)
+    with torch.no_grad():
+        want = unet(sample, timestep, states).sample.numpy()
+    got = _session(exported / "unet/model.onnx").run(
+        ["noise_pred"], {"sample": sample.numpy(), "timestep": timestep.numpy(), "encoder_hidden_states": states.numpy()})[0]
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_vae_and_controlnet_graphs_match_diffusers(exported, controlnet_dir):
+    vae = AutoencoderKL.from_pretrained(base_dir(), subfolder="vae").eval()
+    generator = torch.Generator().manual_seed(4)
+    latents = torch.randn(2, 4, 10, 6, generator=generator)
+    with torch.no_grad():
+        want = vae.decode(latents).sample.numpy()
+    got = _session(exported / "vae_decoder/model.onnx").run(["sample"], {"latent_sample": latents.numpy()})[0]
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+    net = ControlNetModel.from_pretrained(controlnet_dir).eval()
+    sample = torch.randn(1, 4, 8, 8, generator=generator)
+    states = torch.randn(1, 77, net.config.cross_attention_dim, generator=generator)
+    cond = torch.rand(1, 3, 16, 16, generator=generator)
+    with torch.no_grad():
+        down, mid = net(sample, torch.tensor([250.0]), states, cond, return_dict=False)
+    session = _session(exported / "controlnet/canny/model.onnx")
+    outputs = session.run(None, {"sample": sample.numpy(), "timestep": np.array([250.0], np.float32),
+                                 "encoder_hidden_states": states.numpy(), "controlnet_cond": cond.numpy()})
+    assert len(outputs) == len(down) + 1
+    for got, want in zip(outputs, [*down, mid]):
+        np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_refit_map_names_each_targeted_weight(exported):
+    manifest = read_manifest(exported)
+    refit = manifest.components["unet"].refit
+    unet = UNet2DConditionModel.from_pretrained(base_dir(), subfolder="unet")
+    targets = [f"unet.{path}" for path, module in unet.named_modules()
+               if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and path]
+    assert sorted(refit) == sorted(targets)
+    graph = onnx.load(str(exported / "unet/model.onnx")).graph  # with its external data, beside it
+    initializers = {init.name: init for init in graph.initializer}
+    for target in ("unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", "unet.conv_in"):
+        value = onnx.numpy_helper.to_array(initializers[refit[target]])
+        weight = unet.get_submodule(target.removeprefix("unet.")).weight.detach().numpy()
+        np.testing.assert_array_equal(value, weight)
+    assert len(manifest.components["text_encoder"].refit) > 0
+
+
+def test_a_check_past_the_tolerance_fails_and_writes_nothing(tmp_path):
+    out = tmp_path / "never"
+    result = export_onnx(OnnxConfig(model=MODEL, out=out, progress=False, tolerance=0.0))
+    assert result.failed  # float32 onnxruntime and torch differ in the last bits somewhere
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_fp16_export_is_checked_against_the_float32_model(tmp_path, capsys):
+    code, stdout, stderr = run_cli(capsys, "compile", "onnx", "--model", MODEL, "--fp16", "--out",
+                                   str(tmp_path / "half"), "--no-progress")
+    assert code == 0, stderr
+    manifest = read_manifest(tmp_path / "half")
+    assert manifest.fp16 and manifest.components["unet"].dtype == "float16"
+    assert 1e-5 < manifest.components["unet"].check.max_rel <= 3e-2  # float16 rounding, bounded
+    assert "unet" in stdout and "max rel" in stdout
+    assert MANIFEST_FILE in {p.name for p in (tmp_path / "half").iterdir()}
