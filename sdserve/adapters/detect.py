@@ -1,8 +1,9 @@
 """Which adapter kind, and which LoRA layout, a safetensors file holds — judged from its keys.
 
 Kinds are told apart by the parameter names each training tool writes (LyCORIS, kohya sd-scripts,
-PEFT, diffusers). Anything that is not a plain LoRA is refused here, before any tensor is
-converted, so a refused file costs no memory beyond its read.
+PEFT, diffusers). Served: LoRA (and LoCon) in every layout, and LyCORIS LoHa and LoKr in the
+kohya layout LyCORIS writes ("lora_unet_..." / "lora_te_..." keys). Anything else is refused
+here, before any tensor is converted, so a refused file costs no memory beyond its read.
 """
 
 from __future__ import annotations
@@ -17,11 +18,15 @@ Layout = Literal["peft", "peft_legacy", "kohya"]
 
 # Key fragments of the adapter kinds that are known but not served yet, in the order checked.
 # Each kind is named as the user would know it, since the name reaches the client.
-_UNSUPPORTED_MARKERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+# LoHa and LoKr are served in the kohya layout only: their markers refuse them in other layouts.
+LYCORIS_MARKERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("loha", ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")),
     ("lokr", ("lokr_w1", "lokr_w2", "lokr_t2")),
+)
+_UNSUPPORTED_MARKERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("dora", ("dora_scale", "lora_magnitude_vector")),
-    ("oft", ("oft_blocks", "oft_diag", "oft_r.", "boft_")),
+    ("boft", ("boft_",)),  # before OFT, whose markers a BOFT key holds too
+    ("oft", ("oft_blocks", "oft_diag", "oft_r.")),
     ("ia3", (".on_input", "ia3_l")),
     ("glora", (".a1.weight", ".a2.weight", ".b1.weight", ".b2.weight")),
     # LoCon with Tucker decomposition: a third "mid" factor that a two-matrix LoRA lacks.
@@ -35,6 +40,7 @@ _EMBEDDING_KEYS = ("emb_params", "string_to_param", "string_to_token", "clip_l",
 
 _PEFT_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 _KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight")
+_LYCORIS_SUFFIXES = (".hada_w1_a", ".hada_w1_b", ".lokr_w1", ".lokr_w1_a")
 # diffusers' attention-processor era (before PEFT): "...attn1.processor.to_q_lora.down.weight",
 # "...conv1.lora.down.weight" (LoRACompatible layers), "...mlp.fc1.lora_linear_layer.down.weight".
 _LEGACY_SUFFIXES = (".down.weight", ".up.weight")
@@ -49,8 +55,8 @@ def _is_legacy_key(key: str) -> bool:
 
 
 def check_kind(name: str, keys: Iterable[str], metadata: Mapping[str, str]) -> None:
-    """Raise unless the file is a plain LoRA: UnsupportedAdapterKind for known other kinds,
-    AdapterError "not a LoRA file" for embeddings and anything unrecognised."""
+    """Raise unless the file is a LoRA or a kohya-layout LoHa/LoKr: UnsupportedAdapterKind for
+    known other kinds, AdapterError "not a LoRA file" for embeddings and anything unrecognised."""
     keys = list(keys)
     # One string for the substring tests (no marker holds a newline, so none can match across
     # two keys): a search in C per marker instead of a Python loop over keys x markers.
@@ -58,12 +64,18 @@ def check_kind(name: str, keys: Iterable[str], metadata: Mapping[str, str]) -> N
     for kind, markers in _UNSUPPORTED_MARKERS:
         if any(marker in joined for marker in markers):
             raise UnsupportedAdapterKind(name, kind)
+    for kind, markers in LYCORIS_MARKERS:
+        # PEFT's LoHa/LoKr ("unet....hada_w1_a") and other non-kohya spellings are not read.
+        if any(marker in joined for marker in markers) and any(
+                marker in key and not is_kohya_key(key) for key in keys for marker in markers):
+            raise UnsupportedAdapterKind(name, f"{kind} (outside the kohya/LyCORIS layout)")
     # kohya's "diff" networks store full weight differences instead of factors.
     if any(key.endswith((".diff", ".diff_b")) for key in keys):
         raise UnsupportedAdapterKind(name, "diff")
     if _metadata_says_dora(metadata):
         raise UnsupportedAdapterKind(name, "dora")
-    if not any(key.endswith(_PEFT_SUFFIXES + _KOHYA_SUFFIXES) or _is_legacy_key(key) for key in keys):
+    if not any(key.endswith(_PEFT_SUFFIXES + _KOHYA_SUFFIXES + _LYCORIS_SUFFIXES) or _is_legacy_key(key)
+               for key in keys):
         if any(key in _EMBEDDING_KEYS or key.startswith("emb_params") for key in keys):
             raise AdapterError(name, "not a LoRA file (it holds a textual-inversion embedding)")
         raise AdapterError(name, "not a LoRA file (no LoRA weight keys found)")

@@ -6,6 +6,9 @@ flattened to `[r, in·kh·kw]`), B `[out, r]`, and the module's output gains
 
     y += scale · B @ (A @ x)        scale = alpha / r   (alpha / √r for rsLoRA)
 
+LyCORIS LoHa and LoKr modules become their exact LoRA form at load (`adapters.lycoris`), so
+the multi-LoRA kernels serve them per row beside plain LoRAs; `LoRAAdapter.lycoris` says how.
+
 Loading is two steps: `parse_lora_file` reads a file of any supported layout into raw pairs,
 `validate_lora` checks every pair against the base model and only then packs the buffer, so a
 file that fails any check leaves nothing behind. Where the file's data section (read once into
@@ -24,9 +27,10 @@ from typing import Literal
 import torch
 
 from sdserve.adapters import detect
-from sdserve.adapters.formats.common import RawPair, short
+from sdserve.adapters.formats.common import RawLycoris, RawPair, short
 from sdserve.adapters.formats.kohya import parse_kohya
 from sdserve.adapters.formats.peft import parse_peft
+from sdserve.adapters.lycoris import LycorisInfo, lycoris_pair
 from sdserve.adapters.reader import Allocator, Source, fresh_bytes, read_safetensors
 from sdserve.adapters.targets import TargetSpec
 from sdserve.errors import AdapterError
@@ -93,6 +97,8 @@ class LoRAAdapter:
     modules: Mapping[str, LoRAModule]  # target -> module, sorted by target
     buffer: torch.Tensor = field(repr=False)  # [total elements] flat, contiguous
     kind: Literal["lora"] = "lora"
+    # target -> how a LyCORIS (LoHa/LoKr) module of the file is served; empty for plain LoRAs
+    lycoris: Mapping[str, LycorisInfo] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def nbytes(self) -> int:
@@ -142,6 +148,7 @@ class ParsedLoRA:
     pairs: list[RawPair]
     is_slider: bool
     data: torch.Tensor | None = None  # [bytes] uint8: the file's data section, which pairs view
+    lycoris: tuple[RawLycoris, ...] = ()  # LoHa/LoKr modules, converted by validate_lora
 
 
 def parse_lora_file(
@@ -155,11 +162,13 @@ def parse_lora_file(
     raw = read_safetensors(source, name, shared=True, alloc=alloc)
     detect.check_kind(name, raw.tensors.keys(), raw.metadata)
     layout = detect.detect_layout(name, raw.tensors.keys())
+    lycoris: list[RawLycoris] = []
     if layout == "kohya":
-        pairs = parse_kohya(name, raw.tensors, targets.keys())
+        pairs, lycoris = parse_kohya(name, raw.tensors, targets.keys())
     else:
         pairs = parse_peft(name, raw.tensors, raw.metadata, targets)
-    return ParsedLoRA(layout=layout, pairs=pairs, is_slider=detect.is_slider(raw.metadata), data=raw.data)
+    return ParsedLoRA(layout=layout, pairs=pairs, is_slider=detect.is_slider(raw.metadata), data=raw.data,
+                      lycoris=tuple(lycoris))
 
 
 def _module(pair: RawPair) -> str:
@@ -183,7 +192,7 @@ def _check_pair(name: str, pair: RawPair, spec: TargetSpec, max_rank: int) -> in
     rank = down.shape[0] if down.ndim >= 1 else 0
     if rank < 1 or up.ndim < 2 or up.shape[1] < 1:
         raise AdapterError(name, f"{_module(pair)}: rank is 0")
-    if rank > max_rank:
+    if rank > max_rank and pair.source == "lora":  # a LyCORIS module's file ranks were checked instead
         raise AdapterError(name, f"{_module(pair)}: rank {rank} exceeds the maximum of {max_rank}")
     kh, kw = spec.kernel_size
     if spec.kind == "linear":
@@ -238,13 +247,21 @@ def validate_lora(
 ) -> LoRAAdapter:
     """Check every pair against the base model, then pack all factors into one buffer
     (memory from `alloc` where the file's own cannot serve as the buffer)."""
-    if not parsed.pairs:
+    if not parsed.pairs and not parsed.lycoris:
         raise AdapterError(name, "not a LoRA file (no LoRA weight keys found)")
     if dtype not in _FLOAT_DTYPES:
         raise ValueError(f"dtype must be a floating-point type, got {dtype}")
+    pairs = list(parsed.pairs)
+    lycoris: dict[str, LycorisInfo] = {}
+    for raw in parsed.lycoris:
+        spec = targets.get(raw.target)
+        if spec is None:
+            raise AdapterError(name, f"LoRA key {short(raw.key)!r} does not match any module of the base model")
+        pair, lycoris[raw.target] = lycoris_pair(name, raw, spec, max_rank)
+        pairs.append(pair)
     checked: list[tuple[RawPair, TargetSpec, int]] = []
     alphas_and_scales: dict[str, tuple[float, float]] = {}
-    for pair in sorted(parsed.pairs, key=lambda p: p.target):
+    for pair in sorted(pairs, key=lambda p: p.target):
         spec = targets.get(pair.target)
         if spec is None:
             raise AdapterError(name, f"LoRA key {short(pair.key)!r} does not match any module of the base model")
@@ -282,6 +299,7 @@ def validate_lora(
         layout=parsed.layout,
         modules=MappingProxyType(modules),
         buffer=buffer,
+        lycoris=MappingProxyType(dict(sorted(lycoris.items()))),
     )
 
 

@@ -190,22 +190,24 @@ def test_lora_for_another_family(layout, sd15_targets, sdxl_targets, sd15_lora, 
 # --- other adapter kinds ---------------------------------------------------------------------
 
 
-def _loha():
-    stem = "lora_unet_down_blocks_0_resnets_0_conv1"
+def _peft_loha():
+    """PEFT's LoHa layout: LoHa is served in the kohya/LyCORIS layout only."""
+    stem = "unet.down_blocks.0.resnets.0.conv1"
     return {f"{stem}.hada_w1_a": torch.ones(32, 2), f"{stem}.hada_w1_b": torch.ones(2, 288),
-            f"{stem}.hada_w2_a": torch.ones(32, 2), f"{stem}.hada_w2_b": torch.ones(2, 288), f"{stem}.alpha": torch.tensor(2.0)}
+            f"{stem}.hada_w2_a": torch.ones(32, 2), f"{stem}.hada_w2_b": torch.ones(2, 288)}
 
 
-def _lokr():
-    stem = "lora_unet_down_blocks_0_resnets_0_conv1"
-    return {f"{stem}.lokr_w1": torch.ones(4, 4), f"{stem}.lokr_w2": torch.ones(8, 72)}
+_STEM = "lora_unet_down_blocks_0_resnets_0_conv1"
 
 
 @pytest.mark.parametrize(
     ("make", "kind"),
     [
-        (_loha, "loha"),
-        (_lokr, "lokr"),
+        (_peft_loha, "loha (outside the kohya/LyCORIS layout)"),
+        ({f"{_STEM}.oft_blocks": torch.ones(4, 8, 8), f"{_STEM}.alpha": torch.tensor(1.0)}, "oft"),
+        ({"unet.conv_in.boft_R": torch.ones(1, 4, 2, 2), "unet.conv_in.boft_s": torch.ones(32, 1)}, "boft"),
+        ({f"{_STEM}.weight": torch.ones(32, 32, 3, 3), f"{_STEM}.on_input": torch.tensor(True)}, "ia3"),
+        ({f"{_STEM}.a1.weight": torch.ones(2, 32), f"{_STEM}.a2.weight": torch.ones(32, 2)}, "glora"),
         ("kohya_dora", "dora"),
         ("peft_dora", "dora"),
         ("metadata_dora", "dora"),

@@ -1,4 +1,4 @@
-"""What every layout parser produces: one down/up pair per target module, not yet validated."""
+"""What every layout parser produces: one down/up pair (or one LyCORIS module) per target, not yet validated."""
 
 from __future__ import annotations
 
@@ -22,6 +22,25 @@ class RawPair:
     use_rslora: bool
     key: str
     config_rank: int | None = None  # the rank a PEFT config declares for this module, if any
+    # "lora" for a pair read from the file; "loha"/"lokr" for the exact LoRA form of a LyCORIS
+    # module (`adapters.lycoris`), whose file ranks were checked there: its own rank is bounded
+    # by the module's shape, not by the limit on files' ranks.
+    source: str = "lora"
+
+
+@dataclass(frozen=True)
+class RawLycoris:
+    """A LyCORIS module (LoHa or LoKr) as found in a kohya-layout file, before any check.
+
+    `tensors` maps the role (the key's suffix without its dot: "hada_w1_a", "lokr_w2", ...) to
+    (the file's key, the tensor in the file's dtype); `alpha` None means the file gives none.
+    """
+
+    target: str  # "<component>.<module path>"
+    kind: str  # "loha" | "lokr"
+    tensors: dict[str, tuple[str, torch.Tensor]]
+    alpha: float | None
+    key: str  # the module's first key in the file, quoted in error messages
 
 
 def short(key: str, limit: int = 120) -> str:

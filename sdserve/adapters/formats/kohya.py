@@ -8,6 +8,12 @@ original UNet's names (see `sgm`), and both are looked up. Text encoders are "lo
 (SD 1.x/2.x) or "lora_te1_"/"lora_te2_" (SDXL). Concept Sliders use this same layout.
 
 Without ".alpha" kohya trains with alpha = rank; an alpha of 0 also means rank (kohya's rule).
+
+LyCORIS writes its modules in this same layout, under other suffixes: LoHa ".hada_w1_a",
+".hada_w1_b", ".hada_w2_a", ".hada_w2_b" (Tucker convs add ".hada_t1", ".hada_t2"), LoKr
+".lokr_w1" or ".lokr_w1_a"/".lokr_w1_b", ".lokr_w2" or ".lokr_w2_a"/".lokr_w2_b" (Tucker:
+".lokr_t2"), each with ".alpha". Those are returned as `RawLycoris` for `adapters.lycoris`; a
+file may mix them with LoRA pairs (LyCORIS presets pick an algorithm per module type).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from sdserve.adapters.formats.common import RawPair, short
+from sdserve.adapters.formats.common import RawLycoris, RawPair, short
 from sdserve.adapters.formats.sgm import sgm_aliases
 from sdserve.adapters.targets import portable_path
 from sdserve.errors import AdapterError
@@ -29,6 +35,9 @@ PREFIXES: dict[str, str] = {
     "lora_te2_": "text_encoder_2",
 }
 _SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
+LOHA_ROLES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+LOKR_ROLES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+_SUFFIXES.update({f".{role}": role for role in LOHA_ROLES + LOKR_ROLES})
 
 
 def flatten(path: str) -> str:
@@ -74,8 +83,11 @@ def _alpha_value(name: str, key: str, tensor: torch.Tensor) -> float:
     return value
 
 
-def parse_kohya(name: str, tensors: Mapping[str, torch.Tensor], targets: Iterable[str]) -> list[RawPair]:
-    """Pair the factors of a kohya-layout file and resolve each to a target module."""
+def parse_kohya(
+    name: str, tensors: Mapping[str, torch.Tensor], targets: Iterable[str]
+) -> tuple[list[RawPair], list[RawLycoris]]:
+    """Pair the factors of a kohya-layout file and resolve each module to a target: LoRA pairs,
+    and LyCORIS (LoHa, LoKr) modules left for `adapters.lycoris` to check."""
     groups: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     for key, tensor in tensors.items():
         split = _split_key(key)
@@ -86,28 +98,34 @@ def parse_kohya(name: str, tensors: Mapping[str, torch.Tensor], targets: Iterabl
 
     table = kohya_names(targets)
     pairs: list[RawPair] = []
+    lycoris: list[RawLycoris] = []
     seen: dict[str, str] = {}
     for module_name, parts in groups.items():
-        if "down" not in parts or "up" not in parts:
-            present = next(iter(parts.values()))[0]
-            raise AdapterError(name, f"LoRA key {short(present)!r} has no matching up/down partner")
-        down_key, down = parts["down"]
+        kinds = {kind for kind, roles in (("lora", ("down", "up")), ("loha", LOHA_ROLES), ("lokr", LOKR_ROLES))
+                 if any(role in parts for role in roles)}
+        # The key quoted in errors: a weight's rather than the alpha's, where there is one.
+        first_key = next((key for role, (key, _) in parts.items() if role != "alpha"), next(iter(parts.values()))[0])
+        if len(kinds) > 1:
+            raise AdapterError(name, f"key {short(first_key)!r}: one module holds {' and '.join(sorted(kinds))} "
+                                     f"weights")
+        if not kinds or (kinds == {"lora"} and ("down" not in parts or "up" not in parts)):
+            raise AdapterError(name, f"LoRA key {short(first_key)!r} has no matching up/down partner")
+        kind = kinds.pop()
+        key = parts["down"][0] if kind == "lora" else first_key
         target = table.get(module_name)
         if target is None:
-            raise AdapterError(name, f"LoRA key {short(down_key)!r} does not match any module of the base model")
+            raise AdapterError(name, f"LoRA key {short(key)!r} does not match any module of the base model")
         if target in seen:
             # e.g. lora_te_ and lora_te1_ both present for one module.
-            raise AdapterError(name, f"two LoRA weights for the same module ({short(down_key)!r})")
+            raise AdapterError(name, f"two LoRA weights for the same module ({short(key)!r})")
         seen[target] = module_name
         alpha = _alpha_value(name, parts["alpha"][0], parts["alpha"][1]) if "alpha" in parts else None
+        alpha = alpha if alpha else None  # 0 means "no scaling" to kohya and LyCORIS
+        if kind != "lora":
+            roles = {role: part for role, part in parts.items() if role != "alpha"}
+            lycoris.append(RawLycoris(target=target, kind=kind, tensors=roles, alpha=alpha, key=key))
+            continue
         pairs.append(
-            RawPair(
-                target=target,
-                down=down,
-                up=parts["up"][1],
-                alpha=alpha if alpha else None,  # 0 means "no scaling" to kohya
-                use_rslora=False,
-                key=down_key,
-            )
+            RawPair(target=target, down=parts["down"][1], up=parts["up"][1], alpha=alpha, use_rslora=False, key=key)
         )
-    return pairs
+    return pairs, lycoris
