@@ -1,4 +1,4 @@
-"""`sdserve compile fuse|unfuse|onnx|check`: compiled variants of a model, written to new directories.
+"""`sdserve compile fuse|unfuse|onnx|refit|check`: compiled variants of a model, written to new directories.
 
 Heavy imports (torch, diffusers, onnx) happen inside the command functions, so `sdserve --help`
 and other subcommands stay light. Bad input is one line on stderr and exit 2.
@@ -19,6 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = parser.add_subparsers(dest="compile_command", required=True, metavar="STEP")
     _register_fuse(sub)
     _register_onnx(sub)
+    _register_refit(sub)
     _register_check(sub)
 
 
@@ -121,6 +122,42 @@ def _onnx(args: argparse.Namespace) -> None:
         fail(f"onnxruntime disagrees with torch past the tolerance in {', '.join(result.failed)}; "
              f"nothing written to {args.out}", code=1)
     print(f"wrote {result.out}")
+
+
+def _register_refit(sub: argparse._SubParsersAction) -> None:
+    refit = sub.add_parser(
+        "refit", help="new weights for an ONNX export, for another LoRA stack, without re-export",
+        description="Write a directory holding copies of the export's graphs and weights, unchanged, and, per "
+                    "component, the initializers the stack changes (base + stack, "
+                    "always from the export's base weights). Checked in onnxruntime against the torch model with "
+                    "the stack fused where the base model is at hand.",
+    )
+    refit.add_argument("--onnx", required=True, type=Path, metavar="DIR", help="a directory written by `compile onnx`")
+    refit.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                       help="a LoRA/LoCon file and its scale (default 1), repeatable")
+    refit.add_argument("--no-check", action="store_true", help="skip the onnxruntime check against torch")
+    _common(refit)
+    refit.set_defaults(func=_refit)
+
+
+def _refit(args: argparse.Namespace) -> None:
+    _quiet()
+    from sdserve.compile.refit import RefitConfig, refit
+    from sdserve.compile.source import parse_lora_arg
+
+    try:
+        config = RefitConfig(onnx=args.onnx, out=args.out, force=args.force, progress=not args.no_progress,
+                             check=not args.no_check, loras=tuple(parse_lora_arg(text) for text in args.lora))
+        result = refit(config)
+    except SdserveError as error:
+        fail_on(error)
+    for name, check in result.checks:
+        print(f"{name:24s} max abs {check.max_abs:10.3g} max rel {check.max_rel:10.3g} tolerance {check.tolerance:g}")
+    if result.failed:
+        fail(f"the refit graphs disagree with the fused torch model past the tolerance in "
+             f"{', '.join(result.failed)}; nothing written to {args.out}", code=1)
+    note = f" (not checked: {result.unchecked})" if result.unchecked else ""
+    print(f"refit {result.initializers} weights{note}; wrote {result.out}")
 
 
 def _register_check(sub: argparse._SubParsersAction) -> None:

@@ -55,6 +55,7 @@ class Component:
     dtype: str  # of its float weights
     check: Check
     refit: Mapping[str, str] = field(default_factory=dict)  # adapter target -> initializer name
+    overrides: str = ""  # relative path of refit weights (initializer -> value), "" for none
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class Manifest:
     components: Mapping[str, Component]
     files: tuple[str, ...]  # everything else the directory holds for serving (scheduler, tokenizers, sdserve.json)
     format: int = FORMAT
+    stack: tuple[Mapping[str, Any], ...] = ()  # a refit's LoRAs ({file, sha256, scale}), in order
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
@@ -87,7 +89,7 @@ def _component(raw: dict[str, Any]) -> Component:
         name=raw["name"], graph=raw["graph"], weights=raw["weights"], config=raw["config"],
         inputs=_tensors(raw["inputs"]), outputs=_tensors(raw["outputs"]), dtype=raw["dtype"],
         check=Check(**{**raw["check"], "shapes": tuple(raw["check"].get("shapes", ()))}),
-        refit=dict(raw.get("refit", {})),
+        refit=dict(raw.get("refit", {})), overrides=raw.get("overrides", ""),
     )
 
 
@@ -111,6 +113,7 @@ def read_manifest(directory: Path, flag: str = "--onnx", *, version: str = __ver
             kind=raw["kind"], sdserve_version=raw["sdserve_version"], base=raw["base"],
             base_digest=raw["base_digest"], family=raw["family"], opset=int(raw["opset"]), fp16=bool(raw["fp16"]),
             components=components, files=tuple(raw["files"]), format=raw["format"],
+            stack=tuple(dict(entry) for entry in raw.get("stack", ())),
         )
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise InvalidArgument(f"{directory}: {MANIFEST_FILE} is unreadable ({type(error).__name__}); "
@@ -119,8 +122,8 @@ def read_manifest(directory: Path, flag: str = "--onnx", *, version: str = __ver
         raise InvalidArgument(f"{directory} was compiled by sdserve {manifest.sdserve_version}, this is "
                               f"{version}; export it again", field=flag)
     for component in manifest.components.values():
-        for relative in (component.graph, component.weights, component.config):
-            if not (directory / relative).is_file():
+        for relative in (component.graph, component.weights, component.config, component.overrides):
+            if relative and not (directory / relative).is_file():
                 raise InvalidArgument(f"{directory}: component {component.name} is missing {relative}; "
                                       "export it again", field=flag)
     for relative in manifest.files:

@@ -226,15 +226,19 @@ def _graph_facts(directory: Path, spec: GraphSpec, targets: Mapping[str, object]
     return _tensor_infos(graph.input), _tensor_infos(graph.output), dtype, refit
 
 
-def check_graph(spec: GraphSpec, directory: Path, shapes: Sequence[tuple[int, int, int]], tolerance: float,
-                reference: torch.nn.Module | None = None) -> Check:
-    """onnxruntime against torch on seeded inputs at each shape. `reference` (default: the
-    exported module) is what the graph is compared with: the float32 module for a float16 export."""
+def open_graph(path: Path):
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
-    session = onnxruntime.InferenceSession(str(directory / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def check_graph(spec: GraphSpec, session, shapes: Sequence[tuple[int, int, int]], tolerance: float,
+                reference: torch.nn.Module | None = None) -> Check:
+    """onnxruntime `session` against torch on seeded inputs at each shape. `reference` (default:
+    the exported module) is what the graph is compared with: the float32 module for a float16
+    export, the fused module for a refit."""
     worst_abs, worst_rel, checked = 0.0, 0.0, []
     runs = shapes if spec.spatial else [(shapes[0][0], 0, 0)]
     for index, (batch, h, w) in enumerate(runs):
@@ -282,6 +286,17 @@ def _serving_files(base: BaseModel, staging: Path, name: str) -> tuple[str, ...]
     return (*files, METADATA_FILE)
 
 
+def publish_modes(staging: Path) -> None:
+    """The modes an ordinary `open`/`mkdir` gives (mkdtemp makes 0700, and onnx's and
+    safetensors' writers leave some files 0600), so a server run as another user can read OUT."""
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in [staging, *staging.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def export_onnx(config: OnnxConfig) -> ExportResult:
     """Export, check and write OUT; on a failed check nothing is written and `failed` names the
     components past the tolerance."""
@@ -309,7 +324,8 @@ def export_onnx(config: OnnxConfig) -> ExportResult:
             _export_one(spec, directory, config.opset, example)
             fp16 = config.fp16 and next(spec.module.parameters()).dtype == torch.float16
             tolerance = config.fp16_tolerance if fp16 else config.tolerance
-            check = check_graph(spec, directory, shapes, tolerance, reference=ref.module if reference else None)
+            check = check_graph(spec, open_graph(directory / "model.onnx"), shapes, tolerance,
+                                reference=ref.module if reference else None)
             inputs, outputs, dtype, refit = _graph_facts(directory, spec, base.targets)
             components[spec.name] = Component(
                 name=spec.name, graph=f"{spec.name}/model.onnx", weights=f"{spec.name}/model.onnx.data",
@@ -325,7 +341,7 @@ def export_onnx(config: OnnxConfig) -> ExportResult:
                 kind="onnx", sdserve_version=__version__, base=config.model, base_digest=model_digest(base.path),
                 family=base.info.family, opset=config.opset, fp16=config.fp16, components=components, files=files,
             ))
-            staging.chmod(0o755)
+            publish_modes(staging)
             replace_directory(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,13 +149,18 @@ def _check_file(path: Path, flag: str) -> None:
 
 def load_stack(base: BaseModel, loras: Sequence[LoRAArg]) -> list[StackLoRA]:
     """Every --lora validated against the base model's modules (float32, for exact folding)."""
+    return load_stack_for(base.targets, base.info.family, loras)
+
+
+def load_stack_for(targets: Mapping[str, TargetSpec], family: str, loras: Sequence[LoRAArg]) -> list[StackLoRA]:
+    """Every --lora validated against `targets` (a model's, or a compiled graph's)."""
     stack = []
     for arg in loras:
         _check_file(arg.path, "--lora")
         try:
-            adapter = load_lora(str(arg.path), arg.path.name, base.targets, dtype=torch.float32)
+            adapter = load_lora(str(arg.path), arg.path.name, targets, dtype=torch.float32)
         except AdapterError as error:
-            raise InvalidArgument(f"{error.message} (is it for a {base.info.family} model?)", field="--lora") from None
+            raise InvalidArgument(f"{error.message} (is it for a {family} model?)", field="--lora") from None
         stack.append(StackLoRA(adapter, arg.scale, file_sha256(arg.path), arg.path))
     return stack
 

@@ -1,0 +1,109 @@
+"""`compile refit`: new weights for an export without re-exporting, equal to a fresh export of the
+fused model, always computed from the export's base weights (A -> B -> A gives A exactly)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from sdserve.compile.fused_model import FuseConfig, fuse_model
+from sdserve.compile.manifest import read_manifest
+from sdserve.compile.onnx_export import OnnxConfig, export_onnx
+from sdserve.compile.onnx_session import open_session
+from sdserve.compile.source import LoRAArg
+from tests.compile.conftest import MODEL, run_cli, tree_digest
+
+SCALE_A, SCALE_B = 0.7, 1.5
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory, adapters):
+    """The base export, and a fresh export of the model with the stack fused."""
+    work = tmp_path_factory.mktemp("refit")
+    base = work / "base"
+    assert not export_onnx(OnnxConfig(model=MODEL, out=base, progress=False)).failed
+    fused = fuse_model(FuseConfig(model=MODEL, out=work / "fused", progress=False,
+                                  loras=(LoRAArg(adapters["a"], SCALE_A), LoRAArg(adapters["b"], SCALE_B)))).out
+    fresh = work / "fresh"
+    assert not export_onnx(OnnxConfig(model=str(fused), out=fresh, progress=False)).failed
+    return {"work": work, "base": base, "fresh": fresh}
+
+
+def _refit(capsys, source, out, *loras):
+    args = [arg for lora in loras for arg in ("--lora", lora)]
+    code, stdout, stderr = run_cli(capsys, "compile", "refit", "--onnx", str(source), *args, "--out", str(out),
+                                   "--no-progress")
+    assert code == 0, stderr
+    return stdout
+
+
+def _initializers(directory, component):
+    graph = onnx.load(str(directory / component / "model.onnx")).graph
+    return {init.name: onnx.numpy_helper.to_array(init) for init in graph.initializer}
+
+
+def _outputs(directory, component, feed):
+    session = open_session(directory, read_manifest(directory), component)
+    return session.run(None, feed)
+
+
+def _feeds():
+    generator = torch.Generator().manual_seed(9)
+    return {
+        "unet": {"sample": torch.randn(2, 4, 16, 16, generator=generator).numpy(),
+                 "timestep": np.array([10.0, 700.0], np.float32),
+                 "encoder_hidden_states": torch.randn(2, 77, 32, generator=generator).numpy()},
+        "text_encoder": {"input_ids": torch.randint(0, 100, (2, 77), generator=generator).numpy()},
+    }
+
+
+def test_refit_equals_a_fresh_export_of_the_fused_model(exports, adapters, capsys):
+    out = exports["work"] / "refit-ab"
+    before = tree_digest(exports["base"])
+    stdout = _refit(capsys, exports["base"], out, f"{adapters['a']}:{SCALE_A}", f"{adapters['b']}:{SCALE_B}")
+    assert "unet" in stdout and "max rel" in stdout  # checked against the fused torch model
+    assert tree_digest(exports["base"]) == before  # the export is only read (its files linked)
+    manifest = read_manifest(out)
+    assert [entry["scale"] for entry in manifest.stack] == [SCALE_A, SCALE_B]
+    for component in ("unet", "text_encoder"):
+        ours = load_file(str(out / manifest.components[component].overrides))
+        fresh = _initializers(exports["fresh"], component)
+        assert len(ours) > 10
+        for name, value in ours.items():
+            np.testing.assert_array_equal(value, fresh[name], err_msg=name)  # same sum, same rounding
+    for component, feed in _feeds().items():
+        got = _outputs(out, component, feed)
+        want = _outputs(exports["fresh"], component, feed)
+        base = _outputs(exports["base"], component, feed)
+        np.testing.assert_allclose(got[0], want[0], atol=1e-6, rtol=1e-6)
+        assert np.abs(got[0] - base[0]).max() > 1e-3  # the session did take the new weights
+
+
+def test_refit_always_starts_from_the_base_weights(exports, adapters, capsys):
+    a, b = f"{adapters['a']}:{SCALE_A}", f"{adapters['b']}:{SCALE_B}"
+    work = exports["work"]
+    _refit(capsys, exports["base"], work / "A", a)
+    _refit(capsys, work / "A", work / "AB", b)  # a refit of a refit: B alone, not A + B
+    _refit(capsys, work / "AB", work / "ABA", a)
+    first = load_file(str(work / "A" / "unet" / "refit.safetensors"))
+    again = load_file(str(work / "ABA" / "unet" / "refit.safetensors"))
+    assert first.keys() == again.keys()
+    for name in first:
+        np.testing.assert_array_equal(first[name], again[name], err_msg=name)
+    _refit(capsys, exports["base"], work / "B", b)
+    only_b = load_file(str(work / "B" / "unet" / "refit.safetensors"))
+    after_a = load_file(str(work / "AB" / "unet" / "refit.safetensors"))
+    assert after_a.keys() == only_b.keys()
+    assert read_manifest(work / "AB").components["text_encoder"].overrides == ""  # A's text-encoder part gone
+    for name in only_b:  # B after A is B alone: nothing of A stayed in the weights
+        np.testing.assert_array_equal(after_a[name], only_b[name], err_msg=name)
+    assert any(not np.array_equal(first[name], only_b[name]) for name in first.keys() & only_b.keys())
+
+
+def test_refit_refuses_a_directory_that_is_not_an_export(adapters, tmp_path, capsys):
+    code, _, stderr = run_cli(capsys, "compile", "refit", "--onnx", str(tmp_path), "--lora", str(adapters["a"]),
+                              "--out", str(tmp_path / "o"))
+    assert code == 2 and stderr.count("\n") == 1 and "--onnx" in stderr
