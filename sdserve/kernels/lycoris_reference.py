@@ -47,7 +47,7 @@ def loha_delta(
 def lokr_delta(w1: torch.Tensor, w2: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """float64 ΔW = s · kron(W1, W2): W1 [a, c], W2 [b, d] or [b, d, kh, kw] -> [a·b, c·d(, kh, kw)]."""
     w1 = w1.double().reshape(*w1.shape, *([1] * (w2.dim() - w1.dim())))  # W1 [a, c, 1, 1] for a conv
-    return scale * torch.kron(w1, w2.double())
+    return scale * torch.kron(w1.contiguous(), w2.double().contiguous())  # kron views its inputs
 
 
 def lokr_linear(
