@@ -104,7 +104,7 @@ def add_embeddings(text_encoders: Sequence[nn.Module], tokenizers: Sequence, emb
         if table.weight.shape[0] != first:
             raise InvalidArgument(f"{component}'s token table has {table.weight.shape[0]} rows and its tokenizer "
                                   f"{first} tokens; cannot add embeddings to it", field="--embedding")
-        encoder.resize_token_embeddings(len(tokenizer))
+        encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the new rows are set below
         encoder.get_input_embeddings().weight[first:] = rows.to(table.weight.dtype)
         added[component] = list(ids)
     return added

@@ -103,8 +103,11 @@ def _write(staging: Path, name: str, base: BaseModel, changed: Sequence[str], to
     modules = {"unet": loaded.unet, **dict(zip(_ENCODER_DIRS, loaded.text_encoders))}
     for component in changed:
         dtype = stored_dtype(base.path / component)
-        modules[component].to(dtype).save_pretrained(staging / component)
-        modules[component].to(torch.float32)
+        if dtype == torch.float32:  # as loaded
+            modules[component].save_pretrained(staging / component)
+        else:
+            modules[component].to(dtype).save_pretrained(staging / component)
+            modules[component].to(torch.float32)
     if tokens_added:
         for directory, tokenizer in zip(_TOKENIZER_DIRS, loaded.tokenizers):
             shutil.rmtree(staging / directory, ignore_errors=True)  # no stale file beside the new ones
@@ -163,7 +166,7 @@ def fuse_model(config: FuseConfig) -> FuseResult:
     }
     what = ", ".join([f"{e.path.name}:{e.scale:g}" for e in stack] + [e.token for e in embeddings])
     _stage_and_write(base, out, changed, bool(added), record, f"{config.model} with {what} fused in")
-    tokens = tuple(token for component_tokens in added.values() for token in component_tokens)
+    tokens = tuple(dict.fromkeys(token for component_tokens in added.values() for token in component_tokens))
     return FuseResult(out, report.modules, tokens)
 
 

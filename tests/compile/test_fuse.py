@@ -96,3 +96,32 @@ def test_unfuse_refuses_another_stack(fused, adapters, tmp_path, capsys):
     assert code == 2 and stderr.count("\n") == 1
     assert "unfuse takes the same files at the same scales" in stderr
     assert not (tmp_path / "u").exists()
+
+
+def test_sdxl_fuse_covers_both_text_encoders(tmp_path):
+    """tiny-sdxl: a LoRA on the UNet (LoCon convs too) and both text encoders, and a clip_l/clip_g
+    embedding added to both tokenizers and token tables."""
+    import safetensors.torch
+
+    from sdserve.compile.fused_model import FuseConfig, fuse_model
+    from sdserve.compile.source import EmbeddingArg, LoRAArg
+    from tests.engine.lora_cases import UNET_ATTENTION, UNET_CONV, write_model_lora
+
+    lora = write_model_lora("tiny-sdxl", tmp_path, "xl", rank=4, alpha=4.0, text_encoder=True,
+                            unet_targets=UNET_ATTENTION + UNET_CONV, seed=3)
+    generator = torch.Generator().manual_seed(1)
+    embedding = tmp_path / "xl-emb.safetensors"
+    safetensors.torch.save_file({"clip_l": torch.randn(1, 32, generator=generator),
+                                 "clip_g": torch.randn(1, 32, generator=generator)}, embedding)
+    result = fuse_model(FuseConfig(model="tiny-sdxl", out=tmp_path / "fused", progress=False,
+                                   loras=(LoRAArg(lora, 0.8),), embeddings=(EmbeddingArg(embedding, "<xl>"),)))
+    assert result.tokens == ("<xl>",)
+    engine = Engine(EngineConfig())
+    common = dict(prompt="a <xl> on a red circle", negative_prompt="blurry", seed=3, steps=3)
+    per_request = RequestSpec(model="tiny-sdxl", adapters=(AdapterSpec(path=str(lora), scale=0.8),),
+                              embeddings=(EmbeddingSpec(path=str(embedding), token="<xl>"),), **common)
+    want = engine.generate([engine.validate(per_request)])[0].images[0]
+    got = engine.generate([engine.validate(RequestSpec(model=str(result.out), **common))])[0].images[0]
+    base = engine.generate([engine.validate(RequestSpec(model="tiny-sdxl", **common))])[0].images[0]
+    assert max_pixel_difference(got, want) <= 2
+    assert max_pixel_difference(base, want) > 2
