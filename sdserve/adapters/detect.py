@@ -40,7 +40,8 @@ _EMBEDDING_KEYS = ("emb_params", "string_to_param", "string_to_token", "clip_l",
 
 _PEFT_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 _KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight")
-_LYCORIS_SUFFIXES = (".hada_w1_a", ".hada_w1_b", ".lokr_w1", ".lokr_w1_a")
+_LYCORIS_SUFFIXES = tuple(f".{marker}" for _, markers in LYCORIS_MARKERS for marker in markers) + (
+    ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2_a", ".lokr_w2_b")
 # diffusers' attention-processor era (before PEFT): "...attn1.processor.to_q_lora.down.weight",
 # "...conv1.lora.down.weight" (LoRACompatible layers), "...mlp.fc1.lora_linear_layer.down.weight".
 _LEGACY_SUFFIXES = (".down.weight", ".up.weight")

@@ -121,7 +121,7 @@ def lycoris_pair(name: str, raw: RawLycoris, spec: TargetSpec, max_rank: int) ->
         scale = 1.0 if file_rank == 0 or raw.alpha is None else raw.alpha / file_rank
         up, down, form = _serve_lokr(w1, w2, spec)
     if not abs(scale) <= _max_scale():
-        raise module.fail(raw.key, f"scale alpha / rank = {raw.alpha:g} / {file_rank} is beyond the limit of "
+        raise module.fail(raw.key, f"scale alpha / rank = {raw.alpha or 0:g} / {file_rank} is beyond the limit of "
                                    f"{_max_scale():g} in magnitude")
     served = down.shape[0]
     if spec.kind == "conv":  # a LoCon's down conv, as `validate_lora` checks it
@@ -170,7 +170,7 @@ def _loha_halves(module: _Module) -> tuple[tuple[Half, Half], bool, int]:
             t = module.need(t_role, any_role)
             if spec.kind != "conv":
                 raise module.fail(module.key(t_role), "a Tucker factor on a linear module")
-            rank = module.rank(t_role, t, t.shape[0])
+            rank = module.rank(t_role, t, t.shape[0] if t.ndim == 4 else 0)
             module.shape(t_role, t, (rank, rank, kh, kw))
             module.shape(up_role, up, (rank, out))
             module.shape(down_role, down, (rank, spec.in_features))
@@ -259,7 +259,7 @@ def _lokr_halves(module: _Module) -> tuple[tuple[Half, Half], bool, int]:
             t = module.need("lokr_t2", "lokr_w2_a")
             if spec.kind != "conv":
                 raise module.fail(module.key("lokr_t2"), "a Tucker factor on a linear module")
-            rank2 = module.rank("lokr_t2", t, t.shape[0])
+            rank2 = module.rank("lokr_t2", t, t.shape[0] if t.ndim == 4 else 0)
             module.shape("lokr_t2", t, (rank2, rank2, kh, kw))
             module.shape("lokr_w2_a", up2, (rank2, b))
             module.shape("lokr_w2_b", down2, (rank2, d))
