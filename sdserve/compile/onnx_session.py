@@ -3,11 +3,11 @@
 A refit directory (`refit.py`) holds the export's graph and weights unchanged plus, per
 component, a safetensors file of new values for some initializers. The session takes them as
 external initializers (`SessionOptions.add_external_initializers`): every initializer of an
-export lives in its external data file, and for those onnxruntime 1.32 ignores
-`add_initializer` (measured: a session given 20 changed projection weights that way computed the
-base graph's output exactly), while `add_external_initializers` replaces them (the output of a
-graph re-saved with the new values, exactly). The values must outlive the session: they are
-kept on it.
+export lives in its external data file, and `add_initializer` does not reliably replace those in
+onnxruntime 1.32 (measured: 20 changed projection weights, each feeding a Transpose, given that
+way left the text encoder's output exactly the base graph's; changed norm weights did take
+effect), while `add_external_initializers` gives exactly the output of a graph re-saved with the
+new values. The values must outlive the session: they are kept on it.
 """
 
 from __future__ import annotations
