@@ -1,7 +1,8 @@
 """Adapter files: parse, validate against a base model, convert to one in-memory form per kind.
 
-LoRA (diffusers/PEFT and kohya layouts, conv "LoCon", Concept Sliders) is the kind served today;
-LoHa, LoKr, DoRA, kohya diff and other LyCORIS kinds are refused with UnsupportedAdapterKind.
+LoRA (diffusers/PEFT and kohya layouts, conv "LoCon", Concept Sliders) and LyCORIS LoHa and LoKr
+(kohya layout, served as their exact LoRA form: `adapters.lycoris`) are the kinds served today;
+DoRA, kohya diff, OFT/BOFT, GLoRA and IA3 are refused with UnsupportedAdapterKind.
 This package imports nothing of sdserve except the leaf module `sdserve.errors`.
 """
 
@@ -28,6 +29,7 @@ from sdserve.adapters.lora import (
     parse_lora_file,
     validate_lora,
 )
+from sdserve.adapters.lycoris import LycorisInfo
 from sdserve.adapters.reader import MAX_HEADER_BYTES, MAX_TENSOR_ENTRIES, RawFile, read_safetensors
 from sdserve.adapters.save import lora_state_dict, save_lora
 from sdserve.adapters.targets import COMPONENTS, TargetSpec, spec_of, targets_of
@@ -40,6 +42,7 @@ __all__ = [
     "MAX_SCALE",
     "MAX_TENSOR_ENTRIES",
     "LoRAAdapter",
+    "LycorisInfo",
     "LoRAModule",
     "ParsedLoRA",
     "RawFile",
