@@ -105,3 +105,18 @@ def test_compiled_dir_with_a_missing_component(capsys, tmp_path, small_export):
     (copy / "unet" / "model.onnx.data").unlink()
     _one_line_exit_2(*run_cli(capsys, "compile", "check", str(copy)), "unet", "missing")
     _one_line_exit_2(*run_cli(capsys, "compile", "check", str(tmp_path)), "not a compiled directory")
+
+
+def test_unfuse_of_a_model_fused_by_another_version(capsys, tmp_path, adapters):
+    from sdserve.compile.fused_model import FuseConfig, fuse_model
+    from sdserve.compile.source import LoRAArg
+
+    fused = fuse_model(FuseConfig(model=MODEL, out=tmp_path / "fused", progress=False,
+                                  loras=(LoRAArg(adapters["a"], 1.0),))).out
+    meta = json.loads((fused / "sdserve.json").read_text())
+    meta["compile"]["sdserve_version"] = "0.0.1"
+    (fused / "sdserve.json").write_text(json.dumps(meta))
+    result = run_cli(capsys, "compile", "unfuse", "--model", str(fused), "--lora", str(adapters["a"]),
+                     "--out", str(tmp_path / "u"))
+    _one_line_exit_2(*result, "--model", "sdserve 0.0.1")
+    assert not (tmp_path / "u").exists()
