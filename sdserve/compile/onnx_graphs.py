@@ -19,7 +19,8 @@ from torch import nn
 
 
 class TextEncoderGraph(nn.Module):
-    """input_ids [B, T] -> last_hidden_state [B, T, D], penultimate_hidden_state [B, T, D],
+    """input_ids [B, T] (and attention_mask [B, T] where the encoder's config asks for one, as the
+    SD family passes it) -> last_hidden_state [B, T, D], penultimate_hidden_state [B, T, D],
     pooled [B, P]: SD 1.x/2.x read the first, SDXL the second and the pooled projection."""
 
     def __init__(self, component: str, encoder: nn.Module) -> None:
@@ -27,8 +28,9 @@ class TextEncoderGraph(nn.Module):
         self.component = component
         self.add_module(component, encoder)
 
-    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        out = getattr(self, self.component)(input_ids, output_hidden_states=True)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out = getattr(self, self.component)(input_ids, attention_mask=attention_mask, output_hidden_states=True)
         pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output  # [B, P]
         return out.last_hidden_state, out.hidden_states[-2], pooled
 
@@ -121,13 +123,19 @@ def _normal(shape: tuple[int, ...], generator: torch.Generator, dtype: torch.dty
 
 def text_encoder_spec(component: str, encoder: nn.Module, length: int) -> GraphSpec:
     vocab = int(encoder.config.vocab_size)
+    masked = bool(getattr(encoder.config, "use_attention_mask", False))
 
     def make(batch: int, _h: int, _w: int, generator: torch.Generator) -> Inputs:
-        return {"input_ids": torch.randint(0, vocab, (batch, length), generator=generator)}
+        inputs = {"input_ids": torch.randint(0, vocab, (batch, length), generator=generator)}  # [B, T]
+        if masked:  # each row's prompt ends somewhere: ones up to it, zeros (padding) after
+            ends = torch.randint(2, length + 1, (batch, 1), generator=generator)  # [B, 1]
+            inputs["attention_mask"] = (torch.arange(length)[None, :] < ends).long()  # [B, T]
+        return inputs
 
+    names = ("input_ids", "attention_mask") if masked else ("input_ids",)
     outputs = ("last_hidden_state", "penultimate_hidden_state", "pooled")
-    axes = {"input_ids": {0: "batch"}, **{name: {0: "batch"} for name in outputs}}
-    return GraphSpec(component, TextEncoderGraph(component, encoder), ("input_ids",), outputs, axes, make,
+    axes = {name: {0: "batch"} for name in names + outputs}
+    return GraphSpec(component, TextEncoderGraph(component, encoder), names, outputs, axes, make,
                      encoder.config.to_dict(), spatial=False)
 
 

@@ -131,3 +131,26 @@ def test_fp16_export_is_checked_against_the_float32_model(tmp_path, capsys):
     assert 1e-5 < manifest.components["unet"].check.max_rel <= 3e-2  # float16 rounding, bounded
     assert "unet" in stdout and "max rel" in stdout
     assert MANIFEST_FILE in {p.name for p in (tmp_path / "half").iterdir()}
+
+
+def test_text_encoder_with_an_attention_mask_takes_it_as_an_input(tmp_path):
+    """An encoder whose config asks for a mask (the SD family passes one then) exports with it."""
+    from sdserve.compile.onnx_export import _export_one, check_graph, open_graph
+    from sdserve.compile.onnx_graphs import text_encoder_spec
+    from tests.adapters.lora_factory import tiny_clip
+
+    encoder = tiny_clip()
+    encoder.config.use_attention_mask = True
+    spec = text_encoder_spec("text_encoder", encoder, 77)
+    example = spec.make_inputs(2, 0, 0, torch.Generator().manual_seed(0))
+    assert spec.inputs == ("input_ids", "attention_mask") and not bool(example["attention_mask"].all())
+    _export_one(spec, tmp_path / "te", 17, example)
+    session = open_graph(tmp_path / "te" / "model.onnx")
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
+    assert check_graph(spec, session, [(3, 0, 0)], 1e-4).passed
+    ids = example["input_ids"][:1]
+    unmasked = session.run(["last_hidden_state"], {"input_ids": ids.numpy(),
+                                                   "attention_mask": np.ones_like(ids.numpy())})[0]
+    masked = session.run(["last_hidden_state"], {"input_ids": ids.numpy(),
+                                                 "attention_mask": example["attention_mask"][:1].numpy()})[0]
+    assert np.abs(unmasked - masked).max() > 1e-4  # the mask is used, not folded away
