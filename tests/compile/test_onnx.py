@@ -124,8 +124,9 @@ def test_a_check_past_the_tolerance_fails_and_writes_nothing(tmp_path):
 
 def test_fp16_export_is_checked_against_the_float32_model(tmp_path, capsys):
     code, stdout, stderr = run_cli(capsys, "compile", "onnx", "--model", MODEL, "--fp16", "--out",
-                                   str(tmp_path / "half"), "--no-progress")
+                                   str(tmp_path / "half"))
     assert code == 0, stderr
+    assert "onnx: 100%" in stderr and "unet" in stderr  # the progress bar, naming the graph at work
     manifest = read_manifest(tmp_path / "half")
     assert manifest.fp16 and manifest.components["unet"].dtype == "float16"
     assert 1e-5 < manifest.components["unet"].check.max_rel <= 3e-2  # float16 rounding, bounded
