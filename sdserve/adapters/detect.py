@@ -73,7 +73,7 @@ def check_kind(name: str, keys: Iterable[str], metadata: Mapping[str, str]) -> N
     # kohya's "diff" networks store full weight differences instead of factors.
     if any(key.endswith((".diff", ".diff_b")) for key in keys):
         raise UnsupportedAdapterKind(name, "diff")
-    if _metadata_says_dora(metadata):
+    if metadata_says_dora(metadata):
         raise UnsupportedAdapterKind(name, "dora")
     if not any(key.endswith(_PEFT_SUFFIXES + _KOHYA_SUFFIXES + _LYCORIS_SUFFIXES) or _is_legacy_key(key)
                for key in keys):
@@ -82,7 +82,7 @@ def check_kind(name: str, keys: Iterable[str], metadata: Mapping[str, str]) -> N
         raise AdapterError(name, "not a LoRA file (no LoRA weight keys found)")
 
 
-def _metadata_says_dora(metadata: Mapping[str, str]) -> bool:
+def metadata_says_dora(metadata: Mapping[str, str]) -> bool:
     raw = metadata.get("lora_adapter_metadata")
     if not raw:
         return False

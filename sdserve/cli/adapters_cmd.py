@@ -6,6 +6,10 @@ safetensors files this writes.
 
 `sdserve adapters extract --base A --tuned B --rank R --out FILE`: the rank-R LoRA closest to a
 fine-tuned model's difference to its base (sdserve/adapters/extract.py).
+
+`sdserve adapters inspect FILE [--model MODEL]`: the file's kind (LoRA, LoCon, LoHa, LoKr, DoRA,
+embedding, hypernetwork), ranks, targets and base family (sdserve/adapters/inspect.py); with
+--model, whether it loads against that model and how each LyCORIS module is served.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     convert.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     convert.set_defaults(func=_convert)
     _register_extract(sub)
+    _register_inspect(sub)
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -145,3 +150,82 @@ def _extract(args: argparse.Namespace) -> None:
         }
         args.report.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out} ({args.format} layout)")
+
+
+def _register_inspect(sub: argparse._SubParsersAction) -> None:
+    inspect = sub.add_parser(
+        "inspect", help="report an adapter file's kind, rank, targets and base family",
+        description="Read an adapter file's keys, shapes and metadata and report its kind (LoRA, LoCon, LoHa, "
+                    "LoKr, DoRA, embedding, hypernetwork), ranks, targets and base family. Kinds that are not "
+                    "served (OFT, BOFT, GLoRA, IA3, kohya diff) are refused, naming the kind. With --model, the "
+                    "file is also loaded against that model, as the server would load it.",
+    )
+    inspect.add_argument("file", metavar="FILE.safetensors", help="the adapter file")
+    inspect.add_argument("--model", metavar="MODEL", help="a built-in model name or a diffusers directory to check "
+                                                          "the file against")
+    inspect.add_argument("--json", action="store_true", help="print the report as JSON")
+    inspect.add_argument("--all-targets", action="store_true", help="list every target module, not the first ten")
+    inspect.set_defaults(func=_inspect)
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    from dataclasses import asdict
+
+    from sdserve.adapters.inspect import describe
+    from sdserve.cli.common import quiet_libraries
+
+    quiet_libraries()
+    if not os.path.isfile(args.file):
+        fail(f"{args.file}: no such file")
+    name = os.path.basename(args.file)
+    try:
+        summary = describe(args.file, name)
+        check = _check_against(args.file, name, args.model, summary.kind) if args.model else None
+    except SdserveError as error:
+        fail_on(error)
+    report = {"file": name, **asdict(summary), **({"model": check} if check else {})}
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    ranks = ", ".join(str(rank) if rank else "full (a LoKr of two whole halves)" for rank in summary.ranks)
+    family = summary.family + (f" ({summary.family_source})" if summary.family_source else "")
+    rows = [("kind", summary.kind), ("family", family)]
+    if summary.rank is not None:
+        rows.append(("rank", f"{summary.rank or 'full'}" + (f" (ranks {ranks})" if len(summary.ranks) > 1 else "")))
+        rows.append(("modules", ", ".join(f"{kind} {count}" for kind, count in summary.modules.items())))
+    if summary.layout:
+        rows.append(("layout", summary.layout))
+    rows.append(("components", ", ".join(summary.components)))
+    shown = summary.targets if args.all_targets else summary.targets[:10]
+    more = len(summary.targets) - len(shown)
+    rows.append(("targets", "\n".ljust(13).join(shown) + (f"\n{'':12}... {more} more" if more else "")))
+    if check:
+        rows.append(("model", f"{args.model}: {check['verdict']}"))
+        for line in check.get("served", []):
+            rows.append(("", line))
+    for label, value in rows:
+        print(f"{label:<12}{value}")
+
+
+def _check_against(path: str, name: str, model: str, kind: str) -> dict:
+    """Load the file against a model as the engine would; the verdict and how LyCORIS modules are served."""
+    from sdserve.adapters import load_embedding, load_hypernetwork, load_lora, targets_of
+
+    info, components = _load_for_extract(model, "--model")
+    if kind == "embedding":
+        load_embedding(path, name, dict(info.text_widths))
+        return {"verdict": f"loads ({info.family})"}
+    if kind == "hypernetwork":
+        loaded = load_hypernetwork(path, name, tuple(info.attention_widths))
+        ignored = f"; widths {list(loaded.ignored_widths)} ignored" if loaded.ignored_widths else ""
+        return {"verdict": f"loads ({info.family}){ignored}"}
+    adapter = load_lora(path, name, targets_of(components))
+    served = {}
+    for lyco in adapter.lycoris.values():
+        key = f"{lyco.kind} {lyco.form}"
+        served.setdefault(key, []).append(lyco.served_rank)
+    lines = [f"{key}: {len(ranks)} module{'s' if len(ranks) > 1 else ''} served at rank "
+             + (f"{min(ranks)}" if min(ranks) == max(ranks) else f"{min(ranks)}-{max(ranks)}")
+             for key, ranks in sorted(served.items())]
+    return {"verdict": f"loads ({info.family}): {len(adapter.modules)} modules, {adapter.nbytes / 2**20:.2f} MiB "
+                       f"served in float32", "served": lines}

@@ -1,0 +1,200 @@
+"""What an adapter file is, read from its keys, shapes and metadata alone (no base model needed).
+
+`describe` reports the file's kind (LoRA, LoCon, LoHa, LoKr, DoRA, embedding, hypernetwork; a
+LyCORIS file mixing algorithms per module type is e.g. "LoHa+LoCon"), its ranks, the modules or
+tokens it targets, and the base family it was made for. Kinds that are not served (OFT, BOFT,
+GLoRA, IA3, kohya diff) are refused with UnsupportedAdapterKind naming the kind, as loading does.
+
+The family is read, in this order, from what the file says (sdserve's trainers'
+"sdserve_base_model_family", kohya's "ss_base_model_version", "modelspec.architecture"), from
+keys only SDXL files have (a second text encoder, the original UNet's block names), and from
+widths: the cross-attention context (attn2.to_k/to_v inputs: 768 SD 1.x, 1024 SD 2.x, 2048
+SDXL) or the text encoder's (768 / 1024). Otherwise "unknown": a file for the tiny test models
+says nothing the real families differ in. Whether a file fits a given model is `load_lora`'s
+verdict against that model's modules, which also names any key that does not fit.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from sdserve.adapters import detect
+from sdserve.adapters.formats.kohya import LOHA_ROLES, LOKR_ROLES, PREFIXES
+from sdserve.adapters.hypernetwork import METADATA_KEY as HYPERNETWORK_METADATA
+from sdserve.adapters.hypernetwork import PREFIX as HYPERNETWORK_PREFIX
+from sdserve.adapters.reader import Source, read_safetensors
+from sdserve.errors import AdapterError, UnsupportedAdapterKind
+
+# Context width of the UNet's cross-attention (its text encoders' output) -> family.
+_CONTEXT_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+_TEXT_FAMILY = {768: "sd1", 1024: "sd2"}
+_KIND_ORDER = ("DoRA", "LoHa", "LoKr", "LoCon", "LoRA")
+# Suffix of a factor key -> the role it plays in its module; longest first, so ".lora_A.weight" wins.
+_ROLE_SUFFIXES = (
+    (".lora_down.weight", "down"), (".lora_up.weight", "up"), (".lora_A.weight", "down"), (".lora_B.weight", "up"),
+    (".down.weight", "down"), (".up.weight", "up"), (".dora_scale", "dora"), (".lora_magnitude_vector", "dora"),
+    (".alpha", "alpha"),
+) + tuple((f".{role}", role) for role in LOHA_ROLES + LOKR_ROLES)
+_SGM_BLOCKS = re.compile(r"lora_unet_(input_blocks|middle_block|output_blocks)_")
+
+
+@dataclass(frozen=True)
+class AdapterSummary:
+    """One file, described."""
+
+    kind: str  # "LoRA", "LoCon", "LoHa", "LoKr", "DoRA", "embedding", "hypernetwork", or kinds joined by "+"
+    modules: Mapping[str, int]  # module kind -> how many modules of the file have it (empty for others)
+    rank: int | None  # the highest rank of any module (LoHa: its dim; a LoKr of two whole halves: 0)
+    ranks: tuple[int, ...]  # every distinct module rank, ascending
+    targets: tuple[str, ...]  # module names as the file writes them; an embedding's tokens; hypernetwork widths
+    components: tuple[str, ...]  # "unet", "text_encoder", "text_encoder_2"
+    family: str  # "sd1", "sd2", "sdxl" or "unknown"
+    family_source: str  # what told the family
+    layout: str | None  # "kohya", "peft", "peft_legacy" for the LoRA kinds
+
+
+def describe(source: Source, name: str) -> AdapterSummary:
+    """Describe an adapter file (path or bytes); AdapterError / UnsupportedAdapterKind for files
+    that are not one of the kinds above, or are not safetensors at all."""
+    raw = read_safetensors(source, name)
+    keys = set(raw.tensors)
+    if HYPERNETWORK_METADATA in raw.metadata or (keys and all(k.startswith(HYPERNETWORK_PREFIX) for k in keys)):
+        return _hypernetwork(keys)
+    if keys and (keys <= {"clip_l", "clip_g"} or keys == {"emb_params"} or len(keys) == 1 and _token_like(keys)):
+        return _embedding(raw.tensors)
+    try:
+        detect.check_kind(name, keys, raw.metadata)
+    except UnsupportedAdapterKind as refused:
+        if refused.kind != "dora":
+            raise
+    layout = detect.detect_layout(name, keys)
+    modules = _modules(name, raw.tensors)
+    kinds: dict[str, int] = {}
+    ranks: dict[str, int] = {}
+    for module, roles in modules.items():
+        kind, rank = _module_kind(roles)
+        kinds[kind] = kinds.get(kind, 0) + 1
+        ranks[module] = rank
+    if detect.metadata_says_dora(raw.metadata):  # PEFT's config flag: every LoRA module is DoRA
+        kinds = {("DoRA" if kind in ("LoRA", "LoCon") else kind): count for kind, count in kinds.items()}
+    present = [kind for kind in _KIND_ORDER if kind in kinds]
+    if "LoCon" in present and "LoRA" in present:
+        present.remove("LoRA")  # a LoCon is a LoRA that also adapts convs
+    family, evidence = _family(raw.metadata, raw.tensors, modules)
+    return AdapterSummary(
+        kind="+".join(present), modules=dict(sorted(kinds.items())), rank=max(ranks.values()),
+        ranks=tuple(sorted(set(ranks.values()))), targets=tuple(sorted(modules)),
+        components=tuple(sorted({_component(module) for module in modules})), family=family,
+        family_source=evidence, layout=layout,
+    )
+
+
+def _token_like(keys: set[str]) -> bool:
+    """A diffusers embedding's one key is its token: no LoRA or hypernetwork key looks like that."""
+    (key,) = keys
+    return "." not in key and not key.startswith("lora_")
+
+
+def _hypernetwork(keys: set[str]) -> AdapterSummary:
+    widths = sorted({int(key.split(".")[1]) for key in keys if key.count(".") >= 2 and key.split(".")[1].isdigit()})
+    family = next((_CONTEXT_FAMILY[w] for w in widths if w in _CONTEXT_FAMILY), "unknown")
+    return AdapterSummary(kind="hypernetwork", modules={}, rank=None, ranks=(),
+                          targets=tuple(f"attention width {w}" for w in widths), components=("unet",),
+                          family=family, family_source="attention widths" if family != "unknown" else "",
+                          layout=None)
+
+
+def _embedding(tensors: Mapping[str, torch.Tensor]) -> AdapterSummary:
+    keys = set(tensors)
+    if keys <= {"clip_l", "clip_g"}:
+        family, evidence, components = "sdxl", "clip_l/clip_g keys", ("text_encoder", "text_encoder_2")
+    else:
+        width = next(iter(tensors.values())).shape[-1] if next(iter(tensors.values())).ndim else 0
+        family = _TEXT_FAMILY.get(width, "unknown")
+        evidence, components = (f"text width {width}" if family != "unknown" else ""), ("text_encoder",)
+    (first,) = keys if len(keys) == 1 else ("clip_l",)
+    vectors = tensors[first].shape[0] if tensors[first].ndim == 2 else 1
+    token = first if first not in ("emb_params", "clip_l") else "(the file's name)"
+    return AdapterSummary(kind="embedding", modules={}, rank=None, ranks=(),
+                          targets=(f"{token} ({vectors} vector{'s' if vectors != 1 else ''})",),
+                          components=components, family=family, family_source=evidence, layout=None)
+
+
+def _modules(name: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """module name (as the file writes it) -> role -> tensor."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        role = next(((key[: -len(suffix)], role) for suffix, role in _ROLE_SUFFIXES if key.endswith(suffix)), None)
+        if role is None:
+            continue  # e.g. PEFT's bias-free extras; loading judges them
+        modules.setdefault(role[0], {})[role[1]] = tensor
+    modules = {module: roles for module, roles in modules.items() if set(roles) - {"alpha"}}
+    if not modules:
+        raise AdapterError(name, "not an adapter file (no LoRA, LyCORIS, embedding or hypernetwork keys found)")
+    return modules
+
+
+def _module_kind(roles: Mapping[str, torch.Tensor]) -> tuple[str, int]:
+    """(kind, rank) of one module from its roles' shapes."""
+    if "hada_w1_b" in roles:
+        return "LoHa", int(roles["hada_w1_b"].shape[0])
+    if any(role.startswith("lokr_") for role in roles):
+        factored = roles.get("lokr_w1_b", roles.get("lokr_w2_b"))
+        return "LoKr", int(factored.shape[0]) if factored is not None and factored.ndim else 0
+    down = roles.get("down")
+    rank = int(down.shape[0]) if down is not None and down.ndim else 0
+    if "dora" in roles:
+        return "DoRA", rank
+    return ("LoCon" if down is not None and down.ndim == 4 and tuple(down.shape[2:]) != (1, 1) else "LoRA"), rank
+
+
+def _component(module: str) -> str:
+    for prefix, component in PREFIXES.items():
+        if module.startswith(prefix):
+            return component
+    return module.split(".")[0]
+
+
+def _in_width(roles: Mapping[str, torch.Tensor]) -> int | None:
+    """A linear module's input width as its factors give it."""
+    down = roles.get("down", roles.get("hada_w1_b"))
+    if down is not None and down.ndim == 2:
+        return int(down.shape[1])
+    first = roles.get("lokr_w1", roles.get("lokr_w1_b"))
+    second = roles.get("lokr_w2", roles.get("lokr_w2_b"))
+    if first is not None and second is not None and first.ndim == 2 and second.ndim == 2:
+        return int(first.shape[1] * second.shape[1])
+    return None
+
+
+def _family(metadata: Mapping[str, str], tensors: Mapping[str, torch.Tensor],
+            modules: Mapping[str, Mapping[str, torch.Tensor]]) -> tuple[str, str]:
+    said = metadata.get("sdserve_base_model_family", "")
+    if said in ("sd1", "sd2", "sdxl"):
+        return said, "sdserve_base_model_family metadata"
+    for field in ("ss_base_model_version", "modelspec.architecture"):
+        text = metadata.get(field, "").lower()
+        if "xl" in text:
+            return "sdxl", f"{field} metadata"
+        if re.search(r"(sd_v2|v2[-_]|stable-diffusion-v2)", text):
+            return "sd2", f"{field} metadata"
+        if re.search(r"(sd_v1|v1[-_]|stable-diffusion-v1)", text):
+            return "sd1", f"{field} metadata"
+    if any(_component(module) == "text_encoder_2" for module in modules) or any(_SGM_BLOCKS.match(m) for m in modules):
+        return "sdxl", "SDXL-only keys"
+    for module, roles in modules.items():
+        flat = module.replace(".", "_")
+        if flat.endswith(("attn2_to_k", "attn2_to_v")):
+            width = _in_width(roles)
+            if width in _CONTEXT_FAMILY:
+                return _CONTEXT_FAMILY[width], f"cross-attention width {width}"
+    for module, roles in modules.items():
+        if _component(module) == "text_encoder" and module.replace(".", "_").endswith("q_proj"):
+            width = _in_width(roles)
+            if width in _TEXT_FAMILY:
+                return _TEXT_FAMILY[width], f"text encoder width {width}"
+    return "unknown", ""
