@@ -39,12 +39,12 @@ def _register_fuse(sub: argparse._SubParsersAction) -> None:
     fuse = sub.add_parser(
         "fuse", help="write a model with a LoRA stack folded into its weights",
         description="Write a diffusers model directory whose weights are W + sum s*B@A for every module the "
-                    "stack adapts (LoCon convs too); embeddings become tokenizer tokens and token-table rows. "
-                    "The base directory is only read.",
+                    "stack adapts (LoCon convs, and LoHa/LoKr in the exact LoRA form sdserve serves them in); "
+                    "embeddings become tokenizer tokens and token-table rows. The base directory is only read.",
     )
     fuse.add_argument("--model", required=True, metavar="NAME|DIR", help="built-in model name or diffusers directory")
     fuse.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
-                      help="a LoRA/LoCon file and its scale (default 1), repeatable, in stack order")
+                      help="a LoRA file (LoCon, LoHa, LoKr too) and its scale (default 1), repeatable, in stack order")
     fuse.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
                       help="a single-vector textual-inversion embedding and its token, repeatable")
     _common(fuse)
@@ -134,7 +134,7 @@ def _register_refit(sub: argparse._SubParsersAction) -> None:
     )
     refit.add_argument("--onnx", required=True, type=Path, metavar="DIR", help="a directory written by `compile onnx`")
     refit.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
-                       help="a LoRA/LoCon file and its scale (default 1), repeatable")
+                       help="a LoRA file (LoCon, LoHa, LoKr too) and its scale (default 1), repeatable")
     refit.add_argument("--no-check", action="store_true", help="skip the onnxruntime check against torch")
     _common(refit)
     refit.set_defaults(func=_refit)

@@ -96,8 +96,8 @@ def _model_digest(path: Path) -> str:
     return model_digest(path)
 
 
-def _write(staging: Path, name: str, base: BaseModel, changed: Sequence[str], tokens_added: bool, record: dict[str, Any],
-           description: str) -> None:
+def _write(staging: Path, name: str, base: BaseModel, changed: Sequence[str], tokens_added: bool,
+           record: dict[str, Any], description: str) -> None:
     """Save the changed components (in their stored dtype), tokenizers and sdserve.json."""
     loaded = base.loaded
     modules = {"unet": loaded.unet, **dict(zip(_ENCODER_DIRS, loaded.text_encoders))}

@@ -122,7 +122,8 @@ def check_config(config: OnnxConfig) -> None:
         raise InvalidArgument("two ControlNets share a name", field="--controlnet")
 
 
-def _load_controlnets(base: BaseModel, args: Sequence[ControlNetArg], dtype: torch.dtype) -> dict[str, torch.nn.Module]:
+def _load_controlnets(base: BaseModel, args: Sequence[ControlNetArg], dtype: torch.dtype
+                      ) -> dict[str, torch.nn.Module]:
     """Each --controlnet checked against the model's UNet as the engine checks it, then loaded."""
     from sdserve.engine.controlnet import ControlNetStore, _load_controlnet
 

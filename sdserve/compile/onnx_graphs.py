@@ -210,7 +210,8 @@ def controlnet_spec(name: str, controlnet: nn.Module, unet_config, dtype: torch.
                       encoder_hidden_states=conditioning.pop("encoder_hidden_states"), controlnet_cond=cond)
         return {**inputs, **conditioning}
 
-    names = ("sample", "timestep", "encoder_hidden_states", "controlnet_cond") + (("text_embeds", "time_ids") if sdxl else ())
+    names = ("sample", "timestep", "encoder_hidden_states", "controlnet_cond")
+    names += ("text_embeds", "time_ids") if sdxl else ()
     axes = {name: {0: "batch"} for name in names}
     axes["sample"] = {0: "batch", 2: "height", 3: "width"}
     axes["controlnet_cond"] = {0: "batch", 2: "image_height", 3: "image_width"}

@@ -22,7 +22,7 @@ from torch import nn
 from sdserve.adapters.embeddings import TextualInversion, load_embedding
 from sdserve.adapters.lora import MAX_SCALE, LoRAAdapter, load_lora
 from sdserve.adapters.targets import TargetSpec, targets_of
-from sdserve.errors import AdapterError, InvalidArgument, NotFound
+from sdserve.errors import AdapterError, InvalidArgument, NotFound, UnsupportedAdapterKind
 
 
 @dataclass(frozen=True)
@@ -159,7 +159,9 @@ def load_stack_for(targets: Mapping[str, TargetSpec], family: str, loras: Sequen
         _check_file(arg.path, "--lora")
         try:
             adapter = load_lora(str(arg.path), arg.path.name, targets, dtype=torch.float32)
-        except AdapterError as error:
+        except UnsupportedAdapterKind as error:
+            raise InvalidArgument(error.message, field="--lora") from None
+        except AdapterError as error:  # a shape or module mismatch: most often a file for another family
             raise InvalidArgument(f"{error.message} (is it for a {family} model?)", field="--lora") from None
         stack.append(StackLoRA(adapter, arg.scale, file_sha256(arg.path), arg.path))
     return stack

@@ -125,3 +125,46 @@ def test_sdxl_fuse_covers_both_text_encoders(tmp_path):
     base = engine.generate([engine.validate(RequestSpec(model="tiny-sdxl", **common))])[0].images[0]
     assert max_pixel_difference(got, want) <= 2
     assert max_pixel_difference(base, want) > 2
+
+
+def test_loha_and_lokr_fuse_to_lycoris_own_deltas(tmp_path):
+    """LyCORIS LoHa (Tucker convs too) and LoKr files fold to W + s·ΔW with ΔW as lycoris-lora
+    computes it from the file (the adapters package serves them as their exact LoRA form)."""
+    import safetensors.torch
+
+    pytest.importorskip("lycoris")
+    from sdserve.adapters.targets import targets_of
+    from sdserve.compile.fused_model import FuseConfig, fuse_model
+    from sdserve.compile.source import LoRAArg
+    from tests.adapters.lycoris_factory import lycoris_deltas, make_lycoris
+    from tests.engine.lora_cases import model_components
+
+    components = model_components(MODEL)
+    targets = targets_of(components)
+    plans = {
+        "loha": {t: ("loha", {"lora_dim": 2, "alpha": 1.0, "use_tucker": t.endswith("conv2")})
+                 for t in targets if t.endswith(("to_q", "conv2", "self_attn.k_proj"))},
+        "lokr": {t: ("lokr", {"lora_dim": 2, "alpha": 1.0, "factor": 4})
+                 for t in targets if t.endswith(("to_k", "conv1"))},
+    }
+    files, deltas = [], {}
+    for seed, (kind, plan) in enumerate(plans.items()):
+        state = make_lycoris(components, plan, seed=seed, std=0.5)
+        path = tmp_path / f"{kind}.safetensors"
+        safetensors.torch.save_file(state, path)
+        files.append(path)
+        deltas[kind] = lycoris_deltas(components, state)
+    scales = {"loha": 0.8, "lokr": -0.6}
+    out = fuse_model(FuseConfig(model=MODEL, out=tmp_path / "fused", progress=False,
+                                loras=tuple(LoRAArg(path, scales[path.stem]) for path in files))).out
+    for component in ("unet", "text_encoder"):
+        base, fused = _weights(base_dir(), component), _weights(out, component)
+        expected = {name: weight.detach().clone() for name, weight in base.items()}
+        for kind, kind_deltas in deltas.items():
+            for target, delta in kind_deltas.items():
+                if target.startswith(component + "."):
+                    name = target.removeprefix(component + ".") + ".weight"
+                    expected[name] += scales[kind] * delta.reshape(expected[name].shape)
+        for name, weight in fused.items():
+            torch.testing.assert_close(weight.detach(), expected[name], rtol=1e-5, atol=1e-5, msg=name)
+    assert sum(len(d) for d in deltas.values()) > 10

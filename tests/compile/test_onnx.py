@@ -71,8 +71,8 @@ def test_unet_graph_matches_diffusers_at_another_batch_and_size(exported):
     states = torch.randn(3, 77, unet.config.cross_attention_dim, generator=generator)
     with torch.no_grad():
         want = unet(sample, timestep, states).sample.numpy()
-    got = _session(exported / "unet/model.onnx").run(
-        ["noise_pred"], {"sample": sample.numpy(), "timestep": timestep.numpy(), "encoder_hidden_states": states.numpy()})[0]
+    feed = {"sample": sample.numpy(), "timestep": timestep.numpy(), "encoder_hidden_states": states.numpy()}
+    got = _session(exported / "unet/model.onnx").run(["noise_pred"], feed)[0]
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
