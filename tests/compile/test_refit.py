@@ -107,3 +107,16 @@ def test_refit_refuses_a_directory_that_is_not_an_export(adapters, tmp_path, cap
     code, _, stderr = run_cli(capsys, "compile", "refit", "--onnx", str(tmp_path), "--lora", str(adapters["a"]),
                               "--out", str(tmp_path / "o"))
     assert code == 2 and stderr.count("\n") == 1 and "--onnx" in stderr
+
+
+def test_refit_without_the_base_at_hand_says_it_is_unchecked(exports, adapters, tmp_path, capsys):
+    import json
+    import shutil
+
+    copy = shutil.copytree(exports["base"], tmp_path / "moved")
+    manifest = json.loads((copy / "sdserve-compile.json").read_text())
+    manifest["base"] = str(tmp_path / "gone")  # the model it was exported from is not on this machine
+    (copy / "sdserve-compile.json").write_text(json.dumps(manifest))
+    stdout = _refit(capsys, copy, tmp_path / "out", f"{adapters['a']}:{SCALE_A}")
+    assert "not checked: the base model" in stdout and "max rel" not in stdout
+    assert read_manifest(tmp_path / "out").components["unet"].overrides
