@@ -33,7 +33,6 @@ the served rank is bounded by the module's shape. Plain torch, no import of `sds
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
@@ -48,10 +47,10 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 class LycorisInfo:
     """How one LyCORIS module of a file is served."""
 
-    kind: Literal["loha", "lokr"]
+    kind: str  # "loha" | "lokr"
     file_rank: int  # LoHa: r1 (its alpha's divisor); LoKr: the factored half's rank, 0 when both are whole
     served_rank: int  # the rank of the LoRA form served
-    form: Literal["factorized", "dense"]
+    form: str  # "factorized" | "dense"
     scale: float  # LyCORIS's alpha / rank rule (see the module docstring)
     tucker: bool
 
@@ -126,8 +125,7 @@ def lycoris_pair(name: str, raw: RawLycoris, spec: TargetSpec, max_rank: int) ->
     served = down.shape[0]
     if spec.kind == "conv":  # a LoCon's down conv, as `validate_lora` checks it
         down = down.reshape(served, spec.in_features, *spec.kernel_size)
-    info = LycorisInfo(kind=raw.kind, file_rank=file_rank, served_rank=served, form=form, scale=scale,  # type: ignore[arg-type]
-                       tucker=tucker)
+    info = LycorisInfo(kind=raw.kind, file_rank=file_rank, served_rank=served, form=form, scale=scale, tucker=tucker)
     pair = RawPair(target=raw.target, down=down, up=up, alpha=scale * served, use_rslora=False, key=raw.key,
                    source=raw.kind)
     return pair, info
@@ -204,20 +202,20 @@ def _dense(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return delta.contiguous(), torch.eye(f)
 
 
-def _lokr_half(module: _Module, index: int) -> tuple[str, torch.Tensor | Half]:
-    """One LoKr half as ("whole", matrix) or ("factored", (up, down)), its shape checked where known."""
+def _lokr_half(module: _Module, index: int) -> tuple[torch.Tensor | None, Half | None]:
+    """One LoKr half as it is stored: (the whole matrix, None) or (None, (up, down))."""
     whole, up_role, down_role = f"lokr_w{index}", f"lokr_w{index}_a", f"lokr_w{index}_b"
     tensors = module.raw.tensors
     if whole in tensors:
         extra = next((role for role in (up_role, down_role) if role in tensors), None)
         if extra is not None:
             raise module.fail(module.key(extra), f"the file also holds {whole!r}: a LoKr half is whole or factored")
-        return "whole", module.need(whole, whole)
+        return module.need(whole, whole), None
     present = next((role for role in (up_role, down_role) if role in tensors), None)
     if present is None:
         other = next(iter(tensors))
         raise module.fail(module.key(other), f"has no matching {whole!r} or {up_role!r}/{down_role!r} in the file")
-    return "factored", (module.need(up_role, present), module.need(down_role, present))
+    return None, (module.need(up_role, present), module.need(down_role, present))
 
 
 def _lokr_halves(module: _Module) -> tuple[tuple[Half, Half], bool, int]:
@@ -225,55 +223,55 @@ def _lokr_halves(module: _Module) -> tuple[tuple[Half, Half], bool, int]:
     spec = module.spec
     out, channels = spec.out_features, spec.in_features
     kh, kw = spec.kernel_size
-    form1, value1 = _lokr_half(module, 1)
-    if form1 == "whole":
-        w1 = value1
-        if w1.ndim != 2:  # type: ignore[union-attr]
+    w1, factors1 = _lokr_half(module, 1)
+    rank1 = 0
+    if w1 is not None:
+        if w1.ndim != 2:
             raise module.fail(module.key("lokr_w1"), "must be a matrix")
-        a, c = w1.shape  # type: ignore[union-attr]
-        rank1 = 0
+        a, c = w1.shape
+        half1 = _whole(w1)
     else:
-        up1, down1 = value1  # type: ignore[misc]
+        assert factors1 is not None
+        up1, down1 = factors1
         rank1 = module.rank("lokr_w1_a", up1, up1.shape[1] if up1.ndim == 2 else 0)
-        if up1.ndim != 2 or down1.ndim != 2 or down1.shape[0] != rank1:
+        if down1.ndim != 2 or down1.shape[0] != rank1:
             raise module.fail(module.key("lokr_w1_b"), f"shape {list(down1.shape)} does not follow "
                                                        f"'lokr_w1_a' {list(up1.shape)}")
         a, c = up1.shape[0], down1.shape[1]
+        half1 = (up1, down1)
     if out % a or channels % c:
-        key = module.key("lokr_w1" if form1 == "whole" else "lokr_w1_a")
-        raise module.fail(key, f"a [{a}, {c}] first factor does not divide the base module's "
-                               f"[{out}, {channels}]")
+        key = module.key("lokr_w1" if w1 is not None else "lokr_w1_a")
+        raise module.fail(key, f"a [{a}, {c}] first factor does not divide the base module's [{out}, {channels}]")
     b, d = out // a, channels // c
-    f2 = d * kh * kw
+    f2 = d * kh * kw  # columns of W2 flattened as a conv's kernel is
     tucker = "lokr_t2" in module.raw.tensors
-    form2, value2 = _lokr_half(module, 2)
+    w2, factors2 = _lokr_half(module, 2)
     rank2 = 0
-    if form2 == "whole":
+    if w2 is not None:
         if tucker:
             raise module.fail(module.key("lokr_t2"), "a Tucker factor beside a whole 'lokr_w2'")
-        module.shape("lokr_w2", value2, (b, f2), (b, d, kh, kw))  # type: ignore[arg-type]
-        w2 = value2.reshape(b, f2)  # type: ignore[union-attr]
+        module.shape("lokr_w2", w2, (b, f2), (b, d, kh, kw))
+        half2 = _whole(w2.reshape(b, f2))
+    elif tucker:
+        assert factors2 is not None
+        t = module.need("lokr_t2", "lokr_w2_a")
+        if spec.kind != "conv":
+            raise module.fail(module.key("lokr_t2"), "a Tucker factor on a linear module")
+        rank2 = module.rank("lokr_t2", t, t.shape[0] if t.ndim == 4 else 0)
+        module.shape("lokr_t2", t, (rank2, rank2, kh, kw))
+        module.shape("lokr_w2_a", factors2[0], (rank2, b))
+        module.shape("lokr_w2_b", factors2[1], (rank2, d))
+        half2 = (factors2[0].t(), _tucker_down(t, factors2[1]))
     else:
-        up2, down2 = value2  # type: ignore[misc]
-        if tucker:
-            t = module.need("lokr_t2", "lokr_w2_a")
-            if spec.kind != "conv":
-                raise module.fail(module.key("lokr_t2"), "a Tucker factor on a linear module")
-            rank2 = module.rank("lokr_t2", t, t.shape[0] if t.ndim == 4 else 0)
-            module.shape("lokr_t2", t, (rank2, rank2, kh, kw))
-            module.shape("lokr_w2_a", up2, (rank2, b))
-            module.shape("lokr_w2_b", down2, (rank2, d))
-            up2, down2 = up2.t(), _tucker_down(t, down2)
-        else:
-            rank2 = module.rank("lokr_w2_a", up2, up2.shape[1] if up2.ndim == 2 else 0)
-            module.shape("lokr_w2_a", up2, (b, rank2))
-            module.shape("lokr_w2_b", down2, (rank2, f2), (rank2, d, kh, kw))
-            down2 = down2.reshape(rank2, f2)
+        assert factors2 is not None
+        up2, down2 = factors2
+        rank2 = module.rank("lokr_w2_a", up2, up2.shape[1] if up2.ndim == 2 else 0)
+        module.shape("lokr_w2_a", up2, (b, rank2))
+        module.shape("lokr_w2_b", down2, (rank2, f2), (rank2, d, kh, kw))
+        half2 = (up2, down2.reshape(rank2, f2))
     if rank1 and rank2 and rank1 != rank2:
         raise module.fail(module.key("lokr_w2_b"), f"rank {rank2} differs from 'lokr_w1_b' rank {rank1}: "
                                                    f"its alpha's divisor is ambiguous")
-    half1 = _whole(w1) if form1 == "whole" else (up1, down1)
-    half2 = _whole(w2) if form2 == "whole" else (up2, down2)
     return (half1, half2), tucker, rank1 or rank2
 
 
