@@ -40,18 +40,21 @@ def lora_name(target: str) -> str:
 
 
 def make_lycoris(components: Mapping[str, torch.nn.Module], plan: Plan, seed: int = 0,
-                 std: float = 0.3) -> dict[str, torch.Tensor]:
-    """A kohya-layout LyCORIS state dict: one module per planned target, random parameters."""
+                 std: float = 0.3, names: Mapping[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """A kohya-layout LyCORIS state dict: one module per planned target, random parameters.
+    `names` overrides a target's module name (SDXL's "lora_te1_", "lora_te2_", sgm block names)."""
+    names = names or {}
     generator = torch.Generator().manual_seed(seed)
     state: dict[str, torch.Tensor] = {}
     for target, (algo, kwargs) in plan.items():
         component, _, path = target.partition(".")
-        module = _CLASSES[algo](lora_name(target), components[component].get_submodule(path), 1.0, **kwargs)
+        name = names[target] if target in names else lora_name(target)
+        module = _CLASSES[algo](name, components[component].get_submodule(path), 1.0, **kwargs)
         with torch.no_grad():
             for parameter in module.parameters():
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
         for role, tensor in module.custom_state_dict().items():
-            state[f"{lora_name(target)}.{role}"] = tensor.detach().float().clone().contiguous()
+            state[f"{name}.{role}"] = tensor.detach().float().clone().contiguous()
     return state
 
 

@@ -70,12 +70,13 @@ def test_served_delta_equals_lycoris_and_the_definition(lyco, sd15_components, s
     assert adapter.lycoris[f"{MID}.resnets.0.time_emb_proj"].scale == 1.0
 
 
-def _definition(lyco, target: str, shape: tuple[int, ...]) -> torch.Tensor:
+def _definition(lyco, target: str, shape: tuple[int, ...], name: str | None = None) -> torch.Tensor:
     """ΔW from the file's tensors by the definitions in kernels.lycoris_reference, with the scale
     rule written out: alpha / dim (alpha 0 -> dim), and 1 for a LoKr of two whole halves."""
-    get = {key.split(".", 1)[1]: value for key, value in lyco.items() if key.startswith(lora_name(target) + ".")}.get
+    prefix = (name or lora_name(target)) + "."
+    get = {key.split(".", 1)[1]: value for key, value in lyco.items() if key.startswith(prefix)}.get
     alpha = float(get("alpha"))
-    if "hada_w1_a" in str(list(k for k in lyco if k.startswith(lora_name(target) + "."))):
+    if get("hada_w1_a") is not None:
         dim = get("hada_w1_b").shape[0]
         scale = (alpha or dim) / dim
         return loha_delta(get("hada_w1_a"), get("hada_w1_b"), get("hada_w2_a"), get("hada_w2_b"), shape, scale,
@@ -92,6 +93,31 @@ def _definition(lyco, target: str, shape: tuple[int, ...]) -> torch.Tensor:
         if len(shape) == 4:
             w2 = w2.reshape(w2.shape[0], -1, *shape[2:])
     return lokr_delta(w1, w2, scale).reshape(shape)
+
+
+def test_sdxl_kohya_names(sdxl_components, sdxl_targets):
+    """SDXL files as kohya/LyCORIS write them: "lora_te1_"/"lora_te2_", the original UNet's block names."""
+    from sdserve.adapters.formats.sgm import sgm_aliases
+
+    to_q = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    conv = "unet.down_blocks.1.resnets.0.conv1"
+    te1 = "text_encoder.encoder.layers.0.self_attn.k_proj"
+    te2 = "text_encoder_2.text_model.encoder.layers.0.self_attn.k_proj"
+    sgm = {path: alias for alias, path in sgm_aliases([t.partition(".")[2] for t in sdxl_targets
+                                                        if t.startswith("unet.")]).items()}
+    names = {target: "lora_unet_" + sgm[target.partition(".")[2]].replace(".", "_") for target in (to_q, conv)}
+    names |= {te1: "lora_te1_text_model_encoder_layers_0_self_attn_k_proj",
+              te2: "lora_te2_text_model_encoder_layers_0_self_attn_k_proj"}
+    plan = {to_q: ("loha", {"lora_dim": 2, "alpha": 1.0}), te1: ("loha", {"lora_dim": 3, "alpha": 2.0}),
+            conv: ("lokr", {"lora_dim": 2, "alpha": 1.0, "factor": 4, "use_tucker": True}),
+            te2: ("lokr", {"lora_dim": 2, "alpha": 4.0, "decompose_both": True, "factor": 4})}
+    lyco = make_lycoris(sdxl_components, plan, seed=4, names=names)
+    assert any(key.startswith("lora_unet_input_blocks_") for key in lyco)
+    adapter = _load(lyco, sdxl_targets)
+    assert set(adapter.lycoris) == set(plan)
+    for target in plan:
+        served = adapter.modules[target].delta_weight()
+        assert _relative(served, _definition(lyco, target, tuple(served.shape), names[target])) < 1e-5, target
 
 
 def test_lycoris_merge_of_a_unit_scale_file(sd15_components, sd15_targets):
