@@ -12,13 +12,16 @@ widths: the cross-attention context (attn2.to_k/to_v inputs: 768 SD 1.x, 1024 SD
 SDXL) or the text encoder's (768 / 1024). Otherwise "unknown": a file for the tiny test models
 says nothing the real families differ in. Whether a file fits a given model is `load_lora`'s
 verdict against that model's modules, which also names any key that does not fit.
+
+`listing` reduces a description to what the server lists for a registered file (AdapterInfo's
+form, rank and targets); the server runs it once per upload, in its upload-check worker.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -40,6 +43,7 @@ _ROLE_SUFFIXES = (
     (".alpha", "alpha"),
 ) + tuple((f".{role}", role) for role in LOHA_ROLES + LOKR_ROLES)
 _SGM_BLOCKS = re.compile(r"lora_unet_(input_blocks|middle_block|output_blocks)_")
+_FORM = re.compile(r"(lora|locon|loha|lokr|dora)(\+(lora|locon|loha|lokr|dora)){0,4}|")
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,36 @@ class AdapterSummary:
     family: str  # "sd1", "sd2", "sdxl" or "unknown"
     family_source: str  # what told the family
     layout: str | None  # "kohya", "peft", "peft_legacy" for the LoRA kinds
+    vectors: int = 0  # an embedding's vectors per token (SDXL: per text encoder); 0 for the other kinds
+
+
+@dataclass(frozen=True)
+class Listing:
+    """What a server lists about a registered file (AdapterInfo's form, rank and targets):
+    `describe` reduced to three values; the empty values for a file it could not describe."""
+
+    form: str = ""  # the LoRA kinds' `kind` in lower case ("lora", "locon", "loha", "lokr", "loha+locon"); else ""
+    rank: int = 0  # the LoRA kinds' highest module rank; else 0
+    targets: int = 0  # modules (LoRA kinds), vectors (embedding) or attention widths (hypernetwork)
+
+    @classmethod
+    def of(cls, summary: AdapterSummary) -> Listing:
+        if summary.kind == "embedding":
+            return cls(targets=summary.vectors)
+        if summary.kind == "hypernetwork":
+            return cls(targets=len(summary.targets))
+        return cls(form=summary.kind.lower(), rank=summary.rank or 0, targets=len(summary.targets))
+
+    @classmethod
+    def from_json(cls, value: object) -> Listing:
+        """Read back what `listing` returned, as it came from an upload-check worker: a worker that
+        parsed a hostile file is not trusted, so anything out of shape or range reads as empty."""
+        if not isinstance(value, dict):
+            return cls()
+        form, rank, targets = value.get("form"), _count(value.get("rank")), _count(value.get("targets"))
+        if not isinstance(form, str) or not _FORM.fullmatch(form) or rank is None or targets is None:
+            return cls()
+        return cls(form, rank, targets)
 
 
 def describe(source: Source, name: str) -> AdapterSummary:
@@ -93,6 +127,24 @@ def describe(source: Source, name: str) -> AdapterSummary:
     )
 
 
+def listing(source: Source, name: str, kind: str) -> dict[str, str | int]:
+    """`Listing.of(describe(...))` as a JSON object, for a file the loader of `kind` ("lora",
+    "embedding", "hypernetwork") has accepted: the job an upload-check worker runs. A file that
+    `describe` cannot read, or reads as another kind than the loader did, lists the empty values
+    rather than wrong ones (the loader, not this, decides what is served)."""
+    try:
+        summary = describe(source, name)
+    except AdapterError:
+        return asdict(Listing())
+    served_as = summary.kind if summary.kind in ("embedding", "hypernetwork") else "lora"
+    return asdict(Listing.of(summary) if served_as == kind else Listing())
+
+
+def _count(value: object) -> int | None:
+    """An int32 count (not a bool, which JSON's true reads as), else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31 else None
+
+
 def _token_like(keys: set[str]) -> bool:
     """A diffusers embedding's one key is its token: no LoRA or hypernetwork key looks like that."""
     (key,) = keys
@@ -121,7 +173,8 @@ def _embedding(tensors: Mapping[str, torch.Tensor]) -> AdapterSummary:
     token = first if first not in ("emb_params", "clip_l") else "(the file's name)"
     return AdapterSummary(kind="embedding", modules={}, rank=None, ranks=(),
                           targets=(f"{token} ({vectors} vector{'s' if vectors != 1 else ''})",),
-                          components=components, family=family, family_source=evidence, layout=None)
+                          components=components, family=family, family_source=evidence, layout=None,
+                          vectors=vectors)
 
 
 def _modules(name: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:

@@ -393,7 +393,8 @@ def upload_part(chunk: pb.UploadAdapterChunk) -> UploadHeader | bytes | None:
 
 
 def adapter_info(record: Any) -> pb.AdapterInfo:
-    """A registry record (name, kind, family, sha256, size, shared, created) -> AdapterInfo."""
+    """A registry record (name, kind, family, sha256, size, shared, created, form, rank, targets)
+    -> AdapterInfo."""
     return pb.AdapterInfo(
         name=record.name,
         kind=record.kind,
@@ -402,6 +403,9 @@ def adapter_info(record: Any) -> pb.AdapterInfo:
         size=record.size,
         shared=record.shared,
         created=record.created,
+        form=record.form,
+        rank=record.rank,
+        targets=record.targets,
     )
 
 

@@ -4,7 +4,8 @@ Uploads are checked claim by claim before anything is registered: the header (na
 family, size, quota), the bytes as they arrive (size), their sha256, and finally the file
 itself against this server's model of the declared family (safetensors only, every LoRA key
 matching a module with the right shapes). Only then does the registry name the file. A failed
-upload leaves no file and no name behind.
+upload leaves no file and no name behind. What the file is (form, rank, targets: the description
+`sdserve adapters inspect` gives) is read once, after validation, and kept with its name.
 
 The file is validated in a worker process (`upload_check`) with a time and a memory limit, so
 a hostile file cannot hold this process's GIL or memory. Uploads under way are bounded per
@@ -27,6 +28,7 @@ from typing import Any
 import grpc
 
 from sdserve.adapters import load_embedding, load_hypernetwork, load_lora
+from sdserve.adapters.inspect import Listing, listing
 from sdserve.api import convert
 from sdserve.errors import AdapterError, InvalidArgument, ResourceExhausted
 from sdserve.server import status
@@ -134,8 +136,10 @@ class AdaptersService:
                         f"the received bytes have sha256 {digest}, not the declared one", field="header.sha256"
                     )
                 await self._validate(staged, header.name, kind, info)
+                facts = await self._describe(staged, header.name, kind)
                 record = await asyncio.to_thread(
-                    core.registry.register, scope, header.name, kind, header.family, staged, digest, quota
+                    core.registry.register, scope, header.name, kind, header.family, staged, digest, quota,
+                    form=facts.form, rank=facts.rank, targets=facts.targets,
                 )
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
@@ -163,6 +167,14 @@ class AdaptersService:
         except AdapterError as exc:
             # AdapterError names the adapter; as an upload error it is about the data sent.
             raise InvalidArgument(str(exc.message), field="data") from None
+
+    async def _describe(self, staged: Any, name: str, kind: str) -> Listing:
+        """What the validated file is, read in a validation worker too (the description parses the
+        file again, under the same limits); the worker's report is checked on the way back."""
+        facts = Listing.from_json(await self.checks.run(listing, staged, name, kind))
+        if facts.targets == 0:  # every file `describe` reads touches something
+            log.warning("upload of %r: its form, rank and targets could not be read; listed empty", name[:64])
+        return facts
 
     @status.unary_method
     async def ListAdapters(self, request: Any, context: grpc.aio.ServicerContext) -> Any:

@@ -19,6 +19,11 @@ at once but keeps the file until the last pin goes, so the request still finishe
 
 Scopes: a tenant's own adapters live in the scope of its name; shared (admin-published)
 adapters in SHARED, which no tenant name can equal.
+
+What a file is (its form, rank and targets: `sdserve.adapters.inspect.Listing`) is read once, at
+upload, and kept in its row. Databases written before those columns existed gain them when opened
+(ALTER TABLE ... ADD COLUMN with the empty values as defaults), so their rows list with form ""
+and rank and targets 0 until re-uploaded.
 """
 
 from __future__ import annotations
@@ -49,9 +54,19 @@ CREATE TABLE IF NOT EXISTS adapters (
     sha256  TEXT NOT NULL,
     size    INTEGER NOT NULL,
     created REAL NOT NULL,
+    form    TEXT NOT NULL DEFAULT '',
+    rank    INTEGER NOT NULL DEFAULT 0,
+    targets INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (scope, name)
 )
 """
+# Columns added after the first schema: (name, declaration), added to older databases on open.
+_ADDED_COLUMNS = (
+    ("form", "TEXT NOT NULL DEFAULT ''"),
+    ("rank", "INTEGER NOT NULL DEFAULT 0"),
+    ("targets", "INTEGER NOT NULL DEFAULT 0"),
+)
+_COLUMNS = "scope, name, kind, family, sha256, size, created, form, rank, targets"
 
 
 @dataclass(frozen=True)
@@ -63,6 +78,9 @@ class AdapterRecord:
     sha256: str
     size: int
     created: float
+    form: str = ""  # "lora", "locon", "loha", "lokr" (or a "+" mix) for kind "lora"; "" otherwise or unknown
+    rank: int = 0  # the highest module rank for kind "lora"; 0 otherwise or unknown
+    targets: int = 0  # modules (lora), vectors (embedding), attention widths (hypernetwork); 0 if unknown
 
     @property
     def shared(self) -> bool:
@@ -97,12 +115,30 @@ class Registry:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute(_SCHEMA)
+        self._add_missing_columns()
         self._pins: Counter[str] = Counter()  # sha256 -> calls using the file now
         self.collect()
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    def _add_missing_columns(self) -> None:
+        """Bring a database written by an older server up to this schema; its rows keep their values
+        and read the added columns' defaults."""
+        # Read and altered in one write transaction: two servers opening one old database add each
+        # column once.
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            present = {row[1] for row in self._db.execute("PRAGMA table_info(adapters)")}
+            for name, declaration in _ADDED_COLUMNS:
+                if name in present:
+                    continue
+                self._db.execute(f"ALTER TABLE adapters ADD COLUMN {name} {declaration}")
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -111,7 +147,7 @@ class Registry:
 
     def _row(self, scope: str, name: str) -> AdapterRecord | None:
         row = self._db.execute(
-            "SELECT scope, name, kind, family, sha256, size, created FROM adapters WHERE scope=? AND name=?",
+            f"SELECT {_COLUMNS} FROM adapters WHERE scope=? AND name=?",
             (scope, name),
         ).fetchone()
         return AdapterRecord(*row) if row else None
@@ -139,7 +175,7 @@ class Registry:
     def list(self, tenant: str, family: str = "") -> list[AdapterRecord]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT scope, name, kind, family, sha256, size, created FROM adapters"
+                f"SELECT {_COLUMNS} FROM adapters"
                 " WHERE (scope=? OR scope=?) AND (?='' OR family=?) ORDER BY scope=? DESC, name",
                 (tenant, SHARED, family, family, tenant),
             ).fetchall()
@@ -187,9 +223,11 @@ class Registry:
             path.unlink(missing_ok=True)
 
     def register(
-        self, scope: str, name: str, kind: str, family: str, staged: Path, sha256: str, quota: Quota
+        self, scope: str, name: str, kind: str, family: str, staged: Path, sha256: str, quota: Quota,
+        *, form: str = "", rank: int = 0, targets: int = 0,
     ) -> AdapterRecord:
-        """Move a complete, validated staged file into the store and name it, atomically."""
+        """Move a complete, validated staged file into the store and name it, atomically; `form`,
+        `rank` and `targets` are what the file is (see AdapterRecord), kept in its row."""
         size = staged.stat().st_size
         target = self.blob_path(sha256)
         with open(staged, "rb+") as handle:
@@ -204,12 +242,12 @@ class Registry:
             os.replace(staged, target)
             _fsync_dir(target.parent)
             old = self._row(scope, name)
-            record = AdapterRecord(scope, name, kind, family, sha256, size, time.time())
+            record = AdapterRecord(scope, name, kind, family, sha256, size, time.time(), form, rank, targets)
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 self._db.execute(
-                    "INSERT OR REPLACE INTO adapters VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (scope, name, kind, family, sha256, size, record.created),
+                    f"INSERT OR REPLACE INTO adapters ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (scope, name, kind, family, sha256, size, record.created, form, rank, targets),
                 )
                 self._db.execute("COMMIT")
             except BaseException:

@@ -14,8 +14,10 @@ it. So every validation runs in a separate process:
 - a worker dies with its server (PR_SET_PDEATHSIG, and EOF on its pipe between jobs).
 
 A job is a module-level callable and its arguments (pickled by reference, parent -> worker); the
-worker calls it and discards what it returns. Replies (worker -> parent) are JSON, never pickle:
-the worker has just parsed hostile bytes, and the parent must not unpickle anything it sends.
+worker calls it and discards what it returns unless that is a small report, a dict of JSON scalars
+(what `sdserve.adapters.inspect.listing` returns), which comes back as `run`'s value. Replies
+(worker -> parent) are JSON, never pickle: the worker has just parsed hostile bytes, and the parent
+must not unpickle anything it sends, and must check the shape of any report before using it.
 The parent waits in threads of the pool's own executor, so the event loop never blocks and the
 loop's default executor is not filled with waiting uploads.
 
@@ -103,8 +105,11 @@ class UploadChecks:
         """The start-up reports (time, memory) of the workers that have been used so far."""
         return [dict(worker.ready) for worker in self._workers if worker.ready is not None]
 
-    async def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    async def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, Any] | None:
         """Run `fn(*args, **kwargs)` in a worker; return when it returned, raise what it raised.
+
+        Returns what `fn` returned if that was a report (a dict of at most 16 JSON scalars keyed by
+        strings), else None. A report is untrusted data: check every value before using it.
 
         An SdserveError raised by `fn` is raised here again from its message (AdapterError from
         its name and problem); past the time or memory limit, or if the worker dies, the file is
@@ -118,6 +123,8 @@ class UploadChecks:
                 if outcome.kind != "lost" or attempt == 1:
                     break
         self._raise(outcome)
+        report = outcome.reply.get("report")
+        return report if isinstance(report, dict) else None
 
     def close(self) -> None:
         """Kill every worker (busy ones too: their uploads are refused as UNAVAILABLE)."""
@@ -290,6 +297,7 @@ def _worker_loop(conn: Connection, parent_pid: int, memory_bytes: int) -> None:
     import torch
 
     import sdserve.adapters  # noqa: F401  (what the jobs call, imported before the limit is set)
+    import sdserve.adapters.inspect  # noqa: F401  (the listing job)
 
     # One thread: validation does not need more, and every extra thread maps a stack and a
     # malloc arena that would count against the address-space limit.
@@ -323,7 +331,8 @@ def _worker_loop(conn: Connection, parent_pid: int, memory_bytes: int) -> None:
 def _run_job(job: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]) -> dict[str, Any]:
     fn, args, kwargs = job
     try:
-        fn(*args, **kwargs)  # the result (a loaded adapter) is not needed: only whether it loads
+        # A loaded adapter is not needed, only whether it loads; a report (`_is_report`) comes back.
+        result = fn(*args, **kwargs)
     except AdapterError as exc:
         return {"error": "AdapterError", "name": exc.adapter_name, "problem": exc.problem}
     except SdserveError as exc:
@@ -335,7 +344,16 @@ def _run_job(job: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]) ->
         if _is_allocation_failure(exc):
             return {"memory": True, "recycle": True}
         return {"internal": traceback.format_exc(limit=8)[-4000:], "recycle": True}
-    return {"ok": True}
+    return {"ok": True, "report": result} if _is_report(result) else {"ok": True}
+
+
+def _is_report(value: Any) -> bool:
+    """A job's small JSON answer (not a loaded adapter, which stays in the worker)."""
+    return (
+        isinstance(value, dict)
+        and len(value) <= 16
+        and all(isinstance(k, str) and (v is None or isinstance(v, (str, int, float, bool))) for k, v in value.items())
+    )
 
 
 def _is_allocation_failure(exc: BaseException) -> bool:

@@ -10,7 +10,7 @@ import safetensors.torch
 import torch
 
 from sdserve.adapters.hypernetwork import METADATA_KEY, metadata_of
-from sdserve.adapters.inspect import describe
+from sdserve.adapters.inspect import Listing, describe, listing
 from sdserve.errors import UnsupportedAdapterKind
 from tests.adapters.lora_factory import kohya_file_contents, peft_file_contents
 from tests.adapters.lycoris_factory import make_lycoris
@@ -97,6 +97,41 @@ def test_embedding_and_hypernetwork():
     hypernetwork = describe(_bytes(layers, metadata), "f")
     assert (hypernetwork.kind, hypernetwork.family, hypernetwork.targets) == ("hypernetwork", "sd1",
                                                                               ("attention width 768",))
+
+
+def test_listing_reduces_the_description_to_form_rank_targets(sd15_components):
+    # The PLAN file: 11 modules, LoHa and LoKr, highest rank 8 (see test_lycoris_file).
+    assert listing(_bytes(make_lycoris(sd15_components, PLAN, seed=1)), "f", "lora") == {
+        "form": "loha+lokr", "rank": 8, "targets": len(PLAN)}
+    lora = {f"{CROSS_K}.lora_down.weight": torch.ones(4, 1024), f"{CROSS_K}.lora_up.weight": torch.ones(640, 4)}
+    assert listing(_bytes(lora), "f", "lora") == {"form": "lora", "rank": 4, "targets": 1}
+    sdxl_embedding = {"clip_l": torch.ones(5, 768), "clip_g": torch.ones(5, 1280)}
+    assert listing(_bytes(sdxl_embedding), "f", "embedding") == {"form": "", "rank": 0, "targets": 5}
+    assert listing(_bytes({"<cat>": torch.ones(768)}), "f", "embedding")["targets"] == 1  # one vector, 1-D
+    layers = {f"hypernetwork.{w}.{side}.0.weight": torch.ones(w, w) for w in (320, 768) for side in "kv"}
+    assert listing(_bytes(layers), "f", "hypernetwork") == {"form": "", "rank": 0, "targets": 2}
+    # A file the loader of `kind` accepted but `describe` reads otherwise, or not at all, lists empty.
+    assert listing(_bytes(lora), "f", "embedding") == {"form": "", "rank": 0, "targets": 0}
+    assert listing(_bytes({"my.token": torch.ones(2, 768)}), "f", "embedding") == {"form": "", "rank": 0, "targets": 0}
+
+
+@pytest.mark.parametrize(
+    ("report", "expected"),
+    [
+        ({"form": "loha+locon", "rank": 8, "targets": 11}, Listing("loha+locon", 8, 11)),
+        ({"form": "", "rank": 0, "targets": 3}, Listing("", 0, 3)),
+        (None, Listing()),
+        ({"form": "lora"}, Listing()),
+        ({"form": "LoRA\n", "rank": 2, "targets": 1}, Listing()),
+        ({"form": "oft", "rank": 2, "targets": 1}, Listing()),
+        ({"form": "lora", "rank": True, "targets": 1}, Listing()),
+        ({"form": "lora", "rank": -1, "targets": 1}, Listing()),
+        ({"form": "lora", "rank": 2, "targets": 2**31}, Listing()),
+        ({"form": "lora", "rank": 2.0, "targets": 1}, Listing()),
+    ],
+)
+def test_a_workers_report_is_checked(report, expected):
+    assert Listing.from_json(report) == expected
 
 
 STEM = "lora_unet_mid_block_resnets_0_conv1"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -48,6 +49,55 @@ def test_scopes_and_content_addressing(tmp_path):
         staged, d = _stage(registry, b"toolarge")
         registry.register("alice", "y", "lora", "sd1", staged, d, Quota(1, 4))
     assert registry.list("alice") == [registry.resolve("alice", "s")]
+
+
+# The table as servers wrote it before AdapterInfo had form, rank and targets.
+OLD_SCHEMA = """
+CREATE TABLE adapters (
+    scope   TEXT NOT NULL,
+    name    TEXT NOT NULL,
+    kind    TEXT NOT NULL,
+    family  TEXT NOT NULL,
+    sha256  TEXT NOT NULL,
+    size    INTEGER NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (scope, name)
+)
+"""
+
+
+def write_old_registry(root: Path, rows: list[tuple[str, str, str, str, bytes, float]]) -> None:
+    """A data directory as an older server left it: (scope, name, kind, family, file bytes, created)."""
+    root.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(root / "registry.db", isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute(OLD_SCHEMA)
+    for scope, name, kind, family, data, created in rows:
+        digest = hashlib.sha256(data).hexdigest()
+        blob = root / "adapters" / digest[:2] / f"{digest}.safetensors"
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        db.execute("INSERT INTO adapters VALUES (?, ?, ?, ?, ?, ?, ?)",
+                   (scope, name, kind, family, digest, len(data), created))
+    db.close()
+
+
+def test_form_rank_targets_are_kept_and_old_rows_still_list(tmp_path):
+    write_old_registry(tmp_path, [("alice", "old", "lora", "sd1", b"old bytes", 123.5)])
+    registry = Registry(tmp_path)
+    (old,) = registry.list("alice")
+    assert (old.name, old.kind, old.family, old.size, old.created) == ("old", "lora", "sd1", 9, 123.5)
+    assert (old.form, old.rank, old.targets) == ("", 0, 0)
+    assert registry.blob_path(old.sha256).read_bytes() == b"old bytes"  # not collected as an orphan
+    staged, digest = _stage(registry, b"new")
+    made = registry.register("alice", "new", "lora", "sd1", staged, digest, QUOTA, form="loha", rank=8, targets=11)
+    assert (made.form, made.rank, made.targets) == ("loha", 8, 11)
+    registry.close()
+    reopened = Registry(tmp_path)  # a restart: the columns exist now, and the values were kept
+    assert [(r.name, r.form, r.rank, r.targets) for r in reopened.list("alice")] == [
+        ("new", "loha", 8, 11), ("old", "", 0, 0)
+    ]
+    assert reopened.resolve("alice", "new") == made
 
 
 def test_leftovers_of_a_crash_are_collected_at_start(tmp_path):

@@ -109,6 +109,31 @@ def test_adapter_errors_cross_as_their_message(tmp_path):
     _run(main())
 
 
+def test_only_a_small_json_report_comes_back(tmp_path):
+    import safetensors.torch
+    import torch
+
+    from sdserve.adapters.inspect import listing
+    from sdserve.server.upload_check import UploadChecks
+
+    lora = tmp_path / "lora.safetensors"
+    lora.write_bytes(safetensors.torch.save({"lora_unet_x.lora_down.weight": torch.ones(3, 8),
+                                             "lora_unet_x.lora_up.weight": torch.ones(8, 3)}))
+
+    async def main() -> None:
+        pool = UploadChecks(_config(max_concurrent_uploads=1)).start()
+        try:
+            assert await pool.run(listing, lora, "lora", "lora") == {"form": "lora", "rank": 3, "targets": 1}
+            assert await pool.run(dict, form="lora", rank=2) == {"form": "lora", "rank": 2}
+            assert await pool.run(len, "fine") is None  # not a report
+            assert await pool.run(dict, tensor=[1, 2]) is None  # not scalars: stays in the worker
+            assert await pool.run(dict, [(str(i), i) for i in range(17)]) is None  # too many entries
+        finally:
+            pool.close()
+
+    _run(main())
+
+
 def test_slow_job_is_killed_at_the_limit_and_the_loop_keeps_running():
     from sdserve.server.upload_check import UploadChecks
 
