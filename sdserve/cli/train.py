@@ -472,6 +472,11 @@ def _register_decoder(kinds: argparse._SubParsersAction) -> None:
     parser.add_argument("--extra-share", type=float, default=defaults.extra_share,
                         help="share of scenes drawn with the extras; the rest are the base world "
                              f"(default {defaults.extra_share})")
+    parser.add_argument("--anchors", type=int, default=defaults.anchor_count,
+                        help="samples of the model on base-world prompts whose old decoding the new decoder "
+                             f"keeps, so the model draws what it drew (0: none; default {defaults.anchor_count})")
+    parser.add_argument("--anchor-weight", type=float, default=defaults.anchor_weight,
+                        help=f"weight of the anchors' loss (default {defaults.anchor_weight})")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seeds the data and the noise: the same "
                         "seed gives the same bytes on one CPU kind (default 0)")
     parser.add_argument("--threads", type=int, default=defaults.threads, help="torch threads (default 1)")
@@ -483,7 +488,8 @@ def _run_decoder(args: argparse.Namespace) -> int:
     from sdserve.trainers.decoder import DecoderConfig, train_decoder
 
     config = DecoderConfig(steps=args.steps, lr=args.lr, batch=args.batch_size, extra_share=args.extra_share,
-                           seed=args.seed, threads=args.threads, progress=not args.no_progress)
+                           anchor_count=args.anchors, anchor_weight=args.anchor_weight, seed=args.seed,
+                           threads=args.threads, progress=not args.no_progress)
     out, before, after = _train_or_fail(lambda: train_decoder(args.model, args.out, config))
     print(f"wrote {out} (decoder, {config.steps} steps)")
     for key in before:

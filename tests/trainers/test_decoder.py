@@ -15,10 +15,10 @@ from diffusers import AutoencoderKL
 
 from sdserve.models.builtin import builtin_path
 from sdserve.models.shapes.world import ALL_COLORS, COLORS, KINDS
-from sdserve.trainers.decoder import wide_scenes
+from sdserve.trainers.decoder import DecoderConfig, anchor_latents, wide_scenes, widen_decoder
 from tests.trainers.conftest import run_cli
 
-FAST = ["--steps", "2", "--batch-size", "2", "--no-progress"]
+FAST = ["--steps", "2", "--batch-size", "2", "--anchors", "2", "--no-progress"]
 
 
 def _digests(directory: Path) -> dict[str, str]:
@@ -53,6 +53,7 @@ def test_only_the_decoder_changes_and_the_base_is_never_written(widened):
     frozen = [k for k in original if k.startswith(("encoder.", "quant_conv."))]
     assert frozen and all(torch.equal(tuned[k], original[k]) for k in frozen)
     assert sum(not torch.equal(tuned[k], original[k]) for k in original if k.startswith("decoder.")) > 10
+    assert "_name_or_path" not in json.loads((out / "vae" / "config.json").read_text())  # no local path
     meta = json.loads((out / "sdserve.json").read_text())
     assert meta["name"] == out.name and meta["training"]["sdserve_method"] == "decoder"
     assert meta["defaults"] == json.loads((base / "sdserve.json").read_text())["defaults"]
@@ -88,6 +89,30 @@ def test_scenes_mix_the_base_world_with_the_extras():
     assert {s.style for s in base} == {"filled"}
 
 
+def test_anchors_keep_what_the_old_decoder_drew_from_the_unets_samples():
+    """The anchors are the UNet's own samples, the same for a seed, and their loss holds the
+    decoder's drawing of them near the old one where the data alone moves it."""
+
+    path = builtin_path("default")
+    anchors = anchor_latents(path, 4, seed=0, threads=1, progress=False)  # [4, 4, 16, 16]
+    assert anchors.shape == (4, 4, 16, 16) and torch.isfinite(anchors).all()
+    assert torch.equal(anchors, anchor_latents(path, 4, seed=0, threads=1, progress=False))
+
+    def drift(anchor_weight: float) -> float:
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae").eval()
+        scaled = anchors / vae.config.scaling_factor
+        with torch.no_grad():
+            before = vae.decode(scaled).sample  # [4, 3, 64, 64]
+        config = DecoderConfig(steps=4, lr=3e-3, batch=2, extra_share=1.0, anchor_count=4, anchor_batch=4,
+                               anchor_weight=anchor_weight, warmup_steps=1, progress=False)
+        widen_decoder(vae, config, anchors)
+        with torch.no_grad():
+            return float(((vae.decode(scaled).sample - before) ** 2).mean())
+
+    free, anchored = drift(0.0), drift(50.0)
+    assert free > 0 and anchored < 0.5 * free, (free, anchored)
+
+
 @pytest.mark.parametrize(
     ("flags", "named"),
     [
@@ -95,6 +120,8 @@ def test_scenes_mix_the_base_world_with_the_extras():
         (["--steps", "0"], "--steps"),
         (["--extra-share", "1.5"], "--extra-share"),
         (["--lr", "nan"], "--lr"),
+        (["--anchors", "-1"], "--anchors"),
+        (["--anchor-weight", "inf"], "--anchor-weight"),
     ],
 )
 def test_bad_flags_are_one_line_exit_2(capsys, tmp_path, flags, named):
