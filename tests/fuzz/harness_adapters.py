@@ -34,6 +34,7 @@ MODULES = (
     "sdserve.adapters.formats.peft",
     "sdserve.adapters.formats.kohya",
     "sdserve.adapters.formats.sgm",
+    "sdserve.adapters.lycoris",
     "sdserve.adapters.embeddings",
     "sdserve.adapters.hypernetwork",
     "sdserve.adapters.targets",
