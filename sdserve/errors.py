@@ -81,8 +81,8 @@ class AdapterError(InvalidArgument):
 
 
 class UnsupportedAdapterKind(AdapterError):
-    """A known adapter kind that this version does not serve yet (DoRA, kohya diff, LyCORIS kinds
-    other than LoHa and LoKr)."""
+    """A known adapter kind that this version does not serve yet (kohya diff, LyCORIS kinds other
+    than LoHa and LoKr, DoRA on a LoHa/LoKr module; DoRA on LoRA pairs is served)."""
 
     def __init__(self, name: str, kind: str) -> None:
         super().__init__(name, f"adapter kind {kind!r} is not supported yet")

@@ -1,7 +1,8 @@
 """Which adapter kind, and which LoRA layout, a safetensors file holds — judged from its keys.
 
 Kinds are told apart by the parameter names each training tool writes (LyCORIS, kohya sd-scripts,
-PEFT, diffusers). Served: LoRA (and LoCon) in every layout, and LyCORIS LoHa and LoKr in the
+PEFT, diffusers). Served: LoRA (and LoCon) in every layout, DoRA (a LoRA with a magnitude vector
+per module: PEFT "lora_magnitude_vector", LyCORIS "dora_scale"), and LyCORIS LoHa and LoKr in the
 kohya layout LyCORIS writes ("lora_unet_..." / "lora_te_..." keys). Anything else is refused
 here, before any tensor is converted, so a refused file costs no memory beyond its read.
 """
@@ -24,7 +25,6 @@ LYCORIS_MARKERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("lokr", ("lokr_w1", "lokr_w2", "lokr_t2")),
 )
 _UNSUPPORTED_MARKERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("dora", ("dora_scale", "lora_magnitude_vector")),
     ("boft", ("boft_",)),  # before OFT, whose markers a BOFT key holds too
     ("oft", ("oft_blocks", "oft_diag", "oft_r.")),
     ("ia3", (".on_input", "ia3_l")),
@@ -73,8 +73,8 @@ def check_kind(name: str, keys: Iterable[str], metadata: Mapping[str, str]) -> N
     # kohya's "diff" networks store full weight differences instead of factors.
     if any(key.endswith((".diff", ".diff_b")) for key in keys):
         raise UnsupportedAdapterKind(name, "diff")
-    if metadata_says_dora(metadata):
-        raise UnsupportedAdapterKind(name, "dora")
+    if metadata_says_dora(metadata) and "lora_magnitude_vector" not in joined:
+        raise AdapterError(name, "the file's config says use_dora, but it holds no lora_magnitude_vector keys")
     if not any(key.endswith(_PEFT_SUFFIXES + _KOHYA_SUFFIXES + _LYCORIS_SUFFIXES) or _is_legacy_key(key)
                for key in keys):
         if any(key in _EMBEDDING_KEYS or key.startswith("emb_params") for key in keys):

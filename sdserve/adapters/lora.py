@@ -64,6 +64,10 @@ class LoRAModule:
     stride: tuple[int, int] = (1, 1)
     padding: tuple[int, int] = (0, 0)
     dilation: tuple[int, int] = (1, 1)
+    # DoRA's magnitude vector m, float32 [out], held apart from the buffer; None for a plain LoRA.
+    # A DoRA module's output is m ⊙ (W x + s·B A x) / ‖W + s·B A‖ (norm per output channel) plus
+    # the bias, s its scale times the request's strength: `kernels.lora_dora` applies it per row.
+    magnitude: torch.Tensor | None = field(default=None, repr=False)
 
     @classmethod
     def of(cls, **fields: object) -> LoRAModule:
@@ -77,7 +81,8 @@ class LoRAModule:
         return module
 
     def delta_weight(self) -> torch.Tensor:
-        """scale · B @ A in the base weight's shape: [out, in] or [out, in, kh, kw]."""
+        """scale · B @ A in the base weight's shape: [out, in] or [out, in, kh, kw] (the LoRA part
+        only: a DoRA module's rescaling by its magnitude is not in it)."""
         delta = self.scale * (self.b.float() @ self.a.float())  # [out, in*kh*kw]
         if self.kind == "conv":
             return delta.reshape(self.out_features, self.in_features, *self.kernel_size)
@@ -103,6 +108,11 @@ class LoRAAdapter:
     @property
     def nbytes(self) -> int:
         return self.buffer.numel() * self.buffer.element_size()
+
+    @property
+    def dora_targets(self) -> tuple[str, ...]:
+        """Targets whose module is DoRA (has a magnitude vector)."""
+        return tuple(target for target, module in self.modules.items() if module.magnitude is not None)
 
     @property
     def max_rank(self) -> int:
@@ -235,6 +245,33 @@ def _alpha_and_scale(name: str, pair: RawPair, rank: int) -> tuple[float, float]
     return alpha, scale
 
 
+def _magnitude(name: str, pair: RawPair, spec: TargetSpec) -> torch.Tensor:
+    """A DoRA module's magnitude vector checked against its module, as float32 [out].
+
+    PEFT writes [out] for a Linear and [1, out, 1, 1] for a conv; LyCORIS ("dora_scale", its
+    default wd_on_out=True) [out, 1] and [out, 1, 1, 1]. LyCORIS' wd_on_out=False decomposes per
+    input column instead ([1, in]): another formula, refused by shape.
+    """
+    magnitude, key = pair.magnitude, short(pair.magnitude_key or pair.key)
+    assert magnitude is not None
+    out = spec.out_features
+    kohya = (pair.magnitude_key or "").endswith(".dora_scale")
+    if spec.kind == "linear":
+        shapes = ((out, 1), (out,)) if kohya else ((out,),)
+    else:
+        shapes = ((out, 1, 1, 1), (out,)) if kohya else ((1, out, 1, 1), (out,))
+    if magnitude.dtype not in _FLOAT_DTYPES:
+        raise AdapterError(name, f"{_module(pair)}: DoRA magnitude {key!r} has dtype "
+                                 f"{str(magnitude.dtype).removeprefix('torch.')}, expected a floating-point type")
+    if tuple(magnitude.shape) not in shapes:
+        raise AdapterError(name, f"{_module(pair)}: DoRA magnitude {key!r} has shape {_dims(magnitude.shape)}, "
+                                 f"the base model needs {_dims(shapes[0])}")
+    values = magnitude.reshape(out).to(torch.float32).clone()  # [out]
+    if not torch.isfinite(values).all():
+        raise AdapterError(name, f"{_module(pair)}: DoRA magnitude {key!r} contains NaN or infinite values")
+    return values
+
+
 def validate_lora(
     parsed: ParsedLoRA,
     name: str,
@@ -268,6 +305,7 @@ def validate_lora(
         rank = _check_pair(name, pair, spec, max_rank)
         checked.append((pair, spec, rank))
         alphas_and_scales[pair.target] = _alpha_and_scale(name, pair, rank)
+    magnitudes = {pair.target: _magnitude(name, pair, spec) for pair, spec, _ in checked if pair.magnitude is not None}
 
     # Where the file already holds the packed buffer, it is used as read: no second copy, and
     # its factors, already views of that buffer at their offsets, serve as the modules' A and B.
@@ -291,6 +329,7 @@ def validate_lora(
             a_offset=a_offset, b_offset=b_offset,
             in_features=spec.in_features, out_features=spec.out_features, kernel_size=spec.kernel_size,
             stride=spec.stride, padding=spec.padding, dilation=spec.dilation,
+            magnitude=magnitudes.get(pair.target),
         )
     _check_finite(name, buffer, modules, dtype)
     return LoRAAdapter(

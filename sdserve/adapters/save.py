@@ -68,6 +68,8 @@ def lora_state_dict(
     adapter: LoRAAdapter, layout: Literal["peft", "kohya"] = "peft"
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors and header metadata that `save_lora` writes."""
+    if adapter.dora_targets:
+        raise ValueError(f"adapter {adapter.name!r} is DoRA: save_lora writes plain LoRA factors only")
     tensors: dict[str, torch.Tensor] = {}
     metadata: dict[str, str] = {}
     if adapter.is_slider:

@@ -39,6 +39,10 @@ def stack_deltas(stack: Sequence[StackLoRA]) -> dict[str, torch.Tensor]:
     """target -> Σ over the stack of its deltas, float64 `[out, in·kh·kw]`."""
     deltas: dict[str, torch.Tensor] = {}
     for entry in stack:
+        if entry.adapter.dora_targets:
+            # DoRA rescales each output channel by a norm of the fused weight: not a delta to add.
+            raise InvalidArgument(f"adapter {entry.adapter.name!r} is DoRA: compile does not fuse DoRA "
+                                  f"adapters yet (they are served eagerly)", field="adapters")
         for target, module in entry.adapter.modules.items():
             delta = module_delta(module, entry.scale)
             deltas[target] = deltas[target] + delta if target in deltas else delta

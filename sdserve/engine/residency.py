@@ -66,6 +66,7 @@ class _Slot:
     pins: int = 0
     last_used: int = 0
     targets: tuple[str, ...] = ()
+    dora_targets: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -239,6 +240,7 @@ class AdapterRuntime:
         loaded = self._poll_all(polls, owner)
         if loaded is None:
             return None
+        self._check_dora(request.adapters, lora_digests, loaded)
         embeddings = []
         for key, entry in zip(embedding_keys, request.embedding_refs):
             stored: StoredEmbedding = loaded[key]
@@ -253,6 +255,31 @@ class AdapterRuntime:
                                 for key, entry in zip(hypernetwork_keys, request.hypernetwork_refs)),
             ip_adapters=tuple(loaded[key] for key in ip_keys),
         )
+
+    def _check_dora(self, entries: tuple[StackEntry, ...], digests: list[str], loaded: dict) -> None:
+        """Refuse a stack in which a DoRA module shares its module with another entry.
+
+        PEFT applies a DoRA adapter on top of whatever the adapters before it in its list added
+        (order-dependent); sdserve serves a DoRA module alone on its module (`kernels.lora_dora`)."""
+        held = []
+        for entry, digest in zip(entries, digests, strict=True):
+            if digest in self.digest_slot:
+                slot = self.slots[self.digest_slot[digest]]
+                held.append((entry.name, slot.targets, slot.dora_targets))
+            else:
+                adapter: LoRAAdapter = loaded[self._key("lora", digest)]
+                held.append((entry.name, tuple(adapter.modules), frozenset(adapter.dora_targets)))
+        if len(held) < 2 or not any(dora for _, _, dora in held):
+            return
+        first: dict[str, tuple[str, bool]] = {}  # target -> (name, DoRA?) of the first entry on it
+        for name, targets, dora in held:
+            for target in targets:
+                if target not in first:
+                    first[target] = (name, target in dora)
+                elif first[target][1] or target in dora:
+                    dora_name, other = (first[target][0], name) if first[target][1] else (name, first[target][0])
+                    raise AdapterError(dora_name, f"its DoRA module {target!r} is adapted by {other!r} too; "
+                                                  f"a DoRA adapter must be alone on its modules in a stack")
 
     def _poll_all(self, polls: list[tuple[WeightKey, Callable[[], Any], str]], owner: str | None) -> dict | None:
         """Poll every (key, load, label); pin what is held for `owner`. -> key -> value once all
@@ -319,9 +346,11 @@ class AdapterRuntime:
                 pool = ModulePool(self.targets[target], len(self.slots), self.model.device, self.model.dtype)
                 self.pools[target] = pool
                 self.layers[target].lora.pool = pool
-            pool.place(slot_index, module.a, module.b, module.scale)
+            dora = None if module.magnitude is None else (module.magnitude, self.layers[target].base.weight)
+            pool.place(slot_index, module.a, module.b, module.scale, dora)
         slot.digest = digest
         slot.targets = tuple(adapter.modules)
+        slot.dora_targets = frozenset(adapter.dora_targets)
         self.digest_slot[digest] = slot_index
         self._slot_stats.device_bytes = sum(p.nbytes for p in self.pools.values())
 

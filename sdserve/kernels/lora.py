@@ -10,7 +10,8 @@ deltas added. It picks the path from the module's slot pool, never from the call
   imports, the CPU planner over the tensors elsewhere; convs run `add_multi_lora_conv` (torch's
   convolutions on every device).
 
-The plain per-token oracle with the kernels' signature is `lora_reference`.
+The plain per-token oracle with the kernels' signature is `lora_reference`. Rows holding a DoRA
+adapter on the module are then rescaled per output channel (`lora_dora.apply_dora`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import nn
 
 from sdserve.kernels.lora_conv import add_multi_lora_conv
 from sdserve.kernels.lora_cpu import add_multi_lora_cpu, planned_conv, planned_linear
+from sdserve.kernels.lora_dora import apply_dora
 from sdserve.kernels.lora_meta import LoRABatchMeta
 from sdserve.kernels.lora_state import LoRALayerState, RowStack
 
@@ -61,9 +63,12 @@ def lora_linear(
         raise RuntimeError(f"{tokens} tokens do not split over {len(stacks)} rows")
     meta = layer.batch.meta_for(stacks, tokens // len(stacks))
     if pool.views:
-        return planned_linear(x, base, layer, meta)
-    y = base(x)
-    add_multi_lora(y.reshape(tokens, -1), x.reshape(tokens, d_in), pool.a, pool.b, pool.ranks, meta)
+        y = planned_linear(x, base, layer, meta)
+    else:
+        y = base(x)
+        add_multi_lora(y.reshape(tokens, -1), x.reshape(tokens, d_in), pool.a, pool.b, pool.ranks, meta)
+    if pool.dora_used:  # rows with a DoRA adapter here: y = g ⊙ (W x + s·B A x) + bias (`lora_dora`)
+        apply_dora(y.view(len(stacks), tokens // len(stacks), -1), base.bias, layer, stacks)
     return y
 
 
@@ -89,6 +94,8 @@ def lora_conv2d(
         planned_conv(y, x, base, layer, meta, conv)
     else:
         add_multi_lora_conv(y, x, pool.a, pool.b, pool.ranks, meta, kernel_size=base.kernel_size, **conv)
+    if pool.dora_used:
+        apply_dora(y, base.bias, layer, stacks)
     return y
 
 

@@ -23,6 +23,7 @@ from typing import Protocol
 
 import torch
 
+from sdserve.kernels.lora_dora import DoraTerms, dora_terms
 from sdserve.kernels.lora_meta import LoRABatchMeta
 from sdserve.kernels.lora_plan import SlotFactors
 
@@ -70,6 +71,8 @@ class ModulePool:
         self.b = torch.zeros(tensor_slots, spec.out_features, 0, device=device, dtype=dtype)  # [slots, out, rank_cap]
         self.ranks = torch.zeros(tensor_slots, dtype=torch.int32, device=device)  # [slots]; 0 = unused here
         self.used = 0  # slots holding factors, so idle modules skip the kernel
+        self.dora: list[DoraTerms | None] = [None] * num_slots  # DoRA slots' terms (`lora_dora`)
+        self.dora_used = 0  # slots holding a DoRA module, so other modules skip the rescaling
         self.version = next(_POOL_VERSIONS)  # new on every write: layers see stale cached plans
 
     @property
@@ -88,11 +91,15 @@ class ModulePool:
                 r = factors.a.shape[0]
                 self.slots[slot] = SlotFactors(a[slot, :r], b[slot, :, :r], 1.0)
 
-    def place(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
-        """a [r, in(·k·k)], b [out, r] -> slot; the delta is scale · b @ a."""
+    def place(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float,
+              dora: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """a [r, in(·k·k)], b [out, r] -> slot; the delta is scale · b @ a. `dora`: a DoRA module's
+        (magnitude [out], the base module's weight), whose per-channel terms are computed here."""
         if self.slots[slot] is None:
             self.used += 1
         self.version = next(_POOL_VERSIONS)
+        self.dora_used += (dora is not None) - (self.dora[slot] is not None)
+        self.dora[slot] = None if dora is None else dora_terms(dora[0], dora[1], a, b, scale, self.device)
         if self.views:
             self.slots[slot] = SlotFactors(a, b, scale)
             return
@@ -112,6 +119,8 @@ class ModulePool:
         if self.slots[slot] is not None:
             self.used -= 1
             self.slots[slot] = None
+            self.dora_used -= self.dora[slot] is not None
+            self.dora[slot] = None
             self.version = next(_POOL_VERSIONS)
             if not self.views:
                 self.ranks[slot] = 0
@@ -191,3 +200,6 @@ class LoRALayerState:
         self.pool: ModulePool | None = None
         self.plan: object = None  # lora_plan.LinearPlan | MergedPlan | tuple[ConvRun, ...]
         self.plan_key: tuple[int, int, int] | None = None  # (stacks version, pool version, tokens)
+        # DoRA rows and their gains (`lora_dora`), kept like the plan
+        self.dora_plan: tuple[torch.Tensor, torch.Tensor] | None = None  # [n] int64, [n, out] float32
+        self.dora_key: tuple[int, int, int] | None = None  # (stacks version, pool version, rows)

@@ -208,30 +208,40 @@ _STEM = "lora_unet_down_blocks_0_resnets_0_conv1"
         ({"unet.conv_in.boft_R": torch.ones(1, 4, 2, 2), "unet.conv_in.boft_s": torch.ones(32, 1)}, "boft"),
         ({f"{_STEM}.weight": torch.ones(32, 32, 3, 3), f"{_STEM}.on_input": torch.tensor(True)}, "ia3"),
         ({f"{_STEM}.a1.weight": torch.ones(2, 32), f"{_STEM}.a2.weight": torch.ones(32, 2)}, "glora"),
-        ("kohya_dora", "dora"),
-        ("peft_dora", "dora"),
-        ("metadata_dora", "dora"),
         ({"lora_unet_conv_in.diff": torch.ones(32, 4, 3, 3), "lora_unet_conv_in.diff_b": torch.ones(32)}, "diff"),
     ],
 )
 def test_unsupported_kinds(make, kind, sd15_targets, sd15_lora, tmp_path):
+    tensors = make() if callable(make) else make
+    err = _error(_write(tmp_path, tensors, None), sd15_targets, tmp_path, UnsupportedAdapterKind)
+    assert err.kind == kind and repr(kind) in err.problem
+
+
+@pytest.mark.parametrize(
+    ("make", "problem"),
+    [
+        # DoRA is served; these files are not well-formed DoRA files.
+        ("kohya_dora_input_side", "DoRA magnitude"),  # LyCORIS wd_on_out=False: [1, in], another formula
+        ("peft_dora_alone", "no matching up/down partner"),  # a magnitude with no factors
+        ("metadata_dora", "holds no lora_magnitude_vector"),  # use_dora with no magnitudes
+    ],
+)
+def test_malformed_dora(make, problem, sd15_targets, sd15_lora, tmp_path):
     metadata = None
-    if make == "kohya_dora":
+    if make == "kohya_dora_input_side":
         tensors, _ = kohya_file_contents(sd15_lora)
         stem = next(k for k in tensors if k.endswith(".lora_down.weight")).removesuffix(".lora_down.weight")
         tensors[f"{stem}.dora_scale"] = torch.ones(1, 32)
-    elif make == "peft_dora":
+    elif make == "peft_dora_alone":
         tensors, metadata = peft_file_contents(sd15_lora)
         tensors["unet.conv_in.lora_magnitude_vector"] = torch.ones(32)
-    elif make == "metadata_dora":
+    else:
         tensors, metadata = peft_file_contents(sd15_lora)
         config = json.loads(metadata["lora_adapter_metadata"])
         config["unet.use_dora"] = True
         metadata = {**metadata, "lora_adapter_metadata": json.dumps(config)}
-    else:
-        tensors = make() if callable(make) else make
-    err = _error(_write(tmp_path, tensors, metadata), sd15_targets, tmp_path, UnsupportedAdapterKind)
-    assert err.kind == kind and repr(kind) in err.problem
+    err = _error(_write(tmp_path, tensors, metadata), sd15_targets, tmp_path)
+    assert problem in err.problem and "\n" not in err.problem
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,10 @@ class RawPair:
     # module (`adapters.lycoris`), whose file ranks were checked there: its own rank is bounded
     # by the module's shape, not by the limit on files' ranks.
     source: str = "lora"
+    # DoRA: the file's magnitude vector (PEFT "lora_magnitude_vector", kohya/LyCORIS "dora_scale")
+    # as found, and its key; None for a plain LoRA. Checked and flattened to [out] by validation.
+    magnitude: torch.Tensor | None = None
+    magnitude_key: str | None = None
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,9 @@ LyCORIS writes its modules in this same layout, under other suffixes: LoHa ".had
 ".lokr_w1" or ".lokr_w1_a"/".lokr_w1_b", ".lokr_w2" or ".lokr_w2_a"/".lokr_w2_b" (Tucker:
 ".lokr_t2"), each with ".alpha". Those are returned as `RawLycoris` for `adapters.lycoris`; a
 file may mix them with LoRA pairs (LyCORIS presets pick an algorithm per module type).
+
+LyCORIS DoRA adds ".dora_scale" (the magnitude vector, [out, 1] with LyCORIS' default
+wd_on_out=True) beside a LoRA pair; on a LoHa/LoKr module it is refused.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 from sdserve.adapters.formats.common import RawLycoris, RawPair, short
 from sdserve.adapters.formats.sgm import sgm_aliases
 from sdserve.adapters.targets import portable_path
-from sdserve.errors import AdapterError
+from sdserve.errors import AdapterError, UnsupportedAdapterKind
 
 # kohya prefix -> component; lora_te_ and lora_te1_ both name the first text encoder.
 PREFIXES: dict[str, str] = {
@@ -34,7 +37,7 @@ PREFIXES: dict[str, str] = {
     "lora_te1_": "text_encoder",
     "lora_te2_": "text_encoder_2",
 }
-_SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
+_SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha", ".dora_scale": "dora_scale"}
 LOHA_ROLES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR_ROLES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 _SUFFIXES.update({f".{role}": role for role in LOHA_ROLES + LOKR_ROLES})
@@ -101,6 +104,9 @@ def parse_kohya(
     lycoris: list[RawLycoris] = []
     seen: dict[str, str] = {}
     for module_name, parts in groups.items():
+        dora = parts.pop("dora_scale", None)  # LyCORIS DoRA's magnitude, beside a LoRA pair only
+        if not parts:
+            raise AdapterError(name, f"LoRA key {short(dora[0])!r} has no matching up/down partner")
         kinds = {kind for kind, roles in (("lora", ("down", "up")), ("loha", LOHA_ROLES), ("lokr", LOKR_ROLES))
                  if any(role in parts for role in roles)}
         # The key quoted in errors: a weight's rather than the alpha's, where there is one.
@@ -122,10 +128,13 @@ def parse_kohya(
         alpha = _alpha_value(name, parts["alpha"][0], parts["alpha"][1]) if "alpha" in parts else None
         alpha = alpha if alpha else None  # 0 means "no scaling" to kohya and LyCORIS
         if kind != "lora":
+            if dora is not None:
+                raise UnsupportedAdapterKind(name, f"dora on a {kind} module ({short(dora[0])!r})")
             roles = {role: part for role, part in parts.items() if role != "alpha"}
             lycoris.append(RawLycoris(target=target, kind=kind, tensors=roles, alpha=alpha, key=key))
             continue
         pairs.append(
-            RawPair(target=target, down=parts["down"][1], up=parts["up"][1], alpha=alpha, use_rslora=False, key=key)
+            RawPair(target=target, down=parts["down"][1], up=parts["up"][1], alpha=alpha, use_rslora=False, key=key,
+                    magnitude=None if dora is None else dora[1], magnitude_key=None if dora is None else dora[0])
         )
     return pairs, lycoris

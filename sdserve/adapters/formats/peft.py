@@ -9,6 +9,9 @@ Without a config, diffusers loads with alpha = rank (scale 1), and so do we.
 The older attention-processor layout ("...attn1.processor.to_q_lora.down.weight",
 "...conv1.lora.down.weight", "...mlp.fc1.lora_linear_layer.down.weight") maps onto the same
 modules; it carried no alphas.
+
+DoRA files (PEFT `use_dora=True`) add one "<module path>.lora_magnitude_vector" per module, [out]
+for a Linear, [1, out, 1, 1] for a conv; it travels with the module's pair (`RawPair.magnitude`).
 """
 
 from __future__ import annotations
@@ -207,7 +210,8 @@ def _legacy_module(component: str, stem: str) -> str | None:
 def _role_and_module(key: str) -> tuple[str, str, str] | None:
     """(role "down"/"up", component, module path) of a LoRA key, or None for any other key."""
     path = key.removeprefix("base_model.model.")
-    for suffix, role in ((".lora_A.weight", "down"), (".lora_B.weight", "up")):
+    for suffix, role in ((".lora_A.weight", "down"), (".lora_B.weight", "up"),
+                         (".lora_magnitude_vector", "magnitude"), (".lora_magnitude_vector.weight", "magnitude")):
         if path.endswith(suffix):
             component, module = _split_component(path[: -len(suffix)])
             return role, component, module
@@ -253,6 +257,7 @@ def parse_peft(
         # of the module path, so they are matched against that, not the resolved target.
         down_key, down, component, module = slot["down"]
         up = slot["up"][1]
+        magnitude_key, magnitude = slot["magnitude"][:2] if "magnitude" in slot else (None, None)
         config = None if configs is None else configs.get(component, configs.get(""))
         pairs.append(
             RawPair(
@@ -263,6 +268,8 @@ def parse_peft(
                 use_rslora=config.use_rslora if config else False,
                 key=down_key,
                 config_rank=config.rank_for(module) if config else None,
+                magnitude=magnitude,
+                magnitude_key=magnitude_key,
             )
         )
     return pairs
