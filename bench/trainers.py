@@ -289,7 +289,8 @@ def bench_dreambooth(work: Path, args: argparse.Namespace, lora: bool = False) -
     out = work / ("sks_lora.safetensors" if lora else "sks_model")
     run = Run("dreambooth-lora" if lora else "dreambooth", '8 large "sks" stars + 48 class images')
     run.ceiling = vae_ceiling(data, "kind")
-    mode = ["--lora", "--rank", "16", "--targets", "attn,ff,proj", "--lr", str(args.dreambooth_lora_lr)] if lora \
+    mode = ["--lora", "--rank", str(args.dreambooth_lora_rank), "--targets", args.dreambooth_lora_targets,
+            "--lr", str(args.dreambooth_lora_lr)] if lora \
         else ["--lr", str(args.dreambooth_lr)]
     run.seconds, run.peak_rss = run_child(sdserve(
         "train", "dreambooth", "--data", str(data), "--use-captions", "--class-prompt", CLASS_PROMPT,
@@ -336,8 +337,8 @@ def bench_textual_inversion(work: Path, args: argparse.Namespace, vectors: int) 
     run = Run(f"textual-inversion ({vectors} vector{'s' if vectors > 1 else ''})", "32 teal shapes")
     run.ceiling = vae_ceiling(folder, "color")
     run.seconds, run.peak_rss = run_child(sdserve(
-        "train", "textual-inversion", "--data", str(folder), "--token", "<teal>", "--init-token", "blue",
-        "--num-vectors", str(vectors), "--out", str(out), "--lr", "5e-3", "--batch-size", "8",
+        "train", "textual-inversion", "--data", str(folder), "--token", "<teal>", "--init-token", args.ti_init_token,
+        "--num-vectors", str(vectors), "--out", str(out), "--lr", str(args.ti_lr), "--batch-size", "8",
         "--steps", str(args.ti_steps), "--threads", str(args.threads), "--no-progress"),
         reuse=out if args.reuse else None)
     from sdserve.api.types import EmbeddingSpec
@@ -371,7 +372,8 @@ def bench_hypernetwork(work: Path, args: argparse.Namespace) -> Run:
     run = Run("hypernetwork", "64 outlined shapes")
     run.ceiling = vae_ceiling(folder, "style")
     run.seconds, run.peak_rss = run_child(sdserve(
-        "train", "hypernetwork", "--data", str(folder), "--out", str(out), "--lr", "1e-3", "--batch-size", "8",
+        "train", "hypernetwork", "--data", str(folder), "--out", str(out), "--lr", str(args.hypernetwork_lr),
+        "--batch-size", "8",
         "--steps", str(args.hypernetwork_steps), "--threads", str(args.threads), "--no-progress"),
         reuse=out if args.reuse else None)
     from sdserve.api.types import HypernetworkSpec
@@ -436,8 +438,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="full fine-tune learning rate (2e-4: stars 6/16 in 600 steps; 5e-4: 15/16)")
     parser.add_argument("--dreambooth-lora-lr", type=float, default=3e-3,
                         help="1e-3 drew no star in 600 steps (0/16): 8 images teach a LoRA more slowly")
-    parser.add_argument("--ti-steps", type=int, default=300)
+    parser.add_argument("--dreambooth-lora-targets", default="attn,ff,proj", help="UNet groups of the LoRA")
+    parser.add_argument("--dreambooth-lora-rank", type=int, default=16)
+    parser.add_argument("--ti-steps", type=int, default=900, help="300 read teal on 0.50 (4 vectors), 900 on 0.83")
+    parser.add_argument("--ti-lr", type=float, default=5e-3)
+    parser.add_argument("--ti-init-token", default="blue", help="the word the embedding starts from")
     parser.add_argument("--hypernetwork-steps", type=int, default=900)
+    parser.add_argument("--hypernetwork-lr", type=float, default=1e-3)
     args = parser.parse_args(argv)
     names = [name.strip() for name in args.methods.split(",") if name.strip()]
     unknown = sorted(set(names) - set(METHODS))
