@@ -45,7 +45,14 @@ SHARED = ""  # the scope of shared adapters; tenant names are never empty
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}$")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
-_SCHEMA = """
+# Columns added after the first schema: (name, declaration), in new tables and added to older
+# databases on open (one list for both, so the two cannot drift apart).
+_ADDED_COLUMNS = (
+    ("form", "TEXT NOT NULL DEFAULT ''"),
+    ("rank", "INTEGER NOT NULL DEFAULT 0"),
+    ("targets", "INTEGER NOT NULL DEFAULT 0"),
+)
+_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS adapters (
     scope   TEXT NOT NULL,
     name    TEXT NOT NULL,
@@ -54,18 +61,9 @@ CREATE TABLE IF NOT EXISTS adapters (
     sha256  TEXT NOT NULL,
     size    INTEGER NOT NULL,
     created REAL NOT NULL,
-    form    TEXT NOT NULL DEFAULT '',
-    rank    INTEGER NOT NULL DEFAULT 0,
-    targets INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (scope, name)
+{"".join(f"    {name} {declaration},{chr(10)}" for name, declaration in _ADDED_COLUMNS)}    PRIMARY KEY (scope, name)
 )
 """
-# Columns added after the first schema: (name, declaration), added to older databases on open.
-_ADDED_COLUMNS = (
-    ("form", "TEXT NOT NULL DEFAULT ''"),
-    ("rank", "INTEGER NOT NULL DEFAULT 0"),
-    ("targets", "INTEGER NOT NULL DEFAULT 0"),
-)
 _COLUMNS = "scope, name, kind, family, sha256, size, created, form, rank, targets"
 
 
