@@ -6,6 +6,7 @@
     [admission]   cost bounds and fair sharing between tenants
     [registry]    where adapters live and how large they may be
     [[tenants]]   API keys -> tenants, admin flag, quotas
+    [[variants]]  compiled variants of hot stacks: (base model, fused dir); see server/variants.py
 
 Every section and key is optional; an empty file (or no file) serves `default` on
 127.0.0.1:50051 to one local tenant without a key. Unknown keys are errors, so a typo does not
@@ -24,6 +25,7 @@ from typing import Any
 
 from sdserve.engine import EngineConfig
 from sdserve.errors import InvalidArgument
+from sdserve.server.variants import VariantConfig
 
 LOCAL_TENANT = "local"
 TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -162,6 +164,8 @@ class Config:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     tenants: tuple[TenantConfig, ...] = (TenantConfig(LOCAL_TENANT, admin=True),)
     """No [[tenants]] in the file = one local admin tenant without a key (`make serve`)."""
+    variants: tuple[VariantConfig, ...] = ()
+    """Compiled variants: requests whose stack matches one run on its directory (server/variants.py)."""
 
     @property
     def open_access(self) -> bool:
@@ -240,7 +244,7 @@ def hash_key(key: str) -> str:
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
-    known = {"server", "models", "engine", "admission", "registry", "tenants"}
+    known = {"server", "models", "engine", "admission", "registry", "tenants", "variants"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise InvalidArgument(f"unknown section [{unknown[0]}]; sections are {', '.join(sorted(known))}")
@@ -258,6 +262,10 @@ def config_from_dict(data: dict[str, Any]) -> Config:
         if not isinstance(data["tenants"], list) or not data["tenants"]:
             raise InvalidArgument("[[tenants]] must be a non-empty array of tables")
         parts["tenants"] = tuple(_tenant(t, i) for i, t in enumerate(data["tenants"]))
+    if "variants" in data:
+        if not isinstance(data["variants"], list):
+            raise InvalidArgument("[[variants]] must be an array of tables")
+        parts["variants"] = tuple(_section(VariantConfig, v, f"variants[{i}]") for i, v in enumerate(data["variants"]))
     config = Config(**parts)
     check(config)
     return config
@@ -284,6 +292,9 @@ def check(config: Config) -> None:
         raise InvalidArgument("[registry] validate_memory_bytes must be at least twice max_adapter_bytes")
     if min(registry.max_concurrent_uploads, registry.max_tenant_concurrent_uploads) < 1:
         raise InvalidArgument("[registry] upload limits must be at least 1")
+    for index, variant in enumerate(config.variants):
+        if not variant.model or not variant.dir:
+            raise InvalidArgument(f"[[variants]] entry {index} needs model and dir")
     admission = config.admission
     if min(admission.max_pending_cost, admission.max_tenant_pending_cost, admission.max_inflight_cost) <= 0:
         raise InvalidArgument("[admission] bounds must be positive")
