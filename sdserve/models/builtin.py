@@ -15,10 +15,7 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
 from sdserve.models.configs import BUILTIN_SPECS, BuiltinSpec
-from sdserve.models.tokenizer import BOS, EOS, write_clip_tokenizer
 from sdserve.paths import cache_root
 
 SHIPPED_DIR = Path(__file__).parent / "weights"
@@ -62,7 +59,10 @@ def builtin_path(name: str, *, build: bool = True) -> Path:
 
 
 def _text_encoder(cfg: dict, tokenizer_vocab: dict[str, int], with_projection: bool, seed: int):
+    import torch
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from sdserve.models.tokenizer import BOS, EOS
 
     config = CLIPTextConfig(
         vocab_size=len(tokenizer_vocab),
@@ -78,8 +78,13 @@ def _text_encoder(cfg: dict, tokenizer_vocab: dict[str, int], with_projection: b
 
 def build_model(spec: BuiltinSpec, out_dir: Path, seed: int = 0) -> None:
     """Write `spec` as a diffusers-format pipeline directory with deterministic random weights."""
+    # torch, diffusers and transformers load here, not at import: `sdserve models list` and the
+    # server's path lookups read only the specs and must start fast (docs/benchmarks.md).
     import diffusers
+    import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from sdserve.models.tokenizer import write_clip_tokenizer
 
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = write_clip_tokenizer(out_dir / "tokenizer", BASIC_WORDS)
