@@ -92,6 +92,8 @@ class RequestSpec:
     preview_every: int | None = None
     guidance_start: float | None = None
     guidance_end: float | None = None
+    clip_skip: int | None = None  # A1111's meaning: 1 = the model's own layer
+    prompt_syntax: str | None = None  # "plain" | "a1111"; None = the server's default
 
 
 def spec_field_names() -> list[str]:
