@@ -346,8 +346,11 @@ def generate_response(
     images: list[tuple[bytes, int, int]],
     timings: dict[str, float],
     adapters: list[AdapterUse],
+    backend: str = "eager",
+    variant: str = "",
 ) -> pb.GenerateResponse:
-    """`images` are (png bytes, width, height); `timings` has queue, adapter_load, denoise, decode, total."""
+    """`images` are (png bytes, width, height); `timings` has queue, adapter_load, denoise, decode, total;
+    `backend`/`variant`: what ran the steps (a compiled variant's name, or "" on the eager path)."""
     return pb.GenerateResponse(
         images=[pb.GeneratedImage(png=png, width=w, height=h, index=i) for i, (png, w, h) in enumerate(images)],
         seed=seed,
@@ -355,6 +358,8 @@ def generate_response(
         adapters=[pb.AdapterUsed(name=a.name, sha256=a.sha256, shared=a.shared, kind=a.kind) for a in adapters],
         model=model,
         request_id=request_id,
+        backend=backend,
+        variant=variant,
     )
 
 

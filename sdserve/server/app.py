@@ -29,7 +29,7 @@ from grpc_reflection.v1alpha import reflection
 from sdserve.api import convert
 from sdserve.engine import Engine, EngineEvent, ModelStore
 from sdserve.engine.loop import EngineThread
-from sdserve.errors import Unavailable
+from sdserve.errors import InvalidArgument, NotFound, Unavailable
 from sdserve.paths import cache_root
 from sdserve.server.adapters_service import AdaptersService, ModelsService
 from sdserve.server.admission import Admission
@@ -39,6 +39,7 @@ from sdserve.server.core import Core
 from sdserve.server.generation import GenerationService
 from sdserve.server.metrics import Metrics
 from sdserve.server.registry import Registry
+from sdserve.server.variants import VariantRouter, load_variants
 
 log = logging.getLogger("sdserve.server")
 
@@ -80,6 +81,8 @@ class Server:
             log.info("loading model %r (%s)", name, info.family)
             await asyncio.to_thread(self.engine.load_model, name)  # weights load once, before serving
             served[name] = info
+        eager = list(served)
+        variants = await asyncio.to_thread(self._load_variants, served)
         engine_thread = EngineThread(self.engine)
         # The engine thread dies on its own thread; the watcher hears it on this loop.
         loop, engine_died = asyncio.get_running_loop(), asyncio.Event()
@@ -87,7 +90,7 @@ class Server:
         engine_thread.start()
         self.engine.observers.append(self.metrics.on_engine_event)
         engine_thread.step_hooks.append(self.metrics.on_step)
-        self.metrics.watch_adapters(lambda: self.engine.residency_stats(served))
+        self.metrics.watch_adapters(lambda: self.engine.residency_stats(eager))
         self.core = Core(
             config=config,
             engine=self.engine,
@@ -98,6 +101,7 @@ class Server:
             metrics=self.metrics,
             served=served,
             default_model=config.models.default_model,
+            variants=variants,
         )
         for family in self.core.families():
             await asyncio.to_thread(self.core.targets, family)  # before any request wraps layers
@@ -118,6 +122,23 @@ class Server:
             self.metrics_port = self.metrics.serve(
                 config.server.metrics_host, config.server.metrics_port, config.server.metrics_token_sha256
             )
+
+    def _load_variants(self, served: dict) -> VariantRouter:
+        """Read and check every [[variants]] entry, load its directory's weights, and add the
+        models served only compiled to `served` (their base weights are never loaded)."""
+        bases = {}
+        for index, variant in enumerate(self.config.variants):
+            try:
+                bases[variant.model] = served.get(variant.model) or self.engine.model_info(variant.model)
+            except NotFound:
+                raise InvalidArgument(f"variants[{index}].model: unknown model {variant.model!r}") from None
+        router = load_variants(self.config.variants, {m: info.path for m, info in bases.items()}, served)
+        for variant in router.variants:
+            log.info("loading variant %r of %r (%s)", variant.name, variant.model, variant.backend)
+            self.engine.load_model(variant.engine_model)
+        for model in router.compiled_only:
+            served[model] = bases[model]
+        return router
 
     async def _watch_engine(self, died: asyncio.Event) -> None:
         """Wait until the engine thread dies or the server stops; on a death, stop serving."""

@@ -22,6 +22,7 @@ from sdserve.server.auth import Authenticator
 from sdserve.server.config import Config, TenantConfig
 from sdserve.server.metrics import Metrics
 from sdserve.server.registry import Registry
+from sdserve.server.variants import VariantRouter
 
 log = logging.getLogger("sdserve.server")
 
@@ -43,6 +44,7 @@ class Core:
     draining: bool = False
     jobs: dict[str, Any] = field(default_factory=dict)  # request id -> running Job
     _targets: dict[str, dict[str, TargetSpec]] = field(default_factory=dict)
+    variants: VariantRouter = field(default_factory=lambda: VariantRouter((), ()))  # compiled variants
 
     def begin(self, context: grpc.aio.ServicerContext) -> TenantConfig:
         if self.draining:
@@ -75,7 +77,8 @@ class Core:
     def targets(self, family: str) -> Mapping[str, TargetSpec]:
         """The LoRA-targetable modules of this server's first model of `family` (for uploads)."""
         if family not in self._targets:
-            self._targets[family] = self.engine.lora_targets(self.family_model(family).name)
+            # A model served only compiled: its variant's directory has the same targets.
+            self._targets[family] = self.engine.lora_targets(self.variants.engine_model(self.family_model(family).name))
         return self._targets[family]
 
 

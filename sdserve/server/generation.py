@@ -31,6 +31,7 @@ from sdserve.server import status
 from sdserve.server.admission import Ticket, estimated_cost
 from sdserve.server.config import TenantConfig
 from sdserve.server.core import Core, priority_of
+from sdserve.server.variants import EAGER, Variant
 
 log = logging.getLogger("sdserve.server")
 
@@ -153,6 +154,8 @@ class GenerationService:
         pinned: list[str] = []  # registry files this call uses: kept on disk until it ends
         try:
             spec, used = self._resolve_adapters(tenant, spec, info.name, info.family, pinned)
+            # A stack a compiled variant holds runs on it (stack dropped: it is in the weights).
+            spec, variant = core.variants.route(info.name, spec)
             remaining = context.time_remaining()
             deadline = arrived + remaining if remaining is not None else None
             request_id = uuid.uuid4().hex[:16]
@@ -161,7 +164,9 @@ class GenerationService:
             validate = functools.partial(core.engine.validate, spec, request_id=request_id, tenant=tenant.name,
                                          deadline=deadline)
             engine_request = await asyncio.to_thread(validate)
-            async for event in self._admitted(context, stream, tenant, priority, engine_request, arrived, used):
+            served_by = (info.name, variant)
+            async for event in self._admitted(context, stream, tenant, priority, engine_request, arrived, used,
+                                              served_by):
                 yield event
         finally:
             for sha256 in pinned:
@@ -170,6 +175,7 @@ class GenerationService:
     async def _admitted(
         self, context: grpc.aio.ServicerContext, stream: bool, tenant: TenantConfig, priority: int,
         engine_request: EngineRequest, arrived: float, used: list[convert.AdapterUse],
+        served_by: tuple[str, Variant | None],
     ) -> AsyncIterator[Any]:
         """Admit a validated request, then relay its engine events to the caller."""
         core = self.core
@@ -200,7 +206,7 @@ class GenerationService:
                     raise job.cut_off or event.error
                 elif event.kind == "done":
                     assert event.result is not None
-                    response = await self._response(job, event.result, used)
+                    response = await self._response(job, event.result, used, served_by)
                     yield convert.result_event(response) if stream else response
                     return
         finally:
@@ -246,7 +252,8 @@ class GenerationService:
                 changes[field_name] = tuple(resolved)
         return (dataclasses.replace(spec, **changes) if changes else spec), used
 
-    async def _response(self, job: Job, result: GenerationResult, used: list[convert.AdapterUse]) -> Any:
+    async def _response(self, job: Job, result: GenerationResult, used: list[convert.AdapterUse],
+                        served_by: tuple[str, Variant | None]) -> Any:
         request = result.request
         # PNG encoding is CPU work proportional to pixels: keep it off the event loop.
         images = await asyncio.to_thread(
@@ -260,4 +267,9 @@ class GenerationService:
         metrics = self.core.metrics
         metrics.queue_duration.observe(timings["queue"])
         metrics.request_duration.observe(timings["total"])
-        return convert.generate_response(request.request_id, request.model, request.seed, images, timings, used)
+        # The model as the caller named it (a variant's engine model is a server directory).
+        model, variant = served_by
+        backend = variant.backend if variant is not None else EAGER
+        metrics.served_by(model, backend, variant.name if variant is not None else "")
+        return convert.generate_response(request.request_id, model, request.seed, images, timings, used,
+                                         backend=backend, variant=variant.name if variant is not None else "")

@@ -71,6 +71,10 @@ class Metrics:
         self.pending_cost = Gauge("sdserve_pending_cost", "Admitted cost (pixels x steps x rows) queued or running", registry=r)
         self.inflight_cost = Gauge("sdserve_inflight_cost", "Cost released into the engine", registry=r)
         self.queued_requests = Gauge("sdserve_queued_requests", "Requests waiting in the fair queues", registry=r)
+        self.backend_requests = Counter(
+            "sdserve_backend_requests", "Generate calls answered, by model (as requested), backend (eager, fused) "
+            "and compiled variant (\"\" on the eager path)", ["model", "backend", "variant"], registry=r,
+        )
         # Adapter residency lives in the engine; these are read from its counters at scrape time.
         self._adapter_sources: list[Callable[[], Iterable[Any]]] = []
         r.register(_ResidencyCollector(self._adapter_sources))
@@ -96,6 +100,9 @@ class Metrics:
 
     def refused_by(self, tenant: str) -> None:
         (self.refused.labels(tenant=tenant) if self.tenant_labels else self.refused).inc()
+
+    def served_by(self, model: str, backend: str, variant: str) -> None:
+        self.backend_requests.labels(model=model, backend=backend, variant=variant).inc()
 
     def track_rows(self, request_id: str, rows: int) -> None:
         with self._rows_lock:
