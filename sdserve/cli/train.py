@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from sdserve.cli import train_data
-from sdserve.models.shapes.components import ComponentSizes
 
 VAE_SHARE = 0.2  # of --minutes; the VAE plateaus long before the UNet does
+# ComponentSizes().unet_channels, written out: its module imports diffusers, which `train --help`
+# must not load (tests/cli/test_startup.py checks the two agree).
+DEFAULT_UNET_CHANNELS = "32,64,128"
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -44,8 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     base.add_argument("--unet-lr", type=float, default=1e-3)
     base.add_argument("--edge-weight", type=float, default=16.0,
                       help="VAE loss weight of pixels on shape outlines (1: none)")
-    default_channels = ",".join(str(c) for c in ComponentSizes().unet_channels)
-    base.add_argument("--unet-channels", default=default_channels, help="three comma-separated widths")
+    base.add_argument("--unet-channels", default=DEFAULT_UNET_CHANNELS, help=f"three comma-separated widths (default {DEFAULT_UNET_CHANNELS})")
     base.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared CPU)")
     base.add_argument("--tiny", action="store_true", help="test-sized networks")
     base.add_argument("--no-progress", action="store_true")
@@ -60,7 +61,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace):
-    from sdserve.trainers.base_model import TrainConfig  # torch/diffusers load only when training
+    from sdserve.models.shapes.components import ComponentSizes  # torch/diffusers load only when training
+    from sdserve.trainers.base_model import TrainConfig
 
     if args.tiny:
         sizes = ComponentSizes.tiny()
