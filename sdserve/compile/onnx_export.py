@@ -283,6 +283,9 @@ def _serving_files(base: BaseModel, staging: Path, name: str) -> tuple[str, ...]
         "limits": dataclasses.asdict(base.info.limits),
         "compile": {"kind": "onnx", "sdserve_version": __version__, "manifest": "sdserve-compile.json"},
     }
+    index = base.path / "model_index.json"  # the one serving fact kept there (SDXL's empty negative prompt)
+    if index.is_file():
+        meta["force_zeros_for_empty_prompt"] = bool(json.loads(index.read_text()).get("force_zeros_for_empty_prompt", True))
     (staging / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return (*files, METADATA_FILE)
 

@@ -28,11 +28,11 @@ from sdserve.engine.model import LoadedModel, ModelInfo, ModelStore
 from sdserve.engine.png import parameters_text
 from sdserve.engine.preview import latent_preview
 from sdserve.engine.request import EngineRequest, RequestSpec, resolve
-from sdserve.engine.residency import AdapterRuntime, ResidencyStats
+from sdserve.engine.residency import AdapterRuntime, RequestWeights, ResidencyStats
 from sdserve.engine.runner import Runner
 from sdserve.engine.state import RequestState, Timings, prepare_state
 from sdserve.engine.store import WeightStore
-from sdserve.errors import Cancelled, DeadlineExceeded, Internal, SdserveError
+from sdserve.errors import Cancelled, DeadlineExceeded, Internal, InvalidArgument, SdserveError
 
 
 @dataclass
@@ -99,7 +99,7 @@ class Engine:
         """Check a request against its model; raises InvalidArgument / NotFound naming the field.
         Reads no weights: the store is only looked at (see `request.resolve`)."""
         info = self.models.info(spec.model)
-        return resolve(
+        request = resolve(
             spec,
             info,
             max_batch_rows=self.config.max_batch_rows,
@@ -110,6 +110,11 @@ class Engine:
             tenant=tenant,
             deadline=deadline,
         )
+        if info.backend != "eager":
+            from sdserve.engine.onnx_backend import refuse_per_request_weights
+
+            refuse_per_request_weights(request, info)
+        return request
 
     def submit(self, request: EngineRequest, listener: Listener | None = None) -> None:
         self._queue.put(_Submission(request, listener))
@@ -140,6 +145,9 @@ class Engine:
         """The LoRA-targetable modules of `model` as it was loaded (before any layer was wrapped):
         what an uploaded adapter is validated against."""
         loaded = self.models.get(model)
+        if loaded.info.backend != "eager":
+            raise InvalidArgument(f"model {model!r} is compiled ({loaded.info.backend}) and serves no adapters",
+                                  field="adapters")
         if loaded.adapters is not None:
             return loaded.adapters.targets  # the runtime described the model before wrapping it
         return targets_of(loaded.adapter_components())
@@ -329,11 +337,14 @@ class Engine:
         slots: list[int] = []
         try:
             model = self.models.get(request.model)
-            runtime = self._adapters_of(model)
-            # Every weight it names, from the store (loads start in the background; what is held
-            # is pinned for the request from now on, so a queued request keeps what it found).
-            weights = runtime.gather(request, self.runner.controlnets, self.ip_adapters)
-            acquired = runtime.acquire(list(weights.lora_digests)) if weights is not None and request.adapters else []
+            if model.info.backend != "eager":  # compiled: validation refused every per-request weight
+                weights, acquired = RequestWeights(), []
+            else:
+                runtime = self._adapters_of(model)
+                # Every weight it names, from the store (loads start in the background; what is held
+                # is pinned for the request from now on, so a queued request keeps what it found).
+                weights = runtime.gather(request, self.runner.controlnets, self.ip_adapters)
+                acquired = runtime.acquire(list(weights.lora_digests)) if weights is not None and request.adapters else []
             if weights is None or acquired is None:
                 if submission.timings.adapters_waiting is None:
                     submission.timings.adapters_waiting = time.monotonic()

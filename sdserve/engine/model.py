@@ -40,6 +40,7 @@ class ModelInfo:
     # without reading the file again (ControlNet channels, IP-Adapter cross-attention width).
     unet_config: dict[str, Any] = field(default_factory=dict, repr=False)
     description: str = ""
+    backend: str = "eager"  # "onnxruntime" for a directory written by `sdserve compile onnx`
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -203,6 +204,10 @@ class ModelStore:
             return read_model_info(name, builtin_path(name))
         path = Path(name).expanduser()
         if path.is_dir():
+            from sdserve.engine.onnx_backend import is_compiled_dir, read_onnx_model_info
+
+            if is_compiled_dir(path):  # written by `sdserve compile onnx`: served by onnxruntime
+                return read_onnx_model_info(name, path.resolve())
             return read_model_info(name, path.resolve())
         # Do not echo the name back as a path: it may be a server path the caller probed for.
         raise NotFound("unknown model; see `sdserve models list`", field="model")
@@ -211,5 +216,10 @@ class ModelStore:
         info = self.info(name)
         with self._lock:
             if info.name not in self._loaded:
-                self._loaded[info.name] = load_model(info, self.config.torch_device(), self.config.torch_dtype())
+                if info.backend == "onnxruntime":
+                    from sdserve.engine.onnx_backend import load_onnx_model
+
+                    self._loaded[info.name] = load_onnx_model(info)
+                else:
+                    self._loaded[info.name] = load_model(info, self.config.torch_device(), self.config.torch_dtype())
             return self._loaded[info.name]

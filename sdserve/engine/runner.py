@@ -1,8 +1,10 @@
 """The runner: one denoising step for every row of a batch.
 
 A backend predicts the noise for all rows in one call; the runner then applies each request's
-guidance and its own scheduler step. The eager backend serves any mix of requests; compiled
-backends (fused weights, ONNX Runtime, TensorRT) will declare which requests they can serve.
+guidance and its own scheduler step. The eager backend serves any mix of requests; a model
+compiled to ONNX (`ModelInfo.backend == "onnxruntime"`) runs on the onnxruntime backend
+(engine/onnx_backend.py), which serves only requests without per-request weights (validation
+refuses the others). The backend is picked per model, so a batch (one model) has one backend.
 """
 
 from __future__ import annotations
@@ -78,8 +80,22 @@ class Runner:
     def __init__(self, backend: UNetBackend | None = None) -> None:
         self.backend = backend or EagerBackend()
         self.controlnets: ControlNetStore = getattr(self.backend, "controlnets", ControlNetStore())
+        self._compiled: dict[str, UNetBackend] = {}  # backend name -> backend, made on first use
+
+    def backend_for(self, model: LoadedModel) -> UNetBackend:
+        """The backend that runs `model`'s UNet: the runner's own, or onnxruntime for a compiled dir."""
+        name = model.info.backend
+        if name == "eager":
+            return self.backend
+        if name not in self._compiled:
+            from sdserve.engine.onnx_backend import BACKEND, OnnxBackend
+
+            if name != BACKEND:
+                raise ValueError(f"no runner backend named {name!r}")
+            self._compiled[name] = OnnxBackend()
+        return self._compiled[name]
 
     @torch.inference_mode()
     def step(self, model: LoadedModel, batch: Batch) -> None:
-        noise_pred = self.backend.predict_noise(model, batch)
+        noise_pred = self.backend_for(model).predict_noise(model, batch)
         advance(batch, noise_pred)

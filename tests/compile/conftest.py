@@ -68,8 +68,18 @@ def adapters(tmp_path_factory) -> dict[str, object]:
             "two": directory / "two.safetensors", "a_lora": a, "b_lora": b}
 
 
+@pytest.fixture(scope="session")
+def onnx_export(tmp_path_factory) -> Path:
+    """tiny-sd1 exported to ONNX once for the session (refit and backend tests read it, never write it)."""
+    from sdserve.compile.onnx_export import OnnxConfig, export_onnx
+
+    out = tmp_path_factory.mktemp("onnx-export") / "tiny-sd1"
+    assert not export_onnx(OnnxConfig(model=MODEL, out=out, progress=False)).failed
+    return out
+
+
 def base_dir() -> Path:
     return builtin_path(MODEL)
 
 
-__all__ = ["FactoryLoRA", "MODEL", "adapters", "base_dir", "run_cli", "tree_digest"]
+__all__ = ["FactoryLoRA", "MODEL", "adapters", "base_dir", "onnx_export", "run_cli", "tree_digest"]

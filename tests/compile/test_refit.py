@@ -20,11 +20,10 @@ SCALE_A, SCALE_B = 0.7, 1.5
 
 
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory, adapters):
-    """The base export, and a fresh export of the model with the stack fused."""
+def exports(tmp_path_factory, adapters, onnx_export):
+    """The base export (the session's), and a fresh export of the model with the stack fused."""
     work = tmp_path_factory.mktemp("refit")
-    base = work / "base"
-    assert not export_onnx(OnnxConfig(model=MODEL, out=base, progress=False)).failed
+    base = onnx_export
     fused = fuse_model(FuseConfig(model=MODEL, out=work / "fused", progress=False,
                                   loras=(LoRAArg(adapters["a"], SCALE_A), LoRAArg(adapters["b"], SCALE_B)))).out
     fresh = work / "fresh"

@@ -1,0 +1,126 @@
+"""The onnxruntime backend: a `compile onnx` directory served by the engine gives the eager model's
+images (the eager engine on the same request is the oracle), mixes requests in one batch as the
+eager path does, serves a refit (a compiled stack) as the eager engine serves that stack per
+request, and refuses per-request weights naming their field."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdserve.api.types import AdapterSpec, EmbeddingSpec, RequestSpec
+from sdserve.compile.manifest import MANIFEST_FILE
+from sdserve.engine import Engine, EngineConfig
+from sdserve.engine.onnx_backend import MANIFEST_FILE as ENGINE_MANIFEST_FILE
+from sdserve.engine.onnx_backend import OnnxBackend, OnnxUNet
+from sdserve.errors import InvalidArgument
+from tests.compile.conftest import MODEL, run_cli
+
+STEPS = 20
+TOLERANCE = 2  # of 255, the issue's bound
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return Engine(EngineConfig(device="cpu", dtype="float32"))
+
+
+def _png(seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _requests(model: str) -> list[RequestSpec]:
+    """Two requests that differ in everything a row reads: prompt, seed, scheduler (one draws from
+    its generator at each step), guidance interval, image count; and an img2img (the VAE encoder)."""
+    return [
+        RequestSpec(model=model, prompt="a red circle", seed=11, steps=STEPS, guidance_end=0.6),
+        RequestSpec(model=model, prompt="two blue squares", negative_prompt="green", seed=12, steps=STEPS,
+                    scheduler="euler_a", guidance_scale=5.0, num_images=2),
+        RequestSpec(model=model, prompt="a star", seed=13, steps=STEPS, init_image=_png(0), strength=0.6),
+    ]
+
+
+def _images(engine: Engine, specs: list[RequestSpec]) -> list[np.ndarray]:
+    results = engine.generate([engine.validate(spec) for spec in specs])
+    for result in results:
+        assert not isinstance(result, Exception), result
+    return [np.stack(result.images).astype(int) for result in results]  # each [n, H, W, 3]
+
+
+def test_the_manifest_file_name_is_compiles():
+    assert ENGINE_MANIFEST_FILE == MANIFEST_FILE
+
+
+def test_onnx_dir_gives_the_eager_images_and_batches_like_eager(engine, onnx_export):
+    eager = _images(engine, _requests(MODEL))
+    specs = _requests(str(onnx_export))
+    together = _images(engine, specs)
+    loaded = engine.models.get(str(onnx_export))
+    assert loaded.info.backend == "onnxruntime" and isinstance(loaded.unet, OnnxUNet)
+    assert isinstance(engine.runner.backend_for(loaded), OnnxBackend)
+    for ours, theirs in zip(together, eager, strict=True):
+        assert ours.shape == theirs.shape
+        assert np.abs(ours - theirs).max() <= TOLERANCE
+        assert ours.std() > 10  # an image, not a flat field both sides could agree on
+    # Rows never mix: the two text-to-image requests alone give what they gave in the mixed batch.
+    for spec, mixed in zip(specs[:2], together, strict=False):
+        (alone,) = _images(engine, [spec])
+        assert np.abs(alone - mixed).max() <= 1
+
+
+def test_a_refit_dir_serves_its_stack_as_eager_serves_it_per_request(engine, onnx_export, adapters, capsys,
+                                                                       tmp_path):
+    scale = 0.8
+    out = tmp_path / "refit-a"
+    code, _, stderr = run_cli(capsys, "compile", "refit", "--onnx", str(onnx_export), "--lora",
+                              f"{adapters['a']}:{scale}", "--out", str(out), "--no-check", "--no-progress")
+    assert code == 0, stderr
+    request = dict(prompt="a red circle", seed=21, steps=STEPS)
+    (per_request,) = _images(engine, [RequestSpec(model=MODEL, adapters=(AdapterSpec(path=str(adapters["a"]),
+                                                                                       scale=scale),), **request)])
+    (base,) = _images(engine, [RequestSpec(model=str(onnx_export), **request)])
+    (compiled,) = _images(engine, [RequestSpec(model=str(out), **request)])
+    assert np.abs(compiled - per_request).max() <= TOLERANCE
+    assert np.abs(base - per_request).max() > 10 * TOLERANCE  # the stack changes the image
+
+
+@pytest.mark.parametrize("field", ["adapters", "embeddings"])
+def test_per_request_weights_are_refused_naming_their_field(engine, onnx_export, adapters, field):
+    extra = {"adapters": {"adapters": (AdapterSpec(path=str(adapters["a"]), scale=1.0),)},
+             "embeddings": {"embeddings": (EmbeddingSpec(path=str(adapters["toy"]), token="<toy>"),)}}[field]
+    with pytest.raises(InvalidArgument) as error:
+        engine.validate(RequestSpec(model=str(onnx_export), prompt="x <toy>", **extra))
+    assert error.value.field == field and "compiled" in error.value.message
+    with pytest.raises(InvalidArgument) as error:
+        engine.lora_targets(str(onnx_export))  # what a server checks uploads against
+    assert error.value.field == "adapters"
+
+
+def test_a_dir_from_another_sdserve_version_is_refused_naming_model(onnx_export, tmp_path):
+    copy = shutil.copytree(onnx_export, tmp_path / "old")
+    manifest = json.loads((copy / MANIFEST_FILE).read_text())
+    manifest["sdserve_version"] = "0.0.1"
+    (copy / MANIFEST_FILE).write_text(json.dumps(manifest))
+    fresh = Engine(EngineConfig(device="cpu"))
+    with pytest.raises(InvalidArgument) as error:
+        fresh.validate(RequestSpec(model=str(copy), prompt="x"))
+    assert error.value.field == "model" and "0.0.1" in error.value.message
+
+
+def test_generate_cli_serves_an_onnx_dir(onnx_export, capsys, tmp_path):
+    code, _, stderr = run_cli(capsys, "generate", "--model", str(onnx_export), "--prompt", "a red circle",
+                              "--steps", "2", "--seed", "1", "--out", str(tmp_path / "x.png"), "--quiet")
+    assert code == 0, stderr
+    assert np.asarray(Image.open(tmp_path / "x.png")).shape == (32, 32, 3)
+    code, _, stderr = run_cli(capsys, "generate", "--model", str(onnx_export), "--prompt", "x",
+                              "--lora", f"{tmp_path / 'a.safetensors'}:0.5", "--out", str(tmp_path / "y.png"))
+    assert code == 2 and "adapters" in stderr and len(stderr.strip().splitlines()) == 1
+
