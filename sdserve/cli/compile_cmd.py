@@ -1,4 +1,4 @@
-"""`sdserve compile fuse|unfuse|onnx|refit|check`: compiled variants of a model, written to new directories.
+"""`sdserve compile fuse|unfuse|onnx|refit|tensorrt|check`: compiled variants of a model, written to new directories.
 
 Heavy imports (torch, diffusers, onnx) happen inside the command functions, so `sdserve --help`
 and other subcommands stay light. Bad input is one line on stderr and exit 2.
@@ -20,6 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _register_fuse(sub)
     _register_onnx(sub)
     _register_refit(sub)
+    _register_tensorrt(sub)
     _register_check(sub)
 
 
@@ -158,6 +159,36 @@ def _refit(args: argparse.Namespace) -> None:
              f"{', '.join(result.failed)}; nothing written to {args.out}", code=1)
     note = f" (not checked: {result.unchecked})" if result.unchecked else ""
     print(f"refit {result.initializers} weights{note}; wrote {result.out}")
+
+
+def _register_tensorrt(sub: argparse._SubParsersAction) -> None:
+    tensorrt = sub.add_parser(
+        "tensorrt", help="build refittable TensorRT engines from an ONNX export (needs sdserve[tensorrt])",
+        description="Build a TensorRT engine of each served graph (text encoders, UNet, VAE) of a `compile onnx` "
+                    "or `compile refit` directory, with the refit map's weights refittable; a refit directory's "
+                    "values are refitted into engines built from the export's base weights.",
+    )
+    tensorrt.add_argument("--onnx", required=True, type=Path, metavar="DIR",
+                          help="a directory written by `compile onnx` or `compile refit`")
+    tensorrt.add_argument("--max-batch", type=int, default=8, help="largest batch each engine takes (default 8)")
+    tensorrt.add_argument("--fp16", action="store_true", help="allow float16 kernels")
+    _common(tensorrt)
+    tensorrt.set_defaults(func=_tensorrt)
+
+
+def _tensorrt(args: argparse.Namespace) -> None:
+    _quiet()
+    from sdserve.compile.tensorrt_build import BuildFailed, TensorRTConfig, build_tensorrt
+
+    try:
+        result = build_tensorrt(TensorRTConfig(onnx=args.onnx, out=args.out, max_batch=args.max_batch, fp16=args.fp16,
+                                               force=args.force, progress=not args.no_progress))
+    except SdserveError as error:
+        fail_on(error)
+    except BuildFailed as error:
+        fail(f"{error}; nothing written to {args.out}", code=1)
+    refitted = f", {result.refitted} weights refitted" if result.refitted else ""
+    print(f"built {', '.join(result.engines)}{refitted}; wrote {result.out}")
 
 
 def _register_check(sub: argparse._SubParsersAction) -> None:
