@@ -230,6 +230,7 @@ class TokenizedPrompt:
     first_extra_id: int  # len(tokenizer): the id of row 0 of extra_rows
     extra_rows: torch.Tensor  # [n_extra, dim] vectors of the loaded embeddings, in id order
     prompt: str  # the prompt after the multi-vector rewrite
+    length: int = 0  # tokens of the prompt kept (BOS, EOS and padding not counted)
 
 
 def tokenize_with_embeddings(
@@ -283,6 +284,7 @@ def tokenize_with_embeddings(
         first_extra_id=len(tokenizer),
         extra_rows=extra_rows_of(embeddings, component),
         prompt=prompt,
+        length=len(content[:keep]),
     )
 
 

@@ -48,9 +48,18 @@ class EngineConfig:
     """Most images decoded by the VAE in one call."""
     residency: ResidencyConfig = field(default_factory=ResidencyConfig)
     """Adapter tiers: slots, host budget, maximum rank."""
+    prompt_syntax: str = "plain"
+    """How prompts are read when a request does not say (its `prompt_syntax`): "plain" (text as
+    written) or "a1111" (AUTOMATIC1111's weights, BREAK, chunks and <lora:> tags)."""
     max_admit_per_step: int = 16
     """Most queued requests prepared (prompts encoded, noise drawn) at one step boundary, so a burst
     of arrivals does not stall the running batch for long."""
+
+    def __post_init__(self) -> None:
+        if self.prompt_syntax not in ("plain", "a1111"):  # engine/prompt_syntax.py SYNTAXES
+            from sdserve.errors import InvalidArgument
+
+            raise InvalidArgument(f"[engine] prompt_syntax must be plain or a1111 (got {str(self.prompt_syntax)[:32]!r})")
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

@@ -103,6 +103,7 @@ class Engine:
             spec,
             info,
             max_batch_rows=self.config.max_batch_rows,
+            prompt_syntax=self.config.prompt_syntax,
             controlnet_store=self.runner.controlnets,
             ip_adapter_store=self.ip_adapters,
             weights=self.weights,

@@ -118,6 +118,8 @@ class EngineRequest:
     preview_every: int = 0  # a latent preview with every N-th step event (0: none)
     guidance_start: float = 0.0  # guidance interval, fractions of the schedule (activity rule)
     guidance_end: float = 1.0
+    clip_skip: int = 1  # A1111's meaning: 1 = the layer the family reads natively (families/)
+    prompt_syntax: str = "plain"  # "plain" | "a1111" (engine/prompt_syntax.py)
     request_id: str = ""
     tenant: str = ""
     deadline: float | None = field(default=None, compare=False)  # time.monotonic() seconds
@@ -292,6 +294,29 @@ def _resolve_images(spec: RequestSpec, info: ModelInfo) -> tuple[Any, Any, float
     return image, mask, strength
 
 
+def max_clip_skip(info: ModelInfo) -> int:
+    """Deepest CLIP skip the model's text encoders allow: SD reads `hidden_states[-k]` (k up to
+    the layer count), SDXL `hidden_states[-(k + 1)]` (one fewer); index -(layers + 1) is the
+    token embeddings, not a layer."""
+    layers = min(info.text_layers.values(), default=1)
+    return max(1, layers - (1 if info.family == "sdxl" else 0))
+
+
+def _resolve_text(spec: RequestSpec, info: ModelInfo, default_syntax: str) -> tuple[str, int]:
+    """(prompt syntax, clip skip) of a request: absent fields take the engine's syntax and 1."""
+    from sdserve.engine.prompt_syntax import A1111, check_syntax, has_lora_tags
+
+    syntax = check_syntax(spec.prompt_syntax if spec.prompt_syntax is not None else default_syntax)
+    # The server moves <lora:> tags into the adapter stack before validation; left in an
+    # A1111 prompt here, nobody could resolve their names.
+    if syntax == A1111 and has_lora_tags(spec.prompt):
+        raise InvalidArgument("<lora:NAME> tags are resolved by a server; in-process, give the adapter with --lora",
+                              field="prompt")
+    clip_skip = spec.clip_skip if spec.clip_skip is not None else 1
+    _check_int("clip_skip", clip_skip, 1, max_clip_skip(info))
+    return syntax, clip_skip
+
+
 def _check_int(name: str, value: int, low: int, high: int) -> int:
     if not (low <= value <= high):
         raise InvalidArgument(f"must be between {low} and {high} (got {value})", field=name)
@@ -303,6 +328,7 @@ def resolve(
     info: ModelInfo,
     *,
     max_batch_rows: int,
+    prompt_syntax: str = "plain",
     controlnet_store: ControlNetStore | None = None,
     ip_adapter_store: IPAdapterStore | None = None,
     weights: WeightStore | None = None,
@@ -321,6 +347,8 @@ def resolve(
         raise InvalidArgument(f"must be at most {MAX_PROMPT_CHARS} characters", field="prompt")
     if spec.negative_prompt is not None and len(spec.negative_prompt) > MAX_PROMPT_CHARS:
         raise InvalidArgument(f"must be at most {MAX_PROMPT_CHARS} characters", field="negative_prompt")
+
+    syntax, clip_skip = _resolve_text(spec, info, prompt_syntax)
 
     scheduler = spec.scheduler if spec.scheduler is not None else defaults.scheduler
     choice = resolve_scheduler(scheduler)
@@ -426,6 +454,8 @@ def resolve(
         preview_every=_check_int("preview_every", spec.preview_every or 0, 0, steps),
         guidance_start=float(guidance_start),
         guidance_end=float(guidance_end),
+        clip_skip=clip_skip,
+        prompt_syntax=syntax,
         request_id=request_id,
         tenant=tenant,
         deadline=deadline,

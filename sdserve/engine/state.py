@@ -17,6 +17,7 @@ import torch
 from sdserve.engine.activity import active_at
 from sdserve.engine.controlnet import PreparedControl, prepare_controls
 from sdserve.engine.families import RowConditioning, family_of
+from sdserve.engine.families.base import TextOptions
 from sdserve.engine.init_latents import Inpainting, prepare_latents, strength_timesteps
 from sdserve.engine.ip_adapter import IPAdapterWeights, PreparedIP
 from sdserve.engine.model import LoadedModel
@@ -24,7 +25,7 @@ from sdserve.engine.request import EngineRequest
 from sdserve.engine.row_context import RowContext
 from sdserve.engine.schedulers import make_scheduler, resolve_scheduler, step_kwargs_accepted
 
-GroupKey = tuple[str, int, int]  # (model name, latent height, latent width)
+GroupKey = tuple[str, int, int, int]  # (model name, latent height, latent width, text tokens)
 
 
 @dataclass
@@ -105,7 +106,10 @@ class RequestState:
 
     @property
     def group_key(self) -> GroupKey:
-        return (self.model.info.name, self.latents.shape[-2], self.latents.shape[-1])
+        # A1111-syntax prompts can be longer than 77 tokens: rows share a UNet call only when
+        # their text states have one length (padding them would change what each row attends to).
+        tokens = self.conditioning.encoder_hidden_states.shape[1]
+        return (self.model.info.name, self.latents.shape[-2], self.latents.shape[-1], tokens)
 
 
 def prepare_state(
@@ -152,6 +156,7 @@ def prepare_state(
             request.width,
             request.height,
             request.embeddings,
+            TextOptions(syntax=request.prompt_syntax, clip_skip=request.clip_skip),
         )
     generator = torch.Generator("cpu").manual_seed(request.seed)
     with torch.inference_mode():
