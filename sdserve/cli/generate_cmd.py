@@ -61,6 +61,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     io.add_argument("--requests", type=Path, help="JSON-lines file, one GenerateRequest per line")
     io.add_argument("--out-dir", type=Path, help="output directory for --requests")
     engine = parser.add_argument_group("engine")
+    engine.add_argument("--vae", metavar="FILE_OR_DIR",
+                        help="use this VAE instead of the model's own (for the model --model names, else the "
+                        "default): a .safetensors file (original or diffusers layout) or an AutoencoderKL directory")
     engine.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     engine.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16 (default: auto)")
     engine.add_argument("--max-batch-rows", type=int, default=16, help="most UNet rows per step (default: 16)")
@@ -225,12 +228,15 @@ def run(args: argparse.Namespace) -> int:
     quiet_libraries()
     from tqdm import tqdm
 
-    from sdserve.engine import Engine, EngineConfig
+    from sdserve.engine import Engine, EngineConfig, ModelStore
     from sdserve.engine.png import encode_png
 
     specs = _specs_from_args(args)
     config = EngineConfig(max_batch_rows=args.max_batch_rows, device=args.device, dtype=args.dtype)
-    engine = Engine(config)
+    store = ModelStore(config)
+    if args.vae is not None:
+        store.vaes[store.resolve_name(args.model or "")] = args.vae
+    engine = Engine(config, models=store)
     requests = []
     for where, spec in specs:
         try:

@@ -27,10 +27,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--model",
         action="append",
-        metavar="NAME|DIR",
-        help="model to serve: a built-in name or a diffusers-format directory; repeat for several, "
-        "the first is the default (replaces [models] serve)",
+        metavar="NAME|DIR|FILE",
+        help="model to serve: a built-in name, a diffusers-format directory or a single-file "
+        ".safetensors checkpoint (SD 1.x/2.x/XL layout); repeat for several, the first is the default "
+        "(replaces [models] serve)",
     )
+    parser.add_argument("--vae", metavar="FILE_OR_DIR",
+                        help="a separate VAE for the default model (adds to [models] vae)")
     parser.add_argument("--metrics-port", type=int, help="Prometheus endpoint port (default: off)")
     parser.add_argument("--data-dir", help="adapter registry directory (default $SDSERVE_HOME/server)")
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N")
@@ -58,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
             registry__data_dir=args.data_dir,
             engine__device=args.device,
         )
+        if args.vae:
+            config = with_overrides(config, models__vae={**config.models.vae, config.models.default_model: args.vae})
     except SdserveError as exc:
         fail_on(exc, str(args.config) if args.config else "")
     try:

@@ -56,7 +56,7 @@ class Server:
     def __init__(self, config: Config, engine: Engine | None = None) -> None:
         self.config = config
         if engine is None:
-            store = ModelStore(config.engine, default_model=config.models.default_model)
+            store = ModelStore(config.engine, default_model=config.models.default_model, vaes=config.models.vae)
             engine = Engine(config.engine, models=store)
         self.engine = engine
         # Clients name ControlNet and IP-Adapter models; only the operator's configured ones

@@ -84,7 +84,9 @@ class ModelsConfig:
     """Which models the server serves."""
 
     serve: tuple[str, ...] = ("default",)
-    """Built-in model names or local diffusers-format directories; all are loaded at start-up."""
+    """Built-in model names, local diffusers-format directories (fp16-variant-only ones included)
+    or single-file checkpoints (`.safetensors` in the original SD 1.x/2.x/XL layout, converted
+    once into $SDSERVE_HOME/models/single-file/); all are loaded at start-up."""
     default: str = ""
     """The model an empty GenerateRequest.model selects; "" = the first of `serve`."""
     controlnets: dict[str, str] = field(default_factory=dict)
@@ -93,6 +95,9 @@ class ModelsConfig:
     ip_adapters: dict[str, str] = field(default_factory=dict)
     """IP-Adapter models requests may name: name -> directory with ip_adapter.safetensors and
     image_encoder/. Requests can name only these."""
+    vae: dict[str, str] = field(default_factory=dict)
+    """A separate VAE per served model: model (as named in `serve`) -> VAE file (`.safetensors`,
+    original or diffusers layout) or directory (an AutoencoderKL dir, or a model dir with vae/)."""
 
     @property
     def default_model(self) -> str:
@@ -279,13 +284,16 @@ def check(config: Config) -> None:
     keys = [t.key_sha256 for t in config.tenants]
     if len(set(keys)) != len(keys):
         raise InvalidArgument("[[tenants]] keys must be unique (at most one tenant without a key)")
-    for table in ("controlnets", "ip_adapters"):
+    for table in ("controlnets", "ip_adapters", "vae"):
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in getattr(config.models, table).items()):
             raise InvalidArgument(f"[models.{table}] maps names to directory strings")
     if not config.models.serve:
         raise InvalidArgument("[models] serve must name at least one model")
     if config.models.default and config.models.default not in config.models.serve:
         raise InvalidArgument("[models] default must be one of serve")
+    for model in config.models.vae:
+        if model not in config.models.serve:
+            raise InvalidArgument(f"[models.vae] {model!r} is not one of serve")
     registry = config.registry
     if registry.validate_memory_bytes < 2 * registry.max_adapter_bytes:
         # A file's data section is read whole into the validation worker's memory.

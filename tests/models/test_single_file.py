@@ -1,0 +1,195 @@
+"""Models as users' folders hold them: single-file checkpoints, fp16 variant dirs, a separate VAE.
+
+Oracles: the built-in model's own diffusers directory (a checkpoint written out in the original
+layout must serve the same pixels), and stock diffusers pipelines (fp16 variant, swapped VAE).
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from sdserve.engine import Engine, EngineConfig, ModelStore, RequestSpec
+from sdserve.errors import InvalidArgument
+from sdserve.models import single_file
+from sdserve.models.builtin import builtin_path
+from sdserve.models.variants import weights_variant
+from tests.models.ldm_layout import vae_to_ldm, write_original_checkpoint
+
+TOLERANCE = 2  # of 255
+
+
+def _images(store: ModelStore, model: str, seed: int = 7) -> np.ndarray:
+    engine = Engine(EngineConfig(), models=store)
+    spec = RequestSpec(model=model, prompt="a red circle on the left", seed=seed, steps=3, width=32, height=32)
+    [outcome] = engine.generate([engine.validate(spec)])
+    return np.stack([np.asarray(image) for image in outcome.images])  # [n, H, W, 3] uint8
+
+
+def _diffusers_images(pipe, seed: int = 7) -> np.ndarray:
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    images = pipe(
+        prompt="a red circle on the left", num_inference_steps=3, width=32, height=32, guidance_scale=7.5,
+        generator=torch.Generator("cpu").manual_seed(seed), output_type="np",
+    ).images
+    return (images * 255).round().astype(np.uint8)
+
+
+def _diff(a: np.ndarray, b: np.ndarray) -> int:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("single-file")
+    files = {}
+    for name in ("tiny-sd1", "tiny-sdxl"):
+        files[name] = out / f"{name}.safetensors"
+        write_original_checkpoint(builtin_path(name), files[name])
+    return files
+
+
+@pytest.mark.parametrize("model", ["tiny-sd1", "tiny-sdxl"])
+def test_a_checkpoint_in_the_original_layout_serves_the_same_images(checkpoints, model):
+    store = ModelStore(EngineConfig())
+    info = store.info(str(checkpoints[model]))
+    source = json.loads((info.path / single_file.SOURCE_FILE).read_text())
+    # Its shapes pick the tiny model's configs, not the default model's (also SD 1.x).
+    assert source["architecture"] == builtin_path(model).name and source["family"] == info.family
+    assert info.path.parent == single_file.single_file_cache() and info.path.name == source["sha256"]
+    assert _diff(_images(store, str(checkpoints[model])), _images(store, model)) <= TOLERANCE
+
+
+def test_a_second_load_hits_the_cache_and_a_renamed_copy_too(checkpoints, tmp_path, monkeypatch):
+    first = ModelStore(EngineConfig()).info(str(checkpoints["tiny-sd1"])).path
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(single_file, "convert", no_conversion)
+    assert ModelStore(EngineConfig()).info(str(checkpoints["tiny-sd1"])).path == first
+    copy = tmp_path / "renamed.safetensors"
+    shutil.copyfile(checkpoints["tiny-sd1"], copy)
+    assert ModelStore(EngineConfig()).info(str(copy)).path == first
+    # An edited file is another model: the cache is keyed by content, not by name.
+    state = load_file(checkpoints["tiny-sd1"])
+    state["model.diffusion_model.out.2.bias"] += 1
+    save_file(state, str(copy))
+    with pytest.raises(AssertionError, match="converted again"):
+        ModelStore(EngineConfig()).info(str(copy))
+
+
+class _Payload:
+    """Unpickling this would create a file: the refusal must happen before any unpickling."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.mark.parametrize("name", ["model.ckpt", "model.pt", "disguised.safetensors"])
+def test_pickle_checkpoints_are_refused_unopened(tmp_path, name):
+    marker = tmp_path / "unpickled"
+    path = tmp_path / name
+    torch.save({"state_dict": _Payload(marker)}, path)  # a zip of pickles, as .ckpt files are
+    with pytest.raises(InvalidArgument, match=r"pickle checkpoint.*convert it to \.safetensors") as caught:
+        ModelStore(EngineConfig()).info(str(path))
+    assert str(tmp_path) not in str(caught.value) and not marker.exists()
+    raw = tmp_path / "raw.ckpt"
+    raw.write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(InvalidArgument, match="pickle"):
+        ModelStore(EngineConfig()).info(str(raw))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "keys,looks_like",
+    [
+        ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 32)}, "LoRA"),
+        ({"emb_params": (2, 32)}, "textual-inversion embedding"),
+        ({"encoder.down.0.block.0.conv1.weight": (4, 4, 3, 3), "decoder.up.0.block.0.conv1.weight": (4, 4, 3, 3)}, "--vae"),
+        ({"down_blocks.0.resnets.0.conv1.weight": (4, 4, 3, 3)}, "component of a diffusers-format model"),
+        ({"weight": (3,)}, "not a Stable Diffusion checkpoint"),
+    ],
+)
+def test_files_that_are_not_checkpoints_are_refused_naming_what_they_look_like(tmp_path, keys, looks_like):
+    path = tmp_path / "thing.safetensors"
+    save_file({key: torch.zeros(shape) for key, shape in keys.items()}, str(path))
+    with pytest.raises(InvalidArgument, match=looks_like):
+        ModelStore(EngineConfig()).info(str(path))
+
+
+def test_a_checkpoint_no_shipped_architecture_fits_is_refused_with_the_misfit(checkpoints, tmp_path):
+    state = load_file(checkpoints["tiny-sd1"])
+    # A wider first UNet level than any SD 1.x config sdserve has.
+    state["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(48, 4, 3, 3)
+    path = tmp_path / "odd.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(InvalidArgument, match=r"fit no architecture.*tiny-sd1.*conv_in\.weight is \[48, 4, 3, 3\]"):
+        ModelStore(EngineConfig()).info(str(path))
+
+
+def test_an_fp16_variant_dir_loads_and_matches_diffusers(tmp_path):
+    source = builtin_path("tiny-sd1")
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(source).to(torch.float16)
+    out = tmp_path / "fp16-only"
+    pipe.save_pretrained(out, variant="fp16")
+    shutil.copyfile(source / "sdserve.json", out / "sdserve.json")
+    assert not list(out.glob("*/diffusion_pytorch_model.safetensors")), "only variant files, as downloads hold"
+    assert weights_variant(out / "unet") == "fp16" and weights_variant(source / "unet") is None
+    oracle = diffusers.StableDiffusionPipeline.from_pretrained(out, variant="fp16", torch_dtype=torch.float32)
+    assert _diff(_images(ModelStore(EngineConfig()), str(out)), _diffusers_images(oracle)) <= TOLERANCE
+
+
+@pytest.fixture(scope="module")
+def perturbed_vae(tmp_path_factory) -> dict[str, Path]:
+    """tiny-sd1's VAE with its decoder's last convolution changed, as a dir and as original-layout file."""
+    out = tmp_path_factory.mktemp("vae")
+    vae = diffusers.AutoencoderKL.from_pretrained(builtin_path("tiny-sd1"), subfolder="vae")
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(0)
+        weight = vae.decoder.conv_out.weight  # [3, 32, 3, 3]
+        weight += 0.5 * weight.std() * torch.randn(weight.shape, generator=generator)
+    vae.save_pretrained(out / "dir")
+    save_file({k: v.contiguous() for k, v in vae_to_ldm(vae.state_dict(), dict(vae.config), prefix="").items()},
+              str(out / "vae-ldm.safetensors"))
+    return {"dir": out / "dir", "file": out / "vae-ldm.safetensors"}
+
+
+def test_a_separate_vae_is_used_and_matches_diffusers_with_that_vae(perturbed_vae):
+    plain = _images(ModelStore(EngineConfig()), "tiny-sd1")
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+        builtin_path("tiny-sd1"), vae=diffusers.AutoencoderKL.from_pretrained(perturbed_vae["dir"])
+    )
+    expected = _diffusers_images(pipe)
+    for form in ("dir", "file"):
+        swapped = _images(ModelStore(EngineConfig(), vaes={"tiny-sd1": str(perturbed_vae[form])}), "tiny-sd1")
+        assert _diff(swapped, plain) > 10, form  # the swap changes the image ...
+        assert _diff(swapped, expected) <= TOLERANCE, form  # ... into diffusers' with that VAE
+
+
+def test_a_vae_that_does_not_fit_the_model_is_refused(tmp_path):
+    vae = diffusers.AutoencoderKL.from_pretrained(builtin_path("tiny-sd1"), subfolder="vae")
+    state = vae_to_ldm(vae.state_dict(), dict(vae.config), prefix="")
+    state["decoder.conv_out.weight"] = torch.zeros(3, 16, 3, 3)
+    path = tmp_path / "narrow-vae.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    engine = Engine(EngineConfig(), models=ModelStore(EngineConfig(), vaes={"tiny-sd1": str(path)}))
+    with pytest.raises(InvalidArgument, match="narrow-vae.safetensors.*does not fit"):
+        engine.load_model("tiny-sd1")
+    lora = tmp_path / "lora.safetensors"
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(4, 4)}, str(lora))
+    with pytest.raises(InvalidArgument, match="VAE 'lora.safetensors': looks like a LoRA"):
+        ModelStore(EngineConfig(), vaes={"tiny-sd1": str(lora)}).info("tiny-sd1")
