@@ -11,6 +11,10 @@ all three with the same requests in the same run; bench/load_suite.py):
     python -m bench.load --suite quick     # make bench: 32 adapters, two loads + capacity (~2.5 min)
     python -m bench.load --suite full      # 8, 32 and 128 adapters (~12 min on 2 cores)
 
+A hot stack with and without its compiled variant (starts two sdserve servers; bench/load_hot.py):
+
+    python -m bench.load --hot 0.5         # 50 % of requests use one stack; open loop, then closed
+
 Workload: N tenants; M adapters (random PEFT-layout LoRAs of ranks 4/8/16 for the served model's
 attention projections), adapter i owned by tenant i mod N; adapter popularity is Zipf over i.
 A request holds 0 to 3 adapters of one tenant; every fourth adapter is a Concept-Slider-style one
@@ -32,6 +36,9 @@ from bench.load_gen import Workload, load_label, print_summaries, run_one, uploa
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", choices=("quick", "full", "goal"), help="start the three servers and run the grid")
+    parser.add_argument("--hot", type=float, metavar="FRACTION",
+                        help="this share of requests uses one hot stack; compares sdserve with and without "
+                        "its compiled variant (starts both servers)")
     parser.add_argument("--target", help="HOST:PORT of a running server (loopback)")
     parser.add_argument("--rate", type=float, help="open-loop Poisson arrivals per second")
     parser.add_argument("--concurrency", type=int, help="closed loop: this many requests in flight")
@@ -52,6 +59,16 @@ def main(argv: list[str] | None = None) -> int:
         from bench.load_suite import run_suite
 
         return run_suite(args.suite, args.out or RESULTS_DIR / "load.json", slo=args.slo, seed=args.seed)
+    if args.hot is not None:
+        if not 0.0 < args.hot <= 1.0:
+            parser.error("--hot must be a fraction in (0, 1]")
+        from bench.load_hot import run_hot
+
+        rates = (args.rate,) if args.rate is not None else (() if args.concurrency else (6.0,))
+        concurrency = args.concurrency or (None if args.rate is not None else 12)
+        return run_hot(args.hot, args.out or RESULTS_DIR / "load_hot.json", model=args.model, rates=rates,
+                       concurrency=concurrency, duration=args.duration,
+                       timeout=args.timeout, slo=args.slo, seed=args.seed)
     if not args.target or not args.target.startswith(("127.0.0.1:", "localhost:", "[::1]:")):
         parser.error("--target must be a loopback HOST:PORT (or use --suite)")
     if args.rate is None and args.concurrency is None:

@@ -11,6 +11,7 @@ import asyncio
 import random
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,9 +163,11 @@ async def _one(stub: Any, record: Record, request: Any, metadata: list, timeout:
 
 async def drive(target: str, workload: Workload, *, rate: float | None = None, concurrency: int | None = None,
                 duration: float = 20.0, max_requests: int = 1000, timeout: float = 30.0,
-                progress: bool = True, label: str = "load") -> list[Record]:
+                progress: bool = True, label: str = "load",
+                make: Callable[[Workload, random.Random], tuple[int, dict[str, Any]]] = make_request) -> list[Record]:
     """Send requests for at most `duration` seconds and `max_requests` requests; wait for the
-    answers at most `timeout` more; -> one Record per request sent."""
+    answers at most `timeout` more; -> one Record per request sent. `make` draws the next
+    (tenant, request); record i is the i-th request it made."""
     import grpc
     from tqdm import tqdm
 
@@ -182,7 +185,7 @@ async def drive(target: str, workload: Workload, *, rate: float | None = None, c
         start = time.perf_counter()
 
         def next_call() -> Any:
-            tenant, request = make_request(workload, rng)
+            tenant, request = make(workload, rng)
             record = Record(len(records), tenant, len(request["adapters"]), request["steps"], 0.0)
             records.append(record)
             return _one(stub, record, convert.pb_from_dict(request), metadata[tenant], timeout, start)
@@ -245,9 +248,11 @@ def summarize(records: list[Record], slo: float) -> dict[str, Any]:
 
 
 def run_one(target: str, workload: Workload, *, rate: float | None, concurrency: int | None, duration: float,
-            max_requests: int, timeout: float, slo: float, label: str = "load", progress: bool = True) -> dict:
+            max_requests: int, timeout: float, slo: float, label: str = "load", progress: bool = True,
+            make: Callable[[Workload, random.Random], tuple[int, dict[str, Any]]] = make_request) -> dict:
     records = asyncio.run(drive(target, workload, rate=rate, concurrency=concurrency, duration=duration,
-                                max_requests=max_requests, timeout=timeout, progress=progress, label=label))
+                                max_requests=max_requests, timeout=timeout, progress=progress, label=label,
+                                make=make))
     return {"target": target, "rate": rate, "concurrency": concurrency, "duration": duration,
             "max_requests": max_requests, "timeout": timeout, "workload": asdict(workload),
             "summary": summarize(records, slo), "records": [asdict(r) for r in records]}

@@ -32,6 +32,7 @@ from sdserve.server.config import (
     TenantConfig,
     hash_key,
 )
+from sdserve.server.variants import VariantConfig
 
 StackKey = tuple[tuple[str, float, float, float], ...]
 
@@ -61,8 +62,10 @@ class HomogeneousEngine(Engine):
         self.batcher = HomogeneousBatcher(self.config.max_batch_rows)
 
 
-def bench_config(data_dir: Path, model: str, tenants: int, port: int = 0, max_batch_rows: int = 32) -> Config:
-    """The bench's server configuration: loopback, keyed bench tenants, no metrics port."""
+def bench_config(data_dir: Path, model: str, tenants: int, port: int = 0, max_batch_rows: int = 32,
+                 variants: tuple[str, ...] = ()) -> Config:
+    """The bench's server configuration: loopback, keyed bench tenants, no metrics port; `variants`
+    are fused directories of `model` served as compiled variants (bench/load_hot.py)."""
     return Config(
         server=ServerConfig(host="127.0.0.1", port=port, metrics_port=None, grace_seconds=5.0, log_level="WARNING"),
         models=ModelsConfig(serve=(model,)),
@@ -70,6 +73,7 @@ def bench_config(data_dir: Path, model: str, tenants: int, port: int = 0, max_ba
         registry=RegistryConfig(data_dir=str(data_dir)),
         tenants=tuple(TenantConfig(tenant_name(key), key_sha256=hash_key(key), max_adapters=1000)
                       for key in tenant_keys(tenants)),
+        variants=tuple(VariantConfig(model=model, dir=str(directory)) for directory in variants),
     )
 
 
@@ -98,13 +102,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tenants", type=int, default=4)
     parser.add_argument("--policy", choices=("mixed", "homogeneous"), default="mixed")
     parser.add_argument("--max-batch-rows", type=int, default=32)
+    parser.add_argument("--variant", action="append", default=[], help="a fused dir of --model to serve as a variant")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     from sdserve.cli.common import quiet_libraries
 
     quiet_libraries()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = bench_config(args.data, args.model, args.tenants, args.port, args.max_batch_rows)
+    config = bench_config(args.data, args.model, args.tenants, args.port, args.max_batch_rows, tuple(args.variant))
     asyncio.run(serve(config, args.policy))
 
 

@@ -175,6 +175,7 @@ def test_a_model_served_only_compiled_takes_only_its_stacks(served, files, refer
     request = {**BASE, "model": only, "seed": 7, "adapters": _hot()}
     response = client.generate(request, timeout=120)
     assert (response.backend, response.variant, response.model) == ("fused", "hot-only", only)
+    assert only not in served.server.engine.models._loaded  # its base weights never loaded
     (want,) = reference_images(reference_engine, _by_path({**request, "model": MODEL}, files))
     assert max_diff(_image(response), want) <= 2
 
