@@ -9,7 +9,7 @@ backtrack 20, emphasis "Original"):
   multiplies; unbalanced brackets close at the end; `\\(`, `\\)`, `\\[`, `\\]`, `\\\\` are literal.
 - Pieces are tokenized one by one (no BOS/EOS) and packed into chunks of 75 tokens; `BREAK` ends a
   chunk; a full chunk whose last comma is within 20 tokens of its end moves the tokens after
-  that comma to the next chunk. Each chunk is padded to 75 and framed `[BOS] 75 [EOS]` (77).
+  that comma to the next chunk. Each chunk is `[BOS] text [EOS] pad...`, 77 ids.
 - Each chunk is encoded alone; its hidden states `z` [1, 77, dim] are weighted per token and
   rescaled to keep their mean: `z' = z * w; z' *= mean(z) / mean(z')` (mean over every element);
   the chunks are concatenated along the sequence. SDXL's pooled embedding is the first chunk's.
@@ -156,7 +156,7 @@ def has_lora_tags(prompt: str) -> bool:
 
 @dataclass(frozen=True)
 class Chunk:
-    ids: tuple[int, ...]  # [77]: BOS, 75 tokens or padding, EOS
+    ids: tuple[int, ...]  # [77]: BOS, up to 75 tokens, EOS, padding
     weights: tuple[float, ...]  # [77], 1.0 at BOS, EOS and padding
 
 
@@ -172,7 +172,9 @@ def make_chunks(
     def close() -> None:
         nonlocal ids, weights, last_comma
         fill = CHUNK_TOKENS - len(ids)
-        chunks.append(Chunk(tuple([bos, *ids, *[pad] * fill, eos]), tuple([1.0, *weights, *[1.0] * fill, 1.0])))
+        # A1111 fills with EOS, then turns every id after the first EOS into the pad id
+        # (`process_tokens`): the layout diffusers' tokenizer gives, [BOS, text, EOS, pad...].
+        chunks.append(Chunk(tuple([bos, *ids, eos, *[pad] * fill]), tuple([1.0, *weights, 1.0, *[1.0] * fill])))
         ids, weights, last_comma = [], [], -1
 
     for tokens, weight in pieces:
