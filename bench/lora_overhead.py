@@ -17,7 +17,10 @@ GEMMs and against the whole UNet's. The UNet's rate includes this CPU's convolut
 faster per FLOP than its GEMMs), which is why deltas that run as fast as the GEMMs they attach to
 still cost more than their FLOP share.
 
-    python -m bench.lora_overhead [--repeats 7] [--rank 16] [--merge-budget BYTES]
+A third table (`bench/adapter_kinds.py`): the same forward with one adapter per row of each served
+kind (LoRA, LoHa, LoKr, DoRA), their parameter counts and the rank they are served at.
+
+    python -m bench.lora_overhead [--repeats 7] [--rank 16] [--merge-budget BYTES] [--kind-repeats 5]
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from bench.adapter_kinds import measure_kinds
 from bench.common import machine, print_table, write_json
 from bench.sd15 import attention_targets, sd15_unet
 from sdserve.adapters import targets_of
@@ -143,6 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latent", type=int, default=32)
     parser.add_argument("--merge-budget", type=int, default=ResidencyConfig().merge_budget_bytes,
                         help="bytes of merged weight copies (0: factorized deltas only)")
+    parser.add_argument("--kind-repeats", type=int, default=5,
+                        help="paired forwards per adapter kind in the kinds table (0: skip it)")
     args = parser.parse_args(argv)
 
     unet, context, holder, stacks, layers, targets = build(args.rank, args.rows, args.merge_budget)
@@ -181,6 +187,16 @@ def main(argv: list[str] | None = None) -> None:
             rebuilds.append(time.perf_counter() - started)
         forward(True)  # plans back to the measured stacks
         parts = breakdown(forward, layers, targets, 2 * args.rank, repeats=5)
+
+        def forward_rows(context: RowContext | None):
+            if context is None:
+                return unet(sample, timesteps, encoder_hidden_states=text, return_dict=False)[0]
+            with holder.rows(context):
+                return unet(sample, timesteps, encoder_hidden_states=text, return_dict=False)[0]
+
+        # Last: it puts other pools in the layers.
+        kinds = measure_kinds(forward_rows, layers, targets, args.rows, args.rank, args.kind_repeats) \
+            if args.kind_repeats else []
     base, lora = statistics.median(times[False]), statistics.median(times[True])
     # The adapters' FLOPs are counted from the projections' shapes (FlopCounterMode misses the
     # in-place baddbmm_ of the expand); the base's come from the counter.
@@ -220,6 +236,16 @@ def main(argv: list[str] | None = None) -> None:
         ["part", "GFLOP/s"],
         [[name, f"{rate:.1f}"] for name, rate in gflops.items()],
     )
+    if kinds:
+        lora_overhead = kinds[0]["overhead"]
+        print(f"\nOne adapter per row of each kind ({args.rows} different adapters, the same "
+              f"{num_targets} projections, median of {args.kind_repeats} paired forwards):\n")
+        print_table(
+            ["kind", "params / module", "served rank (median)", "served as", "time overhead", "vs LoRA"],
+            [[k["kind"], f"{k['params_per_module']:.0f}", f"{k['served_rank_median']:.0f}",
+              ", ".join(f"{form} {count}" for form, count in k["forms"].items()), f"{k['overhead']:.2%}",
+              f"{k['overhead'] / lora_overhead:.2f}x"] for k in kinds],
+        )
     path = write_json("lora_overhead", {
         "command": "python -m bench.lora_overhead " + " ".join(argv or []),
         "model": "SD1.5-shaped UNet, random weights",
@@ -229,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
         "base_flops": base_flops, "lora_flops": parts["lora_flops"], "flop_ratio": flop_ratio,
         "time_overhead": overhead, "overhead_over_flop_ratio": overhead / flop_ratio, "paired_ratios": paired,
         "direct_overhead": direct, "direct_over_flop_ratio": direct / flop_ratio,
-        "breakdown": parts, "gflops": gflops, "rebuild_forward_seconds": rebuilds,
+        "breakdown": parts, "gflops": gflops, "rebuild_forward_seconds": rebuilds, "kinds": kinds,
     })
     print(f"\nwrote {path}")
 

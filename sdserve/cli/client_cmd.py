@@ -156,9 +156,14 @@ def _upload(args: argparse.Namespace, client: Any) -> None:
 
 
 def _list(args: argparse.Namespace, client: Any) -> None:
+    # form / rank / targets: what `sdserve adapters inspect` reads in the file ("-" where the server
+    # registered it before it reported them, or where they do not apply).
+    row = "{:32} {:6} {:12} {:10} {:>4} {:>7} {:6} {:>10}  {}"
+    print(row.format("NAME", "FAMILY", "KIND", "FORM", "RANK", "TARGETS", "SCOPE", "BYTES", "SHA256"))
     for info in client.list_adapters(args.family).adapters:
         scope = "shared" if info.shared else "own"
-        print(f"{info.name:32} {info.family:5} {info.kind:5} {scope:6} {info.size:>10}  {info.sha256}")
+        print(row.format(info.name, info.family, info.kind, info.form or "-", info.rank or "-", info.targets or "-",
+                         scope, info.size, info.sha256))
 
 
 def _get(args: argparse.Namespace, client: Any) -> None:

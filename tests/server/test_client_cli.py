@@ -31,7 +31,12 @@ def test_adapter_commands(server, lora_bytes, tmp_path, capsys):
     _run(server, "adapters", "upload", str(path), "--name", "cli-style", "--family", "sd1", key="bob")
     assert json.loads(capsys.readouterr().out)["sha256"] == sha(lora_bytes["sd1_a"])
     _run(server, "adapters", "list", key="bob")
-    assert "cli-style" in capsys.readouterr().out
+    header, *lines = capsys.readouterr().out.splitlines()
+    assert header.split() == ["NAME", "FAMILY", "KIND", "FORM", "RANK", "TARGETS", "SCOPE", "BYTES", "SHA256"]
+    listed = {line.split()[0]: line.split() for line in lines}
+    name, family, kind, form, rank, targets, scope, size, digest = listed["cli-style"]
+    assert (family, kind, form, scope, digest) == ("sd1", "lora", "lora", "own", sha(lora_bytes["sd1_a"]))
+    assert int(rank) > 0 and int(targets) > 0 and int(size) == len(lora_bytes["sd1_a"])
     _run(server, "adapters", "get", "cli-style", key="bob")
     assert json.loads(capsys.readouterr().out)["name"] == "cli-style"
     with pytest.raises(SystemExit) as info:
