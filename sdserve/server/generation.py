@@ -23,8 +23,10 @@ from typing import Any
 import grpc
 
 from sdserve.api import convert
+from sdserve.api.types import AdapterSpec
 from sdserve.engine import EngineEvent, GenerationResult, RequestSpec
 from sdserve.engine.png import encode_png
+from sdserve.engine.prompt_syntax import A1111, extract_lora_tags
 from sdserve.engine.request import EngineRequest
 from sdserve.errors import InvalidArgument, ResourceExhausted, SdserveError, Unavailable
 from sdserve.server import status
@@ -153,7 +155,8 @@ class GenerationService:
                 raise
         pinned: list[str] = []  # registry files this call uses: kept on disk until it ends
         try:
-            spec, used = self._resolve_adapters(tenant, spec, info.name, info.family, pinned)
+            spec, tags_from = self._lora_tags(spec)
+            spec, used = self._resolve_adapters(tenant, spec, info.name, info.family, pinned, tags_from)
             # A stack a compiled variant holds runs on it (stack dropped: it is in the weights).
             spec, variant = core.variants.route(info.name, spec)
             remaining = context.time_remaining()
@@ -212,12 +215,28 @@ class GenerationService:
         finally:
             job.abandon()
 
+    def _lora_tags(self, spec: RequestSpec) -> tuple[RequestSpec, int]:
+        """An A1111-syntax prompt's `<lora:NAME:scale>` tags leave the text and join the adapter
+        stack after the request's own entries (resolved like them, within the caller's tenant).
+        -> (the spec, the stack index where the tags' entries begin)."""
+        own = len(spec.adapters)
+        syntax = spec.prompt_syntax if spec.prompt_syntax is not None else self.core.engine.config.prompt_syntax
+        if syntax != A1111:
+            return spec, own  # plain text: a tag is words like any other
+        prompt, tags = extract_lora_tags(spec.prompt)
+        if not tags:
+            return spec, own
+        tagged = tuple(AdapterSpec(name=tag.name, scale=tag.scale) for tag in tags)
+        return dataclasses.replace(spec, prompt=prompt, adapters=spec.adapters + tagged), own
+
     def _resolve_adapters(
-        self, tenant: TenantConfig, spec: RequestSpec, model: str, family: str, pinned: list[str]
+        self, tenant: TenantConfig, spec: RequestSpec, model: str, family: str, pinned: list[str],
+        tags_from: int | None = None,
     ) -> tuple[RequestSpec, list[convert.AdapterUse]]:
         """Registered names -> this server's files, for every request field that names adapter
         files (LoRAs, embeddings, hypernetworks). Clients never name files (ARCHITECTURE rule 8).
-        Each file is pinned (appended to `pinned`) so a delete cannot pull it from under the call."""
+        Each file is pinned (appended to `pinned`) so a delete cannot pull it from under the call.
+        Stack entries from `tags_from` on came from the prompt's <lora:> tags: errors name "prompt"."""
         changes: dict[str, tuple] = {}
         used: list[convert.AdapterUse] = []
         for field_name, kind in NAMED_FILE_FIELDS:
@@ -225,6 +244,9 @@ class GenerationService:
             resolved = []
             for index, entry in enumerate(entries):
                 where = f"{field_name}[{index}]"
+                name_field = f"{where}.name"
+                if field_name == "adapters" and tags_from is not None and index >= tags_from:
+                    name_field = "prompt"  # a <lora:NAME> tag: the caller wrote it in the prompt
                 if entry.path:
                     raise InvalidArgument(
                         "the server does not read client paths; upload the file and give its name",
@@ -232,16 +254,16 @@ class GenerationService:
                     )
                 if not entry.name:
                     raise InvalidArgument(f"must name a registered {kind}", field=f"{where}.name")
-                record = self.core.registry.resolve(tenant.name, entry.name, field=f"{where}.name", pin=True)
+                record = self.core.registry.resolve(tenant.name, entry.name, field=name_field, pin=True)
                 pinned.append(record.sha256)
                 if record.kind != kind:
                     raise InvalidArgument(
-                        f"{entry.name!r} is registered as kind {record.kind!r}, not {kind!r}", field=f"{where}.name"
+                        f"{entry.name!r} is registered as kind {record.kind!r}, not {kind!r}", field=name_field
                     )
                 if record.family != family:
                     raise InvalidArgument(
                         f"{kind} {entry.name!r} is for {record.family} models; model {model!r} is {family}",
-                        field=f"{where}.name",
+                        field=name_field,
                     )
                 path = str(self.core.registry.blob_path(record.sha256))
                 # The digest travels with the file (every kind carries it), so the engine never

@@ -1,0 +1,62 @@
+"""<lora:NAME:scale> tags of A1111-syntax prompts, through a real server: resolved within the
+caller's tenant as stack entries, refused like them when unknown, text in plain prompts."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from tests.server.conftest import MODEL, max_diff, png_pixels, reference_images, sha
+
+BASE = {"model": MODEL, "seed": 31, "steps": 2, "width": 32, "height": 32}
+
+
+def _check(response, reference) -> None:
+    assert max_diff(png_pixels(response.images[0].png), reference[0]) <= 2
+
+
+def test_tags_join_the_stack_within_the_callers_tenant(server, reference_engine, lora_bytes, tmp_path):
+    alice, bob = server.client("alice"), server.client("bob")
+    alice.upload_adapter(lora_bytes["sd1_a"], name="ink-tag", family="sd1")
+    local = tmp_path / "ink.safetensors"
+    local.write_bytes(lora_bytes["sd1_a"])
+
+    sent = {**BASE, "prompt": "a (red:1.2) circle <lora:ink-tag:0.7>", "prompt_syntax": "a1111"}
+    response = alice.generate(sent, timeout=120)
+    assert [(u.name, u.sha256) for u in response.adapters] == [("ink-tag", sha(lora_bytes["sd1_a"]))]
+    same = {**BASE, "prompt": "a (red:1.2) circle ", "prompt_syntax": "a1111",
+            "adapters": [{"path": str(local), "scale": 0.7}]}
+    _check(response, reference_images(reference_engine, same))
+    without = reference_images(reference_engine, {**same, "adapters": []})
+    assert max_diff(png_pixels(response.images[0].png), without[0]) > 2  # the tag's LoRA did something
+
+    # Another tenant's name is not found, with the same message as a stack entry naming it.
+    with pytest.raises(grpc.RpcError) as caught:
+        bob.generate({**sent}, timeout=60)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert caught.value.details() == "prompt: no adapter named 'ink-tag'"
+    with pytest.raises(grpc.RpcError) as entry:
+        bob.generate({**BASE, "prompt": "x", "adapters": [{"name": "ink-tag"}]}, timeout=60)
+    assert entry.value.code() == grpc.StatusCode.NOT_FOUND
+    assert entry.value.details() == "adapters[0].name: no adapter named 'ink-tag'"
+
+
+def test_tags_in_plain_prompts_are_text(server, reference_engine):
+    sent = {**BASE, "prompt": "a red circle <lora:ink-tag:0.7>"}
+    response = server.client("alice").generate(sent, timeout=120)
+    assert list(response.adapters) == []
+    _check(response, reference_images(reference_engine, sent))
+
+
+@pytest.mark.parametrize("request_fields,field", [
+    ({"prompt": "x <lora:a:b>", "prompt_syntax": "a1111"}, "prompt"),
+    ({"prompt": "x <hypernet:a:1>", "prompt_syntax": "a1111"}, "prompt"),
+    ({"prompt": "x", "prompt_syntax": "wiki"}, "prompt_syntax"),
+    ({"prompt": "x", "clip_skip": 0}, "clip_skip"),
+    ({"prompt": "x", "clip_skip": 99}, "clip_skip"),
+])
+def test_bad_syntax_fields_are_invalid_argument_naming_the_field(server, request_fields, field):
+    with pytest.raises(grpc.RpcError) as caught:
+        server.client("alice").generate({**BASE, **request_fields}, timeout=60)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details().startswith(f"{field}:"), caught.value.details()
