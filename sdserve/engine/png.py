@@ -26,6 +26,8 @@ def parameters_text(request: EngineRequest, image_index: int = 0) -> str:
     }
     if (request.guidance_start, request.guidance_end) != (0.0, 1.0):
         pairs["Guidance interval"] = f"{request.guidance_start:g}-{request.guidance_end:g}"
+    if request.clip_skip != 1:
+        pairs["Clip skip"] = request.clip_skip  # A1111's key and meaning
     if request.num_images > 1:
         pairs["Batch pos"] = image_index
     lines.append(", ".join(f"{k}: {v}" for k, v in pairs.items()))
