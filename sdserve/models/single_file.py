@@ -176,8 +176,13 @@ def _architecture_fits(config_dir: Path, family: str, header: CheckpointHeader) 
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
-    checkpoint = _meta_checkpoint(header)
     unet_config = UNet2DConditionModel.load_config(config_dir, subfolder="unet", local_files_only=True)
+    # The first convolution tells most architectures apart before anything is built.
+    conv_in = header.shapes.get(UNET_PREFIX + "input_blocks.0.0.weight", ())[:2]
+    wanted = (unet_config["block_out_channels"][0], unet_config.get("in_channels", 4))
+    if tuple(conv_in) != tuple(wanted):
+        return f"unet: conv_in.weight is {list(conv_in)}, the config needs {list(wanted)}"
+    checkpoint = _meta_checkpoint(header)
     try:
         converted = convert_ldm_unet_checkpoint(checkpoint, unet_config)
     except (KeyError, IndexError, TypeError) as exc:
@@ -230,7 +235,7 @@ def match_architecture(path: Path, family: str, header: CheckpointHeader) -> Pat
     raise _refuse(
         path,
         f"is an {family} checkpoint whose shapes fit no architecture sdserve ships: "
-        + "; ".join(misfits[:3]),
+        + "; ".join(misfits),
     )
 
 
@@ -274,9 +279,21 @@ def convert(path: Path, family: str, header: CheckpointHeader, config_dir: Path,
             CLIPTextModelWithProjection, second, subfolder="text_encoder_2", config=str(config_dir),
             torch_dtype=dtype, local_files_only=True,
         )
+    if not (config_dir / "tokenizer").is_dir():
+        # A shipped architecture: CLIP's own tokenizer, built from the merges sdserve ships.
+        from sdserve.models.tokenizer import write_openai_clip_tokenizer
+
+        merges = ARCHITECTURES_DIR / "clip_merges.txt.gz"
+        components["tokenizer"] = write_openai_clip_tokenizer(
+            out_dir / ".tokenizer", merges, pad_token="!" if family == "sd2" else "<|endoftext|>"
+        )
+        if family == "sdxl":
+            components["tokenizer_2"] = write_openai_clip_tokenizer(out_dir / ".tokenizer_2", merges, pad_token="!")
     pipeline = pipeline_class.from_single_file(
         str(path), config=str(config_dir), local_files_only=True, torch_dtype=dtype, **components
     )
+    for scratch in (".tokenizer", ".tokenizer_2"):
+        shutil.rmtree(out_dir / scratch, ignore_errors=True)
     pipeline.save_pretrained(out_dir, safe_serialization=True)
     meta_file = config_dir / "sdserve.json"
     if meta_file.is_file():  # the architecture's family, defaults and limits are the file's

@@ -90,3 +90,26 @@ def write_clip_tokenizer(out_dir: Path, words: Iterable[str] = (), model_max_len
 
 def vocab_size(words: Iterable[str] = ()) -> int:
     return len(build_vocab(words)[0])
+
+
+def write_openai_clip_tokenizer(out_dir: Path, merges_file: Path, pad_token: str = EOS) -> CLIPTokenizer:
+    """Write OpenAI CLIP's own tokenizer (49408 tokens, as SD 1.x/2.x/XL use) to `out_dir`.
+
+    `merges_file` is a gzipped list of CLIP's 48894 BPE merges, in rank order (sdserve ships
+    it, taken from open_clip's `bpe_simple_vocab_16e6.txt.gz`); the vocabulary follows from them
+    the way CLIP builds it: the 256 byte symbols, the same with `</w>`, one token per merge, then
+    the two specials. SD 2.x and SDXL's second tokenizer pad with "!", SD 1.x with the end token.
+    """
+    import gzip
+
+    merges = gzip.decompress(merges_file.read_bytes()).decode("utf-8").splitlines()
+    symbols = list(_bytes_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges] + [BOS, EOS]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
+    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tokenizer = CLIPTokenizer(
+        vocab=str(out_dir / "vocab.json"), merges=str(out_dir / "merges.txt"), model_max_length=77, pad_token=pad_token
+    )
+    tokenizer.save_pretrained(out_dir)
+    return tokenizer

@@ -170,3 +170,49 @@ def write_original_checkpoint(model_dir: Path, out_file: Path) -> None:
         state.update({f"cond_stage_model.transformer.{k}": v for k, v in text.items()})
     out_file.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(out_file))
+
+
+def write_sparse_checkpoint(config_dir: Path, out_file: Path) -> None:
+    """A float16 original-layout file with the full-size shapes `config_dir`'s configs give and no
+    data (a sparse file of zeros): enough for everything that reads only the header."""
+    import struct
+
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    def text(subfolder: str) -> dict[str, torch.Tensor]:
+        config = CLIPTextConfig.from_pretrained(config_dir / subfolder)
+        cls = CLIPTextModelWithProjection if "CLIPTextModelWithProjection" in (config.architectures or []) else CLIPTextModel
+        with init_empty_weights():
+            state = cls(config).state_dict()
+        return {k if k.startswith(("text_model.", "text_projection")) else f"text_model.{k}": v
+                for k, v in state.items() if not k.endswith("position_ids")}
+
+    unet_config = UNet2DConditionModel.load_config(config_dir / "unet")
+    vae_config = AutoencoderKL.load_config(config_dir / "vae")
+    with init_empty_weights():
+        state = unet_to_ldm(UNet2DConditionModel.from_config(unet_config).state_dict(), unet_config)
+        state.update(vae_to_ldm(AutoencoderKL.from_config(vae_config).state_dict(), vae_config))
+    first = text("text_encoder")
+    hidden = int(first["text_model.embeddings.token_embedding.weight"].shape[1])
+    if (config_dir / "text_encoder_2").is_dir():
+        state.update({f"conditioner.embedders.0.transformer.{k}": v for k, v in first.items()})
+        second = text("text_encoder_2")
+        state.update(open_clip_to_ldm(second, "conditioner.embedders.1.model.",
+                                      int(second["text_model.embeddings.token_embedding.weight"].shape[1])))
+    elif json.loads((config_dir / "text_encoder" / "config.json").read_text())["hidden_act"] == "gelu":
+        state.update(open_clip_to_ldm(first, "cond_stage_model.model.", hidden))
+    else:
+        state.update({f"cond_stage_model.transformer.{k}": v for k, v in first.items()})
+    header, offset = {}, 0
+    for key in sorted(state):
+        shape = list(state[key].shape)
+        size = 2 * int(torch.Size(shape).numel())
+        header[key] = {"dtype": "F16", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with out_file.open("wb") as handle:
+        handle.write(struct.pack("<Q", len(raw)) + raw)
+        handle.truncate(8 + len(raw) + offset)  # sparse: no data blocks are written

@@ -22,12 +22,22 @@ from sdserve.errors import InvalidArgument
 from sdserve.models import single_file
 from sdserve.models.builtin import builtin_path
 from sdserve.models.variants import weights_variant
-from tests.models.ldm_layout import vae_to_ldm, write_original_checkpoint
+from tests.models.ldm_layout import vae_to_ldm, write_original_checkpoint, write_sparse_checkpoint
 
 TOLERANCE = 2  # of 255
 
 
 def _images(store: ModelStore, model: str, seed: int = 7) -> np.ndarray:
+    key = (model, store.vaes.get(model), seed)
+    if key not in _IMAGES:
+        _IMAGES[key] = _generate(store, model, seed)
+    return _IMAGES[key]
+
+
+_IMAGES: dict[tuple, np.ndarray] = {}  # the engine's images per (model, VAE, seed): tests share them
+
+
+def _generate(store: ModelStore, model: str, seed: int) -> np.ndarray:
     engine = Engine(EngineConfig(), models=store)
     spec = RequestSpec(model=model, prompt="a red circle on the left", seed=seed, steps=3, width=32, height=32)
     [outcome] = engine.generate([engine.validate(spec)])
@@ -133,11 +143,12 @@ def test_files_that_are_not_checkpoints_are_refused_naming_what_they_look_like(t
 
 def test_a_checkpoint_no_shipped_architecture_fits_is_refused_with_the_misfit(checkpoints, tmp_path):
     state = load_file(checkpoints["tiny-sd1"])
-    # A wider first UNet level than any SD 1.x config sdserve has.
-    state["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(48, 4, 3, 3)
+    # A narrower VAE decoder than tiny-sd1's: the UNet's first convolution still fits, the rest not.
+    state["first_stage_model.decoder.conv_out.weight"] = torch.zeros(3, 16, 3, 3)
     path = tmp_path / "odd.safetensors"
     save_file(state, str(path))
-    with pytest.raises(InvalidArgument, match=r"fit no architecture.*tiny-sd1.*conv_in\.weight is \[48, 4, 3, 3\]"):
+    with pytest.raises(InvalidArgument, match=r"fit no architecture.*sd15 \(unet: conv_in.weight is \[32, 4\].*"
+                       r"tiny-sd1-v3 \(vae: decoder.conv_out.weight is \[3, 16, 3, 3\], the config needs \[3, 32, 3, 3\]"):
         ModelStore(EngineConfig()).info(str(path))
 
 
@@ -193,3 +204,62 @@ def test_a_vae_that_does_not_fit_the_model_is_refused(tmp_path):
     save_file({"lora_unet_x.lora_down.weight": torch.zeros(4, 4)}, str(lora))
     with pytest.raises(InvalidArgument, match="VAE 'lora.safetensors': looks like a LoRA"):
         ModelStore(EngineConfig(), vaes={"tiny-sd1": str(lora)}).info("tiny-sd1")
+
+
+@pytest.mark.parametrize(
+    "architecture,family",
+    [
+        ("sd15", "sd1"),
+        # Building SD 2.x's and SDXL's modules on the meta device takes 4-10 s on this machine.
+        pytest.param("sd21", "sd2", marks=pytest.mark.slow),
+        pytest.param("sdxl", "sdxl", marks=pytest.mark.slow),
+    ],
+)
+def test_full_size_checkpoints_pick_the_architecture_sdserve_ships(tmp_path, architecture, family):
+    # Sparse files with the header of a full-size fp16 checkpoint (SD 1.5: 2.0 GiB, SDXL: 6.5 GiB
+    # apparent, ~300 KiB on disk): the match reads only the header.
+    path = tmp_path / f"{architecture}.safetensors"
+    write_sparse_checkpoint(single_file.ARCHITECTURES_DIR / architecture, path)
+    header = single_file.read_header(path)
+    assert single_file.detect_family(path, header) == family
+    assert single_file.match_architecture(path, family, header) == single_file.ARCHITECTURES_DIR / architecture
+
+
+def test_the_shipped_clip_tokenizer_is_clips(tmp_path):
+    from sdserve.models.tokenizer import write_openai_clip_tokenizer
+
+    tokenizer = write_openai_clip_tokenizer(tmp_path, single_file.ARCHITECTURES_DIR / "clip_merges.txt.gz")
+    # Ids from OpenAI's CLIP tokenizer (openai/clip-vit-large-patch14), as diffusers' docs print them.
+    assert len(tokenizer) == 49408
+    assert tokenizer("a photograph of an astronaut riding a horse").input_ids == [
+        49406, 320, 8853, 539, 550, 18376, 6765, 320, 4558, 49407
+    ]
+
+
+def test_cli_generate_takes_a_checkpoint_file_and_a_vae(checkpoints, perturbed_vae, tmp_path, capsys):
+    from tests.cli.test_cli import sdserve_in_process
+
+    out = tmp_path / "out.png"
+    code, _, err = sdserve_in_process(
+        capsys, "generate", "--model", str(checkpoints["tiny-sd1"]), "--vae", str(perturbed_vae["file"]),
+        "--prompt", "a red circle on the left", "--seed", "7", "--steps", "3", "--width", "32", "--height", "32",
+        "--out", str(out), "--quiet",
+    )
+    assert code == 0, err
+    expected = _images(ModelStore(EngineConfig(), vaes={"tiny-sd1": str(perturbed_vae["dir"])}), "tiny-sd1")
+    from PIL import Image
+
+    assert _diff(np.asarray(Image.open(out).convert("RGB"))[None], expected) <= TOLERANCE
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"PK\x03\x04")
+    code, _, err = sdserve_in_process(capsys, "generate", "--model", str(ckpt), "--prompt", "x", "--out", str(out))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "convert it to .safetensors" in err
+
+
+def test_server_config_takes_a_vae_per_served_model():
+    from sdserve.server.config import config_from_dict
+
+    config = config_from_dict({"models": {"serve": ["tiny-sd1", "/m/x.safetensors"], "vae": {"tiny-sd1": "/m/vae"}}})
+    assert config.models.vae == {"tiny-sd1": "/m/vae"}
+    with pytest.raises(InvalidArgument, match=r"\[models.vae\] 'tiny-sd2' is not one of serve"):
+        config_from_dict({"models": {"serve": ["tiny-sd1"], "vae": {"tiny-sd2": "/m/vae"}}})
