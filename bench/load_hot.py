@@ -4,8 +4,9 @@
     python -m bench.load --hot 0.5 --rate 8 --duration 20
 
 Two sdserve servers (each its own process with one torch thread, the load bench's config) get the
-same request sequence, one at a time: "eager" serves every stack per row; "variant" also has
-`[[variants]]` = the hot stack fused by `sdserve compile fuse` (issue 20 item 4). The hot stack
+same request sequence, one at a time (in the other order at the next load): "eager" serves every
+stack per row; "variant" also has `[[variants]]` = the hot stack fused by `sdserve compile fuse`
+(issue 20 item 4). The hot stack
 is two of tenant 0's adapters at fixed scales with full windows, sent by tenant 0; the other
 requests are the load bench's usual mix (bench/load_gen.py::make_request: Zipf adapters, stacks
 of 0-3, sliders starting late, mixed steps and schedulers). Reported per server and load:
@@ -113,8 +114,11 @@ def run_hot(fraction: float, out: Path, *, model: str = "tiny-sd1", rates: tuple
             asyncio.run(drive(target, warm, concurrency=2, duration=3.0, max_requests=100, timeout=timeout,
                               progress=False, make=hot_maker(fraction, stack, [])))
         loads = [(rate, None) for rate in rates] + ([(None, concurrency)] if concurrency else [])
-        for rate, closed in loads:
-            for name, target in targets.items():
+        for turn, (rate, closed) in enumerate(loads):
+            # Servers take turns, in the other order at the next load, so a change in the machine's
+            # background load does not always favour the same one.
+            for name in SERVERS if turn % 2 == 0 else SERVERS[::-1]:
+                target = targets[name]
                 flags: list[bool] = []
                 label = load_label(rate, closed)
                 records = asyncio.run(drive(target, workload, rate=rate, concurrency=closed, duration=duration,
