@@ -4,6 +4,6 @@ The client lives with the schema it speaks, in `sdserve/api/client.py`; this mod
 users write (README, docs) and imports nothing of the server or the engine (no torch).
 """
 
-from sdserve.api.client import CHUNK_BYTES, MAX_MESSAGE_BYTES, Client
+from sdserve.api.client import CHUNK_BYTES, MAX_MESSAGE_BYTES, Client, cause_of, tls_credentials
 
-__all__ = ["CHUNK_BYTES", "MAX_MESSAGE_BYTES", "Client"]
+__all__ = ["CHUNK_BYTES", "MAX_MESSAGE_BYTES", "Client", "cause_of", "tls_credentials"]

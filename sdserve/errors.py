@@ -12,11 +12,18 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+# gRPC trailing metadata of an INTERNAL status whose cause the server tells (server/status.py):
+# the chain of causes, each "Type: message" without paths; `sdserve.client.cause_of` reads it.
+CAUSE_METADATA_KEY = "sdserve-cause"
+
 
 class SdserveError(Exception):
     """Base of every error sdserve raises on purpose."""
 
     status: ClassVar[str] = "INTERNAL"
+    logged = False
+    """Set when the server has logged this error with its request and trace, so the status
+    mapping (server/status.py) does not log it again."""
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
         super().__init__(message)

@@ -9,7 +9,13 @@
 
 Requests are dicts with GenerateRequest's field names (the same JSON as `sdserve generate
 --requests` reads) or GenerateRequest messages. Errors arrive as grpc.RpcError with the
-server's status code and a message naming the field.
+server's status code and a message naming the field; a request that failed inside the model
+is INTERNAL with the cause's short form in the message, and `cause_of(error)` returns the
+server's chain of causes (type and message each, no paths, no traces).
+
+TLS: `Client(target, tls=True)` checks the server against the system's CAs, `ca=` against
+yours (a PEM file path or bytes); `cert=` and `key=` add a client certificate for a server that
+asks for one (mutual TLS). An API key sent without TLS crosses the network readable.
 """
 
 from __future__ import annotations
@@ -23,23 +29,57 @@ from typing import Any
 import grpc
 
 from sdserve.api import convert
+from sdserve.errors import CAUSE_METADATA_KEY
 
 CHUNK_BYTES = 1 << 20
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # responses carry every image of a request as PNG
 
+Pem = str | os.PathLike[str] | bytes  # a PEM file's path, or its bytes
+
+
+def _pem(source: Pem | None) -> bytes | None:
+    return source if source is None or isinstance(source, bytes) else Path(source).read_bytes()
+
+
+def tls_credentials(ca: Pem | None = None, cert: Pem | None = None, key: Pem | None = None) -> grpc.ChannelCredentials:
+    """Channel credentials: the server checked against `ca` (None: the system's CAs), and the
+    client certificate `cert` with its `key` when the server asks for one (mutual TLS)."""
+    if (cert is None) != (key is None):
+        raise ValueError("a client certificate needs both cert and key")
+    return grpc.ssl_channel_credentials(root_certificates=_pem(ca), private_key=_pem(key), certificate_chain=_pem(cert))
+
+
+def cause_of(error: grpc.RpcError) -> str | None:
+    """The causes the server told with an INTERNAL status (its `sdserve-cause` trailer), outermost
+    first, joined by " <- "; None when it told none."""
+    trailers = error.trailing_metadata() if isinstance(error, grpc.Call) else None
+    return next((value for key, value in trailers or () if key == CAUSE_METADATA_KEY), None)
+
 
 class Client:
-    def __init__(self, target: str, api_key: str | None = None, timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        target: str,
+        api_key: str | None = None,
+        timeout: float | None = None,
+        *,
+        tls: bool = False,
+        ca: Pem | None = None,
+        cert: Pem | None = None,
+        key: Pem | None = None,
+    ) -> None:
+        """`tls`, or any of `ca`/`cert`/`key`, connects over TLS (see the module's docstring)."""
         self.target = target
         self.timeout = timeout
         self._metadata: list[tuple[str, str]] = [("authorization", f"Bearer {api_key}")] if api_key else []
-        self._channel = grpc.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", 64 * 1024 * 1024),  # requests may carry images
-            ],
-        )
+        options = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),  # requests may carry images
+        ]
+        if tls or ca is not None or cert is not None or key is not None:
+            self._channel = grpc.secure_channel(target, tls_credentials(ca, cert, key), options=options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=options)
         self._stubs = convert.stubs(self._channel)
 
     def __enter__(self) -> Client:

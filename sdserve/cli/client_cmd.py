@@ -9,6 +9,9 @@
 
 The API key comes from --api-key or $SDSERVE_API_KEY (sent as `authorization: Bearer <key>`).
 Request flags are GenerateRequest's field names with dashes, as for `sdserve generate`.
+--tls connects over TLS (the server checked against the system's CAs, or --ca FILE); --cert and
+--key add a client certificate for a server that asks for one. Send an API key only over TLS
+beyond this machine. --verbose prints the causes an INTERNAL error carries.
 """
 
 from __future__ import annotations
@@ -30,6 +33,14 @@ def _connection_flags(parser: argparse.ArgumentParser, default) -> None:
     parser.add_argument("--target", default=default, help="server HOST:PORT (default 127.0.0.1:50051)")
     parser.add_argument("--api-key", default=default, help="API key (default: $SDSERVE_API_KEY)")
     parser.add_argument("--timeout", type=float, default=default, help="call deadline in seconds")
+    parser.add_argument("--tls", action="store_true", default=default, help="connect over TLS")
+    parser.add_argument("--ca", type=Path, default=default, metavar="FILE",
+                        help="PEM CA certificate(s) to check the server with (implies --tls; default: the system's)")
+    parser.add_argument("--cert", type=Path, default=default, metavar="FILE",
+                        help="PEM client certificate, for a server that asks for one (mutual TLS; with --key)")
+    parser.add_argument("--key", type=Path, default=default, metavar="FILE", help="PEM private key of --cert")
+    parser.add_argument("--verbose", "-v", action="store_true", default=default,
+                        help="on an error, also print the causes the server sent")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,7 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "client", help="call a running server", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     _connection_flags(parser, argparse.SUPPRESS)
-    parser.set_defaults(target="127.0.0.1:50051", api_key=None, timeout=None)
+    parser.set_defaults(target="127.0.0.1:50051", api_key=None, timeout=None, tls=False, ca=None, cert=None,
+                        key=None, verbose=False)
     actions = parser.add_subparsers(dest="client_command", required=True, metavar="ACTION")
 
     generate = actions.add_parser("generate", help="generate images")
@@ -74,7 +86,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     models.set_defaults(func=run, action=_models)
     health = actions.add_parser("health", help="the server's health status")
     health.set_defaults(func=run, action=_health)
-    # --target/--api-key/--timeout are accepted after the action too (`client generate --target ...`).
+    # Connection flags are accepted after the action too (`client generate --target ...`).
     for action_parser in (generate, upload, listing, get, delete, models, health):
         _connection_flags(action_parser, argparse.SUPPRESS)
 
@@ -91,7 +103,18 @@ def _add_request_flags(parser: argparse.ArgumentParser) -> None:
 def _client(args: argparse.Namespace) -> Any:
     from sdserve.api.client import Client
 
-    return Client(args.target, api_key=args.api_key or os.environ.get("SDSERVE_API_KEY"), timeout=args.timeout)
+    if (args.cert is None) != (args.key is None):
+        fail("--cert and --key go together (a client certificate and its private key)")
+    pems: dict[str, bytes] = {}
+    for flag in ("ca", "cert", "key"):
+        path = getattr(args, flag)
+        if path is not None:
+            try:
+                pems[flag] = path.read_bytes()
+            except OSError as exc:
+                fail(f"--{flag} {path}: cannot read ({exc.strerror or exc.__class__.__name__})")
+    return Client(args.target, api_key=args.api_key or os.environ.get("SDSERVE_API_KEY"), timeout=args.timeout,
+                  tls=args.tls, **pems)
 
 
 def _parse_adapter(text: str) -> dict[str, Any]:
@@ -189,7 +212,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         args.action(args, client)
     except grpc.RpcError as exc:
+        from sdserve.api.client import cause_of
+
         code = exc.code()
+        cause = cause_of(exc)
+        if args.verbose and cause:
+            print(f"sdserve: cause: {cause}", file=sys.stderr)
         fail(f"{code.name}: {exc.details()}", STATUS_EXIT.get(code.name, EXIT_FAILURE))
     finally:
         client.close()

@@ -39,6 +39,8 @@ from sdserve.server.core import Core
 from sdserve.server.generation import GenerationService
 from sdserve.server.metrics import Metrics
 from sdserve.server.registry import Registry
+from sdserve.server.tls import describe as describe_transport
+from sdserve.server.tls import server_credentials
 from sdserve.server.variants import VariantRouter, load_variants
 
 log = logging.getLogger("sdserve.server")
@@ -59,6 +61,8 @@ class Server:
             store = ModelStore(config.engine, default_model=config.models.default_model, vaes=config.models.vae)
             engine = Engine(config.engine, models=store)
         self.engine = engine
+        # TLS files are read and checked first: a bad one fails start-up before any model loads.
+        self._credentials = server_credentials(config.server)
         # Clients name ControlNet and IP-Adapter models; only the operator's configured ones
         # resolve, never a directory a request names.
         engine.serve_conditioning_models(config.models.controlnets, config.models.ip_adapters)
@@ -110,7 +114,11 @@ class Server:
         convert.add_services(server, GenerationService(self.core), self.adapters_service, ModelsService(self.core))
         health_pb2_grpc_add(self.health, server)
         reflection.enable_server_reflection((*convert.SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        self.port = server.add_insecure_port(f"{config.server.host}:{config.server.port}")
+        address = f"{config.server.host}:{config.server.port}"
+        if self._credentials is not None:
+            self.port = server.add_secure_port(address, self._credentials)
+        else:
+            self.port = server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"could not bind {config.server.host}:{config.server.port}")
         await server.start()
@@ -248,6 +256,10 @@ def health_pb2_grpc_add(servicer: health.aio.HealthServicer, server: grpc.aio.Se
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
 
 
+def _loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
 def describe_access(config: Config) -> str:
     tenants = config.tenants
     if len(tenants) == 1 and not tenants[0].key_sha256:
@@ -267,12 +279,15 @@ async def serve(config: Config) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     log.info(
-        "sdserve: starting on %s:%d, model %r, %s",
+        "sdserve: starting on %s:%d (%s), model %r, %s",
         config.server.host,
         config.server.port,
+        describe_transport(config.server),
         config.models.default_model,
         describe_access(config),
     )
+    if not config.server.tls_cert and any(t.key_sha256 for t in config.tenants) and not _loopback(config.server.host):
+        log.warning("sdserve: API keys will cross the network readable: set [server] tls_cert and tls_key")
     server = Server(config)
     await server.start()
     log.info("sdserve: serving %s on %s:%d (pid %d)", ", ".join(server.core.served), config.server.host, server.port, os.getpid())

@@ -77,6 +77,15 @@ class ServerConfig:
     lives forever; calls open then get `max_connection_age_grace_seconds` to finish."""
     max_connection_age_grace_seconds: float = 600.0
     """How long calls on a connection past its age may still run."""
+    tls_cert: str = ""
+    """PEM certificate (chain) of the server; with `tls_key`, the gRPC port speaks TLS only.
+    Never expose a server whose tenants have API keys without it: keys would cross the network
+    readable. "" = plaintext."""
+    tls_key: str = ""
+    """PEM private key of `tls_cert`."""
+    tls_client_ca: str = ""
+    """PEM CA certificate(s): when set, a client must present a certificate one of them signed
+    (mutual TLS), on top of its API key. Needs `tls_cert`."""
 
 
 @dataclass(frozen=True)
@@ -294,6 +303,11 @@ def check(config: Config) -> None:
     for model in config.models.vae:
         if model not in config.models.serve:
             raise InvalidArgument(f"[models.vae] {model!r} is not one of serve")
+    server = config.server
+    if bool(server.tls_cert) != bool(server.tls_key):
+        raise InvalidArgument("[server] tls_cert and tls_key go together (a certificate and its private key)")
+    if server.tls_client_ca and not server.tls_cert:
+        raise InvalidArgument("[server] tls_client_ca needs tls_cert and tls_key (mutual TLS is TLS first)")
     registry = config.registry
     if registry.validate_memory_bytes < 2 * registry.max_adapter_bytes:
         # A file's data section is read whole into the validation worker's memory.

@@ -206,7 +206,14 @@ class GenerationService:
                         yield convert.progress_event(event.step, event.total_steps, preview)
                 elif event.kind == "error":
                     assert event.error is not None
-                    raise job.cut_off or event.error
+                    error = job.cut_off or event.error
+                    if error.status == "INTERNAL":
+                        # The one log line of a failed request: which, whose, on what, with the trace
+                        # of its cause (the client hears only the cause's short form, status.py).
+                        log.error("request %s of tenant %s on model %s failed: %s", request_id, tenant.name,
+                                  engine_request.model, error, exc_info=error.__cause__ or error)
+                        error.logged = True
+                    raise error
                 elif event.kind == "done":
                     assert event.result is not None
                     response = await self._response(job, event.result, used, served_by)

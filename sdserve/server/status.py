@@ -3,6 +3,14 @@
 Handlers raise `SdserveError`s; the decorators here turn them into a status with the error's
 message (which names the field and leaks no internals). Anything else is a bug: it is logged
 with its trace on the server and the client gets INTERNAL with a generic message.
+
+An INTERNAL error the engine raised around a failure of the request's own model work (`Internal`
+with a `__cause__`: the UNet call, its scheduler step, preparing it, decoding) also tells the
+client that cause, short: the exception's type and first line, with paths and addresses
+replaced (`short_cause`), appended to the message; the trailing metadata `sdserve-cause` carries
+the chain of causes, each as short (`sdserve client --verbose` prints it). Tracebacks stay in the
+server log. Unexpected exceptions of the server's own code keep the generic message: their text
+may hold anything the server knows (another tenant's names, say).
 """
 
 from __future__ import annotations
@@ -10,13 +18,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
 
 from sdserve.api.convert import Malformed, check_parsed
-from sdserve.errors import SdserveError
+from sdserve.errors import CAUSE_METADATA_KEY, SdserveError
 
 log = logging.getLogger("sdserve.server")
 
@@ -32,6 +41,16 @@ STATUS_CODES: dict[str, grpc.StatusCode] = {
     "INTERNAL": grpc.StatusCode.INTERNAL,
 }
 INTERNAL_MESSAGE = "internal error; the server log has details"
+CAUSE_CHARS = 200  # of one cause; a tensor shape mismatch fits, a dumped tensor does not
+MAX_CAUSES = 4
+
+# A word holding a slash or backslash is a path (or a URL); hex numbers of 6+ digits are memory
+# addresses; IPv4 addresses with their port. Each becomes a placeholder in what clients read.
+_SCRUB = (
+    (re.compile(r"""[^\s'"(),;\[\]]*[/\\][^\s'"(),;\[\]]*"""), "<path>"),
+    (re.compile(r"\b0x[0-9a-fA-F]{6,}\b"), "<address>"),
+    (re.compile(r"\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b"), "<address>"),
+)
 
 # Called with (method name, status code name) once per finished call, for metrics.
 Outcome = Callable[[str, str], None]
@@ -43,16 +62,45 @@ def code_of(error: SdserveError) -> grpc.StatusCode:
     return STATUS_CODES.get(error.status, grpc.StatusCode.INTERNAL)
 
 
+def short_cause(error: BaseException) -> str:
+    """`Type: first line of the message`, at most CAUSE_CHARS, no paths or addresses."""
+    lines = str(error).strip().splitlines()
+    text = lines[0] if lines else ""
+    for pattern, placeholder in _SCRUB:
+        text = pattern.sub(placeholder, text)
+    if len(text) > CAUSE_CHARS:
+        text = text[: CAUSE_CHARS - 3] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def cause_chain(error: BaseException) -> list[str]:
+    """The short form of `error` and of each exception behind it (`raise ... from`, or raised
+    while handling), outermost first, at most MAX_CAUSES."""
+    chain, seen = [], set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen and len(chain) < MAX_CAUSES:
+        seen.add(id(current))
+        chain.append(short_cause(current))
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+    return chain
+
+
 async def _abort(context: grpc.aio.ServicerContext, method: str, error: BaseException, outcome: Outcome) -> None:
+    trailers: tuple[tuple[str, str], ...] = ()
     if isinstance(error, SdserveError):
         code, message = code_of(error), str(error)
-        if error.status == "INTERNAL":  # the client hears a safe message; the operator needs the cause
-            log.error("%s failed: %s", method, message, exc_info=error.__cause__ or error)
+        cause = error.__cause__
+        if error.status == "INTERNAL" and cause is not None:
+            # The engine's failure of this request's own model work: the client learns what broke.
+            message = f"{message}: {short_cause(cause)}"
+            trailers = ((CAUSE_METADATA_KEY, " <- ".join(cause_chain(cause))),)
+        if error.status == "INTERNAL" and not error.logged:  # the operator needs the trace
+            log.error("%s failed: %s", method, message, exc_info=cause or error)
     else:
         log.error("%s failed", method, exc_info=error)
         code, message = grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
     outcome(method, code.name)
-    await context.abort(code, message)
+    await context.abort(code, message, trailing_metadata=trailers)
 
 
 def _outcome_of(servicer: Any) -> Outcome:
