@@ -17,7 +17,7 @@ backtrack 20, emphasis "Original"):
 One deliberate difference: A1111 marks BREAK with the weight -1, so a BREAK inside brackets gets
 another weight and is encoded as the word "BREAK"; here BREAK always breaks.
 
-This module is plain Python except `apply_emphasis`; `families/base.py` runs the encoders.
+This module is plain Python except `apply_emphasis` (torch); `families/base.py` runs the encoders.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+
+import torch
 
 from sdserve.errors import InvalidArgument
 
@@ -204,9 +206,13 @@ def apply_emphasis(hidden, weights):
     then by mean(hidden) / mean(weighted) so the mean over every element is kept.
 
     A chunk without weights is returned as it is: A1111's x * (m / m) is x, except where m is 0
-    (0/0), which a model whose final layer norm has no bias (the tiny test models) gives."""
+    (0/0), which a model whose final layer norm has no bias (the tiny test models) gives. Where
+    the weighted mean is 0 (A1111: inf or NaN) the weighted states are kept unscaled."""
     if bool((weights == 1.0).all()):
         return hidden
     original_mean = hidden.mean()
     weighted = hidden * weights.reshape(1, -1, 1).to(hidden)
-    return weighted * (original_mean / weighted.mean())
+    ratio = original_mean / weighted.mean()
+    if not bool(torch.isfinite(ratio)):
+        return weighted
+    return weighted * ratio

@@ -297,7 +297,10 @@ def _resolve_images(spec: RequestSpec, info: ModelInfo) -> tuple[Any, Any, float
 def max_clip_skip(info: ModelInfo) -> int:
     """Deepest CLIP skip the model's text encoders allow: SD reads `hidden_states[-k]` (k up to
     the layer count), SDXL `hidden_states[-(k + 1)]` (one fewer); index -(layers + 1) is the
-    token embeddings, not a layer."""
+    token embeddings, not a layer. A compiled model's text encoder graph gives only its last two
+    hidden states and no final layer norm (compile/onnx_graphs.py): 1 there."""
+    if info.backend != "eager":
+        return 1
     layers = min(info.text_layers.values(), default=1)
     return max(1, layers - (1 if info.family == "sdxl" else 0))
 

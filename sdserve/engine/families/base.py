@@ -126,6 +126,11 @@ def encode_a1111(
         raise InvalidArgument(
             f"needs {len(chunks)} chunks of 75 tokens; at most {MAX_CHUNKS} ({MAX_CHUNKS * 75} tokens)",
             field="prompt")
+    if len(chunks) > 1 and model.info.backend != "eager":
+        # Compiled UNet graphs are exported for 77 text tokens (compile/onnx_graphs.py).
+        raise InvalidArgument(
+            f"needs {len(chunks)} chunks of 75 tokens; model {model.info.name!r} is compiled ({model.info.backend}) "
+            "for one", field="prompt")
     states, first = [], None
     for chunk in chunks:
         ids = torch.tensor([chunk.ids], dtype=torch.long, device=model.device)  # [1, 77]
