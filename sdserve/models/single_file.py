@@ -251,6 +251,29 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def known_sha256(path: Path) -> str:
+    """`file_sha256(path)`, remembered per (path, size, mtime, inode) in the cache's
+    `digests.json`, so a server restart does not re-read a 7 GB file to find its directory."""
+    stat = path.stat()
+    stamp = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+    index_file = single_file_cache() / "digests.json"
+    try:
+        index = json.loads(index_file.read_text())
+    except (OSError, ValueError):
+        index = {}
+    entry = index.get(str(path))
+    if isinstance(entry, dict) and entry.get("stamp") == stamp and isinstance(entry.get("sha256"), str):
+        return entry["sha256"]
+    digest = file_sha256(path)
+    index[str(path)] = {"stamp": stamp, "sha256": digest}
+    index_file.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(prefix=".digests-", dir=index_file.parent)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(json.dumps(index, indent=1))
+    os.replace(temporary, index_file)  # whole or not at all; a lost update only costs a re-hash
+    return digest
+
+
 def _dominant_dtype(header: CheckpointHeader) -> str:
     unet = [dtype for key, dtype in header.dtypes.items() if key.startswith(UNET_PREFIX)]
     return max(set(unet), key=unet.count)
@@ -318,7 +341,7 @@ def converted_dir(path: Path, *, config_dir: Path | None = None, progress: Calla
     path = Path(path)
     header = read_header(path)
     family = detect_family(path, header)
-    digest = file_sha256(path)
+    digest = known_sha256(path)
     target = single_file_cache() / digest
     if (target / SOURCE_FILE).is_file():
         return target

@@ -82,21 +82,26 @@ def test_a_checkpoint_in_the_original_layout_serves_the_same_images(checkpoints,
 
 def test_a_second_load_hits_the_cache_and_a_renamed_copy_too(checkpoints, tmp_path, monkeypatch):
     first = ModelStore(EngineConfig()).info(str(checkpoints["tiny-sd1"])).path
+    real_sha256 = single_file.file_sha256
 
     def no_conversion(*args, **kwargs):
         raise AssertionError("converted again")
 
     monkeypatch.setattr(single_file, "convert", no_conversion)
+    hashed = []
+    monkeypatch.setattr(single_file, "file_sha256", lambda path: hashed.append(path) or real_sha256(path))
     assert ModelStore(EngineConfig()).info(str(checkpoints["tiny-sd1"])).path == first
+    assert hashed == []  # the digest of an unchanged file is remembered
     copy = tmp_path / "renamed.safetensors"
     shutil.copyfile(checkpoints["tiny-sd1"], copy)
-    assert ModelStore(EngineConfig()).info(str(copy)).path == first
+    assert ModelStore(EngineConfig()).info(str(copy)).path == first and hashed == [copy.resolve()]
     # An edited file is another model: the cache is keyed by content, not by name.
     state = load_file(checkpoints["tiny-sd1"])
     state["model.diffusion_model.out.2.bias"] += 1
     save_file(state, str(copy))
     with pytest.raises(AssertionError, match="converted again"):
         ModelStore(EngineConfig()).info(str(copy))
+    assert hashed == [copy.resolve()] * 2
 
 
 class _Payload:
@@ -263,3 +268,11 @@ def test_server_config_takes_a_vae_per_served_model():
     assert config.models.vae == {"tiny-sd1": "/m/vae"}
     with pytest.raises(InvalidArgument, match=r"\[models.vae\] 'tiny-sd2' is not one of serve"):
         config_from_dict({"models": {"serve": ["tiny-sd1"], "vae": {"tiny-sd2": "/m/vae"}}})
+
+
+def test_the_server_hands_its_vae_table_to_the_model_store():
+    from sdserve.server.app import Server
+    from sdserve.server.config import config_from_dict
+
+    config = config_from_dict({"models": {"serve": ["tiny-sd1"], "vae": {"tiny-sd1": "/m/vae.safetensors"}}})
+    assert Server(config).engine.models.vaes == {"tiny-sd1": "/m/vae.safetensors"}
