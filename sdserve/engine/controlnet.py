@@ -26,6 +26,10 @@ from sdserve.errors import InvalidArgument
 PREPROCESSORS = ("none", "canny")
 MAX_UNITS = 4
 FITTING_KEYS = ("cross_attention_dim", "block_out_channels")  # a ControlNet's and its UNet's must agree
+# diffusers' ControlNetModel default: three stride-2 convs take a control image down 8x, to SD's
+# latent grid. The stride must equal the base model's VAE scale or the residuals do not line up
+# with the latents: the UNet call then raises on every request instead of refusing the first.
+DEFAULT_CONDITIONING_CHANNELS = (16, 32, 96, 256)
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,8 @@ class ControlNetStore(DirectoryRegistry):
 
     def describe(self, path: Path) -> dict[str, Any]:
         config = json.loads((path / "config.json").read_text())
-        return {key: config.get(key) for key in FITTING_KEYS}
+        channels = config.get("conditioning_embedding_out_channels") or DEFAULT_CONDITIONING_CHANNELS
+        return {**{key: config.get(key) for key in FITTING_KEYS}, "conditioning_stride": 2 ** (len(channels) - 1)}
 
     def check_fits(self, name: str, info: ModelInfo, field: str) -> DirectoryModel:
         """The registered model if it was made for `info`'s UNet (no file is read)."""
@@ -63,6 +68,13 @@ class ControlNetStore(DirectoryRegistry):
             ours, theirs = model.facts.get(key), info.unet_config.get(key)
             if ours != theirs:
                 raise InvalidArgument(f"was made for another base model ({key} {ours} vs {theirs})", field=field)
+        stride = model.facts.get("conditioning_stride")
+        if stride != info.vae_scale_factor:
+            raise InvalidArgument(
+                f"takes control images down {stride}x but the base model's VAE scale is {info.vae_scale_factor}x "
+                "(conditioning_embedding_out_channels does not fit this model)",
+                field=field,
+            )
         if info.unet_in_channels != 4:
             raise InvalidArgument("ControlNet units are not supported with inpainting UNets", field=field)
         return model

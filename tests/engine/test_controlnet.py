@@ -117,3 +117,15 @@ def test_controlnet_for_another_family_is_refused(engine, nets):
     with pytest.raises(InvalidArgument) as info:
         engine.validate(spec)
     assert info.value.field == "controlnets[0].model" and "another base model" in str(info.value)
+
+
+def test_controlnet_whose_conditioning_stride_is_not_the_vae_scale_is_refused_with_the_reason(engine, tmp_path):
+    # diffusers' default conditioning embedding downsamples 8x; tiny-sd1's VAE 2x. Before this was
+    # checked, the request validated and every one failed INTERNAL inside the UNet call.
+    unet = UNet2DConditionModel.from_pretrained(builtin_path("tiny-sd1"), subfolder="unet")
+    ControlNetModel.from_unet(unet).save_pretrained(tmp_path / "stride8")
+    spec = RequestSpec(model="tiny-sd1", prompt="x", controlnets=(ControlSpec(model=str(tmp_path / "stride8"), image=b"x"),))
+    with pytest.raises(InvalidArgument) as info:
+        engine.validate(spec)
+    assert info.value.field == "controlnets[0].model"
+    assert "down 8x but the base model's VAE scale is 2x" in str(info.value)

@@ -98,3 +98,24 @@ def test_ip_rows_mix_with_plain_rows(engine, ip_dir):
     together = engine.generate(requests)
     for request, mixed in zip(requests, together):
         assert max_pixel_difference(engine.generate([request])[0].images[0], mixed.images[0]) <= TOLERANCE
+
+
+def test_ip_adapter_for_another_cross_attention_width_is_refused_at_validation(engine, tmp_path):
+    # Refused when the request names it, reading no weights, with the reason: not an INTERNAL
+    # failure inside the UNet call (where a width mismatch would otherwise surface).
+    from sdserve.errors import InvalidArgument
+
+    sd1_cross = UNet2DConditionModel.load_config(builtin_path("tiny-sd1"), subfolder="unet")["cross_attention_dim"]
+    sdxl_cross = UNet2DConditionModel.load_config(builtin_path("tiny-sdxl"), subfolder="unet")["cross_attention_dim"]
+    assert sd1_cross != sdxl_cross, "the two tiny models share a width: the test proves nothing"
+    # Only what validation reads (the keys' shapes): a full IP-Adapter costs a UNet build.
+    sdxl_ip = tmp_path / "ip-sdxl"
+    (sdxl_ip / "image_encoder").mkdir(parents=True)
+    safetensors.torch.save_file({"image_proj.proj.weight": torch.zeros(4 * sdxl_cross, 32),
+                                 "ip_adapter.1.to_k_ip.weight": torch.zeros(64, sdxl_cross)},
+                                str(sdxl_ip / "ip_adapter.safetensors"))
+    spec = RequestSpec(model="tiny-sd1", prompt="x", ip_adapters=(IPAdapterSpec(model=str(sdxl_ip), image=b"x"),))
+    with pytest.raises(InvalidArgument) as info:
+        engine.validate(spec)
+    assert info.value.field == "ip_adapters[0].model"
+    assert f"cross-attention {sdxl_cross} vs {sd1_cross}" in str(info.value)
