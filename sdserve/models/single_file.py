@@ -351,7 +351,12 @@ def converted_dir(path: Path, *, config_dir: Path | None = None, progress: Calla
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{digest[:12]}-", dir=target.parent))
     try:
-        convert(path, family, header, config_dir, staging)
+        try:
+            convert(path, family, header, config_dir, staging)
+        except (ValueError, KeyError, RuntimeError, OSError) as exc:
+            # diffusers' own complaint about the file (a missing tensor, a shape), on one line.
+            first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+            raise _refuse(path, f"could not be converted ({exc.__class__.__name__}: {first_line})") from exc
         source = {"file": path.name, "sha256": digest, "family": family, "architecture": config_dir.name}
         (staging / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
         _fsync_dir(staging)

@@ -80,6 +80,19 @@ def test_a_checkpoint_in_the_original_layout_serves_the_same_images(checkpoints,
     assert _diff(_images(store, str(checkpoints[model])), _images(store, model)) <= TOLERANCE
 
 
+def test_an_sd2_checkpoint_converts_to_the_same_weights(tmp_path):
+    # SD 2.x's OpenCLIP text encoder is stored with fused q/k/v and other names: check every tensor.
+    path = tmp_path / "tiny-sd2.safetensors"
+    write_original_checkpoint(builtin_path("tiny-sd2"), path)
+    converted = ModelStore(EngineConfig()).info(str(path)).path
+    for component in ("unet", "vae", "text_encoder"):
+        [mine] = (converted / component).glob("*.safetensors")
+        [theirs] = (builtin_path("tiny-sd2") / component).glob("*.safetensors")
+        a, b = load_file(mine), load_file(theirs)
+        assert a.keys() == b.keys(), component
+        assert all(torch.equal(a[k], b[k]) for k in a), component
+
+
 def test_a_second_load_hits_the_cache_and_a_renamed_copy_too(checkpoints, tmp_path, monkeypatch):
     first = ModelStore(EngineConfig()).info(str(checkpoints["tiny-sd1"])).path
     real_sha256 = single_file.file_sha256
