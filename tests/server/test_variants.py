@@ -64,11 +64,22 @@ def served(files, tmp_path_factory):
     variants = (VariantConfig(model=MODEL, dir=str(files["fused"]), name="hot"),
                 VariantConfig(model=_base_path(), dir=str(files["fused"]), name="hot-only"))
     thread = ServerThread(make_config(tmp_path_factory.mktemp("registry"), variants=variants)).start()
-    alice = thread.client("alice")
-    for name, key in (("a", "sd1_a"), ("b", "sd1_b"), ("c", "sd1_c")):
-        alice.upload_adapter(files[key].read_bytes(), name=name, family="sd1")
+    for tenant in ("alice", "bob"):
+        for name, key in (("a", "sd1_a"), ("b", "sd1_b"), ("c", "sd1_c")):
+            _register(thread, tenant, name, files[key])
     yield thread
     thread.stop()
+
+
+def _register(server: ServerThread, tenant: str, name: str, path: Path) -> None:
+    """Name a file in the registry directly, as a finished upload does: the upload path and its
+    validation are tests/server/test_uploads.py's; here they would cost a worker process each."""
+    from sdserve.server.registry import Quota
+
+    registry = server.core.registry
+    staged = registry.tmp / f"{tenant}-{name}.part"
+    shutil.copyfile(path, staged)
+    registry.register(tenant, name, "lora", "sd1", staged, sha(path.read_bytes()), Quota(100, 1 << 30))
 
 
 def _hot(**overrides) -> list[dict]:
@@ -131,10 +142,7 @@ def test_a_concurrent_mix_gives_each_request_its_image_alone(served, files, refe
         {**BASE, "seed": 25, "adapters": _hot(scale=1.0)},
         {**BASE, "seed": 26, "adapters": [{"name": "a", "scale": SCALE_A}]},
     ]
-    clients = [served.client("alice"), served.client("bob")]
-    bob = clients[1]
-    for name, key in (("a", "sd1_a"), ("b", "sd1_b"), ("c", "sd1_c")):  # bob's own copies: same digests
-        bob.upload_adapter(files[key].read_bytes(), name=name, family="sd1")
+    clients = [served.client("alice"), served.client("bob")]  # bob has his own names for the same files
     with ThreadPoolExecutor(len(requests)) as pool:
         responses = list(pool.map(lambda i: clients[i % 2].generate(requests[i], timeout=120), range(len(requests))))
     assert [r.backend for r in responses] == ["fused", "eager", "eager", "fused", "eager", "eager"]
