@@ -9,7 +9,8 @@ backtrack 20, emphasis "Original"):
   multiplies; unbalanced brackets close at the end; `\\(`, `\\)`, `\\[`, `\\]`, `\\\\` are literal.
 - Pieces are tokenized one by one (no BOS/EOS) and packed into chunks of 75 tokens; `BREAK` ends a
   chunk; a full chunk whose last comma is within 20 tokens of its end moves the tokens after
-  that comma to the next chunk. Each chunk is `[BOS] text [EOS] pad...`, 77 ids.
+  that comma to the next chunk. Each chunk is `[BOS] text [EOS] pad...`, 77 ids. (A text encoder
+  with fewer positions, as the built-in `default` model's 40, takes chunks of its length - 2.)
 - Each chunk is encoded alone; its hidden states `z` [1, 77, dim] are weighted per token and
   rescaled to keep their mean: `z' = z * w; z' *= mean(z) / mean(z')` (mean over every element);
   the chunks are concatenated along the sequence. SDXL's pooled embedding is the first chunk's.
@@ -34,7 +35,7 @@ PLAIN = "plain"
 A1111 = "a1111"
 SYNTAXES = (PLAIN, A1111)
 
-CHUNK_TOKENS = 75  # tokens of text per chunk; BOS and EOS make it CLIP's 77
+CHUNK_TOKENS = 75  # tokens of text per chunk; BOS and EOS make it CLIP's 77 (a shorter encoder: its length - 2)
 COMMA_BACKTRACK = 20  # A1111's `comma_padding_backtrack` default
 MAX_CHUNKS = 8  # 600 tokens: bounds a request's text-encoder calls and cross-attention length
 BREAK = None  # a piece that ends the chunk (the parser's marker; it carries no weight)
@@ -158,14 +159,16 @@ def has_lora_tags(prompt: str) -> bool:
 
 @dataclass(frozen=True)
 class Chunk:
-    ids: tuple[int, ...]  # [77]: BOS, up to 75 tokens, EOS, padding
-    weights: tuple[float, ...]  # [77], 1.0 at BOS, EOS and padding
+    ids: tuple[int, ...]  # [size + 2]: BOS, up to `size` tokens, EOS, padding
+    weights: tuple[float, ...]  # [size + 2], 1.0 at BOS, EOS and padding
 
 
 def make_chunks(
-    pieces: list[tuple[list[int] | None, float]], *, bos: int, eos: int, pad: int, comma: int | None
+    pieces: list[tuple[list[int] | None, float]], *, bos: int, eos: int, pad: int, comma: int | None,
+    size: int = CHUNK_TOKENS,
 ) -> list[Chunk]:
-    """Tokenized pieces (None = BREAK) -> A1111's chunks (`tokenize_line` with its defaults)."""
+    """Tokenized pieces (None = BREAK) -> A1111's chunks (`tokenize_line` with its defaults) of
+    `size` text tokens each (75 for CLIP's 77 positions)."""
     chunks: list[Chunk] = []
     ids: list[int] = []
     weights: list[float] = []
@@ -173,7 +176,7 @@ def make_chunks(
 
     def close() -> None:
         nonlocal ids, weights, last_comma
-        fill = CHUNK_TOKENS - len(ids)
+        fill = size - len(ids)
         # A1111 fills with EOS, then turns every id after the first EOS into the pad id
         # (`process_tokens`): the layout diffusers' tokenizer gives, [BOS, text, EOS, pad...].
         chunks.append(Chunk(tuple([bos, *ids, eos, *[pad] * fill]), tuple([1.0, *weights, 1.0, *[1.0] * fill])))
@@ -186,13 +189,13 @@ def make_chunks(
         for token in tokens:
             if token == comma:
                 last_comma = len(ids)
-            elif len(ids) == CHUNK_TOKENS and last_comma != -1 and len(ids) - last_comma <= COMMA_BACKTRACK:
+            elif len(ids) == size and last_comma != -1 and len(ids) - last_comma <= COMMA_BACKTRACK:
                 cut = last_comma + 1
                 moved_ids, moved_weights = ids[cut:], weights[cut:]
                 ids, weights = ids[:cut], weights[:cut]
                 close()
                 ids, weights = moved_ids, moved_weights
-            if len(ids) == CHUNK_TOKENS:
+            if len(ids) == size:
                 close()
             ids.append(token)
             weights.append(weight)

@@ -114,30 +114,32 @@ def encode_a1111(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A1111's weighted, chunked encoding of `text` by encoder `index` (engine/prompt_syntax.py).
 
-    -> (hidden [1, 77 * chunks, dim], the first chunk's first output: [1, pooled_dim] for an
-    encoder with projection, which SDXL takes as its pooled embedding, unweighted, as A1111)."""
+    -> (hidden [1, (size + 2) * chunks, dim] (77 per chunk for CLIP), the first chunk's first
+    output: [1, pooled_dim] for an encoder with projection, which SDXL takes as its pooled
+    embedding, unweighted, as A1111)."""
     tokenizer, encoder = model.tokenizers[index], model.text_encoders[index]
     pieces = [(None if piece is None else _piece_ids(model, index, piece, embeddings), weight)
               for piece, weight in parse_attention(text)]
     comma = tokenizer.get_vocab().get(",</w>")
+    size = tokenizer.model_max_length - 2  # A1111's 75 for CLIP's 77 positions; BOS and EOS take 2
     chunks = make_chunks(pieces, bos=tokenizer.bos_token_id, eos=tokenizer.eos_token_id,
-                         pad=tokenizer.pad_token_id, comma=comma)
+                         pad=tokenizer.pad_token_id, comma=comma, size=size)
     if len(chunks) > MAX_CHUNKS:
         raise InvalidArgument(
-            f"needs {len(chunks)} chunks of 75 tokens; at most {MAX_CHUNKS} ({MAX_CHUNKS * 75} tokens)",
+            f"needs {len(chunks)} chunks of {size} tokens; at most {MAX_CHUNKS} ({MAX_CHUNKS * size} tokens)",
             field="prompt")
     if len(chunks) > 1 and model.info.backend != "eager":
-        # Compiled UNet graphs are exported for 77 text tokens (compile/onnx_graphs.py).
+        # Compiled UNet graphs are exported for one chunk's text tokens (compile/onnx_graphs.py).
         raise InvalidArgument(
-            f"needs {len(chunks)} chunks of 75 tokens; model {model.info.name!r} is compiled ({model.info.backend}) "
-            "for one", field="prompt")
+            f"needs {len(chunks)} chunks of {size} tokens; model {model.info.name!r} is compiled "
+            f"({model.info.backend}) for one", field="prompt")
     states, first = [], None
     for chunk in chunks:
-        ids = torch.tensor([chunk.ids], dtype=torch.long, device=model.device)  # [1, 77]
+        ids = torch.tensor([chunk.ids], dtype=torch.long, device=model.device)  # [1, size + 2]
         out = encoder(ids, output_hidden_states=True)
         first = out[0] if first is None else first
-        weights = torch.tensor(chunk.weights, dtype=torch.float32, device=model.device)  # [77]
-        states.append(apply_emphasis(layer(encoder, out, clip_skip), weights))  # [1, 77, dim]
+        weights = torch.tensor(chunk.weights, dtype=torch.float32, device=model.device)  # [size + 2]
+        states.append(apply_emphasis(layer(encoder, out, clip_skip), weights))  # [1, size + 2, dim]
     return torch.cat(states, dim=1), first
 
 
