@@ -113,10 +113,12 @@ def test_lora_tags_leave_the_text_with_their_scales():
 # -- the conditioning: A1111's formula, written out as sd_hijack_clip.py does it -------------------
 
 
-def a1111_conditioning(encoder, tokenizer, text: str, clip_skip: int) -> torch.Tensor:
+def a1111_conditioning(encoder, tokenizer, text: str, clip_skip: int, sdxl: bool = False,
+                       ids_out: list | None = None) -> torch.Tensor:
     """[1, 77 * chunks, dim], following FrozenCLIPEmbedderWithCustomWordsBase: tokenize_line (pad
     with id_end, then ids after the first id_end become id_pad), encode_with_transformers
-    (CLIP_stop_at_last_layers), EmphasisOriginal, torch.hstack."""
+    (CLIP_stop_at_last_layers; SDXL: diffusers' hidden_states[-(clip_skip + 1)], no final norm),
+    EmphasisOriginal, torch.hstack."""
     id_start, id_end, id_pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
     comma_token = tokenizer.get_vocab().get(",</w>")
     parsed = parse_attention(text)  # checked against A1111's published outputs above
@@ -155,8 +157,12 @@ def a1111_conditioning(encoder, tokenizer, text: str, clip_skip: int) -> torch.T
         if id_end != id_pad:
             first_end = ids.index(id_end)
             ids[first_end + 1 :] = [id_pad] * (len(ids) - first_end - 1)
+        if ids_out is not None:
+            ids_out.append(ids)
         outputs = encoder(input_ids=torch.tensor([ids]), output_hidden_states=True)
-        if clip_skip > 1:
+        if sdxl:
+            z = outputs.hidden_states[-(clip_skip + 1)]
+        elif clip_skip > 1:
             z = _final_norm(encoder)(outputs.hidden_states[-clip_skip])
         else:
             z = outputs.last_hidden_state
@@ -274,3 +280,31 @@ def test_server_default_syntax_applies_when_the_request_is_silent():
     engine = Engine(EngineConfig(prompt_syntax="a1111"))
     assert engine.validate(RequestSpec(model=MODEL, prompt="x")).prompt_syntax == "a1111"
     assert engine.validate(RequestSpec(model=MODEL, prompt="x", prompt_syntax="plain")).prompt_syntax == "plain"
+
+
+def test_sdxl_conditioning_equals_a1111s_formula_per_encoder(engine):
+    """SDXL: each encoder chunks, weighs and rescales on its own (A1111 wraps each embedder), the
+    states are concatenated along the width, the pooled embedding is the first chunk's."""
+    from transformers import CLIPTextModelWithProjection
+
+    path = builtin_path("tiny-sdxl")
+    encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder").eval(),
+                CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2").eval()]
+    tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder=sub) for sub in ("tokenizer", "tokenizer_2")]
+    prompt = LONG[:300] + " BREAK a (((tail)))"
+    model = engine.models.get("tiny-sdxl")
+    with torch.inference_mode():
+        rows = family_of("sdxl").encode(model, prompt, None, False, 1, 32, 32, (), TextOptions("a1111", 2))
+        plain = family_of("sdxl").encode(model, "a red circle", None, False, 1, 32, 32, ())
+        short = family_of("sdxl").encode(model, "a red circle", None, False, 1, 32, 32, (), TextOptions("a1111"))
+    chunk_ids: list = []
+    with torch.no_grad():
+        parts = [a1111_conditioning(e, t, prompt, 2, sdxl=True, ids_out=chunk_ids if k else None)
+                 for k, (e, t) in enumerate(zip(encoders, tokenizers))]
+        pooled = encoders[1](input_ids=torch.tensor([chunk_ids[0]])).text_embeds  # [1, 32], chunk 0, unweighted
+    expected = torch.cat(parts, dim=-1)  # [1, 77 * chunks, 32 + 32]
+    assert expected.shape[1] > 77
+    torch.testing.assert_close(rows.encoder_hidden_states[0], expected[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rows.text_embeds, pooled, atol=1e-5, rtol=1e-5)
+    assert torch.equal(short.encoder_hidden_states, plain.encoder_hidden_states)
+    assert torch.equal(short.text_embeds, plain.text_embeds)
