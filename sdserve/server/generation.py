@@ -158,15 +158,27 @@ class GenerationService:
             spec, tags_from = self._lora_tags(spec)
             spec, used = self._resolve_adapters(tenant, spec, info.name, info.family, pinned, tags_from)
             # A stack a compiled variant holds runs on it (stack dropped: it is in the weights).
-            spec, variant = core.variants.route(info.name, spec)
+            routed, variant = core.variants.route(info.name, spec)
             remaining = context.time_remaining()
             deadline = arrived + remaining if remaining is not None else None
             request_id = uuid.uuid4().hex[:16]
             # Validation builds a noise scheduler and may decode images or read embedding files: on a
             # worker thread, so the event loop keeps refusing, cancelling and answering meanwhile.
-            validate = functools.partial(core.engine.validate, spec, request_id=request_id, tenant=tenant.name,
+            validate = functools.partial(core.engine.validate, request_id=request_id, tenant=tenant.name,
                                          deadline=deadline)
-            engine_request = await asyncio.to_thread(validate)
+            try:
+                engine_request = await asyncio.to_thread(validate, routed)
+            except InvalidArgument as error:
+                if variant is None:
+                    raise
+                if info.name in core.variants.compiled_only:
+                    # The engine names its model, here a server directory: the caller hears its own name.
+                    raise InvalidArgument(error.message.replace(variant.engine_model, info.name),
+                                          field=error.field) from None
+                # The variant's backend refuses what the eager base serves (e.g. a ControlNet unit
+                # on an ONNX variant): the request runs eagerly, as if no variant matched.
+                variant = None
+                engine_request = await asyncio.to_thread(validate, spec)
             served_by = (info.name, variant)
             async for event in self._admitted(context, stream, tenant, priority, engine_request, arrived, used,
                                               served_by):

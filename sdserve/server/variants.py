@@ -1,9 +1,12 @@
 """Compiled variants of hot stacks: (base model, exact adapter stack) -> a compiled model dir.
 
 A `[[variants]]` entry names a base model (as requests name it) and a directory written by
-`sdserve compile fuse`. The stack is read from the directory's own `sdserve.json` (its `compile`
-record: every LoRA by sha256 and scale, and the base's digest), never repeated by hand, so a
-variant can only claim the stack it was built from. At start-up a variant is refused (one line)
+`sdserve compile fuse` (served by the eager engine on fused weights, backend "fused") or by
+`sdserve compile refit` (an ONNX export with the stack in its weights, served by the onnxruntime
+backend, backend "onnxruntime"). The stack is read from the directory's own record (a fused
+dir's `sdserve.json` `compile` section, an ONNX dir's `sdserve-compile.json` manifest: every
+LoRA by sha256 and scale, and the base's digest), never repeated by hand, so a variant can only
+claim the stack it was built from. At start-up a variant is refused (one line)
 when its record is missing, from another sdserve version, built from another base than the one
 it is configured for (weights digest), or has embeddings fused in.
 
@@ -18,16 +21,19 @@ A request is routed to a variant when its stack is *exactly* the variant's:
   are refused: a per-request embedding's token depends on the name it is used under, so the
   fused tokenizer's token could not be matched to it reliably).
 Everything else stays on the eager base and batches with the base's other requests; routed
-requests batch among themselves (the batcher groups rows by model).
+requests batch among themselves (the batcher groups rows by model). A routed request that the
+variant's backend refuses at validation (the onnxruntime backend serves no per-request ControlNet
+or IP-Adapter) runs on the eager base instead (`generation.py`), where the base is served eagerly.
 
 A variant is not addressable by its own name: requests reach it only through its base model and
 its stack; its name shows in responses (`GenerateResponse.variant`) and metrics. A base model
 that is not in `[models] serve` exists only compiled: its weights are never loaded, and a request
 for it whose stack matches no variant is refused with INVALID_ARGUMENT naming `adapters`.
 
-The seam for other compiled backends (ONNX): `Variant.backend` comes from the record's kind and
-`Variant.engine_model` is what the engine loads; a directory the engine serves through another
-backend becomes a variant by being read here into the same `Variant`.
+The seam for compiled backends: `Variant.backend` comes from the record's kind and
+`Variant.engine_model` is what the engine loads (its `ModelStore` picks the backend from the
+directory); a directory another backend serves becomes a variant by being read here into the
+same `Variant` (TensorRT engines, once the engine serves them, through their manifest the same way).
 """
 
 from __future__ import annotations
@@ -45,6 +51,8 @@ from sdserve.api.types import RequestSpec
 from sdserve.errors import InvalidArgument
 
 METADATA_FILE = "sdserve.json"  # a model dir's own description (`sdserve.models.builtin.METADATA_FILE`)
+MANIFEST_FILE = "sdserve-compile.json"  # a compiled dir's manifest (`sdserve.compile.manifest.MANIFEST_FILE`)
+BACKENDS = {"fused": "fused", "onnx": "onnxruntime"}  # record kind -> the backend that serves it
 EAGER = "eager"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -73,7 +81,7 @@ class Variant:
     name: str
     model: str  # the base model's name, as requests give it
     engine_model: str  # what the engine loads and batches by: the compiled directory
-    backend: str  # "fused" (the eager engine on fused weights); an ONNX dir would say "onnx"
+    backend: str  # "fused" (the eager engine on fused weights) or "onnxruntime"
     stack: StackKey
 
 
@@ -93,14 +101,21 @@ def stack_key(spec: RequestSpec) -> StackKey | None:
 
 
 def _record(directory: Path, where: str) -> dict:
+    """The compile record: an ONNX dir's manifest (its LoRAs under `stack`, as `loras` here),
+    else a fused dir's `sdserve.json` `compile` section."""
+    manifest = directory / MANIFEST_FILE
+    source = manifest if manifest.is_file() else directory / METADATA_FILE
     try:
-        meta = json.loads((directory / METADATA_FILE).read_text(encoding="utf-8"))
+        meta = json.loads(source.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        raise InvalidArgument(f"{where}: {directory.name} has no readable {METADATA_FILE}; give a directory "
-                              "written by `sdserve compile fuse`") from None
-    record = meta.get("compile") if isinstance(meta, dict) else None
-    if not isinstance(record, dict) or record.get("kind") != "fused":
-        raise InvalidArgument(f"{where}: {directory.name} is not a fused model (no compile record of kind 'fused')")
+        raise InvalidArgument(f"{where}: {directory.name} has no readable {source.name}; give a directory "
+                              "written by `sdserve compile fuse` or `sdserve compile refit`") from None
+    record = meta if source is manifest else (meta.get("compile") if isinstance(meta, dict) else None)
+    if not isinstance(record, dict) or record.get("kind") not in BACKENDS:
+        raise InvalidArgument(f"{where}: {directory.name} is not a fused model or an ONNX export "
+                              "(no compile record of kind 'fused' or 'onnx')")
+    if source is manifest:
+        record = {**record, "loras": record.get("stack") or ()}
     if record.get("sdserve_version") != __version__:
         raise InvalidArgument(f"{where}: {directory.name} was fused by sdserve {record.get('sdserve_version')}, "
                               f"this is {__version__}; fuse it again")
@@ -120,7 +135,8 @@ def _recorded_stack(record: dict, name: str, where: str) -> StackKey:
             raise InvalidArgument(f"{where}: {name}'s compile record has a malformed LoRA entry")
         entries.append((sha256, scale))
     if not entries:
-        raise InvalidArgument(f"{where}: {name} records no LoRA; a variant serves a LoRA stack")
+        raise InvalidArgument(f"{where}: {name} records no LoRA; a variant serves a LoRA stack (an ONNX export "
+                              "gets one from `sdserve compile refit`; serve a plain export as a model of its own)")
     return tuple(sorted(entries))
 
 
@@ -137,7 +153,8 @@ def read_variant(config: VariantConfig, base_digest: Callable[[], str], where: s
     if record.get("base_digest") != base_digest():
         raise InvalidArgument(f"{where}: {name} was fused from another base model than {config.model!r} "
                               f"(recorded base {str(record.get('base'))[:64]!r}; weights digest differs)")
-    return Variant(name=name, model=config.model, engine_model=str(directory), backend="fused", stack=stack)
+    return Variant(name=name, model=config.model, engine_model=str(directory), backend=BACKENDS[record["kind"]],
+                   stack=stack)
 
 
 def model_digest(path: Path) -> str:
@@ -180,9 +197,14 @@ class VariantRouter:
 
     def engine_model(self, model: str) -> str:
         """What the engine holds for served model `model`: the model itself, or, for a model
-        served only compiled, its first variant's directory (same architecture and targets)."""
+        served only compiled, its first fused variant's directory (same architecture and LoRA
+        targets; an ONNX dir has no modules to name targets by)."""
         if model in self.compiled_only:
-            return next(v.engine_model for v in self.variants if v.model == model)
+            fused = [v.engine_model for v in self.variants if v.model == model and v.backend == "fused"]
+            if not fused:
+                raise InvalidArgument(f"model {model!r} is served only compiled, by ONNX variants alone: add it to "
+                                      "[models] serve or give it a fused variant (uploads are checked against one)")
+            return fused[0]
         return model
 
 

@@ -250,3 +250,43 @@ def test_an_unknown_variant_model_or_dir_is_refused(files, tmp_path):
             thread.loop.call_soon_threadsafe(thread.loop.stop)
             thread._thread.join(10)
     shutil.rmtree(tmp_path / "data", ignore_errors=True)
+
+
+# -- an ONNX export refit with a stack (`sdserve compile refit`) as a variant ----------------------
+
+ONNX_SCALE = 0.5
+
+
+@pytest.fixture(scope="module")
+def served_onnx(files, tmp_path_factory):
+    """tiny-sd1 served eagerly, with `c` at ONNX_SCALE as an onnxruntime variant."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from sdserve.compile.onnx_export import OnnxConfig, export_onnx
+    from sdserve.compile.refit import RefitConfig, refit
+    from sdserve.compile.source import LoRAArg
+
+    root = tmp_path_factory.mktemp("onnx-variant")
+    assert not export_onnx(OnnxConfig(model=MODEL, out=root / "export", progress=False)).failed
+    refit(RefitConfig(onnx=root / "export", out=root / "refit-c", loras=(LoRAArg(files["sd1_c"], ONNX_SCALE),),
+                      check=False, progress=False))
+    variants = (VariantConfig(model=MODEL, dir=str(root / "refit-c"), name="hot-onnx"),)
+    thread = ServerThread(make_config(root / "registry", variants=variants)).start()
+    _register(thread, "alice", "c", files["sd1_c"])
+    yield thread
+    thread.stop()
+
+
+def test_an_onnx_refit_serves_its_stack_and_refusals_fall_back_to_eager(served_onnx, files, reference_engine):
+    client = served_onnx.client()
+    request = {**BASE, "seed": 41, "adapters": [{"name": "c", "scale": ONNX_SCALE}]}
+    response = client.generate(request, timeout=120)
+    assert (response.backend, response.variant, response.model) == ("onnxruntime", "hot-onnx", MODEL)
+    (want,) = reference_images(reference_engine, _by_path(request, files))
+    assert max_diff(_image(response), want) <= 2
+    # The onnxruntime backend reads only the last text layers (clip_skip 1): the eager base serves it.
+    skipped = {**request, "clip_skip": 2}
+    response = client.generate(skipped, timeout=120)
+    assert (response.backend, response.variant) == ("eager", "")
+    (want,) = reference_images(reference_engine, _by_path(skipped, files))
+    assert max_diff(_image(response), want) <= 2
