@@ -168,6 +168,15 @@ def write_original_checkpoint(model_dir: Path, out_file: Path) -> None:
         state.update(open_clip_to_ldm(text, "cond_stage_model.model.", text_config["hidden_size"]))
     else:
         state.update({f"cond_stage_model.transformer.{k}": v for k, v in text.items()})
+    # What real files carry besides the modules (LDM's schedule buffers, EMA counters, CLIP's
+    # position ids): the loader must ignore them.
+    text_prefix = "conditioner.embedders.0.transformer." if (model_dir / "text_encoder_2").is_dir() else (
+        "cond_stage_model.transformer." if text_config.get("hidden_act") != "gelu" else None)
+    if text_prefix:
+        state[text_prefix + "text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    for name in ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "posterior_variance"):
+        state[name] = torch.linspace(0.0, 1.0, 1000)
+    state["model_ema.decay"], state["model_ema.num_updates"] = torch.tensor(0.9999), torch.tensor(1000)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(out_file))
 
