@@ -55,6 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     _register_dreambooth(kinds)
     _register_textual_inversion(kinds)
     _register_hypernetwork(kinds)
+    _register_slider(kinds)
     _register_decoder(kinds)
     train_data.register(kinds)  # `sdserve train data shapes`: captioned folders of the shapes world
     return train
@@ -436,6 +437,103 @@ def _run_hypernetwork(args: argparse.Namespace) -> int:
     except SdserveError as error:
         fail(str(error))
     return run_adapter(args, lambda components, a: HypernetworkMethod(components, config, seed=a.seed))
+
+
+def _register_slider(kinds: argparse._SubParsersAction) -> None:
+    """`sdserve train slider` (sdserve/trainers/slider.py): a text Concept Slider, no --data."""
+    # SliderConfig's defaults, written out: its module imports torch, which `train --help` must not load.
+    defaults = argparse.Namespace(eta=1.0, anchor_weight=1.0, start=0.0, pool_size=16, pool_steps=20)
+    parser = kinds.add_parser(
+        "slider", help="train a Concept Slider: a LoRA whose scale moves one attribute (text prompts, no images)",
+        description="Train a text Concept Slider (Gandikota et al. 2023): a LoRA that at scale +1 moves the "
+                    "model's prediction for --target along eta * (eps(target+positive) - eps(target+negative)) "
+                    "of the frozen model and at -1 the other way, while --anchor prompts keep their prediction. "
+                    "The latents it edits are noised samples the frozen model draws for --target (a pool made "
+                    "once). The file is a LoRA (diffusers/PEFT or kohya keys) marked as a slider, with the "
+                    "trained scale range and --start in its metadata; serve it at any scale, e.g. -2..2.",
+    )
+    parser.add_argument("--model", default="default",
+                        help="base model: a built-in name (default: the embedded shapes model) or a diffusers directory")
+    parser.add_argument("--positive", required=True, metavar="WORDS",
+                        help="the attribute at scale +1, e.g. \"large\"; put after --target's article")
+    parser.add_argument("--negative", required=True, metavar="WORDS",
+                        help="the attribute at scale -1, e.g. \"small\" (must differ from --positive)")
+    parser.add_argument("--target", action="append", metavar="PROMPT",
+                        help="prompt whose samples the slider edits, e.g. \"a red circle\" (repeatable: pool "
+                             "samples take them in turn; default: the empty prompt)")
+    parser.add_argument("--anchor", action="append", metavar="PROMPT",
+                        help="prompt whose prediction the slider must leave unchanged (repeatable)")
+    parser.add_argument("--eta", type=float, default=defaults.eta,
+                        help=f"strength of the edit direction per unit of scale (default {defaults.eta:g})")
+    parser.add_argument("--anchor-weight", type=float, default=defaults.anchor_weight,
+                        help=f"weight of the anchors' loss (default {defaults.anchor_weight:g})")
+    parser.add_argument("--start", type=float, default=defaults.start, metavar="FRACTION",
+                        help="suggested fraction of the steps after which to apply the slider, recorded in the "
+                             f"metadata (default {defaults.start:g})")
+    parser.add_argument("--pool-size", type=int, default=defaults.pool_size,
+                        help=f"samples of --target the frozen model draws once (default {defaults.pool_size})")
+    parser.add_argument("--pool-steps", type=int, default=defaults.pool_steps,
+                        help=f"sampler steps of each pool sample (default {defaults.pool_steps})")
+    parser.add_argument("--rank", type=int, default=4, help="rank of every factor pair (default 4, at most 128)")
+    parser.add_argument("--alpha", type=float,
+                        help="scale numerator: the delta is (alpha/rank)·B·A (default: alpha = rank)")
+    parser.add_argument("--targets", default="attn",
+                        help="comma-separated UNet module groups: attn, ff, proj, conv (default attn)")
+    parser.add_argument("--format", choices=["diffusers", "kohya"], default="diffusers",
+                        help="key layout of --out: diffusers/PEFT or kohya sd-scripts (default diffusers)")
+    parser.add_argument("--out", type=Path, required=True, help="the slider file to write (.safetensors)")
+    parser.add_argument("--steps", type=int, default=500, help="total optimizer steps (default 500)")
+    parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate, constant (default 1e-4)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seeds the initial weights, the pool, timesteps and noise: the same seed gives "
+                             "the same bytes (default 0)")
+    parser.add_argument("--save-every", type=int, default=0, metavar="N",
+                        help="write a checkpoint every N steps (default 0: at the end and when stopped)")
+    parser.add_argument("--state-dir", type=Path, metavar="DIR",
+                        help="where checkpoints go (default: OUT without .safetensors, plus .state)")
+    parser.add_argument("--resume", type=Path, metavar="DIR", help="continue from the checkpoint in DIR up to --steps")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=_run_slider, batch_size=1, prior_loss_weight=1.0, resolution=None, min_snr_gamma=None)
+
+
+def _run_slider(args: argparse.Namespace) -> int:
+    from sdserve.cli.common import fail, quiet_libraries
+    from sdserve.errors import SdserveError
+    from sdserve.trainers.lora import LoRAConfig
+    from sdserve.trainers.slider import SliderConfig, check_slider_config
+
+    config = SliderConfig(
+        positive=args.positive, negative=args.negative, targets=tuple(args.target or ("",)),
+        anchors=tuple(args.anchor or ()), eta=args.eta, anchor_weight=args.anchor_weight, start=args.start,
+        pool_size=args.pool_size, pool_steps=args.pool_steps,
+        lora=LoRAConfig(rank=args.rank, alpha=args.alpha, unet_targets=_groups(args.targets), format=args.format),
+    )
+    try:
+        check_slider_config(config)  # before the model loads: a bad flag costs nothing
+    except SdserveError as error:
+        fail(str(error))
+    quiet_libraries()
+    from sdserve.trainers.loop import check_loop_config, default_state_dir, load_components, train
+    from sdserve.trainers.output import check_directory_writable, check_writable
+    from sdserve.trainers.slider import SliderMethod
+
+    def run() -> Any:
+        cfg = loop_config_from_args(args)
+        check_loop_config(cfg)
+        check_writable(args.out, "--out")
+        check_directory_writable(cfg.state_dir or default_state_dir(args.out), "--state-dir")
+        if args.resume is not None and not args.resume.is_dir():
+            fail(f"--resume: {args.resume} is not a directory")
+        components = load_components(args.model)
+        method = SliderMethod(components, config, seed=args.seed, progress=not args.no_progress)
+        return train(method, components, None, cfg, args.out)
+
+    result = _train_or_fail(run)
+    if isinstance(result, int):
+        return result
+    print(f"wrote {result.out} (slider, {result.steps} steps{_last_loss(result)}); checkpoint in {result.state_dir}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,12 @@ A method may also define `check_data(data: CaptionedImages) -> None`, which `tra
 --data images before anything runs, to refuse with one line what it cannot learn from (a textual
 inversion whose captions lack its token). It is optional, so it is not part of `Method`.
 
+A method that learns from no images (the Concept Slider: its targets are the frozen model's own
+predictions) defines `step_loss(step: int, generator: torch.Generator) -> torch.Tensor` and is
+trained with `data=None`: the loop then calls it for each step's loss instead of drawing a batch,
+with the step's seeded generator (seed, noise stream, step), so determinism and resume hold as for
+every other method. The loop's own path is unchanged when `data` is given.
+
 Determinism. Everything random in a step is drawn from generators keyed by (seed, step): the
 images of step s are positions [s·B, (s+1)·B) of a stream of seeded per-epoch permutations, and
 timesteps and noise come from a torch generator seeded by (seed, s). Nothing depends on
@@ -405,7 +411,7 @@ def _loss(method: Method, components: Components, batch: torch.Tensor, captions:
 
 
 def _output_metadata(method: Method, components: Components, cfg: LoopConfig, step: int,
-                     data: CaptionedImages, reg: CaptionedImages | None) -> dict[str, str]:
+                     data: CaptionedImages | None, reg: CaptionedImages | None) -> dict[str, str]:
     """The output's provenance: the loop's keys, then the method's (which may override them,
     e.g. a textual inversion's trigger tokens are its placeholder tokens)."""
     metadata = {
@@ -418,10 +424,10 @@ def _output_metadata(method: Method, components: Components, cfg: LoopConfig, st
         "sdserve_batch_size": str(cfg.batch_size),
         "sdserve_learning_rate": repr(cfg.lr),
         "sdserve_seed": str(cfg.seed),
-        "sdserve_resolution": str(data.resolution),
-        "sdserve_images": str(len(data)),
+        "sdserve_resolution": str(data.resolution if data is not None else cfg.resolution or components.resolution),
+        "sdserve_images": str(len(data) if data is not None else 0),
         "sdserve_reg_images": str(len(reg) if reg is not None else 0),
-        "sdserve_trigger_tokens": ",".join(trigger_tokens(data.captions)),
+        "sdserve_trigger_tokens": ",".join(trigger_tokens(data.captions)) if data is not None else "",
         "sdserve_version": __version__,
     }
     return metadata | method.metadata()
@@ -430,12 +436,13 @@ def _output_metadata(method: Method, components: Components, cfg: LoopConfig, st
 def train(
     method: Method,
     components: Components,
-    data: CaptionedImages,
+    data: CaptionedImages | None,
     cfg: LoopConfig,
     out: Path,
     reg: CaptionedImages | None = None,
 ) -> Result:
-    """Train `method` on `data` (and `reg`, the regularization images) and write `out`.
+    """Train `method` on `data` (and `reg`, the regularization images) and write `out`; with
+    `data` None, on the method's own `step_loss` (see the module docstring).
 
     Raises InvalidArgument for bad input (before any training), Diverged when the loss or the
     gradient turns non-finite (the last good checkpoint is kept, no output is written), and
@@ -446,10 +453,14 @@ def train(
     check_loop_config(cfg)
     check_writable(out, "--out")
     check_directory_writable(state_dir, "--state-dir")
-    _check_data(data, components, cfg, "--data")
-    check_method_data = getattr(method, "check_data", None)  # optional: see the module docstring
-    if check_method_data is not None:
-        check_method_data(data)
+    step_loss = getattr(method, "step_loss", None) if data is None else None  # see the module docstring
+    if data is None and (step_loss is None or reg is not None):
+        raise ValueError("train(data=None) needs a method with step_loss and no reg data")
+    if data is not None:
+        _check_data(data, components, cfg, "--data")
+        check_method_data = getattr(method, "check_data", None)  # optional: see the module docstring
+        if check_method_data is not None:
+            check_method_data(data)
     if reg is not None:
         _check_data(reg, components, cfg, "--reg-data")
         if reg.resolution != data.resolution:
@@ -461,7 +472,7 @@ def train(
     identity = _identity(method, components)
     start = _resume(cfg, method, optimizer, identity) if cfg.resume is not None else 0
 
-    latents = components.encode_images(data.images)  # [N, C, h, w]
+    latents = components.encode_images(data.images) if data is not None else None  # [N, C, h, w]
     reg_latents = components.encode_images(reg.images) if reg is not None else None  # [M, C, h, w]
     checkpoints = _Checkpoints(state_dir, identity, start if cfg.resume is not None else None)
     losses: list[float] = []
@@ -471,8 +482,11 @@ def train(
     with _StopSignals() as stop:  # held until the output is written: a signal then waits for it
         with bar:
             while step < cfg.steps:
-                batch, captions = _batch(step, cfg, (latents, data), (reg_latents, reg) if reg else None)
-                loss = _loss(method, components, batch, captions, cfg, step)
+                if step_loss is not None:
+                    loss = step_loss(step, seeded_generator(cfg.seed, _STREAM_NOISE, step))
+                else:
+                    batch, captions = _batch(step, cfg, (latents, data), (reg_latents, reg) if reg else None)
+                    loss = _loss(method, components, batch, captions, cfg, step)
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     raise Diverged(f"the loss became {value} at step {step + 1}; {checkpoints.kept()}",
