@@ -142,6 +142,24 @@ class Engine:
             for name, directory in named.items():
                 registry.register(name, Path(directory).expanduser())
 
+    def check_conditioning_models(self, served: Iterable[ModelInfo]) -> None:
+        """Each registered ControlNet and IP-Adapter must fit at least one of the `served` eager
+        models (the facts read at registration, no weights): one that fits none is refused now,
+        at start-up, naming why for each model, instead of on every request that names it."""
+        eager = [info for info in served if info.backend == "eager"]  # compiled ones take neither
+        for table, registry in (("controlnets", self.runner.controlnets), ("ip_adapters", self.ip_adapters)):
+            for name in registry.registered():
+                reasons = []
+                for info in eager:
+                    try:
+                        registry.check_fits(name, info, name)
+                        break
+                    except InvalidArgument as exc:
+                        reasons.append(f"{info.name}: {exc.message}")
+                else:
+                    why = "; ".join(reasons) or "no eager model is served"
+                    raise InvalidArgument(f"[models.{table}] {name!r} fits none of the served models ({why})")
+
     def lora_targets(self, model: str) -> Mapping[str, TargetSpec]:
         """The LoRA-targetable modules of `model` as it was loaded (before any layer was wrapped):
         what an uploaded adapter is validated against."""

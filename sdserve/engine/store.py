@@ -429,6 +429,10 @@ class DirectoryRegistry:
         self._registered[name] = model
         return model
 
+    def registered(self) -> list[str]:
+        """The names the operator registered, in registration order."""
+        return list(self._registered)
+
     def resolve(self, name: str, field: str) -> DirectoryModel:
         model = self._registered.get(name)
         if model is not None:

@@ -80,7 +80,10 @@ class Server:
     async def start(self) -> None:
         config = self.config
         served = {}
-        for name in dict.fromkeys((config.models.default_model, *config.models.serve)):
+        names = list(dict.fromkeys((config.models.default_model, *config.models.serve)))
+        # A configured ControlNet / IP-Adapter that fits none of them is refused before any weights load.
+        self.engine.check_conditioning_models([self.engine.model_info(name) for name in names])
+        for name in names:
             info = self.engine.model_info(name)
             log.info("loading model %r (%s)", name, info.family)
             await asyncio.to_thread(self.engine.load_model, name)  # weights load once, before serving
