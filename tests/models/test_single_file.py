@@ -80,14 +80,18 @@ def test_a_checkpoint_in_the_original_layout_serves_the_same_images(checkpoints,
     assert _diff(_images(store, str(checkpoints[model])), _images(store, model)) <= TOLERANCE
 
 
-def test_an_sd2_checkpoint_converts_to_the_same_weights(tmp_path):
-    # SD 2.x's OpenCLIP text encoder is stored with fused q/k/v and other names: check every tensor.
-    path = tmp_path / "tiny-sd2.safetensors"
-    write_original_checkpoint(builtin_path("tiny-sd2"), path)
-    converted = ModelStore(EngineConfig()).info(str(path)).path
+@pytest.mark.parametrize("model", ["tiny-sd2", "tiny-sd1-inpaint"])
+def test_sd2_and_inpainting_checkpoints_convert_to_the_same_weights(tmp_path, model):
+    # SD 2.x's OpenCLIP text encoder is stored with fused q/k/v and other names; an inpainting
+    # UNet takes 9 channels and another pipeline class: check every tensor.
+    path = tmp_path / f"{model}.safetensors"
+    write_original_checkpoint(builtin_path(model), path)
+    info = ModelStore(EngineConfig()).info(str(path))
+    converted = info.path
+    assert info.unet_in_channels == (9 if "inpaint" in model else 4)
     for component in ("unet", "vae", "text_encoder"):
         [mine] = (converted / component).glob("*.safetensors")
-        [theirs] = (builtin_path("tiny-sd2") / component).glob("*.safetensors")
+        [theirs] = (builtin_path(model) / component).glob("*.safetensors")
         a, b = load_file(mine), load_file(theirs)
         assert a.keys() == b.keys(), component
         assert all(torch.equal(a[k], b[k]) for k in a), component
@@ -229,6 +233,7 @@ def test_a_vae_that_does_not_fit_the_model_is_refused(tmp_path):
     [
         ("sd15", "sd1"),
         # Building SD 2.x's and SDXL's modules on the meta device takes 4-10 s on this machine.
+        pytest.param("sd15-inpaint", "sd1", marks=pytest.mark.slow),
         pytest.param("sd21", "sd2", marks=pytest.mark.slow),
         pytest.param("sdxl", "sdxl", marks=pytest.mark.slow),
     ],
