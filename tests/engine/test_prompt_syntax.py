@@ -308,3 +308,39 @@ def test_sdxl_conditioning_equals_a1111s_formula_per_encoder(engine):
     torch.testing.assert_close(rows.text_embeds, pooled, atol=1e-5, rtol=1e-5)
     assert torch.equal(short.encoder_hidden_states, plain.encoder_hidden_states)
     assert torch.equal(short.text_embeds, plain.text_embeds)
+
+
+def test_textual_inversion_tokens_inside_weighted_pieces(engine, tmp_path):
+    """Embedding tokens (multi-vector too) keep working when the a1111 parser splits the prompt
+    into weighted pieces: the oracle is diffusers' own textual-inversion loading (its prompt
+    rewrite and tokenizer), encoded by the A1111 formula above."""
+    import safetensors.torch
+    from diffusers import StableDiffusionPipeline
+
+    from sdserve.adapters.embeddings import load_embedding
+    from sdserve.engine.request import EmbeddingSpec
+    from sdserve.engine.row_context import RowContext
+
+    toy = tmp_path / "toy.safetensors"
+    safetensors.torch.save_file({"<toy>": torch.randn(3, 32, generator=torch.Generator().manual_seed(1))}, str(toy))
+    prompt, negative = "a (<toy>:1.3) on a [table], <toy>", "(blurry <toy>)"
+    spec = RequestSpec(model=MODEL, prompt=prompt, negative_prompt=negative, seed=4, steps=2, guidance_scale=6.0,
+                       width=32, height=32, prompt_syntax="a1111", embeddings=(EmbeddingSpec(path=str(toy)),))
+    request = engine.validate(spec)
+    result = engine.generate([request])[0]
+    assert not isinstance(result, Exception), result
+    # The conditioning as the engine encodes it (state.prepare_state's row context, one row).
+    model = engine.models.get(MODEL)
+    embeddings = (load_embedding(str(toy), "toy", model.info.text_widths),)
+    with torch.inference_mode(), model.adapters.rows(RowContext(lora=((),), embeddings=(embeddings,))):
+        state_rows = family_of("sd1").encode(model, prompt, negative, True, 1, 32, 32, embeddings, TextOptions("a1111"))
+    pipe = StableDiffusionPipeline.from_pretrained(builtin_path(MODEL))
+    pipe.load_textual_inversion(str(toy))
+    norm = _final_norm(pipe.text_encoder)
+    with torch.no_grad():
+        norm.bias.copy_(_bias(norm.bias.shape[0]))
+        cond = a1111_conditioning(pipe.text_encoder, pipe.tokenizer, pipe.maybe_convert_prompt(prompt, pipe.tokenizer), 1)
+        uncond = a1111_conditioning(pipe.text_encoder, pipe.tokenizer,
+                                    pipe.maybe_convert_prompt(negative, pipe.tokenizer), 1)
+    torch.testing.assert_close(state_rows.encoder_hidden_states[1], cond[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(state_rows.encoder_hidden_states[0], uncond[0], atol=1e-5, rtol=1e-5)
