@@ -19,7 +19,7 @@ import torch
 
 from sdserve.engine.config import EngineConfig
 from sdserve.engine.model_limits import ModelDefaults, ModelLimits
-from sdserve.errors import NotFound
+from sdserve.errors import InvalidArgument, NotFound
 from sdserve.models.builtin import METADATA_FILE, builtin_names, builtin_path
 from sdserve.models.variants import weights_variant
 
@@ -239,6 +239,9 @@ class ModelStore:
             from sdserve.engine.onnx_backend import is_compiled_dir, read_onnx_model_info
 
             if is_compiled_dir(path):  # written by `sdserve compile onnx`: served by onnxruntime
+                if name in self.vaes:  # its VAE is a graph of the export, not a module to swap
+                    raise InvalidArgument("a separate VAE does not apply to an ONNX export; export the "
+                                          "model with that VAE instead", field="vae")
                 return read_onnx_model_info(name, path.resolve())
             return self._with_vae(name, path.resolve())
         from sdserve.models.single_file import converted_dir, is_single_file

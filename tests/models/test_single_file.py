@@ -294,3 +294,13 @@ def test_the_server_hands_its_vae_table_to_the_model_store():
 
     config = config_from_dict({"models": {"serve": ["tiny-sd1"], "vae": {"tiny-sd1": "/m/vae.safetensors"}}})
     assert Server(config).engine.models.vaes == {"tiny-sd1": "/m/vae.safetensors"}
+
+
+def test_a_separate_vae_is_refused_for_an_onnx_export(tmp_path):
+    from sdserve.engine.onnx_backend import MANIFEST_FILE
+
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / MANIFEST_FILE).write_text("{}")  # refused before the manifest is read
+    with pytest.raises(InvalidArgument, match="does not apply to an ONNX export"):
+        ModelStore(EngineConfig(), vaes={str(export): "/m/vae.safetensors"}).info(str(export))
