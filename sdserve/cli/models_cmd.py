@@ -1,11 +1,14 @@
-"""`sdserve models list|path`: the built-in models and where their directories are."""
+"""`sdserve models list|path|convert`: the built-in models, where their directories are, and the
+diffusers directory a single-file checkpoint converts to (cached; `--model FILE` uses the same)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
-from sdserve.cli.common import fail
+from sdserve.cli.common import fail, fail_on
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -15,6 +18,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     path = sub.add_parser("path", help="print the directory of a built-in model (building it if needed)")
     path.add_argument("name", nargs="?", default="default")
     path.set_defaults(func=_path)
+    convert = sub.add_parser(
+        "convert", help="convert a single-file .safetensors checkpoint (SD 1.x/2.x/XL layout) once; print its directory"
+    )
+    convert.add_argument("file", type=Path)
+    convert.set_defaults(func=_convert)
 
 
 def _list(args: argparse.Namespace) -> None:
@@ -43,3 +51,17 @@ def _path(args: argparse.Namespace) -> None:
     if args.name not in builtin_names():
         fail(f"unknown model {args.name!r}; built-in models are {', '.join(builtin_names())}")
     print(builtin_path(args.name))
+
+
+def _convert(args: argparse.Namespace) -> None:
+    from sdserve.cli.common import quiet_libraries
+    from sdserve.errors import SdserveError
+    from sdserve.models.single_file import converted_dir
+
+    quiet_libraries()
+    if not args.file.is_file():
+        fail(f"{args.file.name}: no such file")
+    try:
+        print(converted_dir(args.file.resolve(), progress=lambda line: print(line, file=sys.stderr)))
+    except SdserveError as exc:
+        fail_on(exc)

@@ -304,3 +304,15 @@ def test_a_separate_vae_is_refused_for_an_onnx_export(tmp_path):
     (export / MANIFEST_FILE).write_text("{}")  # refused before the manifest is read
     with pytest.raises(InvalidArgument, match="does not apply to an ONNX export"):
         ModelStore(EngineConfig(), vaes={str(export): "/m/vae.safetensors"}).info(str(export))
+
+
+def test_cli_models_convert_prints_the_cached_directory(checkpoints, capsys, tmp_path):
+    from tests.cli.test_cli import sdserve_in_process
+
+    code, out, err = sdserve_in_process(capsys, "models", "convert", str(checkpoints["tiny-sd1"]))
+    assert code in (0, None), err
+    assert Path(out.strip()) == ModelStore(EngineConfig()).info(str(checkpoints["tiny-sd1"])).path
+    lora = tmp_path / "style.safetensors"
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(4, 4)}, str(lora))
+    code, out, err = sdserve_in_process(capsys, "models", "convert", str(lora))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "looks like a LoRA" in err
