@@ -69,7 +69,8 @@ class VariantConfig:
     compiled): a built-in name or a directory, the same string fuse's `--model` recorded or any
     name for the same weights (checked by digest)."""
     dir: str
-    """The directory `sdserve compile fuse --out` wrote; its `sdserve.json` says the stack."""
+    """The directory `sdserve compile fuse` or `sdserve compile refit` wrote; its own record
+    (`sdserve.json`, or the ONNX manifest `sdserve-compile.json`) says the stack."""
     name: str = ""
     """The variant's label in responses and metrics; "" = the directory's name."""
 
@@ -117,8 +118,8 @@ def _record(directory: Path, where: str) -> dict:
     if source is manifest:
         record = {**record, "loras": record.get("stack") or ()}
     if record.get("sdserve_version") != __version__:
-        raise InvalidArgument(f"{where}: {directory.name} was fused by sdserve {record.get('sdserve_version')}, "
-                              f"this is {__version__}; fuse it again")
+        raise InvalidArgument(f"{where}: {directory.name} was compiled by sdserve {record.get('sdserve_version')}, "
+                              f"this is {__version__}; compile it again")
     return record
 
 

@@ -204,7 +204,7 @@ def _record_dir(tmp_path: Path, files, change) -> Path:
 @pytest.mark.parametrize("change, message", [
     (lambda r: r.update(embeddings=[{"file": "toy.safetensors", "sha256": "0" * 64, "token": "<toy>"}]),
      "embeddings fused in"),
-    (lambda r: r.update(sdserve_version="0.0.1"), "fused by sdserve 0.0.1"),
+    (lambda r: r.update(sdserve_version="0.0.1"), "compiled by sdserve 0.0.1"),
     (lambda r: r.update(kind="unfused"), "not a fused model"),
     (lambda r: r.update(loras=[]), "records no LoRA"),
     (lambda r: r["loras"][0].update(sha256="x"), "malformed LoRA entry"),
@@ -214,6 +214,27 @@ def test_a_bad_record_is_refused(files, tmp_path, change, message):
     with pytest.raises(InvalidArgument, match=message) as info:
         load_variants([VariantConfig(MODEL, str(directory))], {MODEL: Path(_base_path())}, [MODEL])
     assert "\n" not in str(info.value)
+
+
+def test_an_onnx_manifest_is_read_for_its_stack(files, tmp_path):
+    """A plain export (no stack) is refused; a refit's stack and base digest are read."""
+    from sdserve import __version__
+
+    record = json.loads((files["fused"] / "sdserve.json").read_text())["compile"]
+    manifest = {"kind": "onnx", "sdserve_version": __version__, "base": MODEL, "base_digest": record["base_digest"],
+                "stack": []}
+    (tmp_path / "sdserve-compile.json").write_text(json.dumps(manifest))
+    configs, bases = [VariantConfig(MODEL, str(tmp_path))], {MODEL: Path(_base_path())}
+    with pytest.raises(InvalidArgument, match="records no LoRA"):
+        load_variants(configs, bases, [MODEL])
+    (tmp_path / "sdserve-compile.json").write_text(json.dumps({**manifest, "stack": record["loras"]}))
+    (variant,) = load_variants(configs, bases, [MODEL]).variants
+    assert variant.backend == "onnxruntime"
+    assert variant.stack == tuple(sorted((e["sha256"], e["scale"]) for e in record["loras"]))
+    (tmp_path / "sdserve-compile.json").write_text(json.dumps({**manifest, "stack": record["loras"],
+                                                               "base_digest": "0" * 64}))
+    with pytest.raises(InvalidArgument, match="another base model"):
+        load_variants(configs, bases, [MODEL])
 
 
 def test_two_variants_of_one_stack_or_one_name_are_refused(files):
