@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from dataclasses import field as dataclass_field
 
 import torch
 
@@ -60,6 +61,7 @@ class AdapterSummary:
     family_source: str  # what told the family
     layout: str | None  # "kohya", "peft", "peft_legacy" for the LoRA kinds
     vectors: int = 0  # an embedding's vectors per token (SDXL: per text encoder); 0 for the other kinds
+    slider: Mapping[str, str] = dataclass_field(default_factory=dict)  # a Concept Slider's scale_range, start (else empty)
 
 
 @dataclass(frozen=True)
@@ -123,8 +125,17 @@ def describe(source: Source, name: str) -> AdapterSummary:
         kind="+".join(present), modules=dict(sorted(kinds.items())), rank=max(ranks.values()),
         ranks=tuple(sorted(set(ranks.values()))), targets=tuple(sorted(modules)),
         components=tuple(sorted({_component(module) for module in modules})), family=family,
-        family_source=evidence, layout=layout,
+        family_source=evidence, layout=layout, slider=_slider(raw.metadata),
     )
+
+
+def _slider(metadata: Mapping[str, str]) -> dict[str, str]:
+    """What a slider file says of how to serve it (sdserve's trainer writes the scale range it
+    trained and a suggested start fraction of the steps); empty for other files."""
+    if not detect.is_slider(metadata):
+        return {}
+    keys = ("scale_range", "start")
+    return {key: metadata[f"sdserve_slider_{key}"] for key in keys if f"sdserve_slider_{key}" in metadata}
 
 
 def listing(source: Source, name: str, kind: str) -> dict[str, str | int]:

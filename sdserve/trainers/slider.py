@@ -180,10 +180,17 @@ class SliderMethod:
 
     # -- the objective -----------------------------------------------------------------------
 
-    def set_scale(self, multiplier: float) -> None:
-        """Every LoRA layer at `multiplier` times its trained scale (0: the frozen model)."""
+    def set_scale(self, multiplier: float | torch.Tensor) -> None:
+        """Every LoRA layer at `multiplier` times its trained scale (0: the frozen model), or per
+        batch row with a tensor [B] of multipliers: the UNet's adapted modules all see batch-first
+        inputs ([B, T, in] linears, [B, in, H, W] convs), so one call serves +1 and -1 rows."""
+        scale = self.config.lora.scale
         for layer in self.lora.layers.values():
-            layer.scale = multiplier * self.config.lora.scale
+            if isinstance(multiplier, torch.Tensor):
+                shape = (-1, 1, 1) if layer.spec.kind == "linear" else (-1, 1, 1, 1)
+                layer.scale = (multiplier * scale).view(shape)  # [B, 1, 1] or [B, 1, 1, 1]
+            else:
+                layer.scale = multiplier * scale
 
     def pool(self) -> torch.Tensor:
         """Latents [pool_size, C, h, w] of images the frozen model drew for the target prompts
@@ -236,16 +243,16 @@ class SliderMethod:
         noisy = objective.add_noise(pool[index : index + 1], noise, timestep)  # [1, C, h, w]
         target = index % len(c.targets)
         kept, direction = self.targets_at(noisy, timestep, target)
-        rows = [target, *range(3 * len(c.targets), len(self.prompts))]
-        conditioning = _rows(self.conditioning, rows)
-        edits, anchors = [], []
-        for sign in (1.0, -1.0):
-            self.set_scale(sign)
-            prediction = self.components.predict(noisy.expand(len(rows), -1, -1, -1), timestep.expand(len(rows)),
-                                                 conditioning)  # [1 + A, C, h, w]
-            edits.append(F.mse_loss(prediction[:1], kept[:1] + sign * c.eta * direction))
-            if len(rows) > 1:
-                anchors.append(F.mse_loss(prediction[1:], kept[1:]))
+        rows = [target, *range(3 * len(c.targets), len(self.prompts))]  # target, anchors
+        # One call for both signs: rows [+1: target, anchors, -1: target, anchors].
+        signs = torch.tensor([1.0, -1.0]).repeat_interleave(len(rows))  # [2(1 + A)]
+        self.set_scale(signs)
+        prediction = self.components.predict(noisy.expand(len(signs), -1, -1, -1), timestep.expand(len(signs)),
+                                             _rows(self.conditioning, rows * 2))  # [2(1 + A), C, h, w]
+        plus, minus = prediction[: len(rows)], prediction[len(rows) :]  # [1 + A, C, h, w] each
+        edits = [F.mse_loss(plus[:1], kept[:1] + c.eta * direction),
+                 F.mse_loss(minus[:1], kept[:1] - c.eta * direction)]
+        anchors = [F.mse_loss(plus[1:], kept[1:]), F.mse_loss(minus[1:], kept[1:])] if len(rows) > 1 else []
         self.set_scale(1.0)  # the trained scale: what `predict` and the written file mean
         loss = (edits[0] + edits[1]) / 2
         if anchors:

@@ -12,6 +12,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 
+from sdserve.adapters.inspect import describe
 from sdserve.cli.main import main
 from sdserve.engine import Engine, EngineConfig
 from sdserve.engine.request import AdapterSpec
@@ -66,6 +67,31 @@ def test_step_zero_objective_matches_its_closed_form(components_of):
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-4, atol=1e-10)
 
 
+def test_per_row_scales_equal_one_call_per_scale(components_of):
+    """step_loss runs the +1 and -1 rows in one UNet call (a per-row LoRA scale); with trained
+    (non-zero) factors, each row must equal a call with that scale alone."""
+    components = components_of(MODEL)
+    method = SliderMethod(components, CONFIG, seed=0)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in method.lora.layers.values():
+            layer.up.normal_(0, 0.5, generator=generator)
+    noisy = torch.randn((1, components.unet.config.in_channels, 8, 8), generator=generator)  # [1, C, 8, 8]
+    timestep = torch.tensor([500])
+    conditioning = components.encode_text([TARGET, ANCHOR, TARGET, ANCHOR])
+    with torch.no_grad():
+        method.set_scale(torch.tensor([1.0, 1.0, -1.0, -1.0]))
+        batched = components.predict(noisy.expand(4, -1, -1, -1), timestep.expand(4), conditioning)
+        alone = []
+        for row, sign in enumerate((1.0, 1.0, -1.0, -1.0)):
+            method.set_scale(sign)
+            alone.append(method.predict(noisy, timestep, [(TARGET, ANCHOR)[row % 2]]))
+        method.set_scale(0.0)
+        frozen = method.predict(noisy, timestep, [TARGET])
+    assert float((alone[0] - frozen).abs().max()) > 1e-3  # the factors act, so the scales matter
+    torch.testing.assert_close(batched, torch.cat(alone), rtol=1e-4, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict[str, Path]:
     """Slider files from the CLI: 4 steps straight, and 2 steps (kohya keys) resumed to 4."""
@@ -104,6 +130,9 @@ def test_weights_move_and_the_metadata_says_slider(trained):
     assert metadata["sdserve_slider_scale_range"] == "-1,1" and metadata["sdserve_slider_start"] == "0"
     assert metadata["sdserve_slider_positive"] == "large" and metadata["sdserve_slider_targets"] == TARGET
     assert metadata["sdserve_steps"] == "4"
+    # `sdserve adapters inspect --json` reports it (inspect.describe reads the metadata alone)
+    summary = describe(str(trained["kohya"]), "kohya.safetensors")
+    assert summary.kind == "LoRA" and summary.slider == {"scale_range": "-1,1", "start": "0"}
 
 
 @pytest.fixture(scope="module")
