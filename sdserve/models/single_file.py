@@ -90,11 +90,12 @@ def _looks_like(keys: set[str]) -> str:
     joined = "\n".join(keys)
     if re.search(r"lora_(down|up|A|B)\b|\.lora_|^lora_|hada_w|lokr_w|\.alpha$|dora_scale", joined, re.M):
         return "a LoRA / LyCORIS adapter, not a model: pass it per request (--lora FILE)"
-    if keys & {"emb_params", "string_to_param.*", "clip_l", "clip_g"} or "string_to_param" in joined:
+    if keys & {"emb_params", "clip_l", "clip_g"} or "string_to_param" in joined:
         return "a textual-inversion embedding, not a model: pass it per request (--embedding FILE)"
     if any(k.startswith("control_model.") or k.startswith("controlnet_cond_embedding.") for k in keys):
         return "a ControlNet, not a model: serve it with [models.controlnets] (a diffusers directory)"
-    if any(k.startswith(("encoder.down.", "decoder.up.", "encoder.down_blocks.", "decoder.up_blocks.")) for k in keys):
+    vae_prefixes = ("encoder.down.", "decoder.up.", "encoder.down_blocks.", "decoder.up_blocks.", VAE_PREFIX)
+    if any(k.startswith(vae_prefixes) for k in keys):
         return "a VAE alone, not a model: pass it with --vae"
     if any(k.startswith(("down_blocks.", "text_model.", "mid_block.")) for k in keys):
         return "one component of a diffusers-format model: pass the model's directory instead"

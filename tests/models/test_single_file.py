@@ -152,6 +152,7 @@ def test_pickle_checkpoints_are_refused_unopened(tmp_path, name):
         ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 32)}, "LoRA"),
         ({"emb_params": (2, 32)}, "textual-inversion embedding"),
         ({"encoder.down.0.block.0.conv1.weight": (4, 4, 3, 3), "decoder.up.0.block.0.conv1.weight": (4, 4, 3, 3)}, "--vae"),
+        ({"first_stage_model.decoder.conv_in.weight": (4, 4, 3, 3)}, "a VAE alone"),
         ({"down_blocks.0.resnets.0.conv1.weight": (4, 4, 3, 3)}, "component of a diffusers-format model"),
         ({"weight": (3,)}, "not a Stable Diffusion checkpoint"),
     ],
