@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sdserve.errors import InvalidArgument
-from sdserve.models.single_file import PICKLE_SUFFIXES, VAE_PREFIX, _looks_like, read_header
+from sdserve.models.single_file import VAE_PREFIX, _looks_like, read_header
 from sdserve.models.variants import weights_variant
 
 
@@ -45,9 +45,10 @@ def resolve_vae(source: str | Path, model_dir: Path) -> VaeSource:
             raise _refuse(path, f"holds a {config.get('_class_name')}, not an AutoencoderKL")
         source_kind, resolved = "dir", directory.resolve()
     elif path.is_file():
-        if path.suffix.lower() in PICKLE_SUFFIXES:
-            read_header(path)  # raises the pickle refusal
-        keys = set(read_header(path).shapes)
+        try:
+            keys = set(read_header(path).shapes)  # pickles are refused here, unopened
+        except InvalidArgument as exc:
+            raise _refuse(path, exc.message.split(": ", 1)[-1]) from None
         if not any(k.startswith(("encoder.", "decoder.", VAE_PREFIX)) for k in keys):
             raise _refuse(path, f"looks like {_looks_like(keys)}")
         config = json.loads((model_dir / "vae" / "config.json").read_text())
@@ -68,9 +69,13 @@ def load_vae(source: VaeSource, dtype: Any) -> Any:
     if source.kind == "dir":
         return AutoencoderKL.from_pretrained(source.path, torch_dtype=dtype, variant=weights_variant(source.path))
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
-    state = load_file(str(source.path))
+    # Only the VAE's tensors: a whole checkpoint given as --vae is not read whole.
+    wanted = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", VAE_PREFIX)
+    with safe_open(str(source.path), framework="pt") as handle:
+        names = [k for k in handle.keys() if k.startswith(wanted)]  # noqa: SIM118 - not iterable
+        state = {k: handle.get_tensor(k) for k in names}
     if any(k.startswith(("encoder.down.", "decoder.up.", VAE_PREFIX)) for k in state):
         state = convert_ldm_vae_checkpoint(state, source.config)
     vae = AutoencoderKL.from_config(source.config)

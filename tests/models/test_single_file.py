@@ -227,6 +227,10 @@ def test_a_vae_that_does_not_fit_the_model_is_refused(tmp_path):
     save_file({"lora_unet_x.lora_down.weight": torch.zeros(4, 4)}, str(lora))
     with pytest.raises(InvalidArgument, match="VAE 'lora.safetensors': looks like a LoRA"):
         ModelStore(EngineConfig(), vaes={"tiny-sd1": str(lora)}).info("tiny-sd1")
+    pickled = tmp_path / "vae.pt"
+    torch.save({}, pickled)
+    with pytest.raises(InvalidArgument, match="VAE 'vae.pt': is a pickle checkpoint"):
+        ModelStore(EngineConfig(), vaes={"tiny-sd1": str(pickled)}).info("tiny-sd1")
 
 
 @pytest.mark.parametrize(
@@ -317,3 +321,9 @@ def test_cli_models_convert_prints_the_cached_directory(checkpoints, capsys, tmp
     save_file({"lora_unet_x.lora_down.weight": torch.zeros(4, 4)}, str(lora))
     code, out, err = sdserve_in_process(capsys, "models", "convert", str(lora))
     assert code == 2 and len(err.strip().splitlines()) == 1 and "looks like a LoRA" in err
+
+
+def test_a_whole_checkpoint_can_give_its_vae(checkpoints):
+    # first_stage_model.* of the file, read alone: tiny-sd1's own VAE, so tiny-sd1's own image.
+    store = ModelStore(EngineConfig(), vaes={"tiny-sd1": str(checkpoints["tiny-sd1"])})
+    assert _diff(_images(store, "tiny-sd1"), _images(ModelStore(EngineConfig()), "tiny-sd1")) == 0
