@@ -159,3 +159,63 @@ def _ratio(by: dict[str, dict[str, dict]], subset: str, key: str) -> float:
     """variant / eager of one summary value (nan where either is missing)."""
     ours, theirs = by["variant"][subset][key], by["eager"][subset][key]
     return ours / theirs if ours is not None and theirs else float("nan")
+
+
+def engine_cost(model: str = "tiny-sd1", requests: int = 8, steps: int = 6, rounds: int = 5) -> dict[str, Any]:
+    """In-process, no server: the same batch of hot requests on the eager path (stack per row) and
+    on the fused variant, alternating `rounds` times; CPU seconds of this process (one torch
+    thread), which the machine's other load inflates far less than wall time."""
+    import resource
+    import time
+
+    import torch
+
+    from sdserve.api.types import AdapterSpec, RequestSpec
+    from sdserve.engine import Engine, EngineConfig
+
+    torch.set_num_threads(1)
+    workload = Workload(model=model, tenants=TENANTS, adapters=ADAPTERS)
+    stack = hot_stack(workload)
+    paths = make_adapter_files(model, ADAPTERS, Path(tempfile.gettempdir()) / "sdserve-load-hot-adapters")
+    engine = Engine(EngineConfig(max_batch_rows=2 * requests))
+
+    def cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    with tempfile.TemporaryDirectory(prefix="sdserve-hot-cost-") as tmp:
+        fused = str(fuse_hot(model, paths, stack, Path(tmp) / "fused"))
+        common = dict(prompt="a red circle", steps=steps, width=32, height=32, guidance_scale=7.5,
+                      guidance_start=0.0, guidance_end=1.0)
+        adapters = tuple(AdapterSpec(path=str(paths[i]), scale=scale) for i, scale in stack)
+        specs = {"eager": [RequestSpec(model=model, adapters=adapters, seed=s, **common) for s in range(requests)],
+                 "variant": [RequestSpec(model=fused, seed=s, **common) for s in range(requests)]}
+        times: dict[str, list[tuple[float, float]]] = {name: [] for name in specs}
+        for round_index in range(rounds + 1):  # round 0 warms up (loads, plans, caches)
+            for name in (SERVERS if round_index % 2 == 0 else SERVERS[::-1]):
+                batch = [engine.validate(spec) for spec in specs[name]]
+                c0, w0 = cpu(), time.perf_counter()
+                outcomes = engine.generate(batch)
+                c1, w1 = cpu(), time.perf_counter()
+                assert not any(isinstance(o, Exception) for o in outcomes), outcomes
+                if round_index:
+                    times[name].append((c1 - c0, w1 - w0))
+    summary = {name: {"cpu_s_median": sorted(c for c, _ in t)[len(t) // 2],
+                      "wall_s_median": sorted(w for _, w in t)[len(t) // 2]} for name, t in times.items()}
+    return {"model": model, "requests": requests, "steps": steps, "rounds": rounds, "stack": stack,
+            "times": times, "summary": summary,
+            "eager_over_variant_cpu": summary["eager"]["cpu_s_median"] / summary["variant"]["cpu_s_median"]}
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="CPU cost of a batch of hot requests, eager vs fused variant")
+    parser.add_argument("--model", default="tiny-sd1")
+    parser.add_argument("--requests", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    result = engine_cost(args.model, args.requests, args.steps, args.rounds)
+    print(json.dumps({k: v for k, v in result.items() if k != "times"}, indent=2))
