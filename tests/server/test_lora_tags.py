@@ -16,10 +16,17 @@ def _check(response, reference) -> None:
 
 
 def test_tags_join_the_stack_within_the_callers_tenant(server, reference_engine, lora_bytes, tmp_path):
+    from sdserve.server.registry import Quota
+
     alice, bob = server.client("alice"), server.client("bob")
-    alice.upload_adapter(lora_bytes["sd1_a"], name="ink-tag", family="sd1")
     local = tmp_path / "ink.safetensors"
     local.write_bytes(lora_bytes["sd1_a"])
+    # Named in the registry directly, as a finished upload does (uploads are test_uploads.py's;
+    # here one would cost a validation worker process).
+    registry = server.core.registry
+    staged = registry.tmp / "alice-ink-tag.part"
+    staged.write_bytes(lora_bytes["sd1_a"])
+    registry.register("alice", "ink-tag", "lora", "sd1", staged, sha(lora_bytes["sd1_a"]), Quota(100, 1 << 30))
 
     sent = {**BASE, "prompt": "a (red:1.2) circle <lora:ink-tag:0.7>", "prompt_syntax": "a1111"}
     response = alice.generate(sent, timeout=120)
