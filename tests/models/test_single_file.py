@@ -323,7 +323,12 @@ def test_cli_models_convert_prints_the_cached_directory(checkpoints, capsys, tmp
     assert code == 2 and len(err.strip().splitlines()) == 1 and "looks like a LoRA" in err
 
 
-def test_a_whole_checkpoint_can_give_its_vae(checkpoints):
-    # first_stage_model.* of the file, read alone: tiny-sd1's own VAE, so tiny-sd1's own image.
-    store = ModelStore(EngineConfig(), vaes={"tiny-sd1": str(checkpoints["tiny-sd1"])})
-    assert _diff(_images(store, "tiny-sd1"), _images(ModelStore(EngineConfig()), "tiny-sd1")) == 0
+def test_a_whole_checkpoint_can_give_its_vae(checkpoints, perturbed_vae, tmp_path):
+    # A whole checkpoint whose first_stage_model.* is the perturbed VAE: only those are read.
+    state = load_file(checkpoints["tiny-sd1"])
+    state.update({f"first_stage_model.{k}": v for k, v in load_file(perturbed_vae["file"]).items()})
+    whole = tmp_path / "whole.safetensors"
+    save_file(state, str(whole))
+    swapped = _images(ModelStore(EngineConfig(), vaes={"tiny-sd1": str(whole)}), "tiny-sd1")
+    by_dir = _images(ModelStore(EngineConfig(), vaes={"tiny-sd1": str(perturbed_vae["dir"])}), "tiny-sd1")
+    assert _diff(swapped, by_dir) == 0 and _diff(swapped, _images(ModelStore(EngineConfig()), "tiny-sd1")) > 10
