@@ -332,3 +332,19 @@ def test_a_whole_checkpoint_can_give_its_vae(checkpoints, perturbed_vae, tmp_pat
     swapped = _images(ModelStore(EngineConfig(), vaes={"tiny-sd1": str(whole)}), "tiny-sd1")
     by_dir = _images(ModelStore(EngineConfig(), vaes={"tiny-sd1": str(perturbed_vae["dir"])}), "tiny-sd1")
     assert _diff(swapped, by_dir) == 0 and _diff(swapped, _images(ModelStore(EngineConfig()), "tiny-sd1")) > 10
+
+
+def test_cli_serve_vae_flag_sets_the_default_models_vae(monkeypatch, capsys):
+    import sdserve.server.app as app
+    from tests.cli.test_cli import sdserve_in_process
+
+    seen = []
+
+    async def fake_serve(config):
+        seen.append(config)
+        return 0
+
+    monkeypatch.setattr(app, "serve", fake_serve)
+    code, _, err = sdserve_in_process(capsys, "serve", "--model", "tiny-sd1", "--model", "tiny-sd2", "--vae", "/m/v")
+    assert code in (0, None), err
+    assert seen[0].models.vae == {"tiny-sd1": "/m/v"}
