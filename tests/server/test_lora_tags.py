@@ -67,3 +67,25 @@ def test_bad_syntax_fields_are_invalid_argument_naming_the_field(server, request
         server.client("alice").generate({**BASE, **request_fields}, timeout=60)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert caught.value.details().startswith(f"{field}:"), caught.value.details()
+
+
+def test_the_servers_default_syntax_decides_for_silent_requests():
+    """`[engine] prompt_syntax = "a1111"`: a request that does not say reads its tags; one that
+    says "plain" keeps them as text (no server needed: the servicer's own step)."""
+    from types import SimpleNamespace
+
+    from sdserve.api.types import AdapterSpec, RequestSpec
+    from sdserve.engine import EngineConfig
+    from sdserve.server.generation import GenerationService
+
+    for default, asked, tagged in (("a1111", None, True), ("a1111", "plain", False), ("plain", None, False),
+                                   ("plain", "a1111", True)):
+        core = SimpleNamespace(metrics=SimpleNamespace(outcome=None),
+                               engine=SimpleNamespace(config=EngineConfig(prompt_syntax=default)))
+        spec = RequestSpec(prompt="a cat <lora:ink:0.5>", prompt_syntax=asked, adapters=(AdapterSpec(name="own"),))
+        out, tags_from = GenerationService(core)._lora_tags(spec)
+        assert tags_from == 1
+        if tagged:
+            assert out.prompt == "a cat " and out.adapters == (AdapterSpec(name="own"), AdapterSpec(name="ink", scale=0.5))
+        else:
+            assert out == spec
