@@ -164,9 +164,10 @@ class Engine:
         """The LoRA-targetable modules of `model` as it was loaded (before any layer was wrapped):
         what an uploaded adapter is validated against."""
         loaded = self.models.get(model)
-        if loaded.info.backend != "eager":
-            raise InvalidArgument(f"model {model!r} is compiled ({loaded.info.backend}) and serves no adapters",
-                                  field="adapters")
+        if loaded.info.backend != "eager":  # compiled: the exported modules' targets, from its graphs
+            from sdserve.engine.onnx_backend import onnx_lora_targets
+
+            return onnx_lora_targets(loaded.info)
         if loaded.adapters is not None:
             return loaded.adapters.targets  # the runtime described the model before wrapping it
         return targets_of(loaded.adapter_components())

@@ -88,6 +88,38 @@ def read_onnx_model_info(name: str, path: Path) -> ModelInfo:
     )
 
 
+def onnx_lora_targets(info: ModelInfo) -> dict[str, Any]:
+    """The LoRA targets of the exported modules (what uploads for the model's family are checked
+    against): the refit map's targets, shapes read off the graphs' initializers, a conv's stride,
+    padding and dilation off the Conv node that reads it. Reads the graphs, not their weights."""
+    import onnx
+
+    from sdserve.adapters.targets import TargetSpec
+    from sdserve.compile.manifest import read_manifest
+
+    manifest = read_manifest(info.path, flag="model")
+    targets: dict[str, TargetSpec] = {}
+    for component in manifest.components.values():
+        if not component.refit or component.name == "unet_controlled":  # the UNet's own modules again
+            continue
+        graph = onnx.load(str(info.path / component.graph), load_external_data=False).graph
+        dims = {init.name: tuple(int(d) for d in init.dims) for init in graph.initializer}
+        convs = {node.input[1]: {a.name: tuple(a.ints) for a in node.attribute}
+                 for node in graph.node if node.op_type == "Conv" and len(node.input) > 1}
+        for target, name in component.refit.items():
+            shape = dims[name]
+            if len(shape) == 2:  # a linear layer's [out, in]
+                targets[target] = TargetSpec("linear", shape[1], shape[0])
+            elif len(shape) == 4:  # a conv's [out, in, kh, kw]
+                attributes = convs.get(name, {})
+                pads = attributes.get("pads", (0, 0, 0, 0))
+                targets[target] = TargetSpec("conv", shape[1], shape[0], kernel_size=(shape[2], shape[3]),
+                                             stride=tuple(attributes.get("strides", (1, 1))),
+                                             padding=(pads[0], pads[1]),
+                                             dilation=tuple(attributes.get("dilations", (1, 1))))
+    return targets
+
+
 class OnnxComponent:
     """One session: torch tensors in (cast to the graph's input dtypes), float32 torch tensors out."""
 

@@ -99,9 +99,12 @@ def test_per_request_weights_are_refused_naming_their_field(engine, onnx_export,
     with pytest.raises(InvalidArgument) as error:
         engine.validate(RequestSpec(model=str(onnx_export), prompt="x <toy>", **extra))
     assert error.value.field == field and "compiled" in error.value.message
-    with pytest.raises(InvalidArgument) as error:
-        engine.lora_targets(str(onnx_export))  # what a server checks uploads against
-    assert error.value.field == "adapters"
+
+
+def test_uploads_are_checked_against_the_exported_modules(engine, onnx_export):
+    # A server checks uploads for a family against its model's targets: read off the graphs,
+    # they are the eager model's own (shapes, and convs' stride and padding).
+    assert engine.lora_targets(str(onnx_export)) == dict(engine.lora_targets(MODEL))
 
 
 def test_a_dir_from_another_sdserve_version_is_refused_naming_model(onnx_export, tmp_path):
