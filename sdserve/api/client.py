@@ -20,21 +20,30 @@ asks for one (mutual TLS). An API key sent without TLS crosses the network reada
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import grpc
 
-from sdserve.api import convert
 from sdserve.errors import CAUSE_METADATA_KEY
 
 CHUNK_BYTES = 1 << 20
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # responses carry every image of a request as PNG
 
 Pem = str | os.PathLike[str] | bytes  # a PEM file's path, or its bytes
+
+
+def _convert() -> ModuleType:
+    """The schema module, imported on first use: protobuf and sdserve's stubs cost ~0.07 s that
+    `health()` (`sdserve client health`) does not need (docs/benchmarks.md, "CLI start-up")."""
+    from sdserve.api import convert
+
+    return convert
 
 
 def _pem(source: Pem | None) -> bytes | None:
@@ -80,7 +89,10 @@ class Client:
             self._channel = grpc.secure_channel(target, tls_credentials(ca, cert, key), options=options)
         else:
             self._channel = grpc.insecure_channel(target, options=options)
-        self._stubs = convert.stubs(self._channel)
+
+    @functools.cached_property
+    def _stubs(self) -> Any:
+        return _convert().stubs(self._channel)
 
     def __enter__(self) -> Client:
         return self
@@ -99,7 +111,7 @@ class Client:
 
     @staticmethod
     def _request(request: dict[str, Any] | Any) -> Any:
-        return convert.pb_from_dict(request) if isinstance(request, dict) else request
+        return _convert().pb_from_dict(request) if isinstance(request, dict) else request
 
     # -- generation ------------------------------------------------------------------------------
 
@@ -136,7 +148,7 @@ class Client:
     ) -> Any:
         """Upload a safetensors file (path or bytes); returns its AdapterInfo."""
         data = source if isinstance(source, bytes) else Path(source).read_bytes()
-        header = convert.UploadHeader(
+        header = _convert().UploadHeader(
             name=name,
             kind=kind,
             family=family,
@@ -144,28 +156,28 @@ class Client:
             shared=shared,
             size=len(data),
         )
-        return self.upload_chunks(convert.upload_chunks(header, data, CHUNK_BYTES), timeout=timeout)
+        return self.upload_chunks(_convert().upload_chunks(header, data, CHUNK_BYTES), timeout=timeout)
 
     def upload_chunks(self, chunks: Iterator[Any], *, timeout: float | None = None) -> Any:
         """Send a prepared upload stream (tests use this to send malformed streams)."""
         return self._stubs.adapters.UploadAdapter(chunks, timeout=timeout or self.timeout, metadata=self._meta())
 
     def list_adapters(self, family: str = "") -> Any:
-        request = convert.request_message("ListAdaptersRequest", family=family)
+        request = _convert().request_message("ListAdaptersRequest", family=family)
         return self._stubs.adapters.ListAdapters(request, timeout=self.timeout, metadata=self._meta())
 
     def get_adapter(self, name: str) -> Any:
-        request = convert.request_message("GetAdapterRequest", name=name)
+        request = _convert().request_message("GetAdapterRequest", name=name)
         return self._stubs.adapters.GetAdapter(request, timeout=self.timeout, metadata=self._meta())
 
     def delete_adapter(self, name: str, *, shared: bool = False) -> Any:
-        request = convert.request_message("DeleteAdapterRequest", name=name, shared=shared)
+        request = _convert().request_message("DeleteAdapterRequest", name=name, shared=shared)
         return self._stubs.adapters.DeleteAdapter(request, timeout=self.timeout, metadata=self._meta())
 
     # -- models and health -------------------------------------------------------------------------
 
     def list_models(self) -> Any:
-        request = convert.request_message("ListModelsRequest")
+        request = _convert().request_message("ListModelsRequest")
         return self._stubs.models.ListModels(request, timeout=self.timeout, metadata=self._meta())
 
     def health(self, service: str = "", timeout: float | None = 5.0) -> str:
