@@ -47,7 +47,7 @@ def _connection_flags(parser: argparse.ArgumentParser, default) -> None:
 class _DeferredParser(argparse.ArgumentParser):
     """An action's parser whose `defer`red flags are added when it is first parsed or asked for
     help: `client generate`'s request flags come from the proto's descriptor (protobuf and the
-    stubs, ~0.07 s) that `client health` and `client models` need not load."""
+    stubs, ~0.07 s) that `client health` need not load."""
 
     _deferred: list[Callable[[argparse.ArgumentParser], None]]
 
