@@ -479,7 +479,8 @@ def bench_slider(work: Path, args: argparse.Namespace) -> Run:
           float(areas[:, -1].mean() - areas[:, 0].mean()), "(info)", True)
     check(run, f"Spearman rho(scale, area), mean of {len(prompts)} prompt/seed pairs", rho, ">= 0.90",
           bool(rho >= 0.90))
-    check(run, "  pairs with rho >= 0.9", float(np.mean(rhos >= 0.9)), "(info)", True)
+    # One swap of 5 ranks is rho 0.9 exactly, which float rounding would put below.
+    check(run, "  pairs with rho >= 0.9", float(np.mean(rhos >= 0.9 - 1e-9)), "(info)", True)
     color = float(np.mean([readings[s]["color"] for s in SLIDER_SCALES]))
     position = float(np.mean([readings[s]["position"] for s in SLIDER_SCALES]))
     check(run, "colour right over all scales", color, ">= 0.90", color >= 0.90)
