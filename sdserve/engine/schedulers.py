@@ -49,6 +49,46 @@ ALIASES: dict[str, SchedulerChoice] = {
 }
 
 
+# A1111's sampler names (as its UI and its PNG `parameters` spell them) and its legacy `k_` aliases
+# -> sdserve's alias. Matched without regard to case. A name A1111 has and sdserve lacks ("DPM++ SDE",
+# "LMS", "DPM2", "Euler Karras", ...) is refused as unknown rather than mapped to a near miss.
+# "DPM++ 2M" is the legacy (pre-1.9) meaning: uniform sigmas; A1111 1.9+ writes the Karras form as
+# "DPM++ 2M" with "Schedule type: Karras" (see `from_a1111`).
+A1111_SAMPLERS: dict[str, str] = {
+    "Euler a": "euler_a",
+    "Euler": "euler",
+    "Heun": "heun",
+    "DPM++ 2M": "dpmpp_2m",
+    "DPM++ 2M Karras": "dpmpp_2m_karras",
+    "DDIM": "ddim",
+    "DDPM": "ddpm",
+    "PLMS": "pndm",  # diffusers' PNDM with skip_prk_steps, as SD configs ship it, is PLMS
+    "UniPC": "unipc",
+    "LCM": "lcm",
+    "k_euler_a": "euler_a",
+    "k_euler_ancestral": "euler_a",
+    "k_euler": "euler",
+    "k_heun": "heun",
+    "k_dpmpp_2m": "dpmpp_2m",
+    "k_dpmpp_2m_ka": "dpmpp_2m_karras",
+}
+_A1111_LOWER = {name.lower(): alias for name, alias in A1111_SAMPLERS.items()}
+# sdserve alias -> (A1111 sampler, Schedule type) as written into PNGs; "" = no Schedule type
+# (A1111's DDIM/PLMS/UniPC/DDPM/LCM take their own schedules).
+_TO_A1111: dict[str, tuple[str, str]] = {
+    "euler_a": ("Euler a", "Uniform"),
+    "euler": ("Euler", "Uniform"),
+    "heun": ("Heun", "Uniform"),
+    "dpmpp_2m": ("DPM++ 2M", "Uniform"),
+    "dpmpp_2m_karras": ("DPM++ 2M", "Karras"),
+    "ddim": ("DDIM", ""),
+    "ddpm": ("DDPM", ""),
+    "pndm": ("PLMS", ""),
+    "unipc": ("UniPC", ""),
+    "lcm": ("LCM", ""),
+}
+
+
 def scheduler_names() -> list[str]:
     return list(ALIASES) + list(SUPPORTED_CLASSES)
 
@@ -58,9 +98,39 @@ def resolve_scheduler(name: str) -> SchedulerChoice:
         return ALIASES[name]
     if name in SUPPORTED_CLASSES:
         return SchedulerChoice(name)
+    if name.lower() in _A1111_LOWER:
+        return ALIASES[_A1111_LOWER[name.lower()]]
     raise InvalidArgument(
-        f"unknown scheduler {name[:64]!r}; choose one of {', '.join(scheduler_names())}", field="scheduler"
+        f"unknown scheduler {name[:64]!r}; choose one of {', '.join(scheduler_names())} "
+        f"or an A1111 sampler name ({', '.join(list(A1111_SAMPLERS)[:10])})",
+        field="scheduler",
     )
+
+
+def to_a1111(name: str) -> tuple[str, str]:
+    """(A1111 sampler, Schedule type) of a scheduler name sdserve accepts; a scheduler A1111 has
+    no name for keeps its sdserve name (and no schedule type)."""
+    choice = resolve_scheduler(name)
+    for alias, pair in _TO_A1111.items():
+        if ALIASES[alias] == choice:
+            return pair
+    return name, ""
+
+
+def from_a1111(sampler: str, schedule_type: str = "") -> str:
+    """The sdserve scheduler name of an A1111 `Sampler` (+ `Schedule type`) pair as A1111 1.x writes
+    it: legacy names ("DPM++ 2M Karras", no schedule type) and 1.9+ pairs ("DPM++ 2M" + "Karras")
+    both read. A schedule sdserve does not implement for that sampler is refused."""
+    schedule = schedule_type.strip().lower()
+    if schedule == "karras" and not sampler.lower().endswith("karras"):
+        sampler = f"{sampler} Karras"
+    elif schedule not in ("", "automatic", "uniform", "karras"):
+        raise InvalidArgument(f"schedule type {schedule_type[:32]!r} is not implemented", field="scheduler")
+    alias = _A1111_LOWER.get(sampler.lower())
+    if alias is None:
+        resolve_scheduler(sampler)  # an sdserve name written as-is, or the unknown-scheduler error
+        return sampler
+    return alias
 
 
 def max_steps_for(choice: SchedulerChoice, base_config: dict[str, Any]) -> int:
