@@ -25,7 +25,7 @@ from sdserve.engine.config import EngineConfig
 from sdserve.engine.decode import decode_latents
 from sdserve.engine.ip_adapter import IPAdapterStore
 from sdserve.engine.model import LoadedModel, ModelInfo, ModelStore
-from sdserve.engine.png import parameters_text
+from sdserve.engine.png import model_shorthash, parameters_text
 from sdserve.engine.preview import latent_preview
 from sdserve.engine.request import EngineRequest, RequestSpec, resolve
 from sdserve.engine.residency import AdapterRuntime, RequestWeights, ResidencyStats
@@ -40,9 +40,10 @@ class GenerationResult:
     request: EngineRequest
     images: list[np.ndarray]  # each [H, W, 3] uint8
     timings: dict[str, float]
+    model_hash: str = ""  # A1111's `Model hash` of the model it ran on ("" when unknown: png.model_shorthash)
 
     def parameters(self, index: int = 0) -> str:
-        return parameters_text(self.request, index)
+        return parameters_text(self.request, index, self.model_hash)
 
 
 @dataclass
@@ -426,6 +427,8 @@ class Engine:
             return
         now = time.monotonic()
         offset = 0
+        info = getattr(model, "info", None)
+        model_hash = model_shorthash(info.path) if info is not None else ""
         for state in states:
             n = state.request.num_images
             state.timings.decoded = now
@@ -433,6 +436,7 @@ class Engine:
                 request=state.request,
                 images=[images[offset + i] for i in range(n)],
                 timings=state.timings.as_dict(),
+                model_hash=model_hash,
             )
             offset += n
             self._emit(state.request, EngineEvent("done", state.request.request_id, result=result))
