@@ -59,6 +59,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     io = parser.add_argument_group("input and output")
     io.add_argument("--out", type=Path, help="output PNG (one request from flags)")
     io.add_argument("--requests", type=Path, help="JSON-lines file, one GenerateRequest per line")
+    io.add_argument("--from-png", type=Path, metavar="FILE",
+                    help="re-run the request in FILE's A1111 'parameters' chunk (flags override its values; "
+                    "give its LoRAs with --lora, embeddings with --embedding, init image with --init-image)")
     io.add_argument("--out-dir", type=Path, help="output directory for --requests")
     engine = parser.add_argument_group("engine")
     engine.add_argument("--vae", metavar="FILE_OR_DIR",
@@ -91,6 +94,8 @@ def parse_lora_flag(text: str) -> dict[str, Any]:
 def _specs_from_args(args: argparse.Namespace) -> list[tuple[str, Any]]:
     from sdserve.api.convert import request_fields, spec_from_dict, spec_from_json_line
 
+    if args.requests is not None and args.from_png is not None:
+        fail("give either --from-png or --requests, not both")
     if args.requests is not None:
         if args.out_dir is None:
             fail("--requests needs --out-dir")
@@ -119,13 +124,21 @@ def _specs_from_args(args: argparse.Namespace) -> list[tuple[str, Any]]:
         return specs
     if args.out is None:
         fail("give --out FILE.png (or --requests FILE --out-dir DIR)")
-    if args.prompt is None:
+    if args.prompt is None and args.from_png is None:
         fail("--prompt is required")
-    values: dict[str, Any] = {
-        f.name: getattr(args, f.name) for f in request_fields() if getattr(args, f.name) is not None
-    }
+    values: dict[str, Any] = {}
+    if args.from_png is not None:
+        from sdserve.cli.from_png import request_values
+
+        for text in args.lora:  # checked here, before the PNG's hashes are matched against them
+            try:
+                parse_lora_flag(text)
+            except ValueError as exc:
+                fail(f"--lora {text!r}: {exc}")
+        values = request_values(args.from_png, args.lora, args.embedding, args.init_image is not None)
+    values.update({f.name: getattr(args, f.name) for f in request_fields() if getattr(args, f.name) is not None})
     adapters = []
-    for text in args.lora:
+    for text in [] if args.from_png is not None else args.lora:  # --from-png: the PNG's stack
         try:
             adapters.append(parse_lora_flag(text))
         except ValueError as exc:

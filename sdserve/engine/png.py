@@ -122,7 +122,9 @@ def parameters_text(request: EngineRequest, image_index: int = 0, model_hash: st
     from sdserve import __version__
 
     lines = [request.prompt]
-    if request.negative_prompt:  # A1111 writes no line for an empty negative prompt
+    # A1111 writes no line for an empty negative prompt; sdserve writes one for "" (not for an
+    # absent one): SDXL encodes "" but zeroes an absent negative, and a re-run must tell them apart.
+    if request.negative_prompt is not None:
         lines.append(f"Negative prompt: {request.negative_prompt}")
     sampler, schedule = to_a1111(request.scheduler)
     pairs: dict[str, object] = {"Steps": request.steps, "Sampler": sampler}

@@ -76,7 +76,7 @@ def test_every_field_reads_back_through_a1111s_parser(tmp_path):
 
 
 def test_plain_request_writes_a1111s_minimal_form(tmp_path):
-    request = _request(tmp_path, negative_prompt="", scheduler="euler_a", num_images=1, adapters=(),
+    request = _request(tmp_path, negative_prompt=None, scheduler="euler_a", num_images=1, adapters=(),
                        embedding_refs=(), init_image=None, strength=1.0, clip_skip=1,
                        guidance_start=0.0, guidance_end=1.0, prompt_syntax="plain", model="tiny-sd1",
                        prompt="a red circle")
