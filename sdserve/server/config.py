@@ -48,8 +48,8 @@ class ServerConfig:
     """sha256 (hex) of a bearer token the metrics endpoint requires ("" = none); set it whenever
     `metrics_host` is reachable by anyone but the operator's scraper."""
     metrics_tenant_labels: bool = False
-    """Label per-tenant metrics (refusals) with tenant names; off by default, since anyone who
-    can read the metrics then learns every tenant's name and load."""
+    """Label per-tenant metrics (refusals; queue and request latency histograms) with tenant names;
+    off by default, since anyone who can read the metrics then learns every tenant's name and load."""
     grace_seconds: float = 30.0
     """On SIGTERM, how long running requests may take to finish before they are cancelled."""
     max_receive_message_bytes: int = 64 * 1024 * 1024

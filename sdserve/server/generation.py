@@ -33,6 +33,7 @@ from sdserve.server import status
 from sdserve.server.admission import Ticket, estimated_cost
 from sdserve.server.config import TenantConfig
 from sdserve.server.core import Core, priority_of
+from sdserve.server.request_log import RequestLog
 from sdserve.server.variants import EAGER, Variant
 
 log = logging.getLogger("sdserve.server")
@@ -139,11 +140,25 @@ class GenerationService:
             yield event
 
     async def _run(self, request_pb: Any, context: grpc.aio.ServicerContext, stream: bool) -> AsyncIterator[Any]:
+        """One call, ending in its one structured log line (request_log.py) however it ends."""
+        entry = RequestLog("GenerateStream" if stream else "Generate", time.monotonic())
+        try:
+            async for event in self._serve(request_pb, context, stream, entry):
+                yield event
+        except BaseException as error:
+            entry.emit(error)
+            raise
+        entry.emit(None)
+
+    async def _serve(self, request_pb: Any, context: grpc.aio.ServicerContext, stream: bool,
+                     entry: RequestLog) -> AsyncIterator[Any]:
         core = self.core
-        arrived = time.monotonic()
+        arrived = entry.arrived
         tenant = core.begin(context)
+        entry.tenant = tenant.name
         priority = priority_of(context)
         spec = convert.spec_from_pb(request_pb)
+        entry.model, entry.steps = spec.model, spec.steps or None
         info = core.model_info(spec.model)
         if core.admission.pending_cost:
             # Loaded: refuse what will not fit before spending time on validation. (Idle, a
@@ -157,11 +172,13 @@ class GenerationService:
         try:
             spec, tags_from = self._lora_tags(spec)
             spec, used = self._resolve_adapters(tenant, spec, info.name, info.family, pinned, tags_from)
+            entry.use_digests([use.sha256 for use in used])
             # A stack a compiled variant holds runs on it (stack dropped: it is in the weights).
             routed, variant = core.variants.route(info.name, spec)
             remaining = context.time_remaining()
             deadline = arrived + remaining if remaining is not None else None
             request_id = uuid.uuid4().hex[:16]
+            entry.request_id = request_id
             # Validation builds a noise scheduler and may decode images or read embedding files: on a
             # worker thread, so the event loop keeps refusing, cancelling and answering meanwhile.
             validate = functools.partial(core.engine.validate, request_id=request_id, tenant=tenant.name,
@@ -180,8 +197,11 @@ class GenerationService:
                 variant = None
                 engine_request = await asyncio.to_thread(validate, spec)
             served_by = (info.name, variant)
+            entry.steps = engine_request.steps
+            entry.backend = variant.backend if variant is not None else EAGER
+            entry.variant = variant.name if variant is not None else ""
             async for event in self._admitted(context, stream, tenant, priority, engine_request, arrived, used,
-                                              served_by):
+                                              served_by, entry):
                 yield event
         finally:
             for sha256 in pinned:
@@ -190,7 +210,7 @@ class GenerationService:
     async def _admitted(
         self, context: grpc.aio.ServicerContext, stream: bool, tenant: TenantConfig, priority: int,
         engine_request: EngineRequest, arrived: float, used: list[convert.AdapterUse],
-        served_by: tuple[str, Variant | None],
+        served_by: tuple[str, Variant | None], entry: RequestLog,
     ) -> AsyncIterator[Any]:
         """Admit a validated request, then relay its engine events to the caller."""
         core = self.core
@@ -228,10 +248,12 @@ class GenerationService:
                     raise error
                 elif event.kind == "done":
                     assert event.result is not None
-                    response = await self._response(job, event.result, used, served_by)
+                    response = await self._response(job, event.result, used, served_by, entry)
                     yield convert.result_event(response) if stream else response
                     return
         finally:
+            if "queue" not in entry.timings and job.released_at is not None:
+                entry.timings["queue"] = job.released_at - arrived  # failed or cancelled after release
             job.abandon()
 
     def _lora_tags(self, spec: RequestSpec) -> tuple[RequestSpec, int]:
@@ -294,7 +316,7 @@ class GenerationService:
         return (dataclasses.replace(spec, **changes) if changes else spec), used
 
     async def _response(self, job: Job, result: GenerationResult, used: list[convert.AdapterUse],
-                        served_by: tuple[str, Variant | None]) -> Any:
+                        served_by: tuple[str, Variant | None], entry: RequestLog) -> Any:
         request = result.request
         # PNG encoding is CPU work proportional to pixels: keep it off the event loop.
         images = await asyncio.to_thread(
@@ -305,12 +327,12 @@ class GenerationService:
         released = job.released_at or job.arrived
         timings["queue"] = (released - job.arrived) + timings.get("queue", 0.0)
         timings["total"] = time.monotonic() - job.arrived
+        entry.timings = timings
         metrics = self.core.metrics
-        metrics.queue_duration.observe(timings["queue"])
-        metrics.request_duration.observe(timings["total"])
         # The model as the caller named it (a variant's engine model is a server directory).
         model, variant = served_by
         backend = variant.backend if variant is not None else EAGER
+        metrics.served(model, backend, entry.tenant, timings["queue"], timings["total"])
         metrics.served_by(model, backend, variant.name if variant is not None else "")
         return convert.generate_response(request.request_id, model, request.seed, images, timings, used,
                                          backend=backend, variant=variant.name if variant is not None else "")

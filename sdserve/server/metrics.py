@@ -47,8 +47,12 @@ class Metrics:
             "sdserve_admission_refused", "Generate calls refused by admission (RESOURCE_EXHAUSTED)",
             ["tenant"] if tenant_labels else [], registry=r,
         )
+        # A served call's latencies by model (as requested) and backend ("eager", "fused", "onnxruntime"),
+        # and by tenant only with tenant_labels (as above).
+        served_labels = ["model", "backend", *(["tenant"] if tenant_labels else [])]
         self.queue_duration = Histogram(
-            "sdserve_queue_duration_seconds", "Time from arrival to the engine's admission", buckets=_SECONDS, registry=r
+            "sdserve_queue_duration_seconds", "Time from arrival to the engine's admission", served_labels,
+            buckets=_SECONDS, registry=r,
         )
         self.adapter_load_duration = Histogram(
             "sdserve_adapter_load_duration_seconds", "Time loading a request's adapters", buckets=_SECONDS, registry=r
@@ -60,7 +64,8 @@ class Metrics:
             "sdserve_decode_duration_seconds", "Time decoding a request's latents", buckets=_SECONDS, registry=r
         )
         self.request_duration = Histogram(
-            "sdserve_request_duration_seconds", "Time from a Generate call's arrival to its result", buckets=_SECONDS, registry=r
+            "sdserve_request_duration_seconds", "Time from a Generate call's arrival to its result", served_labels,
+            buckets=_SECONDS, registry=r,
         )
         self.unet_rows = Histogram(
             "sdserve_unet_batch_rows", "UNet rows per UNet call (batch occupancy)", buckets=_ROWS, registry=r
@@ -103,6 +108,12 @@ class Metrics:
 
     def served_by(self, model: str, backend: str, variant: str) -> None:
         self.backend_requests.labels(model=model, backend=backend, variant=variant).inc()
+
+    def served(self, model: str, backend: str, tenant: str, queue_seconds: float, total_seconds: float) -> None:
+        """A Generate call's result is ready: its queue and end-to-end latencies."""
+        labels = {"model": model, "backend": backend, **({"tenant": tenant} if self.tenant_labels else {})}
+        self.queue_duration.labels(**labels).observe(queue_seconds)
+        self.request_duration.labels(**labels).observe(total_seconds)
 
     def track_rows(self, request_id: str, rows: int) -> None:
         with self._rows_lock:
