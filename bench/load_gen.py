@@ -22,6 +22,9 @@ from bench.baselines import tenant_keys
 from bench.common import print_table
 
 EXPECTED_FAILURES = ("RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED")
+# A request the generator itself cancelled: still open when the run's drain time ran out. It is
+# the bench's cut-off, not the server's failure (reported as `cut_off`, never as unexpected).
+CUT_OFF = "CANCELLED_BY_GENERATOR"
 PROMPTS = ("a red circle", "a blue square on the left", "a cat in a hat", "a green triangle at the top",
            "a lighthouse at dusk", "an astronaut riding a horse")
 RANKS = (4, 8, 16)
@@ -41,6 +44,26 @@ class Workload:
     size: int = 32
     guidance: float = 7.5
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class Connection:
+    """How the generator reaches a server it did not start: one API key per tenant, TLS."""
+
+    keys: tuple[str, ...] = ()  # tenant i sends keys[i]; () = the bench servers' own keys
+    tls: bool = False  # TLS against the system's CAs (or `ca`)
+    ca: str | None = None  # PEM file of the CA that signed the server's certificate
+
+    def tenant_keys(self, tenants: int) -> list[str]:
+        if not self.keys:
+            return tenant_keys(tenants)
+        if len(self.keys) != tenants:
+            raise ValueError(f"{tenants} tenants need {tenants} API keys, got {len(self.keys)}")
+        return list(self.keys)
+
+    @property
+    def secure(self) -> bool:
+        return self.tls or self.ca is not None
 
 
 def adapter_name(index: int) -> str:
@@ -71,14 +94,15 @@ def make_adapter_files(model: str, count: int, directory: Path) -> list[Path]:
     return paths
 
 
-def upload_adapters(target: str, model: str, count: int, tenants: int, directory: Path) -> None:
+def upload_adapters(target: str, model: str, count: int, tenants: int, directory: Path,
+                    connection: Connection = Connection()) -> None:
     """Each tenant uploads the adapters it owns (adapter i belongs to tenant i mod N)."""
     from sdserve.client import Client
 
-    keys = tenant_keys(tenants)
+    keys = connection.tenant_keys(tenants)
     paths = make_adapter_files(model, count, directory)
     for tenant, key in enumerate(keys):
-        with Client(target, api_key=key, timeout=60) as client:
+        with Client(target, api_key=key, timeout=60, tls=connection.tls, ca=connection.ca) as client:
             for i in range(tenant, count, tenants):
                 client.upload_adapter(paths[i], name=adapter_name(i), family="sd1")
 
@@ -157,14 +181,15 @@ async def _one(stub: Any, record: Record, request: Any, metadata: list, timeout:
     except grpc.aio.AioRpcError as exc:
         record.status = exc.code().name
     except asyncio.CancelledError:
-        record.status = "CANCELLED_BY_GENERATOR"
+        record.status = CUT_OFF
         raise
 
 
 async def drive(target: str, workload: Workload, *, rate: float | None = None, concurrency: int | None = None,
                 duration: float = 20.0, max_requests: int = 1000, timeout: float = 30.0,
                 progress: bool = True, label: str = "load",
-                make: Callable[[Workload, random.Random], tuple[int, dict[str, Any]]] = make_request) -> list[Record]:
+                make: Callable[[Workload, random.Random], tuple[int, dict[str, Any]]] = make_request,
+                connection: Connection = Connection()) -> list[Record]:
     """Send requests for at most `duration` seconds and `max_requests` requests; wait for the
     answers at most `timeout` more; -> one Record per request sent. `make` draws the next
     (tenant, request); record i is the i-th request it made."""
@@ -176,11 +201,19 @@ async def drive(target: str, workload: Workload, *, rate: float | None = None, c
     if (rate is None) == (concurrency is None):
         raise ValueError("give exactly one of rate and concurrency")
     rng, arrivals = random.Random(workload.seed), random.Random(workload.seed + 1)
-    metadata = [[("authorization", f"Bearer {key}")] for key in tenant_keys(workload.tenants)]
+    metadata = [[("authorization", f"Bearer {key}")] for key in connection.tenant_keys(workload.tenants)]
     records: list[Record] = []
     expected = max_requests if rate is None else min(max_requests, int(rate * duration) + 1)
     bar = tqdm(total=expected, desc=label, unit="req", disable=not progress, leave=False, mininterval=1.0)
-    async with grpc.aio.insecure_channel(target, options=[("grpc.max_receive_message_length", 64 << 20)]) as channel:
+    options = [("grpc.max_receive_message_length", 64 << 20)]
+    if connection.secure:
+        from sdserve.client import tls_credentials
+
+        channel = grpc.aio.secure_channel(target, tls_credentials(Path(connection.ca) if connection.ca else None),
+                                          options=options)
+    else:
+        channel = grpc.aio.insecure_channel(target, options=options)
+    async with channel:
         stub = convert.stubs(channel).generation
         start = time.perf_counter()
 
@@ -211,7 +244,10 @@ async def drive(target: str, workload: Workload, *, rate: float | None = None, c
                     bar.update(1)
 
             tasks = [asyncio.ensure_future(worker()) for _ in range(concurrency or 1)]
-        _, late = await asyncio.wait(tasks, timeout=timeout + 5.0) if tasks else (set(), set())
+        # Every request sent gets `timeout` (its deadline) plus a margin to answer; closed-loop
+        # workers may still be sending, so their drain starts when sending stops.
+        drain = timeout + 5.0 + (max(0.0, duration - (time.perf_counter() - start)) if rate is None else 0.0)
+        _, late = await asyncio.wait(tasks, timeout=drain) if tasks else (set(), set())
         for task in late:  # bounded in time: whatever is still open after the drain is cancelled
             task.cancel()
         await asyncio.gather(*late, return_exceptions=True)
@@ -242,17 +278,19 @@ def summarize(records: list[Record], slo: float) -> dict[str, Any]:
         "first_progress_p50": percentile(first, 50), "first_progress_p99": percentile(first, 99),
         "slo_seconds": slo, "slo_attainment": sum(1 for x in latencies if x <= slo) / len(records) if records else 0.0,
         "errors": dict(errors),
-        "unexpected_errors": sum(n for code, n in errors.items() if code not in EXPECTED_FAILURES),
+        "cut_off": errors.get(CUT_OFF, 0),
+        "unexpected_errors": sum(n for code, n in errors.items() if code not in (*EXPECTED_FAILURES, CUT_OFF)),
         "mean_phase_seconds": phases,
     }
 
 
 def run_one(target: str, workload: Workload, *, rate: float | None, concurrency: int | None, duration: float,
             max_requests: int, timeout: float, slo: float, label: str = "load", progress: bool = True,
-            make: Callable[[Workload, random.Random], tuple[int, dict[str, Any]]] = make_request) -> dict:
+            make: Callable[[Workload, random.Random], tuple[int, dict[str, Any]]] = make_request,
+            connection: Connection = Connection()) -> dict:
     records = asyncio.run(drive(target, workload, rate=rate, concurrency=concurrency, duration=duration,
                                 max_requests=max_requests, timeout=timeout, progress=progress, label=label,
-                                make=make))
+                                make=make, connection=connection))
     return {"target": target, "rate": rate, "concurrency": concurrency, "duration": duration,
             "max_requests": max_requests, "timeout": timeout, "workload": asdict(workload),
             "summary": summarize(records, slo), "records": [asdict(r) for r in records]}
