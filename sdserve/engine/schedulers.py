@@ -26,6 +26,8 @@ SUPPORTED_CLASSES = (
     "DPMSolverMultistepScheduler",
     "UniPCMultistepScheduler",
     "LCMScheduler",
+    "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
 )
 
 
@@ -46,12 +48,22 @@ ALIASES: dict[str, SchedulerChoice] = {
     "dpmpp_2m_karras": SchedulerChoice("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
     "unipc": SchedulerChoice("UniPCMultistepScheduler"),
     "lcm": SchedulerChoice("LCMScheduler"),
+    "euler_karras": SchedulerChoice("EulerDiscreteScheduler", {"use_karras_sigmas": True}),
+    "dpm2": SchedulerChoice("KDPM2DiscreteScheduler"),
+    "dpm2_a": SchedulerChoice("KDPM2AncestralDiscreteScheduler"),
+    # DPM++ 2M SDE: diffusers' noise comes from the request's generator (A1111's from torchsde's
+    # Brownian tree), so the same sampler, not the same pixels as A1111.
+    "dpmpp_2m_sde": SchedulerChoice("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "dpmpp_2m_sde_karras": SchedulerChoice(
+        "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}
+    ),
 }
 
 
 # A1111's sampler names (as its UI and its PNG `parameters` spell them) and its legacy `k_` aliases
 # -> sdserve's alias. Matched without regard to case. A name A1111 has and sdserve lacks ("DPM++ SDE",
-# "LMS", "DPM2", "Euler Karras", ...) is refused as unknown rather than mapped to a near miss.
+# "LMS": diffusers' LMS needs scipy, not a dependency; "DPM++ 2S a", ...) is refused as unknown
+# rather than mapped to a near miss.
 # "DPM++ 2M" is the legacy (pre-1.9) meaning: uniform sigmas; A1111 1.9+ writes the Karras form as
 # "DPM++ 2M" with "Schedule type: Karras" (see `from_a1111`).
 A1111_SAMPLERS: dict[str, str] = {
@@ -65,6 +77,13 @@ A1111_SAMPLERS: dict[str, str] = {
     "PLMS": "pndm",  # diffusers' PNDM with skip_prk_steps, as SD configs ship it, is PLMS
     "UniPC": "unipc",
     "LCM": "lcm",
+    "Euler Karras": "euler_karras",  # A1111 1.9+: "Euler" + "Schedule type: Karras"
+    "DPM2": "dpm2",
+    "DPM2 a": "dpm2_a",
+    "DPM++ 2M SDE": "dpmpp_2m_sde",
+    "DPM++ 2M SDE Karras": "dpmpp_2m_sde_karras",
+    "k_dpm_2": "dpm2",
+    "k_dpm_2_a": "dpm2_a",
     "k_euler_a": "euler_a",
     "k_euler_ancestral": "euler_a",
     "k_euler": "euler",
@@ -86,6 +105,11 @@ _TO_A1111: dict[str, tuple[str, str]] = {
     "pndm": ("PLMS", ""),
     "unipc": ("UniPC", ""),
     "lcm": ("LCM", ""),
+    "euler_karras": ("Euler", "Karras"),
+    "dpm2": ("DPM2", "Uniform"),
+    "dpm2_a": ("DPM2 a", "Uniform"),
+    "dpmpp_2m_sde": ("DPM++ 2M SDE", "Uniform"),
+    "dpmpp_2m_sde_karras": ("DPM++ 2M SDE", "Karras"),
 }
 
 

@@ -31,6 +31,12 @@ CASES = [
     ("default", "pndm", "blurry", 7.5, 64, 48, 1),
     ("default", "heun", "", 1.0, 48, 64, 1),
     ("default", "ddpm", None, 4.0, 64, 64, 1),
+    # A1111's samplers beyond the above (issue 23 item 8)
+    ("tiny-sd1", "euler_karras", "blurry", 7.5, 32, 32, 1),
+    ("tiny-sd1", "dpm2", "", 7.5, 32, 32, 1),
+    ("tiny-sd1", "dpm2_a", None, 7.5, 32, 32, 2),
+    ("tiny-sd2", "dpmpp_2m_sde", "blurry", 7.5, 32, 32, 2),
+    ("tiny-sd1", "dpmpp_2m_sde_karras", None, 5.0, 32, 32, 1),
 ]
 
 

@@ -26,6 +26,12 @@ EXPECTED = {
     "PLMS": ("PNDMScheduler", {}),
     "UniPC": ("UniPCMultistepScheduler", {}),
     "LCM": ("LCMScheduler", {}),
+    "Euler Karras": ("EulerDiscreteScheduler", {"use_karras_sigmas": True}),
+    "DPM2": ("KDPM2DiscreteScheduler", {}),
+    "DPM2 a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "DPM++ 2M SDE": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "DPM++ 2M SDE Karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++",
+                                                            "use_karras_sigmas": True}),
 }
 BASE_CONFIG = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
                "beta_schedule": "scaled_linear", "skip_prk_steps": True, "steps_offset": 1}
@@ -60,9 +66,10 @@ def test_legacy_and_new_karras_forms_agree():
     assert from_a1111("DPM++ 2M Karras") == from_a1111("DPM++ 2M", "Karras") == "dpmpp_2m_karras"
     assert from_a1111("DPM++ 2M", "Automatic") == from_a1111("DPM++ 2M") == "dpmpp_2m"
     assert from_a1111("EulerDiscreteScheduler") == "EulerDiscreteScheduler"
+    assert from_a1111("Euler", "Karras") == "euler_karras" and from_a1111("DPM++ 2M SDE", "Karras") == "dpmpp_2m_sde_karras"
 
 
-@pytest.mark.parametrize("sampler,schedule", [("LMS", ""), ("DPM++ SDE", ""), ("Euler", "Karras"),
+@pytest.mark.parametrize("sampler,schedule", [("LMS", ""), ("DPM++ SDE", ""), ("Heun", "Karras"),
                                               ("DPM++ 2M", "Exponential")])
 def test_samplers_sdserve_lacks_are_refused(sampler, schedule):
     with pytest.raises(InvalidArgument):
