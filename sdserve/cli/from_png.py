@@ -4,7 +4,8 @@ The chunk is read as A1111 reads it (engine/png.py `parse_parameters`); flags gi
 line override its values. Files the chunk only names by hash must be given again: `--lora FILE`
 for each entry of `Lora hashes` (matched by A1111's LoRA hash; scale and interval come from the
 chunk's `Lora stack`), `--embedding FILE` for each of `TI hashes`, `--init-image` when it has a
-`Denoising strength`. What is missing is refused in one line naming it.
+`Denoising strength`, `--controlnet`/`--ip-adapter` for each `ControlNet N` unit (the flags'
+values are used: the units are only counted). What is missing is refused in one line naming it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ def _number(parsed: dict[str, str], key: str, kind: type, where: str) -> Any:
         fail(f"--from-png {where}: {key} {parsed[key][:32]!r} is not a number")
 
 
-def request_values(path: Path, loras: list[str], embeddings: list[str], has_init_image: bool) -> dict[str, Any]:
+def request_values(
+    path: Path, loras: list[str], embeddings: list[str], has_init_image: bool, given_units: int = 0
+) -> dict[str, Any]:
     """GenerateRequest field values (proto names) of the image at `path`."""
     from sdserve.engine.png import (
         file_shorthash,
@@ -80,6 +83,10 @@ def request_values(path: Path, loras: list[str], embeddings: list[str], has_init
             fail(f"--from-png {where}: made from an init image (Denoising strength "
                  f"{parsed['Denoising strength'][:16]}); give it with --init-image")
         values["strength"] = _number(parsed, "Denoising strength", float, where)
+    units = [key for key in parsed if key.startswith("ControlNet ")]
+    if len(units) != given_units:
+        fail(f"--from-png {where}: made with {len(units)} ControlNet/IP-Adapter unit(s) "
+             f"({'; '.join(parsed[k][:80] for k in units) or 'none'}); give each with --controlnet or --ip-adapter")
     if "Lora hashes" in parsed:
         values["adapters"] = _adapters(parsed, loras, where, lora_shorthash, parse_hash_list)
     elif loras:

@@ -135,7 +135,8 @@ def _specs_from_args(args: argparse.Namespace) -> list[tuple[str, Any]]:
                 parse_lora_flag(text)
             except ValueError as exc:
                 fail(f"--lora {text!r}: {exc}")
-        values = request_values(args.from_png, args.lora, args.embedding, args.init_image is not None)
+        values = request_values(args.from_png, args.lora, args.embedding, args.init_image is not None,
+                                len(args.controlnet) + len(args.ip_adapter))
     values.update({f.name: getattr(args, f.name) for f in request_fields() if getattr(args, f.name) is not None})
     adapters = []
     for text in [] if args.from_png is not None else args.lora:  # --from-png: the PNG's stack

@@ -11,6 +11,8 @@ follow A1111's conventions (modules/hashes.py, extensions-builtin/Lora/network.p
   metadata when it has one, else of the "addnet" hash: sha256 of the safetensors file's bytes
   after its header (the tensor data), as kohya's sd-scripts and A1111 compute it.
 - `TI hashes`: `"name: hash, ..."`, the first 12 hex of the embedding file's sha256.
+ControlNet and IP-Adapter units as sd-webui-controlnet writes them (`ControlNet 0: "Module: canny,
+Model: NAME, Weight: 1, Guidance Start: 0, Guidance End: 1"`; no model hash: a directory).
 Keys A1111 does not have, for sdserve to re-run a request: `Lora stack` (`"name: scale start
 end, ..."`), `Guidance interval`, `Prompt syntax`.
 """
@@ -162,6 +164,12 @@ def parameters_text(request: EngineRequest, image_index: int = 0, model_hash: st
             f"{network_name(entry.token or entry.name)}: {file_shorthash(entry.source)}"
             for entry in request.embedding_refs
         )
+    # sd-webui-controlnet's form: one `ControlNet N` key per unit (IP-Adapters are units there too)
+    units = [(unit.preprocess, unit.model, unit.scale, f", Guidance Start: {unit.start:g}, Guidance End: {unit.end:g}")
+             for unit in request.controlnets]
+    units += [("ip-adapter", unit.model, unit.scale, "") for unit in request.ip_adapters]
+    for index, (module, model, scale, interval) in enumerate(units):
+        pairs[f"ControlNet {index}"] = f"Module: {module}, Model: {network_name(model)}, Weight: {scale:g}{interval}"
     pairs["Version"] = f"sdserve {__version__}"
     lines.append(", ".join(f"{k}: {quote(v)}" for k, v in pairs.items()))
     return "\n".join(lines)

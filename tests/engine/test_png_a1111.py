@@ -10,6 +10,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from sdserve.engine.controlnet import ControlUnit
+from sdserve.engine.ip_adapter import IPAdapterUnit
 from sdserve.engine.png import encode_png, parameters_text, parse_parameters, read_parameters
 from sdserve.engine.request import EmbeddingEntry, EngineRequest, StackEntry
 
@@ -30,6 +32,8 @@ def _request(tmp_path, **changes) -> EngineRequest:
         embedding_refs=(EmbeddingEntry("style.safetensors", str(embedding), "style"),),
         init_image=Image.new("RGB", (512, 768)), strength=0.6, clip_skip=2,
         guidance_start=0.1, guidance_end=0.9, prompt_syntax="a1111",
+        controlnets=(ControlUnit("canny-net", None, 0.9, 0.0, 0.5, preprocess="canny"),),
+        ip_adapters=(IPAdapterUnit("/x/ip-plus", None, 0.6),),
     )
     fields.update(changes)
     return EngineRequest(**fields)
@@ -69,6 +73,8 @@ def test_every_field_reads_back_through_a1111s_parser(tmp_path):
         "Lora hashes": f"mylora: {lora_hash}, tagged: {'ab' * 6}",
         "Lora stack": "mylora: 0.8 0 1, tagged: -1.5 0.25 0.75",
         "TI hashes": f"style: {ti_hash}",
+        "ControlNet 0": "Module: canny, Model: canny-net, Weight: 0.9, Guidance Start: 0, Guidance End: 0.5",
+        "ControlNet 1": "Module: ip-adapter, Model: ip-plus, Weight: 0.6",
         "Version": "sdserve 0.1.0",
     }
     # the quoted values are quoted as A1111 writes them (json, for ',' and ':')
@@ -79,6 +85,7 @@ def test_plain_request_writes_a1111s_minimal_form(tmp_path):
     request = _request(tmp_path, negative_prompt=None, scheduler="euler_a", num_images=1, adapters=(),
                        embedding_refs=(), init_image=None, strength=1.0, clip_skip=1,
                        guidance_start=0.0, guidance_end=1.0, prompt_syntax="plain", model="tiny-sd1",
+                       controlnets=(), ip_adapters=(),
                        prompt="a red circle")
     text = parameters_text(request)
     assert text == ("a red circle\nSteps: 17, Sampler: Euler a, Schedule type: Uniform, CFG scale: 6.5, "

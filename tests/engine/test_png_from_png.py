@@ -68,3 +68,9 @@ def test_from_png_refusals(tmp_path, capsys):
     Image.new("RGB", (8, 8)).save(odd, pnginfo=info)
     code, _, err = sdserve_in_process(capsys, "generate", "--from-png", str(odd), "--out", str(tmp_path / "o.png"))
     assert code == 2 and "--init-image" in err
+    info = PngInfo()
+    info.add_text("parameters", "a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 64x64, "
+                  'Model: tiny-sd1, ControlNet 0: "Module: canny, Model: edges, Weight: 1"')
+    Image.new("RGB", (8, 8)).save(odd, pnginfo=info)
+    code, _, err = sdserve_in_process(capsys, "generate", "--from-png", str(odd), "--out", str(tmp_path / "o.png"))
+    assert code == 2 and "Model: edges" in err and "--controlnet" in err and err.strip().count("\n") == 0
