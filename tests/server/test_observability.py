@@ -104,3 +104,16 @@ def test_tenant_labels_switch_on_the_latency_histograms():
         assert f"sdserve_request_duration_seconds_sum{{{labels}}} 2.0" in text
         assert f"sdserve_queue_duration_seconds_sum{{{labels}}} 0.5" in text
         assert ("acme" in text) == tenant_labels
+
+
+def test_a_stream_its_caller_cancels_logs_cancelled(server, caplog):
+    caplog.set_level(logging.INFO, logger="sdserve.requests")
+    with server.client("bob", timeout=60) as client:
+        call = client.generate_stream({**REQUEST, "steps": 40})
+        next(call)  # queued: the request is admitted
+        call.cancel()
+    assert wait_for(lambda: len(_lines(caplog)) >= 1, timeout=10)
+    assert server.wait_engine_empty(timeout=20)  # the cancel reached the engine too
+    (line,) = _lines(caplog)
+    assert line["status"] == "CANCELLED" and line["method"] == "GenerateStream" and line["tenant"] == "bob"
+    assert line["steps"] == 40 and len(line["request_id"]) == 16 and line["decode_s"] is None
