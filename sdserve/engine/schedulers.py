@@ -133,8 +133,12 @@ def resolve_scheduler(name: str) -> SchedulerChoice:
 
 def to_a1111(name: str) -> tuple[str, str]:
     """(A1111 sampler, Schedule type) of a scheduler name sdserve accepts; a scheduler A1111 has
-    no name for keeps its sdserve name (and no schedule type)."""
-    choice = resolve_scheduler(name)
+    no name for keeps its sdserve name (and no schedule type), as does one it does not know: a
+    PNG's metadata must never fail the request it describes."""
+    try:
+        choice = resolve_scheduler(name)
+    except InvalidArgument:
+        return name, ""
     for alias, pair in _TO_A1111.items():
         if ALIASES[alias] == choice:
             return pair

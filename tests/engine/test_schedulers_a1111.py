@@ -66,6 +66,7 @@ def test_legacy_and_new_karras_forms_agree():
     assert from_a1111("DPM++ 2M Karras") == from_a1111("DPM++ 2M", "Karras") == "dpmpp_2m_karras"
     assert from_a1111("DPM++ 2M", "Automatic") == from_a1111("DPM++ 2M") == "dpmpp_2m"
     assert from_a1111("EulerDiscreteScheduler") == "EulerDiscreteScheduler"
+    assert to_a1111("SomeFutureScheduler") == ("SomeFutureScheduler", "")
     assert from_a1111("Euler", "Karras") == "euler_karras" and from_a1111("DPM++ 2M SDE", "Karras") == "dpmpp_2m_sde_karras"
 
 
