@@ -464,13 +464,14 @@ def bench_slider(work: Path, args: argparse.Namespace) -> Run:
                for index, t in enumerate(SLIDER_SCORED) for seed in range(2)]  # 20 prompt/seed pairs
     areas = np.zeros((len(prompts), len(SLIDER_SCALES)))  # [pairs, scales] painted px of the largest shape
     readings = {}
+    scenes: dict[float, list] = {}  # scale -> the scorer's Reading of each pair's image
     for column, scale in enumerate(SLIDER_SCALES):
         served = {"adapters": (AdapterSpec(path=str(out), scale=scale),)} if scale else {}
         images = sample(prompts, **served)
         readings[scale] = read(images, prompts)
-        for row, image in enumerate(images):
-            shapes = read_image(image).shapes
-            areas[row, column] = shapes[0].area if shapes else 0
+        scenes[scale] = [read_image(image) for image in images]
+        for row, reading in enumerate(scenes[scale]):
+            areas[row, column] = reading.shapes[0].area if reading.shapes else 0
     rhos = np.array([spearman(SLIDER_SCALES, row) for row in areas])  # [pairs]
     rho = float(np.nanmean(rhos)) if np.isfinite(rhos).any() else float("nan")
     run.base = {"area": float(areas[:, 2].mean())} | readings[0.0]
@@ -485,7 +486,54 @@ def bench_slider(work: Path, args: argparse.Namespace) -> Run:
     position = float(np.mean([readings[s]["position"] for s in SLIDER_SCALES]))
     check(run, "colour right over all scales", color, ">= 0.90", color >= 0.90)
     check(run, "position right over all scales", position, ">= 0.90", position >= 0.90)
+    _slider_late_start(run, out, prompts, scenes, float(areas[:, 2].mean()), args.slider_late_start)
     return run
+
+
+SLIDER_LATE_SCALES = (-2.0, 2.0)
+SLIDER_LATE_MOVE = 0.15  # "its attribute still moves": mean area at +-2 late at least 15 % off scale 0's
+COMPOSITION = ("position", "count", "background")
+
+
+def _composition(reading: Any) -> tuple[str, int, str]:
+    """What a late start must keep of scale 0's image (COMPOSITION): the largest shape's position,
+    how many shapes the scorer finds, the background."""
+    return (reading.shapes[0].position if reading.shapes else "", len(reading.shapes), reading.background)
+
+
+def _kept(readings: Sequence[Any], base: Sequence[tuple]) -> np.ndarray:
+    """[attributes + 1]: share of pairs whose reading keeps each COMPOSITION attribute of scale 0's, then all three."""
+    same = np.array([[a == b for a, b in zip(_composition(r), b0, strict=True)]
+                     for r, b0 in zip(readings, base, strict=True)])  # [pairs, 3]
+    return np.append(same.mean(0), same.all(1).mean())
+
+
+def _slider_late_start(run: Run, out: Path, prompts: Sequence[Prompt], scenes: dict[float, list],
+                       base_area: float, start: float) -> None:
+    """Late start (issue 19, the seeds' "scale at inference"): the slider applied from `start` of the
+    steps, when the early steps have laid out the scene, keeps scale 0's composition (each of
+    position, count, background) on each prompt/seed pair while the area still moves. The
+    full-window images at the same scale show what the late start saves."""
+    from sdserve.api.types import AdapterSpec
+    from sdserve.models.shapes.scorer import read_image
+
+    base = [_composition(reading) for reading in scenes[0.0]]
+    for scale in SLIDER_LATE_SCALES:
+        images = sample(prompts, adapters=(AdapterSpec(path=str(out), scale=scale, start=start),))
+        late = [read_image(image) for image in images]
+        kept, full = _kept(late, base), _kept(scenes[scale], base)
+        area = float(np.mean([r.shapes[0].area if r.shapes else 0 for r in late]))
+        full_area = float(np.mean([r.shapes[0].area if r.shapes else 0 for r in scenes[scale]]))
+        run.adapter |= {f"late_area_{scale:+g}": area} | {
+            f"late_kept_{name}_{scale:+g}": float(value) for name, value in zip((*COMPOSITION, "all"), kept)}
+        for name, value, whole in zip(COMPOSITION, kept, full):
+            check(run, f"late start {start:g}, scale {scale:+g}: {name} of scale 0 kept (full window: {whole:.2f})",
+                  float(value), ">= 0.90", bool(value >= 0.90))
+        check(run, f"  all three kept (full window: {full[-1]:.2f})", float(kept[-1]), "(info)", True)
+        move = area / max(base_area, 1e-9) - 1
+        goal_met = move >= SLIDER_LATE_MOVE if scale > 0 else move <= -SLIDER_LATE_MOVE
+        check(run, f"  area change vs scale 0 ({base_area:.0f} -> {area:.0f} px; full window {full_area:.0f})",
+              move, f"{'>=' if scale > 0 else '<='} {'+' if scale > 0 else '-'}{SLIDER_LATE_MOVE:.2f}", goal_met)
 
 
 def _shapes(image: np.ndarray) -> tuple:
@@ -543,6 +591,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slider-targets", default="attn,ff,proj", help="UNet groups of the slider's LoRA")
     parser.add_argument("--slider-eta", type=float, default=1.0)
     parser.add_argument("--slider-pool", type=int, default=32, help="frozen-model samples the slider noises")
+    parser.add_argument("--slider-late-start", type=float, default=0.3,
+                        help="adapter window start of the late-start check (issue 19: 30 %% of the steps)")
     args = parser.parse_args(argv)
     names = [name.strip() for name in args.methods.split(",") if name.strip()]
     unknown = sorted(set(names) - set(METHODS))
