@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +89,12 @@ def _write_models(workdir: Path, info: Any) -> tuple[Path, Path]:
 
     controlnet = workdir / "controlnet"
     controlnet.mkdir(exist_ok=True)
-    shutil.copy(info.path / "unet" / "config.json", controlnet / "config.json")
+    # A ControlNet's conditioning embedding takes control images down to the latent grid: as many
+    # stride-2 convs as the base model's VAE has (validation refuses another stride).
+    config = json.loads((info.path / "unet" / "config.json").read_text())
+    vae_levels = len(json.loads((info.path / "vae" / "config.json").read_text())["block_out_channels"])
+    config["conditioning_embedding_out_channels"] = [16 * 2**level for level in range(vae_levels)]
+    (controlnet / "config.json").write_text(json.dumps(config))
     ip = workdir / "ip-adapter"
     (ip / "image_encoder").mkdir(parents=True, exist_ok=True)
     cross = json.loads((info.path / "unet" / "config.json").read_text())["cross_attention_dim"]
