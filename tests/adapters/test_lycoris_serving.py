@@ -15,7 +15,7 @@ from sdserve.engine import Engine, EngineConfig, RequestSpec
 from sdserve.engine.request import AdapterSpec
 from tests.adapters.lycoris_factory import lycoris_deltas, make_lycoris
 from tests.engine.lora_cases import model_components, write_model_lora
-from tests.engine.oracle import diffusers_images, max_pixel_difference, pipeline
+from tests.engine.oracle import diffusers_images, generate_together_and_alone, max_pixel_difference, pipeline
 
 MODEL = "tiny-sd1"
 TOLERANCE = 2
@@ -113,19 +113,6 @@ def test_mixed_batch_gives_each_request_its_image_alone(engine, files):
     requests = [engine.validate(_spec(files, stack, seed=20 + i, steps=3, prompt=["a cat", "a red circle"][i % 2],
                                       guidance_scale=[7.5, 1.0][i % 2]))
                 for i, stack in enumerate(stacks)]
-    calls = []
-    original = engine.runner.step
-
-    def spy(model, batch):
-        calls.append(len({tuple(map(tuple, stack)) for stack in batch.rows.lora}))
-        return original(model, batch)
-
-    engine.runner.step = spy
-    try:
-        together = engine.generate(requests)
-    finally:
-        engine.runner.step = original
+    together, calls, differences = generate_together_and_alone(engine, requests)
     assert max(calls) >= 5, "different stacks must share UNet calls"
-    for request, mixed in zip(requests, together, strict=True):
-        alone = engine.generate([request])[0]
-        assert max_pixel_difference(alone.images[0], mixed.images[0]) <= TOLERANCE, request.adapters
+    assert max(differences) <= TOLERANCE, differences

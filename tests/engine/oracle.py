@@ -88,3 +88,29 @@ def _guidance_interval_inputs(pipe, request: EngineRequest) -> dict:
 def max_pixel_difference(a: np.ndarray, b: np.ndarray) -> int:
     assert a.shape == b.shape, (a.shape, b.shape)
     return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
+def generate_together_and_alone(engine, requests: list) -> tuple[list, list[int], list[int]]:
+    """Run `requests` in one `engine.generate` call, then each alone: (the results together, the
+    number of different LoRA stacks in each UNet call of the batch, max pixel difference of each
+    request's image together vs alone). The caller asserts on both lists."""
+    from sdserve.errors import SdserveError
+
+    calls: list[int] = []
+    original = engine.runner.step
+
+    def spy(model, batch):
+        calls.append(len({tuple(map(tuple, stack)) for stack in batch.rows.lora}))
+        return original(model, batch)
+
+    engine.runner.step = spy
+    try:
+        together = engine.generate(requests)
+    finally:
+        engine.runner.step = original
+    differences = []
+    for request, mixed in zip(requests, together, strict=True):
+        assert not isinstance(mixed, SdserveError), (request.adapters, mixed)
+        alone = engine.generate([request])[0]
+        differences.append(max_pixel_difference(alone.images[0], mixed.images[0]))
+    return together, calls, differences

@@ -15,10 +15,9 @@ import safetensors.torch
 from sdserve.adapters import targets_of
 from sdserve.engine import Engine, EngineConfig, RequestSpec
 from sdserve.engine.request import AdapterSpec
-from sdserve.errors import SdserveError
 from tests.adapters.lycoris_factory import make_lycoris
 from tests.engine.lora_cases import UNET_ATTENTION, UNET_CONV, model_components, write_model_lora
-from tests.engine.oracle import max_pixel_difference
+from tests.engine.oracle import generate_together_and_alone, max_pixel_difference
 from tests.engine.test_dora import write_dora
 
 MODEL = "tiny-sd1"
@@ -89,24 +88,8 @@ def _request(engine: Engine, paths: dict[str, str], index: int, stack) -> object
 
 def test_twelve_requests_mixing_every_kind_match_alone(engine, paths):
     requests = [_request(engine, paths, index, stack) for index, stack in enumerate(STACKS)]
-    calls: list[int] = []
-    original = engine.runner.step
-
-    def spy(model, batch):
-        calls.append(len({tuple(map(tuple, stack)) for stack in batch.rows.lora}))
-        return original(model, batch)
-
-    engine.runner.step = spy
-    try:
-        together = engine.generate(requests)
-    finally:
-        engine.runner.step = original
+    together, calls, differences = generate_together_and_alone(engine, requests)
     assert max(calls) >= 10, f"the 12 stacks must share UNet calls (distinct stacks per call: {calls})"
-    differences = []
-    for index, (request, mixed) in enumerate(zip(requests, together, strict=True)):
-        assert not isinstance(mixed, SdserveError), (STACKS[index], mixed)
-        alone = engine.generate([request])[0]
-        differences.append(max_pixel_difference(alone.images[0], mixed.images[0]))
     print(f"mixed batch of 12 vs alone, max pixel differences: {differences}")
     assert max(differences) <= TOLERANCE, differences
     # Each stack changes its request's image: the same requests without adapters, in one batch.

@@ -14,9 +14,8 @@ import pytest
 from sdserve.cli.main import main
 from sdserve.engine import Engine, EngineConfig, RequestSpec
 from sdserve.engine.request import AdapterSpec
-from sdserve.errors import SdserveError
 from tests.engine.lora_cases import write_model_lora
-from tests.engine.oracle import max_pixel_difference
+from tests.engine.oracle import generate_together_and_alone, max_pixel_difference
 
 MODEL = "tiny-sd1"
 TOLERANCE = 2
@@ -71,24 +70,8 @@ def _request(engine: Engine, paths: dict[str, str], index: int, stack) -> object
 
 def test_two_sliders_in_a_mixed_batch_match_alone(engine, paths):
     requests = [_request(engine, paths, index, stack) for index, stack in enumerate(STACKS)]
-    calls: list[int] = []
-    original = engine.runner.step
-
-    def spy(model, batch):
-        calls.append(len({tuple(map(tuple, stack)) for stack in batch.rows.lora}))
-        return original(model, batch)
-
-    engine.runner.step = spy
-    try:
-        together = engine.generate(requests)
-    finally:
-        engine.runner.step = original
+    together, calls, differences = generate_together_and_alone(engine, requests)
     assert max(calls) >= 6, f"the stacks must share UNet calls (distinct stacks per call: {calls})"
-    differences = []
-    for index, (request, mixed) in enumerate(zip(requests, together, strict=True)):
-        assert not isinstance(mixed, SdserveError), (STACKS[index], mixed)
-        alone = engine.generate([request])[0]
-        differences.append(max_pixel_difference(alone.images[0], mixed.images[0]))
     print(f"mixed batch of {len(STACKS)} vs alone, max pixel differences: {differences}")
     assert max(differences) <= TOLERANCE, differences
     # Each stack changes its request's image (else equality proves nothing): the same requests
