@@ -3,9 +3,10 @@ attention projections as the engine serves them (`sdserve.adapters.lycoris` turn
 into an exact LoRA form, factorized or dense, whichever is smaller; DoRA is its LoRA plus a gain
 per output channel and row, `kernels/lora_dora`).
 
-Called by `bench.lora_overhead` (its second table). Every kind runs one adapter per row (DoRA must
-be alone on its modules), eight different adapters over eight rows, in the same forward, on the
-same UNet, timed interleaved with the forward without adapters (median of paired ratios).
+Called by `bench.lora_overhead` (its last table). Every kind runs one adapter per row (DoRA must
+be alone on its modules), eight different adapters over eight rows, on the same UNet, timed where
+it runs: timers around each adapted projection in forwards with and without adapters
+(`breakdown`), the difference over the whole base forward.
 
 Parameter counts per module, for a projection [out, in]:
 - LoRA rank r: r·(out + in).
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import math
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
@@ -80,15 +80,19 @@ def kind_factors(kind: str, spec: TargetSpec, weight: torch.Tensor, rank: int, g
 KINDS = ("lora", "loha", "lokr-factored", "lokr", "dora")
 
 
-def measure_kinds(forward: Callable[[RowContext | None], torch.Tensor], layers: dict, targets: dict, rows: int,
-                  rank: int, repeats: int) -> list[dict]:
+def measure_kinds(forward: Callable[[RowContext | None], torch.Tensor], breakdown: Callable, layers: dict,
+                  targets: dict, rows: int, rank: int, repeats: int, base_seconds: float,
+                  base_flops: float) -> list[dict]:
     """Per kind: place `rows` adapters of that kind in every target's pool, one per row, and time
-    forwards with them against forwards without (interleaved): overhead = median paired ratio - 1."""
+    the adapters where they run (`bench.lora_overhead.breakdown`: timers around each adapted
+    projection, forwards with and without adapters interleaved): overhead = the time they add over
+    the whole base forward (`base_seconds`, measured in the same run). Whole-forward ratios move
+    ±10-25 % between repeats on a shared 2-core machine; this direct measure does not."""
     results = []
     context = RowContext(lora=[[(row, 1.0)] for row in range(rows)])
     for kind in KINDS:
         generator = torch.Generator().manual_seed(1)
-        params, served_ranks, forms = 0, [], {}
+        params, served, forms = 0, {}, {}
         for name, spec in targets.items():
             pool = ModulePool(spec, rows, torch.device("cpu"), torch.float32)
             weight = layers[name].base.weight.detach()
@@ -97,21 +101,19 @@ def measure_kinds(forward: Callable[[RowContext | None], torch.Tensor], layers: 
                 pool.place(slot, down, up, scale=1.0, dora=dora)
                 if slot == 0:
                     params += count
-                    served_ranks.append(up.shape[1])
+                    served[name] = up.shape[1]
                     forms[form] = forms.get(form, 0) + 1
             layers[name].lora.pool = pool
         forward(None), forward(context)  # warm-up: plans (and merged copies) are built here
-        paired = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            forward(None)
-            base = time.perf_counter() - started
-            started = time.perf_counter()
-            forward(context)
-            paired.append((time.perf_counter() - started) / base)
+        # Adapter FLOPs as served (one adapter of served rank R per row): 2·tokens·R·(in + out).
+        flops = sum(2 * layers[name].lora.plan_key[2] * served[name] * (spec.a_columns + spec.out_features)
+                    for name, spec in targets.items())
+        parts = breakdown(lambda with_adapters: forward(context if with_adapters else None), layers, targets,
+                          rank, repeats=repeats)
         results.append({
             "kind": kind, "params_per_module": params / len(targets),
-            "served_rank_median": statistics.median(served_ranks), "forms": forms,
-            "overhead": statistics.median(paired) - 1.0, "paired_ratios": paired,
+            "served_rank_median": statistics.median(served.values()), "forms": forms,
+            "flop_ratio": flops / base_flops, "adapter_seconds": parts["lora_s"],
+            "overhead": parts["lora_s"] / base_seconds, "merged_modules": parts["merged_modules"],
         })
     return results

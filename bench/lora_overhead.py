@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--merge-budget", type=int, default=ResidencyConfig().merge_budget_bytes,
                         help="bytes of merged weight copies (0: factorized deltas only)")
     parser.add_argument("--kind-repeats", type=int, default=5,
-                        help="paired forwards per adapter kind in the kinds table (0: skip it)")
+                        help="forwards with and without adapters per kind in the kinds table (0: skip it)")
     args = parser.parse_args(argv)
 
     unet, context, holder, stacks, layers, targets = build(args.rank, args.rows, args.merge_budget)
@@ -195,8 +195,8 @@ def main(argv: list[str] | None = None) -> None:
                 return unet(sample, timesteps, encoder_hidden_states=text, return_dict=False)[0]
 
         # Last: it puts other pools in the layers.
-        kinds = measure_kinds(forward_rows, layers, targets, args.rows, args.rank, args.kind_repeats) \
-            if args.kind_repeats else []
+        kinds = measure_kinds(forward_rows, breakdown, layers, targets, args.rows, args.rank, args.kind_repeats,
+                              statistics.median(times[False]), base_flops) if args.kind_repeats else []
     base, lora = statistics.median(times[False]), statistics.median(times[True])
     # The adapters' FLOPs are counted from the projections' shapes (FlopCounterMode misses the
     # in-place baddbmm_ of the expand); the base's come from the counter.
@@ -237,14 +237,16 @@ def main(argv: list[str] | None = None) -> None:
         [[name, f"{rate:.1f}"] for name, rate in gflops.items()],
     )
     if kinds:
-        lora_overhead = kinds[0]["overhead"]
-        print(f"\nOne adapter per row of each kind ({args.rows} different adapters, the same "
-              f"{num_targets} projections, median of {args.kind_repeats} paired forwards):\n")
+        lora_kind = kinds[0]
+        print(f"\nOne adapter per row of each kind ({args.rows} different adapters, the same {num_targets} projections; "
+              f"adapter time inside the forward, median of {args.kind_repeats} forwards, over the base forward):\n")
         print_table(
-            ["kind", "params / module", "served rank (median)", "served as", "time overhead", "vs LoRA"],
+            ["kind", "params / module", "served rank (median)", "served as", "merged", "FLOP ratio",
+             "time overhead", "vs LoRA (time)"],
             [[k["kind"], f"{k['params_per_module']:.0f}", f"{k['served_rank_median']:.0f}",
-              ", ".join(f"{form} {count}" for form, count in k["forms"].items()), f"{k['overhead']:.2%}",
-              f"{k['overhead'] / lora_overhead:.2f}x"] for k in kinds],
+              ", ".join(f"{form} {count}" for form, count in k["forms"].items()), k["merged_modules"],
+              f"{k['flop_ratio']:.2%}", f"{k['overhead']:.2%}",
+              f"{k['adapter_seconds'] / lora_kind['adapter_seconds']:.2f}x"] for k in kinds],
         )
     path = write_json("lora_overhead", {
         "command": "python -m bench.lora_overhead " + " ".join(argv or []),
