@@ -55,6 +55,7 @@ from sdserve.trainers.shapes_data import (
     from_pixels,
     to_pixels,
 )
+from sdserve.trainers.threads import keeps_torch_threads
 
 
 @dataclass(frozen=True)
@@ -389,6 +390,7 @@ def save_pipeline(out: Path, vae, unet, text_encoder, tokenizer) -> StableDiffus
     return pipe
 
 
+@keeps_torch_threads
 def train_base(cfg: TrainConfig) -> Path:
     """Run both stages and write the pipeline to `cfg.out`; returns that path."""
     if cfg.world != "shapes":

@@ -44,6 +44,7 @@ from sdserve.models.shapes.world import (
     SceneSpec,
     sample_scene,
 )
+from sdserve.trainers.threads import keeps_torch_threads
 
 # torch, tqdm and shapes_data (which imports torch) load inside the functions: `sdserve --help`
 # imports this module for DecoderConfig's defaults and must stay fast.
@@ -116,6 +117,7 @@ def _lr_factor(step: int, steps: int, warmup: int) -> float:
     return 0.1 + 0.45 * (1 + math.cos(math.pi * step / steps))
 
 
+@keeps_torch_threads
 def anchor_latents(model: Path, count: int, seed: int, threads: int, progress: bool = True):
     """The latents the UNet of `model` ends on (before the decoder), [count, 4, h, w], for
     base-world training prompts, at the model's own sampling defaults.
@@ -154,6 +156,7 @@ def anchor_latents(model: Path, count: int, seed: int, threads: int, progress: b
     return torch.cat(captured)  # [count, 4, h, w]
 
 
+@keeps_torch_threads
 def widen_decoder(vae, config: DecoderConfig, anchors=None,
                   on_step: Callable[[int, float], None] | None = None) -> list[float]:
     """Train `vae`'s decoder (and post-quant conv) in place; returns the loss of every step.

@@ -69,6 +69,7 @@ from sdserve.trainers.output import (
     load_checkpoint,
     save_checkpoint,
 )
+from sdserve.trainers.threads import keeps_torch_threads
 
 __all__ = [
     "CHECKPOINT_FILE",
@@ -433,6 +434,7 @@ def _output_metadata(method: Method, components: Components, cfg: LoopConfig, st
     return metadata | method.metadata()
 
 
+@keeps_torch_threads
 def train(
     method: Method,
     components: Components,
