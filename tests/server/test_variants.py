@@ -298,6 +298,8 @@ def served_onnx(files, tmp_path_factory):
     thread.stop()
 
 
+# slow: its ONNX export costs ~22 s; tests/compile/test_onnx_backend.py serves a refit dir in the default suite.
+@pytest.mark.slow
 def test_an_onnx_refit_serves_its_stack_and_refusals_fall_back_to_eager(served_onnx, files, reference_engine):
     client = served_onnx.client()
     request = {**BASE, "seed": 41, "adapters": [{"name": "c", "scale": ONNX_SCALE}]}
