@@ -12,8 +12,6 @@ import functools
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
-import torch
-
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -23,6 +21,8 @@ def keeps_torch_threads(function: Callable[P, R]) -> Callable[P, R]:
 
     @functools.wraps(function)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        import torch  # here, not at import: `sdserve train --help` imports no torch (tests/cli/test_startup.py)
+
         threads = torch.get_num_threads()
         try:
             return function(*args, **kwargs)
