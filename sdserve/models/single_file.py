@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from sdserve.errors import InvalidArgument
+from sdserve.paths import fsync_dir
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 UNET_PREFIX = "model.diffusion_model."
@@ -326,16 +327,6 @@ def convert(path: Path, family: str, header: CheckpointHeader, config_dir: Path,
         (out_dir / "sdserve.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - filesystems that refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
-
-
 def converted_dir(path: Path, *, config_dir: Path | None = None, progress: Callable[[str], None] | None = None) -> Path:
     """The diffusers-format directory of the single-file checkpoint at `path`, converting it on
     first use. Cached by the file's sha256: a renamed copy hits the cache, an edited file does not."""
@@ -360,14 +351,14 @@ def converted_dir(path: Path, *, config_dir: Path | None = None, progress: Calla
             raise _refuse(path, f"could not be converted ({exc.__class__.__name__}: {first_line})") from exc
         source = {"file": path.name, "sha256": digest, "family": family, "architecture": config_dir.name}
         (staging / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
-        _fsync_dir(staging)
+        fsync_dir(staging)
         try:
             staging.rename(target)
         except OSError:
             # Another process converted the same file first; its directory is the same model.
             if not (target / SOURCE_FILE).is_file():
                 raise
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdserve.errors import InvalidArgument, NotFound, ResourceExhausted
+from sdserve.paths import fsync_dir
 
 SHARED = ""  # the scope of shared adapters; tenant names are never empty
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}$")
@@ -238,7 +239,7 @@ class Registry:
             # upload of the right bytes must repair the name. Readers holding the old file keep
             # its inode; the rename is atomic.
             os.replace(staged, target)
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
             old = self._row(scope, name)
             record = AdapterRecord(scope, name, kind, family, sha256, size, time.time(), form, rank, targets)
             try:
@@ -297,9 +298,3 @@ def _mkstemp(directory: Path) -> tuple[int, str]:
     return tempfile.mkstemp(prefix="upload-", suffix=".part", dir=directory)
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -22,22 +22,9 @@ import safetensors.torch
 import torch
 
 from sdserve.errors import InvalidArgument
+from sdserve.paths import fsync_dir
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt")
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make a rename in `directory` durable (the directory entry itself is flushed)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - a platform without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - some filesystems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
 
 
 def _umask() -> int:
