@@ -120,8 +120,10 @@ def _check_scalar(field: FieldDescriptor, value: Any, name: str) -> None:
     elif field.type == FieldDescriptor.TYPE_BOOL and not isinstance(value, bool):
         raise InvalidArgument(f"must be true or false (got {_shown(value)})", field=name)
     elif field.type == FieldDescriptor.TYPE_BYTES:
+        if isinstance(value, bytes | bytearray | memoryview):
+            return  # raw bytes from Python callers; `_check_one` base64-encodes them for the parser
         if not isinstance(value, str):
-            raise InvalidArgument(f"must be a base64 string (got {_shown(value)})", field=name)
+            raise InvalidArgument(f"must be a base64 string or bytes (got {_shown(value)})", field=name)
         try:
             base64.b64decode(value.replace("-", "+").replace("_", "/") + "=" * (-len(value) % 4), validate=True)
         except ValueError:  # binascii.Error, and non-ASCII text
@@ -174,7 +176,35 @@ def _check_one(field: FieldDescriptor, value: Any, path: str) -> Any:
     if field.type == FieldDescriptor.TYPE_MESSAGE:
         return _check_fields(field.message_type, value, path)
     _check_scalar(field, value, path)
+    if field.type == FieldDescriptor.TYPE_BYTES and not isinstance(value, str):
+        return base64.b64encode(bytes(value)).decode("ascii")  # json_format reads bytes as base64
     return value
+
+
+def map_bytes_fields(data: Any, convert_value: Any, descriptor: Any = None) -> Any:
+    """A copy of a request dict with `convert_value` applied to the value of every bytes field
+    (init_image, mask, controlnets[i].image, ...), found through the proto's descriptor, so a new
+    image field needs no code here. Anything that is not a known field is left as it is (the
+    checks of `pb_from_dict` refuse it later, naming its field)."""
+    descriptor = descriptor or pb.GenerateRequest.DESCRIPTOR
+    if not isinstance(data, dict):
+        return data
+    out = dict(data)
+    for key, value in data.items():
+        field = descriptor.fields_by_name.get(key) if isinstance(key, str) else None
+        if field is None or value is None:
+            continue
+        if field.type not in (FieldDescriptor.TYPE_MESSAGE, FieldDescriptor.TYPE_BYTES):
+            continue
+
+        def convert(item: Any, field: FieldDescriptor = field) -> Any:
+            if field.type == FieldDescriptor.TYPE_BYTES:
+                return convert_value(item)
+            return map_bytes_fields(item, convert_value, field.message_type)
+
+        repeated = field.is_repeated and isinstance(value, list)
+        out[key] = [convert(item) for item in value] if repeated else convert(value)
+    return out
 
 
 def pb_from_dict(data: dict[str, Any]) -> pb.GenerateRequest:
