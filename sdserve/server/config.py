@@ -1,6 +1,6 @@
 """The server's configuration: one TOML file parsed into one frozen dataclass per domain.
 
-    [server]      host, port, metrics_port, grace period, message sizes, log level
+    [server]      host, port, metrics_port, http_port, grace period, message sizes, log level
     [models]      which models to serve and which is the default
     [engine]      the engine's own EngineConfig (batch rows, device, dtype, ...)
     [admission]   cost bounds and fair sharing between tenants
@@ -86,6 +86,12 @@ class ServerConfig:
     tls_client_ca: str = ""
     """PEM CA certificate(s): when set, a client must present a certificate one of them signed
     (mutual TLS), on top of its API key. Needs `tls_cert`."""
+    http_port: int | None = None
+    """Port of the HTTP/JSON gateway and its playground page at `/` (server/http_gateway.py): the
+    same sdserve.v1 calls, auth and admission as gRPC. None disables it, 0 picks a free one. With
+    `tls_cert` set it speaks HTTPS only, with the same certificate (and client CA)."""
+    http_host: str = ""
+    """Address the HTTP gateway binds; "" = `host`."""
 
 
 @dataclass(frozen=True)
