@@ -128,10 +128,12 @@ def _onnx(args: argparse.Namespace) -> None:
 def _register_refit(sub: argparse._SubParsersAction) -> None:
     refit = sub.add_parser(
         "refit", help="new weights for an ONNX export, for another LoRA stack, without re-export",
-        description="Write a directory holding copies of the export's graphs and weights, unchanged, and, per "
-                    "component, the initializers the stack changes (base + stack, "
-                    "always from the export's base weights). Checked in onnxruntime against the torch model with "
-                    "the stack fused where the base model is at hand.",
+        description="Write a directory holding, per component, the initializers the stack changes (base + stack, "
+                    "always from the export's base weights), beside the export's configs, scheduler and "
+                    "tokenizers. The graphs and weights are read from the export in place (a path relative to "
+                    "OUT): keep the export where it is; a refit whose export is gone or changed is refused. "
+                    "Checked in onnxruntime against the torch model with the stack fused where the base model "
+                    "is at hand.",
     )
     refit.add_argument("--onnx", required=True, type=Path, metavar="DIR", help="a directory written by `compile onnx`")
     refit.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",

@@ -71,9 +71,38 @@ class Manifest:
     files: tuple[str, ...]  # everything else the directory holds for serving (scheduler, tokenizers, sdserve.json)
     format: int = FORMAT
     stack: tuple[Mapping[str, Any], ...] = ()  # a refit's LoRAs ({file, sha256, scale}), in order
+    # A refit's graphs and weights are its base export's, read in place (`graph_dir`): the path of
+    # that export relative to this directory, and `export_fingerprint` of it when the refit was written.
+    base_export: str = ""
+    base_export_fingerprint: str = ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
+
+
+def graph_dir(directory: Path, manifest: Manifest) -> Path:
+    """Where the components' graphs and weights files are: the directory itself, or for a refit
+    the base export it points at (the refit holds only the changed initializers)."""
+    directory = Path(directory)
+    return (directory / manifest.base_export).resolve() if manifest.base_export else directory
+
+
+def export_fingerprint(directory: Path) -> str:
+    """sha256 over an export's manifest and graph files (bytes) and each weights file's size and
+    modification time. Not over the weights' bytes: hashing an SD UNet's 3.4 GB would cost more
+    than the copy a refit saves by reading them in place; a rewrite of a weights file (or a new
+    export into the same place) changes its mtime, and with it this fingerprint."""
+    import hashlib
+
+    directory = Path(directory)
+    digest = hashlib.sha256((directory / MANIFEST_FILE).read_bytes())
+    raw = json.loads((directory / MANIFEST_FILE).read_text())
+    for name in sorted(raw["components"]):
+        entry = raw["components"][name]
+        digest.update((directory / entry["graph"]).read_bytes())
+        stat = (directory / entry["weights"]).stat()
+        digest.update(f"{entry['weights']}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
 
 
 def write_manifest(directory: Path, manifest: Manifest) -> None:
@@ -114,6 +143,7 @@ def read_manifest(directory: Path, flag: str = "--onnx", *, version: str = __ver
             base_digest=raw["base_digest"], family=raw["family"], opset=int(raw["opset"]), fp16=bool(raw["fp16"]),
             components=components, files=tuple(raw["files"]), format=raw["format"],
             stack=tuple(dict(entry) for entry in raw.get("stack", ())),
+            base_export=raw.get("base_export", ""), base_export_fingerprint=raw.get("base_export_fingerprint", ""),
         )
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise InvalidArgument(f"{directory}: {MANIFEST_FILE} is unreadable ({type(error).__name__}); "
@@ -121,12 +151,32 @@ def read_manifest(directory: Path, flag: str = "--onnx", *, version: str = __ver
     if manifest.sdserve_version != version:
         raise InvalidArgument(f"{directory} was compiled by sdserve {manifest.sdserve_version}, this is "
                               f"{version}; export it again", field=flag)
+    graphs = _check_base_export(directory, manifest, flag)
     for component in manifest.components.values():
-        for relative in (component.graph, component.weights, component.config, component.overrides):
-            if relative and not (directory / relative).is_file():
+        for root, relative in ((graphs, component.graph), (graphs, component.weights), (directory, component.config),
+                               (directory, component.overrides)):
+            if relative and not (root / relative).is_file():
                 raise InvalidArgument(f"{directory}: component {component.name} is missing {relative}; "
                                       "export it again", field=flag)
     for relative in manifest.files:
         if not (directory / relative).exists():
             raise InvalidArgument(f"{directory}: {relative} is missing; export it again", field=flag)
     return manifest
+
+
+def _check_base_export(directory: Path, manifest: Manifest, flag: str) -> Path:
+    """The directory holding the graphs; for a refit, its base export, refused when it is gone or
+    is no longer the export the refit was written against."""
+    if not manifest.base_export:
+        return directory
+    base = graph_dir(directory, manifest)
+    if not (base / MANIFEST_FILE).is_file():
+        raise InvalidArgument(f"{directory}: its base export {base} is missing; refit the export again", field=flag)
+    try:
+        fingerprint = export_fingerprint(base)
+    except (OSError, ValueError, KeyError, TypeError):
+        fingerprint = ""
+    if fingerprint != manifest.base_export_fingerprint:
+        raise InvalidArgument(f"{directory}: its base export {base} has changed since the refit; refit it again",
+                              field=flag)
+    return base

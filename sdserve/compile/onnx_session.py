@@ -1,7 +1,8 @@
 """Opening a compiled component in onnxruntime, with its refit weights where it has them.
 
-A refit directory (`refit.py`) holds the export's graph and weights unchanged plus, per
-component, a safetensors file of new values for some initializers. The session takes them as
+A refit directory (`refit.py`) points at its base export's graph and weights (read in place,
+`manifest.graph_dir`) and holds, per component, a safetensors file of new values for some
+initializers. The session opens the export's graph and takes those values as
 external initializers (`SessionOptions.add_external_initializers`): every initializer of an
 export lives in its external data file, and `add_initializer` does not reliably replace those in
 onnxruntime 1.32 (measured: 20 changed projection weights, each feeding a Transpose, given that
@@ -15,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sdserve.compile.manifest import Component, Manifest
+from sdserve.compile.manifest import Component, Manifest, graph_dir
 
 
 def component_overrides(directory: Path, component: Component) -> dict[str, Any]:
@@ -39,7 +40,7 @@ def open_session(directory: Path, manifest: Manifest, name: str, providers: list
     values = [onnxruntime.OrtValue.ortvalue_from_numpy(array) for array in overrides.values()]
     if overrides:
         options.add_external_initializers(list(overrides), values)
-    session = onnxruntime.InferenceSession(str(Path(directory) / component.graph), options,
+    session = onnxruntime.InferenceSession(str(graph_dir(directory, manifest) / component.graph), options,
                                            providers=providers or ["CPUExecutionProvider"])
     session._sdserve_overrides = values  # onnxruntime reads them in place: keep them alive
     return session

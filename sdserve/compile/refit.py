@@ -4,12 +4,15 @@ The export's manifest maps every adapter target to the graph initializer holding
 (`manifest.Component.refit`). A refit reads those initializers from the export's own weights
 file (only the ones the stack touches, by their offsets), adds the stack's deltas with the same
 float64 sum and single rounding as `compile fuse` (`fuse.stack_deltas`), and writes the results
-as `<component>/refit.safetensors` in a new directory beside copies of the export's unchanged
-graph and weights. A session takes them as external initializers
-(`onnx_session.open_session`).
+as `<component>/refit.safetensors` in a new directory. The graphs and their weights files stay
+in the export and are read there (the manifest's `base_export`, a path relative to the refit,
+and `export_fingerprint` of the export): copying an SD UNet's 3.4 GB weights was most of a
+refit's time. The refit holds only the new initializers, the configs, scheduler, tokenizers and
+`sdserve.json`; a reader refuses it when the export is gone or has changed. A session opens the
+export's graph and takes the new values as external initializers (`onnx_session.open_session`).
 
-The export's weights file is never changed, and a refit of a refit reads the same base values
-again: every refit starts from the base weights, so A -> B -> A gives exactly A's weights.
+The export's files are never changed, and a refit of a refit points at (and reads) the same base
+export: every refit starts from the base weights, so A -> B -> A gives exactly A's weights.
 
 Where the recorded base model is at hand (same weight digest), each refit component is checked
 in onnxruntime against the torch model with the same stack folded in, as an export is checked.
@@ -17,6 +20,7 @@ in onnxruntime against the torch model with the same stack folded in, as an expo
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -31,7 +35,15 @@ from tqdm import tqdm
 from sdserve import __version__
 from sdserve.adapters.targets import TargetSpec
 from sdserve.compile.fuse import fold, stack_deltas
-from sdserve.compile.manifest import MANIFEST_FILE, Check, Component, Manifest, read_manifest, write_manifest
+from sdserve.compile.manifest import (
+    Check,
+    Component,
+    Manifest,
+    export_fingerprint,
+    graph_dir,
+    read_manifest,
+    write_manifest,
+)
 from sdserve.compile.source import LoRAArg, StackLoRA, check_out_dir, load_stack_for
 from sdserve.errors import InvalidArgument
 
@@ -45,7 +57,7 @@ class RefitConfig:
     """One refit; the `sdserve compile refit` flags mirror these fields."""
 
     onnx: Path
-    """A directory written by `compile onnx` (or by a refit: its base weights are read again)."""
+    """A directory written by `compile onnx` (or by a refit: its base export is read again)."""
     out: Path
     """The directory to write (refused if it exists, unless `force`)."""
     loras: tuple[LoRAArg, ...] = ()
@@ -68,7 +80,8 @@ class RefitResult:
 
 
 def _initializers(directory: Path, component: Component) -> dict[str, Any]:
-    """name -> the onnx TensorProto (without data) of every initializer in the refit map."""
+    """name -> the onnx TensorProto (without data) of every initializer in the refit map;
+    `directory` holds the graphs (`manifest.graph_dir`)."""
     import onnx
 
     graph = onnx.load(str(directory / component.graph), load_external_data=False).graph
@@ -81,7 +94,7 @@ def graph_targets(directory: Path, manifest: Manifest) -> dict[str, TargetSpec]:
     [out, in, kh, kw] a conv (stride and padding play no part in folding)."""
     targets: dict[str, TargetSpec] = {}
     for component in manifest.components.values():
-        protos = _initializers(directory, component)
+        protos = _initializers(graph_dir(directory, manifest), component)
         for target, name in component.refit.items():
             dims = tuple(int(d) for d in protos[name].dims)
             if len(dims) == 2:
@@ -118,14 +131,14 @@ def _refit_values(directory: Path, component: Component, deltas: Mapping[str, to
     return values
 
 
-def _stage(directory: Path, staging: Path) -> None:
-    for path in sorted(directory.rglob("*")):
-        relative = path.relative_to(directory)
-        if path.is_file() and path.name not in (MANIFEST_FILE, OVERRIDES_FILE):
-            # A copy, not a hard link: onnx.load refuses external data with several links (its
-            # guard against hardlink attacks), and whatever builds from this directory reads it so.
-            (staging / relative).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, staging / relative)
+def _stage(directory: Path, manifest: Manifest, staging: Path) -> None:
+    """Copy what a served refit reads besides the graphs: configs, scheduler, tokenizers, sdserve.json
+    (kilobytes). The graphs and weights stay in the base export (`graph_dir`)."""
+    copied = [component.config for component in manifest.components.values()]
+    for relative in [*copied, *manifest.files]:
+        source, target = directory / relative, staging / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if source.is_dir() else shutil.copy2)(source, target)
 
 
 def _check(directory: Path, manifest: Manifest, stack: Sequence[StackLoRA], names: Sequence[str]
@@ -167,18 +180,21 @@ def refit(config: RefitConfig) -> RefitResult:
     directory = Path(config.onnx).expanduser().resolve()
     manifest = read_manifest(directory, flag="--onnx")
     out = Path(config.out).expanduser().resolve()
-    check_out_dir(out, config.force, [directory])
+    graphs = graph_dir(directory, manifest)  # the base export, also for a refit of a refit
+    check_out_dir(out, config.force, [directory, graphs])
     stack = load_stack_for(graph_targets(directory, manifest), manifest.family, config.loras)
     deltas = stack_deltas(stack)
+    # Relative to OUT, so the two can move together; the staging dir is OUT's sibling: the same path.
+    base_export = os.path.relpath(graphs, out)
     staging = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
     try:
-        _stage(directory, staging)
+        _stage(directory, manifest, staging)
         components = dict(manifest.components)
         written, refit_names = 0, []
         bar = tqdm(list(manifest.components.values()), desc="refit", unit="graph", disable=not config.progress,
                    dynamic_ncols=True)
         for component in bar:
-            values = _refit_values(directory, component, deltas)
+            values = _refit_values(graphs, component, deltas)
             if not values:
                 components[component.name] = replace(component, overrides="")
                 continue
@@ -190,7 +206,8 @@ def refit(config: RefitConfig) -> RefitResult:
             written += len(values)
             refit_names.append(component.name)
         new = replace(manifest, sdserve_version=__version__, components=components,
-                      stack=tuple(entry.record() for entry in stack))
+                      stack=tuple(entry.record() for entry in stack), base_export=base_export,
+                      base_export_fingerprint=export_fingerprint(graphs))
         write_manifest(staging, new)
         checks, unchecked = ((), "not asked for")
         if config.check:

@@ -29,7 +29,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from sdserve.compile.manifest import Component, Manifest, TensorInfo, read_manifest
+from sdserve.compile.manifest import Component, Manifest, TensorInfo, graph_dir, read_manifest
 from sdserve.errors import InvalidArgument
 
 BUILT = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
@@ -177,7 +177,7 @@ def build_tensorrt(config: TensorRTConfig) -> TensorRTResult:
     source = Path(config.onnx).expanduser().resolve()
     manifest = read_manifest(source)
     out = Path(config.out).expanduser().resolve()
-    check_out_dir(out, config.force, [source])
+    check_out_dir(out, config.force, [source, graph_dir(source, manifest)])
     info = _serving_info(source, manifest)
     logger = trt.Logger(trt.Logger.WARNING)
     staging = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
@@ -186,10 +186,11 @@ def build_tensorrt(config: TensorRTConfig) -> TensorRTResult:
         names = [name for name in BUILT if name in manifest.components]
         for name in tqdm(names, desc="tensorrt", unit="engine", disable=not config.progress, dynamic_ncols=True):
             component = manifest.components[name]
-            plan = _build_one(trt, logger, source, component, info, config)
+            graphs = graph_dir(source, manifest)  # a refit's graphs are its base export's
+            plan = _build_one(trt, logger, graphs, component, info, config)
             overrides = component_overrides(source, component)
             if overrides:
-                plan = refit_engine(trt, logger, plan, overrides, partial(graph_values, source, component))
+                plan = refit_engine(trt, logger, plan, overrides, partial(graph_values, graphs, component))
                 refitted += len(overrides)
             (staging / f"{name}.plan").write_bytes(plan)
             built.append(name)

@@ -95,14 +95,15 @@ def onnx_lora_targets(info: ModelInfo) -> dict[str, Any]:
     import onnx
 
     from sdserve.adapters.targets import TargetSpec
-    from sdserve.compile.manifest import read_manifest
+    from sdserve.compile.manifest import graph_dir, read_manifest
 
     manifest = read_manifest(info.path, flag="model")
+    graphs = graph_dir(info.path, manifest)  # a refit's are its base export's
     targets: dict[str, TargetSpec] = {}
     for component in manifest.components.values():
         if not component.refit or component.name == "unet_controlled":  # the UNet's own modules again
             continue
-        graph = onnx.load(str(info.path / component.graph), load_external_data=False).graph
+        graph = onnx.load(str(graphs / component.graph), load_external_data=False).graph
         dims = {init.name: tuple(int(d) for d in init.dims) for init in graph.initializer}
         convs = {node.input[1]: {a.name: tuple(a.ints) for a in node.attribute}
                  for node in graph.node if node.op_type == "Conv" and len(node.input) > 1}

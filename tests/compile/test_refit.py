@@ -64,7 +64,12 @@ def test_refit_equals_a_fresh_export_of_the_fused_model(exports, adapters, capsy
     before = tree_digest(exports["base"])
     stdout = _refit(capsys, exports["base"], out, f"{adapters['a']}:{SCALE_A}", f"{adapters['b']}:{SCALE_B}")
     assert "unet" in stdout and "max rel" in stdout  # checked against the fused torch model
-    assert tree_digest(exports["base"]) == before  # the export is only read (its files linked)
+    assert tree_digest(exports["base"]) == before  # the export is only read
+    # The refit holds the changed initializers, not the export's graphs and weights: it reads them in place.
+    assert not list(out.rglob("*.onnx")) and not list(out.rglob("*.onnx.data"))
+    refit_bytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    changed_bytes = sum(p.stat().st_size for p in out.rglob("refit.safetensors"))
+    assert refit_bytes - changed_bytes < 200_000  # configs, scheduler, tokenizer, manifest
     manifest = read_manifest(out)
     assert [entry["scale"] for entry in manifest.stack] == [SCALE_A, SCALE_B]
     for component in ("unet", "text_encoder"):
@@ -119,3 +124,36 @@ def test_refit_without_the_base_at_hand_says_it_is_unchecked(exports, adapters, 
     stdout = _refit(capsys, copy, tmp_path / "out", f"{adapters['a']}:{SCALE_A}")
     assert "not checked: the base model" in stdout and "max rel" not in stdout
     assert read_manifest(tmp_path / "out").components["unet"].overrides
+
+
+def test_a_refit_whose_export_is_gone_or_changed_is_refused(exports, adapters, tmp_path, capsys):
+    """A refit reads its export's graphs and weights in place: moved away from it, or after the
+    export was rewritten, every reader refuses it in one line (refit, check, the engine)."""
+    import os
+    import shutil
+
+    from sdserve.engine import Engine, EngineConfig
+    from sdserve.errors import InvalidArgument
+
+    export = shutil.copytree(exports["base"], tmp_path / "export")
+    _refit(capsys, export, tmp_path / "refit", f"{adapters['a']}:{SCALE_A}", check=False)
+    moved = shutil.copytree(tmp_path / "refit", tmp_path / "elsewhere" / "refit")  # without its export
+    code, _, stderr = run_cli(capsys, "compile", "check", str(moved))
+    assert code == 2 and stderr.count("\n") == 1 and "base export" in stderr and "missing" in stderr
+    # Moved together, the relative path still finds it.
+    together = tmp_path / "together"
+    together.mkdir()
+    shutil.copytree(export, together / "export")
+    shutil.copytree(tmp_path / "refit", together / "refit")
+    assert read_manifest(together / "refit").components["unet"].overrides
+    weights = export / "unet" / "model.onnx.data"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1_000_000_000))  # rewritten
+    for args in (("compile", "check", str(tmp_path / "refit")),
+                 ("compile", "refit", "--onnx", str(tmp_path / "refit"), "--lora", str(adapters["b"]),
+                  "--out", str(tmp_path / "again"), "--no-check", "--no-progress")):
+        code, _, stderr = run_cli(capsys, *args)
+        assert code == 2 and stderr.count("\n") == 1 and "has changed since the refit" in stderr, stderr
+    assert not (tmp_path / "again").exists()
+    with pytest.raises(InvalidArgument) as error:
+        Engine(EngineConfig(device="cpu")).model_info(str(tmp_path / "refit"))
+    assert error.value.field == "model" and "has changed" in error.value.message
