@@ -140,13 +140,18 @@ class Client:
         source: str | os.PathLike[str] | bytes,
         *,
         name: str,
-        family: str,
+        family: str = "",
         kind: str = "lora",
         shared: bool = False,
         sha256: str | None = None,
         timeout: float | None = None,
+        model: str = "",
     ) -> Any:
-        """Upload a safetensors file (path or bytes); returns its AdapterInfo."""
+        """Upload a safetensors file (path or bytes); returns its AdapterInfo.
+
+        The server validates it against `model` (a served model's name) when given, else against
+        every served model of `family` (of any family when both are ""), and accepts it if it fits
+        at least one; AdapterInfo.models lists the models it fits."""
         data = source if isinstance(source, bytes) else Path(source).read_bytes()
         header = _convert().UploadHeader(
             name=name,
@@ -155,6 +160,7 @@ class Client:
             sha256=sha256 or hashlib.sha256(data).hexdigest(),
             shared=shared,
             size=len(data),
+            model=model,
         )
         return self.upload_chunks(_convert().upload_chunks(header, data, CHUNK_BYTES), timeout=timeout)
 

@@ -56,6 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     _register_textual_inversion(kinds)
     _register_hypernetwork(kinds)
     _register_slider(kinds)
+    _register_controlnet(kinds)
     _register_decoder(kinds)
     train_data.register(kinds)  # `sdserve train data shapes`: captioned folders of the shapes world
     return train
@@ -533,6 +534,81 @@ def _run_slider(args: argparse.Namespace) -> int:
     if isinstance(result, int):
         return result
     print(f"wrote {result.out} (slider, {result.steps} steps{_last_loss(result)}); checkpoint in {result.state_dir}")
+    return 0
+
+
+def _register_controlnet(kinds: argparse._SubParsersAction) -> None:
+    """`sdserve train controlnet` (sdserve/trainers/controlnet.py): the loop's flags, a triplet folder."""
+    parser = kinds.add_parser(
+        "controlnet", help="train a ControlNet on (image, conditioning image, caption) triplets",
+        description="Train a ControlNet initialised from the base model's UNet (ControlNetModel.from_unet: its "
+                    "zero convs make step 0 the base model) on a folder laid out as diffusers' train_controlnet "
+                    "example reads it: a metadata.jsonl of {\"file_name\", \"conditioning_file_name\", \"text\"} "
+                    "lines. `sdserve train data shapes --conditioning mask` writes one. --out is a diffusers "
+                    "ControlNet directory (config.json + diffusion_pytorch_model.safetensors), written whole, which "
+                    "ControlNetModel.from_pretrained and sdserve (generate --controlnet DIR:IMAGE) load.",
+    )
+    parser.add_argument("--model", default="default",
+                        help="base model: a built-in name (default: the embedded shapes model; see `sdserve models "
+                             "list`) or a diffusers-format directory")
+    parser.add_argument("--data", type=Path, required=True,
+                        help="folder with a metadata.jsonl of {\"file_name\", \"conditioning_file_name\", \"text\"} "
+                             "lines (paths relative to it); each conditioning image has its image's size")
+    parser.add_argument("--caption", metavar="TEXT", help="one caption for every image (instead of the text fields)")
+    parser.add_argument("--resolution", type=int,
+                        help="side of the square training images in pixels; images and their conditioning images "
+                             "are resized (shorter side) and center-cropped alike (default: the model's native size)")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="the ControlNet directory to write (new, or one this command wrote before)")
+    parser.add_argument("--steps", type=int, default=500, help="total optimizer steps (default 500)")
+    parser.add_argument("--lr", type=float, default=1e-4,
+                        help="AdamW learning rate, constant (default 1e-4; diffusers' example uses 5e-6 on SD 1.5)")
+    parser.add_argument("--batch-size", type=int, default=1, help="triplets per step (default 1)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seeds the conditioning embedding's initial weights, image order, timesteps and noise: "
+                             "the same seed gives the same bytes (default 0)")
+    parser.add_argument("--min-snr-gamma", type=float, help="Min-SNR-γ loss weighting, e.g. 5 (default: off, plain MSE)")
+    parser.add_argument("--save-every", type=int, default=0, metavar="N",
+                        help="write a checkpoint every N steps (default 0: at the end and when stopped); Ctrl-C or "
+                             "SIGTERM saves one at the next step boundary")
+    parser.add_argument("--state-dir", type=Path, metavar="DIR",
+                        help="where checkpoints go (default: OUT.state beside OUT)")
+    parser.add_argument("--resume", type=Path, metavar="DIR",
+                        help="continue from the checkpoint in DIR (a --state-dir) up to --steps; the result equals "
+                             "an uninterrupted run's; a checkpoint for another model family is refused")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1; part of what makes reruns byte-identical)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=_run_controlnet, prior_loss_weight=1.0)
+
+
+def _run_controlnet(args: argparse.Namespace) -> int:
+    from sdserve.cli.common import fail, quiet_libraries
+
+    quiet_libraries()
+    from sdserve.trainers.controlnet import check_output_directory, train_controlnet
+    from sdserve.trainers.controlnet_data import load_control_folder
+    from sdserve.trainers.loop import check_loop_config, default_state_dir, load_components
+    from sdserve.trainers.output import check_directory_writable
+
+    def run() -> Any:
+        cfg = loop_config_from_args(args)
+        check_loop_config(cfg)
+        check_output_directory(args.out)
+        check_directory_writable(cfg.state_dir or default_state_dir(args.out), "--state-dir")
+        if not args.data.is_dir():
+            fail(f"--data: {args.data} is not a directory")
+        if args.resume is not None and not args.resume.is_dir():
+            fail(f"--resume: {args.resume} is not a directory")
+        components = load_components(args.model)
+        resolution = args.resolution or components.resolution
+        data = load_control_folder(args.data, resolution, args.caption)
+        return train_controlnet(components, data, replace(cfg, resolution=resolution), args.out)
+
+    result = _train_or_fail(run)
+    if isinstance(result, int):
+        return result
+    print(f"wrote {result.out} (controlnet, {result.steps} steps{_last_loss(result)}); checkpoint in {result.state_dir}")
     return 0
 
 

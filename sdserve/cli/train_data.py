@@ -13,7 +13,7 @@ from pathlib import Path
 
 # Cheap imports (numpy and PIL, no torch): the help texts list the world's vocabulary.
 from sdserve.models.shapes.world import ALL_COLORS, ALL_KINDS, POSITIONS, SIZES, STYLES
-from sdserve.trainers.shapes_folder import LAYOUTS
+from sdserve.trainers.shapes_folder import CONDITIONINGS, LAYOUTS
 
 
 def _list_help(what: str, values: tuple[str, ...], default: str) -> str:
@@ -45,8 +45,14 @@ def register(kinds: argparse._SubParsersAction) -> None:
                         help='"color,kind,position;..." combinations no image contains (e.g. held out for a '
                              'bench); "held-out" stands for the base world\'s 12 held-out triples')
     shapes.add_argument("--token", help="write this instead of the kind word in captions (DreamBooth: sks)")
-    shapes.add_argument("--layout", choices=LAYOUTS, default="kohya",
-                        help="kohya: NAME.png + NAME.txt; imagefolder: metadata.jsonl (default kohya)")
+    shapes.add_argument("--layout", choices=LAYOUTS,
+                        help="kohya: NAME.png + NAME.txt; imagefolder: metadata.jsonl (default kohya; imagefolder "
+                             "with --conditioning)")
+    shapes.add_argument("--conditioning", choices=CONDITIONINGS,
+                        help="mask: also write each scene's shape mask (white on black) as conditioning/NAME.png, "
+                             "listed as conditioning_file_name in metadata.jsonl: a `sdserve train controlnet` folder")
+    shapes.add_argument("--omit-position", action="store_true",
+                        help="captions name no shape's position (for a ControlNet: the mask alone says where)")
     shapes.add_argument("--resolution", type=int, default=64,
                         help="image side, a multiple of 64; scenes are upscaled nearest-neighbour (default 64)")
     shapes.add_argument("--overwrite", action="store_true",
@@ -84,7 +90,9 @@ def config_from_args(args: argparse.Namespace):
         shapes_per_image=args.shapes_per_image,
         exclude=parse_exclude(args.exclude) if args.exclude else frozenset(),
         token=args.token,
-        layout=args.layout,
+        layout=args.layout or ("imagefolder" if args.conditioning else "kohya"),
+        conditioning=args.conditioning,
+        omit_position=args.omit_position,
         resolution=args.resolution,
         overwrite=args.overwrite,
         progress=not args.no_progress,

@@ -110,8 +110,8 @@ class Server:
             default_model=config.models.default_model,
             variants=variants,
         )
-        for family in self.core.families():
-            await asyncio.to_thread(self.core.targets, family)  # before any request wraps layers
+        for name in served:  # what uploads are validated against, read before any request wraps layers
+            await asyncio.to_thread(self.core.model_targets, name)
         server = grpc.aio.server(options=grpc_options(config.server))
         self.adapters_service = AdaptersService(self.core)
         convert.add_services(server, GenerationService(self.core), self.adapters_service, ModelsService(self.core))

@@ -101,10 +101,15 @@ class Components:
         time_ids = torch.tensor([[side, side, 0, 0, side, side]], dtype=torch.float32).repeat(len(captions), 1)
         return Conditioning(torch.cat(hidden, dim=-1), {"text_embeds": pooled, "time_ids": time_ids})
 
-    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
-        """The UNet's output [B, C, h, w] for noisy latents [B, C, h, w] at timesteps [B]."""
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning,
+                residuals: tuple[Sequence[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """The UNet's output [B, C, h, w] for noisy latents [B, C, h, w] at timesteps [B];
+        `residuals` (a ControlNet's down-block residuals and mid-block residual) are added as
+        diffusers' ControlNet pipelines add them."""
+        down, mid = residuals if residuals is not None else (None, None)
         return self.unet(
-            noisy, timesteps, conditioning.states, added_cond_kwargs=conditioning.added
+            noisy, timesteps, conditioning.states, added_cond_kwargs=conditioning.added,
+            down_block_additional_residuals=down, mid_block_additional_residual=mid,
         ).sample
 
     @torch.no_grad()

@@ -18,6 +18,10 @@ A method may also define `check_data(data: CaptionedImages) -> None`, which `tra
 --data images before anything runs, to refuse with one line what it cannot learn from (a textual
 inversion whose captions lack its token). It is optional, so it is not part of `Method`.
 
+A method that reads more of each image than its latents and caption (a ControlNet reads its
+conditioning image) may define `use_rows(rows: list[int]) -> None`: the loop calls it before each
+step's `predict` with the --data indices of that step's images, in batch order. It is optional too.
+
 A method that learns from no images (the Concept Slider: its targets are the frozen model's own
 predictions) defines `step_loss(step: int, generator: torch.Generator) -> torch.Tensor` and is
 trained with `data=None`: the loop then calls it for each step's loss instead of drawing a batch,
@@ -377,11 +381,16 @@ class _Checkpoints:
 _Images = tuple[torch.Tensor, CaptionedImages]  # latents [N, C, h, w] and the images they encode
 
 
-def _batch(step: int, cfg: LoopConfig, data: _Images, reg: _Images | None) -> tuple[torch.Tensor, list[str]]:
+def _batch(step: int, cfg: LoopConfig, data: _Images, reg: _Images | None,
+           method: Method) -> tuple[torch.Tensor, list[str]]:
     """Step `step`'s latents [B', C, h, w] and captions: B instance images, then B regularization
-    images when there are any (B' = B or 2B)."""
+    images when there are any (B' = B or 2B). A method with `use_rows` is told the instance
+    images' indices (see the module docstring)."""
     latents, images = data
     indices = batch_indices(cfg.seed, _STREAM_IMAGES, step, cfg.batch_size, len(images))
+    use_rows = getattr(method, "use_rows", None)
+    if use_rows is not None:
+        use_rows(indices)
     batch, captions = latents[indices], [images.captions[i] for i in indices]  # [B, C, h, w]
     if reg is not None:
         reg_latents, reg_images = reg
@@ -487,7 +496,7 @@ def train(
                 if step_loss is not None:
                     loss = step_loss(step, seeded_generator(cfg.seed, _STREAM_NOISE, step))
                 else:
-                    batch, captions = _batch(step, cfg, (latents, data), (reg_latents, reg) if reg else None)
+                    batch, captions = _batch(step, cfg, (latents, data), (reg_latents, reg) if reg else None, method)
                     loss = _loss(method, components, batch, captions, cfg, step)
                 value = float(loss.detach())
                 if not math.isfinite(value):

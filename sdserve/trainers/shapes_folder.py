@@ -40,11 +40,14 @@ from sdserve.models.shapes.world import (
     SIZES,
     STYLES,
     SceneSpec,
+    foreground_mask,
     render,
     sample_scene,
 )
 
 LAYOUTS: tuple[str, ...] = ("kohya", "imagefolder")
+CONDITIONINGS: tuple[str, ...] = ("mask",)
+CONDITIONING_DIR = "conditioning"  # beside the images: the readers of both layouts list only the top level
 METADATA_FILE = "metadata.jsonl"  # the diffusers imagefolder caption file
 PROVENANCE_FILE = ".sdserve_shapes.json"
 HELD_OUT_WORD = "held-out"  # in `exclude` text: the base world's HELD_OUT triples
@@ -81,6 +84,12 @@ class ShapesFolderConfig:
     """Written instead of the kind word in every caption (DreamBooth's "a large blue sks ...")."""
     layout: str = "kohya"
     """"kohya" (NAME.png + NAME.txt) or "imagefolder" (metadata.jsonl)."""
+    conditioning: str | None = None
+    """"mask": also write each scene's shape mask (white shapes on black, the image's size) as
+    conditioning/NAME.png and list it as metadata.jsonl's conditioning_file_name (diffusers'
+    ControlNet layout; needs the imagefolder layout)."""
+    omit_position: bool = False
+    """Captions name no shape's position (what a ControlNet's mask is then left to decide)."""
     resolution: int = IMAGE_SIZE
     """Side of the written images: a multiple of 64, the 64 px scene upscaled nearest-neighbour."""
     overwrite: bool = False
@@ -134,6 +143,13 @@ def check_shapes_folder_config(cfg: ShapesFolderConfig) -> None:
                               field="--colors")
     if cfg.layout not in LAYOUTS:
         raise InvalidArgument(f"unknown layout {cfg.layout!r} (one of {', '.join(LAYOUTS)})", field="--layout")
+    if cfg.conditioning is not None:
+        if cfg.conditioning not in CONDITIONINGS:
+            raise InvalidArgument(f"unknown conditioning {cfg.conditioning!r} (one of {', '.join(CONDITIONINGS)})",
+                                  field="--conditioning")
+        if cfg.layout != "imagefolder":
+            raise InvalidArgument("conditioning images are listed in metadata.jsonl: use --layout imagefolder",
+                                  field="--conditioning")
     if cfg.resolution < IMAGE_SIZE or cfg.resolution % IMAGE_SIZE:
         raise InvalidArgument(f"must be a multiple of {IMAGE_SIZE} (got {cfg.resolution}): scenes are "
                               f"{IMAGE_SIZE} px, upscaled by whole pixels", field="--resolution")
@@ -173,12 +189,21 @@ def _draw(cfg: ShapesFolderConfig, index: int) -> SceneSpec:
     )
 
 
-def scene_caption(scene: SceneSpec, token: str | None = None) -> str:
-    """The scene's full caption; with `token`, the token stands where each kind word would."""
+def scene_caption(scene: SceneSpec, token: str | None = None, omit_position: bool = False) -> str:
+    """The scene's full caption; with `token`, the token stands where each kind word would; with
+    `omit_position`, no shape's place is named."""
     spec = full_spec(scene)
     if token is not None:
         spec = replace(spec, shapes=tuple(replace(shape, kind=token) for shape in spec.shapes))
+    if omit_position:
+        spec = replace(spec, shapes=tuple(replace(shape, position=None) for shape in spec.shapes))
     return to_caption(spec)
+
+
+def mask_image(scene: SceneSpec, resolution: int) -> np.ndarray:
+    """uint8 [R, R, 3]: the scene's shapes white on black (its ControlNet conditioning image)."""
+    mask = foreground_mask(scene).astype(np.uint8) * 255  # [64, 64]
+    return upscale(np.repeat(mask[..., None], 3, axis=-1), resolution)
 
 
 def scene_record(scene: SceneSpec) -> dict:
@@ -203,19 +228,26 @@ def write_shapes_folder(cfg: ShapesFolderConfig) -> Path:
     try:
         staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the folder is meant to be shared
         width = max(6, len(str(cfg.count - 1)))
+        if cfg.conditioning is not None:
+            (staging / CONDITIONING_DIR).mkdir()
         records = []
         bar = tqdm(range(cfg.count), desc="writing", unit="img",
                    disable=not cfg.progress or cfg.count < PROGRESS_MIN_COUNT)
         for index in bar:
             scene = _draw(cfg, index)
             name = f"{index:0{width}d}"
-            text = scene_caption(scene, cfg.token)
+            text = scene_caption(scene, cfg.token, cfg.omit_position)
             Image.fromarray(upscale(render(scene), cfg.resolution)).save(staging / f"{name}.png")
             if cfg.layout == "kohya":
                 (staging / f"{name}.txt").write_text(text + "\n", encoding="utf-8")
-            records.append({"file_name": f"{name}.png", "text": text, "scene": scene_record(scene)})
+            record = {"file_name": f"{name}.png", "text": text, "scene": scene_record(scene)}
+            if cfg.conditioning is not None:
+                record["conditioning_file_name"] = f"{CONDITIONING_DIR}/{name}.png"
+                Image.fromarray(mask_image(scene, cfg.resolution)).save(staging / record["conditioning_file_name"])
+            records.append(record)
         if cfg.layout == "imagefolder":
-            lines = (json.dumps({"file_name": r["file_name"], "text": r["text"]}) for r in records)
+            keys = ("file_name", "conditioning_file_name", "text")
+            lines = (json.dumps({key: r[key] for key in keys if key in r}) for r in records)
             (staging / METADATA_FILE).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
         config = {k: (sorted(v) if isinstance(v, frozenset) else v) for k, v in asdict(cfg).items()}
         config["out"] = str(cfg.out)
