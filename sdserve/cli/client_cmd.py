@@ -2,7 +2,7 @@
 
     sdserve client generate --target 127.0.0.1:50051 --prompt "a red circle" --out out.png
     sdserve client generate --prompt "..." --adapter style:0.8 --out out.png --stream
-    sdserve client adapters upload style.safetensors --name style --family sd1
+    sdserve client adapters upload style.safetensors --name style --family sd1   (or --model NAME)
     sdserve client adapters list | get NAME | delete NAME
     sdserve client models
     sdserve client health
@@ -93,7 +93,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     upload = adapters.add_parser("upload", help="upload a safetensors adapter file")
     upload.add_argument("file", type=Path)
     upload.add_argument("--name", required=True, help="name to register it under")
-    upload.add_argument("--family", required=True, choices=["sd1", "sd2", "sdxl"], help="model family it is for")
+    upload.add_argument("--family", default="", choices=["sd1", "sd2", "sdxl"],
+                        help="model family it is for: validated against every served model of it, accepted if it "
+                             "fits one (default: the family of --model, else every served model)")
+    upload.add_argument("--model", default="", metavar="NAME",
+                        help="the served model (as `client models` names it) to validate it against and use it with")
     upload.add_argument("--kind", default="lora", help="adapter kind (default lora)")
     upload.add_argument("--shared", action="store_true", help="publish for every tenant (admins only)")
     upload.set_defaults(func=run, action=_upload)
@@ -201,7 +205,8 @@ def _upload(args: argparse.Namespace, client: Any) -> None:
         data = args.file.read_bytes()
     except OSError as exc:
         fail(f"{args.file}: cannot read ({exc.__class__.__name__})")
-    _print_json(client.upload_adapter(data, name=args.name, family=args.family, kind=args.kind, shared=args.shared))
+    _print_json(client.upload_adapter(data, name=args.name, family=args.family, kind=args.kind, shared=args.shared,
+                                      model=args.model))
 
 
 def _list(args: argparse.Namespace, client: Any) -> None:
