@@ -413,6 +413,7 @@ class UploadHeader:
     sha256: str
     shared: bool
     size: int
+    model: str = ""  # the served model to validate against; "" = every served model of `family`
 
 
 def upload_part(chunk: pb.UploadAdapterChunk) -> UploadHeader | bytes | None:
@@ -421,15 +422,15 @@ def upload_part(chunk: pb.UploadAdapterChunk) -> UploadHeader | bytes | None:
     which = chunk.WhichOneof("chunk")
     if which == "header":
         h = chunk.header
-        return UploadHeader(h.name, h.kind, h.family, h.sha256.lower(), h.shared, h.size)
+        return UploadHeader(h.name, h.kind, h.family, h.sha256.lower(), h.shared, h.size, h.model)
     if which == "data":
         return chunk.data
     return None
 
 
 def adapter_info(record: Any) -> pb.AdapterInfo:
-    """A registry record (name, kind, family, sha256, size, shared, created, form, rank, targets)
-    -> AdapterInfo."""
+    """A registry record (name, kind, family, sha256, size, shared, created, form, rank, targets,
+    the models it fits) -> AdapterInfo."""
     return pb.AdapterInfo(
         name=record.name,
         kind=record.kind,
@@ -441,6 +442,7 @@ def adapter_info(record: Any) -> pb.AdapterInfo:
         form=record.form,
         rank=record.rank,
         targets=record.targets,
+        models=list(record.fits),
     )
 
 
@@ -498,6 +500,7 @@ def upload_chunks(header: UploadHeader, data: Any, chunk_bytes: int = 1 << 20) -
             sha256=header.sha256,
             shared=header.shared,
             size=header.size,
+            model=header.model,
         )
     )
     pieces = [data] if isinstance(data, bytes | bytearray | memoryview) else data

@@ -1,9 +1,12 @@
 """The Adapters service (upload, list, get, delete) and the Models service.
 
 Uploads are checked claim by claim before anything is registered: the header (name, kind,
-family, size, quota), the bytes as they arrive (size), their sha256, and finally the file
-itself against this server's model of the declared family (safetensors only, every LoRA key
-matching a module with the right shapes). Only then does the registry name the file. A failed
+family or model, size, quota), the bytes as they arrive (size), their sha256, and finally the file
+itself (safetensors only, every LoRA key matching a module with the right shapes) against the
+served model the header names, or else against every served model of its family (every served
+model if it names neither): the file is accepted if it fits at least one, and the registry keeps
+the verdict for each model checked, so a request naming the adapter with a model it does not fit
+is refused with the reason (generation.py). Only then does the registry name the file. A failed
 upload leaves no file and no name behind. What the file is (form, rank, targets: the description
 `sdserve adapters inspect` gives) is read once, after validation, and kept with its name.
 
@@ -30,6 +33,7 @@ import grpc
 from sdserve.adapters import load_embedding, load_hypernetwork, load_lora
 from sdserve.adapters.inspect import Listing, listing
 from sdserve.api import convert
+from sdserve.engine import ModelInfo
 from sdserve.errors import AdapterError, InvalidArgument, ResourceExhausted
 from sdserve.server import status
 from sdserve.server.auth import require_admin
@@ -39,6 +43,8 @@ from sdserve.server.registry import SHA256, SHARED, Quota, check_name
 from sdserve.server.upload_check import UploadChecks
 
 KINDS = ("lora", "embedding", "hypernetwork")
+MAX_REASON_CHARS = 300
+"""A misfit's reason as kept in the registry and told to clients (shape messages are short)."""
 
 log = logging.getLogger("sdserve.server")
 
@@ -96,7 +102,8 @@ class AdaptersService:
         kind = header.kind or "lora"
         if kind not in KINDS:
             raise InvalidArgument(f"kind {kind[:32]!r} is not served; kinds: {', '.join(KINDS)}", field="header.kind")
-        info = core.family_model(header.family)  # INVALID_ARGUMENT if this server serves none
+        # INVALID_ARGUMENT naming header.model / header.family if this server serves no such model.
+        candidates = core.upload_models(header.family, header.model)
         if not SHA256.match(header.sha256):
             raise InvalidArgument("must be the file's sha256 as 64 hex digits", field="header.sha256")
         if header.shared:
@@ -135,11 +142,12 @@ class AdaptersService:
                     raise InvalidArgument(
                         f"the received bytes have sha256 {digest}, not the declared one", field="header.sha256"
                     )
-                await self._validate(staged, header.name, kind, info)
+                checked = await self._validate(staged, header.name, kind, candidates)
+                family = _family_of(checked, candidates)
                 facts = await self._describe(staged, header.name, kind)
                 record = await asyncio.to_thread(
-                    core.registry.register, scope, header.name, kind, header.family, staged, digest, quota,
-                    form=facts.form, rank=facts.rank, targets=facts.targets,
+                    core.registry.register, scope, header.name, kind, family, staged, digest, quota,
+                    form=facts.form, rank=facts.rank, targets=facts.targets, checked=checked,
                 )
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
@@ -151,22 +159,46 @@ class AdaptersService:
         core.metrics.adapter_upload_bytes.inc(record.size)
         return convert.adapter_info(record)
 
-    async def _validate(self, staged: Any, name: str, kind: str, info: Any) -> None:
-        """Load the file as the engine will, against this server's model of its family, in a
-        validation worker (the loaded adapter stays there: only the verdict comes back)."""
-        try:
+    async def _validate(self, staged: Any, name: str, kind: str, candidates: list[ModelInfo]) -> dict[str, str]:
+        """Load the file as the engine will against each candidate model, in a validation worker
+        (the loaded adapter stays there: only the verdict comes back). Returns model -> "" where it
+        fits, else why not; refuses the file (field "data") when it fits none.
+
+        Models with equal shapes (same targets, text or attention widths) share one check."""
+        groups: list[tuple[tuple[Any, ...], list[str]]] = []  # (job arguments, models they stand for)
+        for info in candidates:
             if kind == "lora":
                 # A plain dict: the job is pickled to the worker, and the engine's mapping type
                 # need not be picklable.
-                targets = dict(self.core.targets(info.family))
-                await self.checks.run(load_lora, staged, name, targets, max_rank=self.core.config.registry.max_rank)
+                job: tuple[Any, ...] = (load_lora, dict(self.core.model_targets(info.name)))
             elif kind == "embedding":
-                await self.checks.run(load_embedding, staged, name, dict(info.text_widths))
+                job = (load_embedding, dict(info.text_widths))
             else:
-                await self.checks.run(load_hypernetwork, staged, name, tuple(info.attention_widths))
-        except AdapterError as exc:
-            # AdapterError names the adapter; as an upload error it is about the data sent.
-            raise InvalidArgument(str(exc.message), field="data") from None
+                job = (load_hypernetwork, tuple(info.attention_widths))
+            same = next((models for other, models in groups if other == job), None)
+            if same is not None:
+                same.append(info.name)
+            else:
+                groups.append((job, [info.name]))
+        checked: dict[str, str] = {}
+        for (load, shapes), models in groups:
+            kwargs = {"max_rank": self.core.config.registry.max_rank} if kind == "lora" else {}
+            try:
+                await self.checks.run(load, staged, name, shapes, **kwargs)
+                reason = ""
+            except AdapterError as exc:
+                # Only a misfit is a verdict; a timeout, memory or crash refusal ends the upload.
+                reason = exc.problem[:MAX_REASON_CHARS] or "it does not fit"
+            checked.update(dict.fromkeys(models, reason))
+        if not any(not reason for reason in checked.values()):
+            if len(checked) == 1:
+                # AdapterError names the adapter; as an upload error it is about the data sent.
+                ((model, reason),) = checked.items()
+                raise InvalidArgument(f"adapter {name!r} does not fit model {model!r}: {reason}", field="data")
+            why = "; ".join(f"{model!r}: {reason}" for model, reason in checked.items())
+            raise InvalidArgument(f"adapter {name!r} fits none of the served models it was checked against ({why})",
+                                  field="data")
+        return checked
 
     async def _describe(self, staged: Any, name: str, kind: str) -> Listing:
         """What the validated file is, read in a validation worker too (the description parses the
@@ -198,6 +230,16 @@ class AdaptersService:
         scope = SHARED if request.shared else tenant.name
         record = await asyncio.to_thread(self.core.registry.delete, scope, request.name)
         return convert.delete_adapter_response(record.sha256)
+
+
+def _family_of(checked: dict[str, str], candidates: list[ModelInfo]) -> str:
+    """The family of the models an upload fits; refused when they span families (only possible when
+    the header named neither a family nor a model)."""
+    families = sorted({info.family for info in candidates if info.name in checked and not checked[info.name]})
+    if len(families) > 1:
+        raise InvalidArgument(f"the file fits models of several families ({', '.join(families)}); "
+                              "name one in header.family or a model in header.model", field="header.family")
+    return families[0]
 
 
 class ModelsService:

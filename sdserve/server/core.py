@@ -43,7 +43,7 @@ class Core:
     default_model: str
     draining: bool = False
     jobs: dict[str, Any] = field(default_factory=dict)  # request id -> running Job
-    _targets: dict[str, dict[str, TargetSpec]] = field(default_factory=dict)
+    _targets: dict[str, Mapping[str, TargetSpec]] = field(default_factory=dict)  # model -> its LoRA targets
     variants: VariantRouter = field(default_factory=lambda: VariantRouter((), ()))  # compiled variants
 
     def begin(self, context: grpc.aio.ServicerContext) -> TenantConfig:
@@ -64,22 +64,34 @@ class Core:
     def families(self) -> list[str]:
         return sorted({info.family for info in self.served.values()})
 
-    def family_model(self, family: str, field_name: str = "header.family") -> ModelInfo:
-        """This server's first model of `family`: what uploads for that family are checked against."""
-        info = next((i for i in self.served.values() if i.family == family), None)
-        if info is None:
+    def upload_models(self, family: str, model: str) -> list[ModelInfo]:
+        """The served models an upload is validated against: `model` alone when named (its family
+        must be `family` when that is given too), else every served model of `family`, else every
+        served model. Names the header field at fault when none qualifies."""
+        if model:
+            info = self.served.get(model)
+            if info is None:
+                raise InvalidArgument(
+                    f"this server serves no model {model[:64]!r}; ListModels names those it serves",
+                    field="header.model",
+                )
+            if family and info.family != family:
+                raise InvalidArgument(f"model {model[:64]!r} is {info.family}, not {family[:16]}", field="header.model")
+            return [info]
+        infos = [info for info in self.served.values() if not family or info.family == family]
+        if not infos:
             raise InvalidArgument(
                 f"this server serves no {family[:16]!r} model (families: {', '.join(self.families())})",
-                field=field_name,
+                field="header.family",
             )
-        return info
+        return infos
 
-    def targets(self, family: str) -> Mapping[str, TargetSpec]:
-        """The LoRA-targetable modules of this server's first model of `family` (for uploads)."""
-        if family not in self._targets:
+    def model_targets(self, model: str) -> Mapping[str, TargetSpec]:
+        """The LoRA-targetable modules of served model `model` (for uploads), read once."""
+        if model not in self._targets:
             # A model served only compiled: its variant's directory has the same targets.
-            self._targets[family] = self.engine.lora_targets(self.variants.engine_model(self.family_model(family).name))
-        return self._targets[family]
+            self._targets[model] = self.engine.lora_targets(self.variants.engine_model(model))
+        return self._targets[model]
 
 
 def priority_of(context: grpc.aio.ServicerContext) -> int:

@@ -306,6 +306,11 @@ class GenerationService:
                         f"{kind} {entry.name!r} is for {record.family} models; model {model!r} is {family}",
                         field=name_field,
                     )
+                misfit = record.misfit(model)
+                if misfit is not None:  # found at upload: refused here, before the engine loads it
+                    fits = f"; it fits {', '.join(repr(m) for m in record.fits)}" if record.fits else ""
+                    raise InvalidArgument(f"{kind} {entry.name!r} does not fit model {model!r}: {misfit}{fits}",
+                                          field=name_field)
                 path = str(self.core.registry.blob_path(record.sha256))
                 # The digest travels with the file (every kind carries it), so the engine never
                 # hashes a registry file and its store finds what it holds by the digest alone.

@@ -24,11 +24,17 @@ What a file is (its form, rank and targets: `sdserve.adapters.inspect.Listing`) 
 upload, and kept in its row. Databases written before those columns existed gain them when opened
 (ALTER TABLE ... ADD COLUMN with the empty values as defaults), so their rows list with form ""
 and rank and targets 0 until re-uploaded.
+
+Which served models a file was validated against, and the verdict for each (fits, or why not), is
+kept in its row too (`checked`, JSON {model: reason, "" = fits}): a request that names the adapter
+with a model it was found not to fit is refused with that reason before any work. Rows written
+before the column existed have no verdicts, and requests with them are checked by the engine alone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import sqlite3
@@ -52,6 +58,7 @@ _ADDED_COLUMNS = (
     ("form", "TEXT NOT NULL DEFAULT ''"),
     ("rank", "INTEGER NOT NULL DEFAULT 0"),
     ("targets", "INTEGER NOT NULL DEFAULT 0"),
+    ("checked", "TEXT NOT NULL DEFAULT ''"),
 )
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS adapters (
@@ -65,7 +72,7 @@ CREATE TABLE IF NOT EXISTS adapters (
 {"".join(f"    {name} {declaration},{chr(10)}" for name, declaration in _ADDED_COLUMNS)}    PRIMARY KEY (scope, name)
 )
 """
-_COLUMNS = "scope, name, kind, family, sha256, size, created, form, rank, targets"
+_COLUMNS = "scope, name, kind, family, sha256, size, created, form, rank, targets, checked"
 
 
 @dataclass(frozen=True)
@@ -80,10 +87,32 @@ class AdapterRecord:
     form: str = ""  # "lora", "locon", "loha", "lokr" (or a "+" mix) for kind "lora"; "" otherwise or unknown
     rank: int = 0  # the highest module rank for kind "lora"; 0 otherwise or unknown
     targets: int = 0  # modules (lora), vectors (embedding), attention widths (hypernetwork); 0 if unknown
+    # The served models the file was validated against at upload: (model, "" if it fits, else why
+    # not), sorted by model; () for rows registered before servers recorded it.
+    checked: tuple[tuple[str, str], ...] = ()
 
     @property
     def shared(self) -> bool:
         return self.scope == SHARED
+
+    @property
+    def fits(self) -> tuple[str, ...]:
+        """The models the file was checked against and fits."""
+        return tuple(model for model, reason in self.checked if not reason)
+
+    def misfit(self, model: str) -> str | None:
+        """Why the file does not fit `model`; None if it fits or was not checked against it."""
+        return next((reason or None for checked, reason in self.checked if checked == model), None)
+
+
+def _record(row: tuple) -> AdapterRecord:
+    *columns, checked = row
+    try:
+        verdicts = json.loads(checked) if checked else {}
+    except ValueError:  # never written so; a damaged row lists no verdicts rather than failing
+        verdicts = {}
+    pairs = tuple(sorted((str(m), str(r)) for m, r in verdicts.items())) if isinstance(verdicts, dict) else ()
+    return AdapterRecord(*columns, checked=pairs)
 
 
 @dataclass(frozen=True)
@@ -149,7 +178,7 @@ class Registry:
             f"SELECT {_COLUMNS} FROM adapters WHERE scope=? AND name=?",
             (scope, name),
         ).fetchone()
-        return AdapterRecord(*row) if row else None
+        return _record(row) if row else None
 
     def resolve(self, tenant: str, name: str, field: str = "name", pin: bool = False) -> AdapterRecord:
         """The tenant's own adapter of that name, else the shared one; NotFound otherwise, with the
@@ -178,7 +207,7 @@ class Registry:
                 " WHERE (scope=? OR scope=?) AND (?='' OR family=?) ORDER BY scope=? DESC, name",
                 (tenant, SHARED, family, family, tenant),
             ).fetchall()
-        return [AdapterRecord(*row) for row in rows]
+        return [_record(row) for row in rows]
 
     def usage(self, scope: str) -> tuple[int, int]:
         """(number of adapters, bytes) registered in `scope`."""
@@ -223,10 +252,13 @@ class Registry:
 
     def register(
         self, scope: str, name: str, kind: str, family: str, staged: Path, sha256: str, quota: Quota,
-        *, form: str = "", rank: int = 0, targets: int = 0,
+        *, form: str = "", rank: int = 0, targets: int = 0, checked: dict[str, str] | None = None,
     ) -> AdapterRecord:
         """Move a complete, validated staged file into the store and name it, atomically; `form`,
-        `rank` and `targets` are what the file is (see AdapterRecord), kept in its row."""
+        `rank` and `targets` are what the file is, `checked` the served models it was validated
+        against with their verdicts (model -> "" if it fits, else why not; see AdapterRecord), kept
+        in its row."""
+        verdicts = dict(sorted((checked or {}).items()))
         size = staged.stat().st_size
         target = self.blob_path(sha256)
         with open(staged, "rb+") as handle:
@@ -241,12 +273,14 @@ class Registry:
             os.replace(staged, target)
             fsync_dir(target.parent)
             old = self._row(scope, name)
-            record = AdapterRecord(scope, name, kind, family, sha256, size, time.time(), form, rank, targets)
+            record = AdapterRecord(scope, name, kind, family, sha256, size, time.time(), form, rank, targets,
+                                   tuple(verdicts.items()))
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 self._db.execute(
-                    f"INSERT OR REPLACE INTO adapters ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (scope, name, kind, family, sha256, size, record.created, form, rank, targets),
+                    f"INSERT OR REPLACE INTO adapters ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (scope, name, kind, family, sha256, size, record.created, form, rank, targets,
+                     json.dumps(verdicts) if verdicts else ""),
                 )
                 self._db.execute("COMMIT")
             except BaseException:
