@@ -8,8 +8,14 @@
         client.generate({"prompt": "...", "adapters": [{"name": "style", "scale": 0.8}]})
 
 Requests are dicts with GenerateRequest's field names (the same JSON as `sdserve generate
---requests` reads) or GenerateRequest messages. Errors arrive as grpc.RpcError with the
-server's status code and a message naming the field; a request that failed inside the model
+--requests` reads) or GenerateRequest messages. In a dict, an image field (`init_image`, `mask`,
+`controlnets[i].image`, `ip_adapters[i].image`) takes raw bytes, a `pathlib.Path`, a PIL image
+(sent as PNG) or base64 text as in JSON:
+
+    client.generate({"prompt": "a house", "init_image": Path("in.png"), "strength": 0.6,
+                     "controlnets": [{"model": "edges", "image": open("edges.png", "rb").read()}]})
+
+Errors arrive as grpc.RpcError with the server's status code and a message naming the field; a request that failed inside the model
 is INTERNAL with the cause's short form in the message, and `cause_of(error)` returns the
 server's chain of causes (type and message each, no paths, no traces).
 
@@ -65,6 +71,21 @@ def cause_of(error: grpc.RpcError) -> str | None:
     return next((value for key, value in trailers or () if key == CAUSE_METADATA_KEY), None)
 
 
+def image_bytes(value: Any) -> Any:
+    """An image field's value as the schema takes it: bytes (a PNG/JPEG file's contents) as they
+    are, a path (`pathlib.Path` or any `os.PathLike`) read, a PIL image encoded as PNG; a `str`
+    stays base64 text (the JSON form), anything else goes on to be refused naming its field."""
+    if isinstance(value, os.PathLike):
+        return Path(value).read_bytes()
+    if hasattr(value, "save") and hasattr(value, "mode") and hasattr(value, "size"):  # PIL.Image.Image
+        import io
+
+        buffer = io.BytesIO()
+        value.save(buffer, format="PNG")
+        return buffer.getvalue()
+    return value
+
+
 class Client:
     def __init__(
         self,
@@ -111,7 +132,9 @@ class Client:
 
     @staticmethod
     def _request(request: dict[str, Any] | Any) -> Any:
-        return _convert().pb_from_dict(request) if isinstance(request, dict) else request
+        if not isinstance(request, dict):
+            return request
+        return _convert().pb_from_dict(_convert().map_bytes_fields(request, image_bytes))
 
     # -- generation ------------------------------------------------------------------------------
 

@@ -8,7 +8,10 @@
     sdserve client health
 
 The API key comes from --api-key or $SDSERVE_API_KEY (sent as `authorization: Bearer <key>`).
-Request flags are GenerateRequest's field names with dashes, as for `sdserve generate`.
+Request flags are `sdserve generate`'s, from one table (sdserve/cli/request_flags.py): GenerateRequest's
+field names with dashes, images as files, and --requests FILE.jsonl --out-dir DIR; adapters (--lora or
+--adapter), embeddings, hypernetworks, ControlNets and IP-Adapters are names registered on the server.
+--stream shows a progress bar and, with --preview-dir, writes the server's previews as PNGs.
 --tls connects over TLS (the server checked against the system's CAs, or --ca FILE); --cert and
 --key add a client certificate for a server that asks for one. Send an API key only over TLS
 beyond this machine. --verbose prints the causes an INTERNAL error carries.
@@ -80,11 +83,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     generate = actions.add_parser("generate", help="generate images")
     generate.defer(_add_request_flags)
-    generate.add_argument("--adapter", action="append", default=[], metavar="NAME[:SCALE[:START[:END]]]",
-                          help="a registered adapter of the request's stack; repeat to stack several")
-    generate.add_argument("--out", type=Path, required=True, help="output PNG (FILE_1.png, ... for several images)")
-    generate.add_argument("--stream", action="store_true", help="show step progress (GenerateStream)")
-    generate.add_argument("--priority", type=int, default=None, help="priority among your own queued requests")
+    output = generate.add_argument_group("input and output")
+    output.add_argument("--out", type=Path, help="output PNG (FILE_1.png, ... for several images)")
+    output.add_argument("--requests", type=Path, metavar="FILE",
+                        help="JSON-lines file, one GenerateRequest per line (registered names, images as base64); "
+                        "all sent at once, images written to --out-dir as 0000.png, 0001.png, ... in input order")
+    output.add_argument("--out-dir", type=Path, metavar="DIR", help="output directory for --requests")
+    output.add_argument("--stream", action="store_true",
+                        help="GenerateStream: a progress bar on stderr (one request from flags)")
+    output.add_argument("--preview-dir", type=Path, metavar="DIR",
+                        help="with --stream: write each preview as DIR/step_NNN.png (sets --preview-every 1 "
+                        "unless given)")
+    output.add_argument("--quiet", action="store_true", help="no progress bar")
+    output.add_argument("--priority", type=int, default=None, help="priority among your own queued requests")
     generate.set_defaults(func=run, action=_generate)
 
     adapters = actions.add_parser("adapters", help="manage adapters").add_subparsers(
@@ -122,12 +133,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_request_flags(parser: argparse.ArgumentParser) -> None:
-    from sdserve.api.convert import request_fields
+    from sdserve.cli.request_flags import Refs, add_request_flags
 
-    group = parser.add_argument_group("request fields (GenerateRequest)")
-    for field in request_fields():
-        flags = [f"--{field.name.replace('_', '-')}"] + (["--guidance"] if field.name == "guidance_scale" else [])
-        group.add_argument(*flags, dest=field.name, type=field.python_type, default=None, help=field.comment)
+    add_request_flags(parser, Refs.NAMES)
 
 
 def _client(args: argparse.Namespace) -> Any:
@@ -147,17 +155,6 @@ def _client(args: argparse.Namespace) -> Any:
                   tls=args.tls, **pems)
 
 
-def _parse_adapter(text: str) -> dict[str, Any]:
-    name, *numbers = text.split(":")
-    if not name or len(numbers) > 3:
-        fail(f"--adapter {text!r}: expected NAME[:SCALE[:START[:END]]]")
-    try:
-        values = [float(n) for n in numbers]
-    except ValueError:
-        fail(f"--adapter {text!r}: SCALE, START and END must be numbers")
-    return {"name": name, **dict(zip(("scale", "start", "end"), values))}
-
-
 def _print_json(message: Any) -> None:
     from sdserve.api.convert import to_dict
 
@@ -165,39 +162,109 @@ def _print_json(message: Any) -> None:
 
 
 def _generate(args: argparse.Namespace, client: Any) -> None:
-    from sdserve.api.convert import request_fields
+    from sdserve.cli import request_flags
 
+    if args.requests is not None:
+        _generate_many(args, client)
+        return
+    if args.out is None:
+        fail("give --out FILE.png (or --requests FILE --out-dir DIR)")
     if args.prompt is None:
         fail("--prompt is required")
-    request: dict[str, Any] = {f.name: getattr(args, f.name) for f in request_fields() if getattr(args, f.name) is not None}
-    if args.adapter:
-        request["adapters"] = [_parse_adapter(a) for a in args.adapter]
+    if args.preview_dir is not None and not args.stream:
+        fail("--preview-dir needs --stream")
+    request = request_flags.request_values(args, request_flags.Refs.NAMES)
+    if args.preview_dir is not None:
+        request.setdefault("preview_every", 1)
+    request = _checked(request)
     if args.stream:
-        response = None
-        for event in client.generate_stream(request, priority=args.priority):
-            kind = event.WhichOneof("event")
-            if kind == "queued":
-                print(f"queued as {event.queued.request_id} (position {event.queued.queue_position})", file=sys.stderr)
-            elif kind == "progress":
-                print(f"\rstep {event.progress.step}/{event.progress.total_steps}", end="", file=sys.stderr)
-            elif kind == "result":
-                print(file=sys.stderr)
-                response = event.result
-        if response is None:
-            fail("the stream ended without a result", EXIT_FAILURE)
+        response = _stream(args, client, request)
     else:
         response = client.generate(request, priority=args.priority)
-    out: Path = args.out
-    for image in response.images:
-        path = out if len(response.images) == 1 else out.with_name(f"{out.stem}_{image.index}{out.suffix}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(image.png)
-        print(f"{path}  seed={response.seed}")
+    _write_images(request_flags.output_paths(args, 0, len(response.images)), response)
     t = response.timings
     print(f"queue {t.queue:.3f} s, adapters {t.adapter_load:.3f} s, denoise {t.denoise:.3f} s, "
           f"decode {t.decode:.3f} s, total {t.total:.3f} s", file=sys.stderr)
     for used in response.adapters:
         print(f"adapter {used.name} sha256={used.sha256}{' (shared)' if used.shared else ''}", file=sys.stderr)
+
+
+def _checked(request: dict[str, Any], where: str = "") -> Any:
+    """The request as a GenerateRequest message; a field the schema refuses is one line, exit 2."""
+    from sdserve.api.convert import pb_from_dict
+    from sdserve.cli.common import fail_on
+    from sdserve.errors import SdserveError
+
+    try:
+        return pb_from_dict(request)
+    except SdserveError as exc:
+        fail_on(exc, where)
+
+
+def _write_images(paths: list[Path], response: Any) -> None:
+    for path, image in zip(paths, response.images):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(image.png)
+        print(f"{path}  seed={response.seed}")
+
+
+def progress_bar(step: int, total: int, width: int = 30) -> str:
+    """`[#########.....................] step 3/10`: one line, redrawn in place with '\\r'."""
+    filled = width * step // max(total, 1)
+    return f"[{'#' * filled}{'.' * (width - filled)}] step {step}/{total}"
+
+
+def _stream(args: argparse.Namespace, client: Any, request: Any) -> Any:
+    response = None
+    previews = 0
+    for event in client.generate_stream(request, priority=args.priority):
+        kind = event.WhichOneof("event")
+        if kind == "queued" and not args.quiet:
+            print(f"queued as {event.queued.request_id} (position {event.queued.queue_position})", file=sys.stderr)
+        elif kind == "progress":
+            progress = event.progress
+            if not args.quiet:
+                print(f"\r{progress_bar(progress.step, progress.total_steps)}", end="", file=sys.stderr, flush=True)
+            if args.preview_dir is not None and progress.preview_png:
+                args.preview_dir.mkdir(parents=True, exist_ok=True)
+                (args.preview_dir / f"step_{progress.step:03d}.png").write_bytes(progress.preview_png)
+                previews += 1
+        elif kind == "result":
+            response = event.result
+    if not args.quiet:
+        print(file=sys.stderr)
+    if args.preview_dir is not None:
+        print(f"{previews} preview(s) in {args.preview_dir}", file=sys.stderr)
+    if response is None:
+        fail("the stream ended without a result", EXIT_FAILURE)
+    return response
+
+
+def _generate_many(args: argparse.Namespace, client: Any) -> None:
+    """--requests: every line sent at once (the server batches them), images written in input order."""
+    import grpc
+
+    from sdserve.cli import request_flags
+
+    if args.stream or args.out is not None:
+        fail("--requests writes to --out-dir; --out and --stream are for one request")
+    request_flags.check_requests_flags(args)
+    lines = request_flags.read_requests_file(args.requests, args.model)
+    futures = [(where, client.generate_future(_checked(data, where), priority=args.priority)) for where, data in lines]
+    failed = 0
+    bad_input = True  # exit 2 when every failure was the input's fault
+    for index, (where, future) in enumerate(futures):
+        try:
+            response = future.result()
+        except grpc.RpcError as exc:
+            failed += 1
+            bad_input = bad_input and exc.code().name in STATUS_EXIT
+            print(f"sdserve: error: {where}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            continue
+        _write_images(request_flags.output_paths(args, index, len(response.images)), response)
+    print(f"{len(futures) - failed} request(s) done", file=sys.stderr)
+    if failed:
+        raise SystemExit(EXIT_USAGE if bad_input else EXIT_FAILURE)
 
 
 def _upload(args: argparse.Namespace, client: Any) -> None:

@@ -1,13 +1,45 @@
-"""`sdserve client ...` against a live server: generate, adapters upload/list/get/delete, models."""
+"""`sdserve client ...` against a live server: generate (every request flag of `sdserve generate`,
+--requests, --stream with previews), adapters upload/list/get/delete, models."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
+import numpy as np
 import pytest
+import safetensors.torch
+import torch
+from PIL import Image
 
 from sdserve.cli.main import main
-from tests.server.conftest import KEYS, MODEL, max_diff, png_pixels, reference_images, sha
+from tests.server.conftest import (
+    KEYS,
+    MODEL,
+    ServerThread,
+    make_config,
+    max_diff,
+    png_pixels,
+    reference_images,
+    sha,
+)
+
+
+@pytest.fixture(scope="module")
+def controlnet_dir(tmp_path_factory):
+    from tests.engine.test_controlnet import make_controlnet
+
+    return make_controlnet(MODEL, tmp_path_factory.mktemp("cn"), 1)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, controlnet_dir):
+    """This module's server also serves a ControlNet, registered as "edges"."""
+    config = make_config(tmp_path_factory.mktemp("registry"))
+    config = replace(config, models=replace(config.models, controlnets={"edges": str(controlnet_dir)}))
+    thread = ServerThread(config).start()
+    yield thread
+    thread.stop()
 
 
 def _run(server, *argv: str, key: str = "alice") -> None:
@@ -55,3 +87,55 @@ def test_models_and_errors(server, capsys):
     with pytest.raises(SystemExit) as info:
         _run(server, "generate", "--prompt", "x", "--width", "33", "--out", "x.png")
     assert info.value.code == 2 and "INVALID_ARGUMENT: width:" in capsys.readouterr().err
+
+
+def _png(path, array: np.ndarray):
+    Image.fromarray(array).save(path)
+    return path
+
+
+def test_generate_flags_match_the_in_process_command(server, controlnet_dir, tmp_path, capsys):
+    """init image + mask + ControlNet + embedding: `client generate` (registered names) gives
+    `sdserve generate`'s image (files) for the same flags."""
+    pixels = np.zeros((32, 32, 3), dtype=np.uint8)
+    pixels[:] = (40, 120, 200)
+    pixels[8:16, 8:24] = (250, 200, 20)
+    init = _png(tmp_path / "init.png", pixels)
+    mask_pixels = np.zeros((32, 32, 3), dtype=np.uint8)
+    mask_pixels[:, 16:] = 255
+    mask = _png(tmp_path / "mask.png", mask_pixels)
+    control = _png(tmp_path / "edges.png", np.where(pixels > 128, 255, 0).astype(np.uint8))
+    embedding = tmp_path / "cat-toy.safetensors"
+    safetensors.torch.save_file({"<cat-toy>": torch.randn(3, 32, generator=torch.Generator().manual_seed(1))},
+                                str(embedding))
+    _run(server, "adapters", "upload", str(embedding), "--name", "cli-ti", "--family", "sd1", "--kind", "embedding")
+    capsys.readouterr()
+    common = ["--model", MODEL, "--prompt", "a <cat-toy> house", "--seed", "3", "--steps", "4", "--guidance", "5",
+              "--init-image", str(init), "--mask", str(mask), "--strength", "0.9"]
+    remote, local = tmp_path / "remote.png", tmp_path / "local.png"
+    _run(server, "generate", *common, "--controlnet", f"edges:{control}:0.8", "--embedding", "cli-ti",
+         "--out", str(remote))
+    assert main(["generate", *common, "--controlnet", f"{controlnet_dir}:{control}:0.8", "--embedding",
+                 str(embedding), "--out", str(local), "--quiet"]) == 0
+    got, want = png_pixels(remote.read_bytes()), png_pixels(local.read_bytes())
+    assert max_diff(got, want) <= 2
+    # Each input mattered: without the unit and the embedding the image is another one.
+    bare = tmp_path / "bare.png"
+    _run(server, "generate", *common, "--out", str(bare))
+    assert max_diff(png_pixels(bare.read_bytes()), want) > 2
+
+
+def test_requests_file_writes_each_response_in_order(server, reference_engine, tmp_path, capsys):
+    lines = [{"model": MODEL, "prompt": "a red circle", "seed": 7, "steps": 2},
+             {"prompt": "a blue square", "seed": 8, "steps": 3, "guidance_scale": 4.0}]
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    _run(server, "generate", "--requests", str(requests), "--out-dir", str(tmp_path / "out"), "--model", MODEL)
+    assert "2 request(s) done" in capsys.readouterr().err
+    for index, line in enumerate(lines):
+        want = reference_images(reference_engine, {**line, "model": MODEL})[0]
+        assert max_diff(png_pixels((tmp_path / "out" / f"{index:04d}.png").read_bytes()), want) <= 2
+    requests.write_text(json.dumps({"prompt": "x", "steps": "many"}) + "\n")
+    with pytest.raises(SystemExit) as info:
+        _run(server, "generate", "--requests", str(requests), "--out-dir", str(tmp_path / "bad"))
+    assert info.value.code == 2 and "requests.jsonl line 1: steps: must be an integer" in capsys.readouterr().err
