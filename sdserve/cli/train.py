@@ -587,7 +587,7 @@ def _run_controlnet(args: argparse.Namespace) -> int:
 
     quiet_libraries()
     from sdserve.trainers.controlnet import check_output_directory, train_controlnet
-    from sdserve.trainers.controlnet_data import load_control_folder
+    from sdserve.trainers.controlnet_data import check_control_folder, load_control_folder
     from sdserve.trainers.loop import check_loop_config, default_state_dir, load_components
     from sdserve.trainers.output import check_directory_writable
 
@@ -596,10 +596,9 @@ def _run_controlnet(args: argparse.Namespace) -> int:
         check_loop_config(cfg)
         check_output_directory(args.out)
         check_directory_writable(cfg.state_dir or default_state_dir(args.out), "--state-dir")
-        if not args.data.is_dir():
-            fail(f"--data: {args.data} is not a directory")
         if args.resume is not None and not args.resume.is_dir():
             fail(f"--resume: {args.resume} is not a directory")
+        check_control_folder(args.data)  # before the model loads: a bad folder costs nothing
         components = load_components(args.model)
         resolution = args.resolution or components.resolution
         data = load_control_folder(args.data, resolution, args.caption)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from sdserve.errors import InvalidArgument
 from sdserve.trainers.data import (
@@ -55,11 +56,16 @@ def _pixels(image, resolution: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(square(image, resolution)).copy()).permute(2, 0, 1)  # [3, R, R] uint8
 
 
-def load_control_folder(path: Path, resolution: int, caption: str | None = None, *, flag: str = "--data",
-                        max_pixels: int = MAX_PIXELS) -> ControlTriplets:
-    """Read a ControlNet folder (see the module docstring) into square `resolution` triplets, in
-    the metadata's line order; `caption` replaces every line's text."""
-    folder = Path(path)
+@dataclass(frozen=True)
+class _Entry:
+    image: Path
+    control: Path
+    text: object  # checked to be a string when used (a --caption replaces it)
+    where: str  # "metadata.jsonl line N", for messages
+
+
+def _entries(folder: Path, flag: str) -> list[_Entry]:
+    """The metadata's lines, their two files checked to exist in the folder."""
     if not folder.is_dir():
         raise InvalidArgument(f"{folder} is not a directory", field=flag)
     metadata = folder / METADATA_FILE
@@ -71,7 +77,7 @@ def load_control_folder(path: Path, resolution: int, caption: str | None = None,
         lines = metadata.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as error:
         raise InvalidArgument(f"cannot read ({error})", field=str(metadata)) from None
-    images, controls, captions, names = [], [], [], []
+    entries = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -82,24 +88,58 @@ def load_control_folder(path: Path, resolution: int, caption: str | None = None,
             raise InvalidArgument("not valid JSON", field=where) from None
         if not isinstance(entry, dict):
             raise InvalidArgument(f"expected a JSON object with {', '.join(FIELDS)}", field=where)
-        image_file = _file(folder, entry.get("file_name"), "file_name", where)
-        control_file = _file(folder, entry.get("conditioning_file_name"), "conditioning_file_name", where)
-        text = caption if caption is not None else entry.get("text")
+        entries.append(_Entry(_file(folder, entry.get("file_name"), "file_name", where),
+                              _file(folder, entry.get("conditioning_file_name"), "conditioning_file_name", where),
+                              entry.get("text"), where))
+    if not entries:
+        raise InvalidArgument(f"{metadata} lists no images", field=flag)
+    return entries
+
+
+def _check_sizes(entry: _Entry, folder: Path, image: tuple[int, int], control: tuple[int, int]) -> None:
+    if image != control:
+        names = [p.relative_to(folder.resolve()).as_posix() for p in (entry.control, entry.image)]
+        raise InvalidArgument(f"conditioning image {names[0]} is {control[0]}x{control[1]}, its image {names[1]} is "
+                              f"{image[0]}x{image[1]}; they must be the same size", field=entry.where)
+
+
+def check_control_folder(path: Path, flag: str = "--data") -> int:
+    """Refuse, before a model loads, a folder whose metadata or files are missing or whose image
+    pairs differ in size (read from the image headers); -> the number of triplets."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise InvalidArgument(f"{folder} is not a directory", field=flag)
+    entries = _entries(folder, flag)
+    for entry in entries:
+        try:
+            with Image.open(entry.image) as image, Image.open(entry.control) as control:
+                sizes = (image.size, control.size)
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue  # unreadable: load_control_folder names it with the server's checks
+        _check_sizes(entry, folder, *sizes)
+    return len(entries)
+
+
+def load_control_folder(path: Path, resolution: int, caption: str | None = None, *, flag: str = "--data",
+                        max_pixels: int = MAX_PIXELS) -> ControlTriplets:
+    """Read a ControlNet folder (see the module docstring) into square `resolution` triplets, in
+    the metadata's line order; `caption` replaces every line's text."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise InvalidArgument(f"{folder} is not a directory", field=flag)
+    images, controls, captions, names = [], [], [], []
+    for entry in _entries(folder, flag):
+        where = entry.where
+        text = caption if caption is not None else entry.text
         if not isinstance(text, str):
             raise InvalidArgument("text must be a string", field=where)
         if len(text) > MAX_CAPTION_CHARS:
             raise InvalidArgument(f"text longer than {MAX_CAPTION_CHARS} characters", field=where)
-        image, control = read_image(image_file, max_pixels), read_image(control_file, max_pixels)
-        if image.size != control.size:
-            raise InvalidArgument(
-                f"conditioning image {entry['conditioning_file_name']} is {control.width}x{control.height}, "
-                f"its image {entry['file_name']} is {image.width}x{image.height}; they must be the same size",
-                field=where)
+        image, control = read_image(entry.image, max_pixels), read_image(entry.control, max_pixels)
+        _check_sizes(entry, folder, image.size, control.size)
         images.append(_pixels(image, resolution))
         controls.append(_pixels(control, resolution))
         captions.append(text.strip())
-        names.append(image_file.relative_to(folder.resolve()).as_posix())
-    if not images:
-        raise InvalidArgument(f"{metadata} lists no images", field=flag)
+        names.append(entry.image.relative_to(folder.resolve()).as_posix())
     return ControlTriplets(images=torch.stack(images), captions=tuple(captions), files=tuple(names), root=folder,
                            conditioning=torch.stack(controls))
