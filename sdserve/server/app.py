@@ -37,6 +37,7 @@ from sdserve.server.auth import Authenticator
 from sdserve.server.config import Config, ServerConfig
 from sdserve.server.core import Core
 from sdserve.server.generation import GenerationService
+from sdserve.server.http_gateway import HttpGateway
 from sdserve.server.metrics import Metrics
 from sdserve.server.registry import Registry
 from sdserve.server.tls import describe as describe_transport
@@ -70,6 +71,7 @@ class Server:
         self.health = health.aio.HealthServicer()
         self.port = 0
         self.metrics_port: int | None = None
+        self.http: HttpGateway | None = None  # the HTTP/JSON gateway, with [server] http_port
         self.core: Core | None = None
         self.adapters_service: AdaptersService | None = None
         self._grpc: grpc.aio.Server | None = None
@@ -124,11 +126,15 @@ class Server:
             self.port = server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"could not bind {config.server.host}:{config.server.port}")
+        if config.server.http_port is not None:
+            self.http = HttpGateway(config, server)  # binds its private gRPC socket: before start()
         await server.start()
         self._grpc = server
         for name in ("", *convert.SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._engine_watcher = asyncio.create_task(self._watch_engine(engine_died), name="sdserve-engine-watcher")
+        if self.http is not None:
+            await asyncio.to_thread(self.http.start)
         if config.server.metrics_port is not None:
             self.metrics_port = self.metrics.serve(
                 config.server.metrics_host, config.server.metrics_port, config.server.metrics_token_sha256
@@ -209,6 +215,9 @@ class Server:
         await self.stop()
 
     async def stop(self) -> None:
+        if self.http is not None:
+            await asyncio.to_thread(self.http.stop)  # its relayed calls end with the gRPC server's
+            self.http = None
         if self._grpc is not None:
             await self._grpc.stop(grace=1.0)
             self._grpc = None
@@ -294,6 +303,9 @@ async def serve(config: Config) -> int:
     server = Server(config)
     await server.start()
     log.info("sdserve: serving %s on %s:%d (pid %d)", ", ".join(server.core.served), config.server.host, server.port, os.getpid())
+    if server.http is not None:
+        log.info("sdserve: HTTP/JSON gateway and playground on %s://%s:%d/", server.http.scheme,
+                 config.server.http_host or config.server.host, server.http.port)
     if server.metrics_port is not None:
         log.info("sdserve: metrics on http://%s:%d/metrics%s", config.server.metrics_host, server.metrics_port,
                  " (bearer token required)" if config.server.metrics_token_sha256 else "")
