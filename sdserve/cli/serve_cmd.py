@@ -35,6 +35,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--vae", metavar="FILE_OR_DIR",
                         help="a separate VAE for the default model (adds to [models] vae)")
     parser.add_argument("--metrics-port", type=int, help="Prometheus endpoint port (default: off)")
+    parser.add_argument("--http-port", type=int,
+                        help="also serve HTTP/JSON (POST /v1/generate, ...) and the playground page at / on this "
+                        "port (default: off; 0 picks a free one; HTTPS when [server] tls_cert is set; "
+                        "[server] http_host binds another address than --host)")
     parser.add_argument("--data-dir", help="adapter registry directory (default $SDSERVE_HOME/server)")
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING, ...")
@@ -55,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
             server__host=args.host,
             server__port=args.port,
             server__metrics_port=args.metrics_port,
+            server__http_port=args.http_port,
             server__log_level=args.log_level,
             models__serve=tuple(args.model) if args.model else None,
             models__default=args.model[0] if args.model else None,
