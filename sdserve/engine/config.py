@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+ATTENTION_BACKENDS = ("sdpa", "xformers")
+
 
 @dataclass(frozen=True)
 class ResidencyConfig:
@@ -54,12 +56,26 @@ class EngineConfig:
     max_admit_per_step: int = 16
     """Most queued requests prepared (prompts encoded, noise drawn) at one step boundary, so a burst
     of arrivals does not stall the running batch for long."""
+    attention: str = "sdpa"
+    """The UNet's attention kernel: "sdpa" (torch's scaled_dot_product_attention, every device) or
+    "xformers" (xformers' memory-efficient attention; needs the xformers extra and CUDA, and is
+    refused here with the reason where either is missing). IP-Adapter branches use the same kernel."""
 
     def __post_init__(self) -> None:
-        if self.prompt_syntax not in ("plain", "a1111"):  # engine/prompt_syntax.py SYNTAXES
-            from sdserve.errors import InvalidArgument
+        from sdserve.errors import InvalidArgument
 
+        if self.prompt_syntax not in ("plain", "a1111"):  # engine/prompt_syntax.py SYNTAXES
             raise InvalidArgument(f"[engine] prompt_syntax must be plain or a1111 (got {str(self.prompt_syntax)[:32]!r})")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise InvalidArgument(f"[engine] attention must be sdpa or xformers (got {str(self.attention)[:32]!r})")
+        if self.attention == "xformers":
+            # Checked with the config, not at the first request: a server configured for xformers
+            # on a host without it refuses to start, naming why.
+            from sdserve.kernels import attention_xformers
+
+            reason = attention_xformers.xformers_unavailable(self.torch_device())
+            if reason is not None:
+                raise InvalidArgument(f"[engine] attention = \"xformers\": {reason}")
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

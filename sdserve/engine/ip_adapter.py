@@ -200,15 +200,71 @@ def hypernetwork_contexts(context: torch.Tensor, rows) -> tuple[torch.Tensor, to
     return key_context, value_context
 
 
+def attention_forward(attn, hidden_states, encoder_hidden_states, temb, *, attend=None, hypernetworks=None,
+                      combine=None):
+    """diffusers' AttnProcessor2_0 (no mask, no dropout) with the attention kernel `attend` (softmax
+    attention on [B, H, L, D]; None = F.scaled_dot_product_attention), the rows' hypernetworks
+    applied to the key/value context, and `combine(query, key, value, heads, head_dim)` in place of
+    the kernel when IP-Adapter branches join the text branch."""
+    residual = hidden_states
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    input_ndim = hidden_states.ndim
+    if input_ndim == 4:
+        batch, channel, height, width = hidden_states.shape
+        hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+    batch = hidden_states.shape[0]
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    query = attn.to_q(hidden_states)
+    if encoder_hidden_states is None:
+        encoder_hidden_states = hidden_states
+    elif attn.norm_cross:
+        encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+    key_context = value_context = encoder_hidden_states
+    if hypernetworks is not None:
+        key_context, value_context = hypernetwork_contexts(encoder_hidden_states, hypernetworks)
+    key = attn.to_k(key_context)
+    value = attn.to_v(value_context)
+    inner_dim = key.shape[-1]
+    head_dim = inner_dim // attn.heads
+
+    def heads(x: torch.Tensor) -> torch.Tensor:  # [B, L, inner] -> [B, H, L, d]
+        return x.view(x.shape[0], -1, attn.heads, head_dim).transpose(1, 2)
+
+    query, key, value = heads(query), heads(key), heads(value)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    if combine is not None:
+        out = combine(query, key, value, heads, head_dim)
+    elif attend is not None:
+        out = attend(query, key, value)
+    else:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False)
+    hidden_states = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+    hidden_states = attn.to_out[0](hidden_states)
+    hidden_states = attn.to_out[1](hidden_states)
+    if input_ndim == 4:
+        hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
+    if attn.residual_connection:
+        hidden_states = hidden_states + residual
+    return hidden_states / attn.rescale_output_factor
+
+
 class RowBranchAttnProcessor:
     """diffusers' AttnProcessor2_0, plus per-row IP-Adapter branches and hypernetworks when the
-    current row context has any; without them the processor diffusers installed runs unchanged."""
+    current row context has any; without them the processor installed at load (`plain`: diffusers'
+    own, or the engine's attention backend) runs unchanged. `attend` is that backend's kernel, which
+    the branch path uses too (None: torch's sdpa)."""
 
-    def __init__(self, layer: str, rows: RowContextHolder, plain, cross: bool) -> None:
+    def __init__(self, layer: str, rows: RowContextHolder, plain, cross: bool, attend=None) -> None:
         self.layer = layer
         self.rows = rows
         self.plain = plain
         self.cross = cross
+        self.attend = attend
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         context = self.rows.current
@@ -216,49 +272,12 @@ class RowBranchAttnProcessor:
         hypernetworks = context.hypernetwork_rows if context is not None else None
         if (branches is None and hypernetworks is None) or attention_mask is not None:
             return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
-        batch = hidden_states.shape[0]
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key_context = value_context = encoder_hidden_states
-        if hypernetworks is not None:
-            key_context, value_context = hypernetwork_contexts(encoder_hidden_states, hypernetworks)
-        key = attn.to_k(key_context)
-        value = attn.to_v(value_context)
-        inner_dim = key.shape[-1]
-        head_dim = inner_dim // attn.heads
-
-        def heads(x: torch.Tensor) -> torch.Tensor:  # [B, L, inner] -> [B, H, L, d]
-            return x.view(x.shape[0], -1, attn.heads, head_dim).transpose(1, 2)
-
-        query, key, value = heads(query), heads(key), heads(value)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        if branches is None:
-            out = F.scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False)
-        else:
-            out = self._with_branches(query, key, value, branches, attn.heads, head_dim, heads)
-        hidden_states = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        combine = None
+        if branches is not None:
+            def combine(query, key, value, heads, head_dim):
+                return self._with_branches(query, key, value, branches, attn.heads, head_dim, heads)
+        return attention_forward(attn, hidden_states, encoder_hidden_states, temb, attend=self.attend,
+                                 hypernetworks=hypernetworks, combine=combine)
 
     def _with_branches(self, query, key, value, rows, num_heads, head_dim, heads):
         batch = query.shape[0]
@@ -277,7 +296,8 @@ class RowBranchAttnProcessor:
                 scales[row, b] = scale
                 present[row, b] = scale != 0.0  # diffusers skips a branch at scale 0
                 lengths[row, b] = count
-        return scaled_multi_branch_attention(query, key, value, k_image, v_image, scales, present, lengths)
+        return scaled_multi_branch_attention(query, key, value, k_image, v_image, scales, present, lengths,
+                                             attend=self.attend)
 
 
 def install_processors(unet, rows: RowContextHolder) -> None:
@@ -285,5 +305,7 @@ def install_processors(unet, rows: RowContextHolder) -> None:
     processors = {}
     for name, processor in unet.attn_processors.items():
         cross = name.endswith("attn2.processor")
-        processors[name] = RowBranchAttnProcessor(name.removesuffix(".processor"), rows, processor, cross)
+        # The attention backend's kernel (engine/attention_backend.py), if one was installed at load.
+        attend = getattr(processor, "attend", None)
+        processors[name] = RowBranchAttnProcessor(name.removesuffix(".processor"), rows, processor, cross, attend)
     unet.set_attn_processor(processors)

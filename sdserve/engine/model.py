@@ -152,9 +152,15 @@ class LoadedModel:
 MODULE_BUILD_LOCK = threading.RLock()
 
 
-def load_model(info: ModelInfo, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+def load_model(info: ModelInfo, device: torch.device, dtype: torch.dtype, attention: str = "sdpa") -> LoadedModel:
+    """`attention`: the UNet's attention backend (EngineConfig.attention, engine/attention_backend.py)."""
     with MODULE_BUILD_LOCK:
-        return _load_model(info, device, dtype)
+        loaded = _load_model(info, device, dtype)
+    if attention != "sdpa":
+        from sdserve.engine.attention_backend import install_attention
+
+        install_attention(loaded.unet, attention)
+    return loaded
 
 
 def _load_model(info: ModelInfo, device: torch.device, dtype: torch.dtype) -> LoadedModel:
@@ -268,5 +274,7 @@ class ModelStore:
 
                     self._loaded[info.name] = load_onnx_model(info)
                 else:
-                    self._loaded[info.name] = load_model(info, self.config.torch_device(), self.config.torch_dtype())
+                    self._loaded[info.name] = load_model(
+                        info, self.config.torch_device(), self.config.torch_dtype(), self.config.attention
+                    )
             return self._loaded[info.name]

@@ -7,6 +7,8 @@ no such branch. A present branch at scale 0 still computes 0 * attention, as dif
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -20,15 +22,19 @@ def scaled_multi_branch_attention_reference(
     image_scales: torch.Tensor | None,  # [B, NB] float32
     image_present: torch.Tensor | None,  # [B, NB] bool
     image_lengths: torch.Tensor | None = None,  # [B, NB] int32, valid image keys (default Li)
+    attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:  # [B, H, Lq, D]
     """out[b] = softmax(q Kt^T/sqrt(D)) Vt + sum_{i: present[b,i]} scale[b,i] * softmax(q Ki^T/sqrt(D)) Vi.
 
-    Sums in float32, returns q's dtype.
+    Sums in float32, returns q's dtype. Each softmax(q K^T/sqrt(D)) V is `attend(q, k, v)` on
+    [B, H, L, D] tensors: F.scaled_dot_product_attention by default, xformers' kernel for the
+    xformers backend (kernels/attention_xformers.py).
     """
+    attend = attend or F.scaled_dot_product_attention
     num_branches = check_attention_args(
         q, k_text, v_text, k_image, v_image, image_scales, image_present, image_lengths
     )
-    out = F.scaled_dot_product_attention(q, k_text, v_text).float()  # [B, H, Lq, D]
+    out = attend(q, k_text, v_text).float()  # [B, H, Lq, D]
     if num_branches == 0:
         return out.to(q.dtype)
     present = image_present.tolist()
@@ -46,7 +52,7 @@ def scaled_multi_branch_attention_reference(
                 by_length.setdefault(length, []).append(row)
         for length, rows in by_length.items():
             index = torch.tensor(rows, device=q.device)
-            attended = F.scaled_dot_product_attention(
+            attended = attend(
                 q.index_select(0, index),
                 k_image[index, branch, :, :length],
                 v_image[index, branch, :, :length],
