@@ -1,0 +1,135 @@
+"""The front's engine thread for scale-out: sends admitted requests to Ray Serve replicas.
+
+`RayDispatcher` has the surface the servicers use of `engine.loop.EngineThread` (submit,
+cancel, alive, stop, step_hooks, death_hooks, failure), so the single server's admission, jobs
+and listeners work unchanged. Each submitted request becomes a task on the server's event loop
+that streams the replica's events to the request's listener.
+
+Routing: with "affine" routing a request carries its stack key (route.stack_key) as Ray Serve's
+multiplexed model id, so Ray's router prefers a replica that served the same stack (its adapters
+are resident there) and otherwise picks the least loaded of two; a request without adapters, or
+with "least_loaded" routing, carries no id.
+
+Failure: if the replica dies (or Ray cannot reach one), the request is sent again, up to
+`retries` times; the same EngineRequest with the same seed gives the same image. After that the
+caller hears UNAVAILABLE. A cancelled call (caller gone, deadline) cancels the replica's stream,
+which cancels the request in that replica's engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from sdserve.engine import EngineEvent
+from sdserve.engine.engine import Listener
+from sdserve.engine.request import EngineRequest
+from sdserve.errors import Cancelled, DeadlineExceeded, Unavailable
+from sdserve.scaleout.config import AFFINE, RayConfig
+from sdserve.scaleout.route import stack_key
+
+log = logging.getLogger("sdserve.scaleout")
+
+_SERVED_BY_KEPT = 4096  # recent request id -> replica id pairs kept for logs and tests
+
+
+class RayDispatcher:
+    """Stands in for the server's EngineThread; all methods but `stop` run on the server's loop."""
+
+    def __init__(self, handle: Any, ray_config: RayConfig) -> None:
+        self.handle = handle  # DeploymentHandle of the EngineReplica deployment
+        self.ray_config = ray_config
+        self.step_hooks: list[Callable[[float], None]] = []  # steps happen on replicas: never called
+        self.death_hooks: list[Callable[[BaseException], None]] = []
+        self.failure: BaseException | None = None
+        self.served_by: OrderedDict[str, str] = OrderedDict()  # request id -> replica id
+        self.retried = 0  # requests sent again after their replica failed
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopped = False
+
+    def start(self) -> RayDispatcher:
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return not self._stopped
+
+    def submit(self, request: EngineRequest, listener: Listener | None = None) -> None:
+        self._loop = asyncio.get_running_loop()  # admission releases requests on the server's loop
+        request_id = request.request_id
+        task = self._loop.create_task(self._run(request, listener or (lambda _event: None)),
+                                      name=f"sdserve-dispatch-{request_id}")
+        self._tasks[request_id] = task
+        task.add_done_callback(lambda _task: self._tasks.pop(request_id, None))
+
+    def cancel(self, request_id: str) -> None:
+        """The request's listener hears Cancelled once its replica stream is torn down."""
+        task = self._tasks.get(request_id)
+        if task is not None:
+            task.cancel()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        deadline = time.monotonic() + (timeout if timeout is not None else 1e9)
+        while self._tasks and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return not self._tasks
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        """Called from a worker thread at server stop: cancel what is still on replicas."""
+        self._stopped = True
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            for task in list(self._tasks.values()):
+                loop.call_soon_threadsafe(task.cancel)
+
+    async def _run(self, request: EngineRequest, listener: Listener) -> None:
+        from ray.exceptions import RayError
+        from ray.serve.exceptions import RayServeException
+
+        request_id = request.request_id
+        key = stack_key(request) if self.ray_config.routing == AFFINE else ""
+        options: dict[str, Any] = {"stream": True}
+        if key:
+            options["multiplexed_model_id"] = key
+        failures = 0
+        while True:
+            remaining = request.deadline - time.monotonic() if request.deadline is not None else None
+            if remaining is not None and remaining <= 0:
+                listener(EngineEvent("error", request_id, error=DeadlineExceeded("the request's deadline passed")))
+                return
+            stream = None
+            try:
+                stream = self.handle.options(**options).generate.remote(request, remaining)
+                async for item in stream:
+                    if isinstance(item, str):  # the replica says who it is first
+                        self._note_replica(request_id, item)
+                        continue
+                    listener(item)
+                    if item.kind in ("done", "error"):
+                        return
+                raise Unavailable("the replica's stream ended before the request did")
+            except asyncio.CancelledError:
+                if stream is not None:
+                    stream.cancel()  # the replica's generator is cancelled: its engine drops the request
+                listener(EngineEvent("error", request_id, error=Cancelled("the request was cancelled")))
+                return
+            except (RayError, RayServeException, Unavailable) as error:
+                failures += 1
+                if failures > self.ray_config.retries:
+                    log.warning("request %s: replica failed %d time(s), giving up: %s", request_id, failures,
+                                type(error).__name__)
+                    listener(EngineEvent("error", request_id, error=Unavailable(
+                        "the replica running this request failed; retry shortly")))
+                    return
+                self.retried += 1
+                log.warning("request %s: replica failed (%s), sending it again", request_id, type(error).__name__)
+
+    def _note_replica(self, request_id: str, replica: str) -> None:
+        self.served_by[request_id] = replica
+        while len(self.served_by) > _SERVED_BY_KEPT:
+            self.served_by.popitem(last=False)

@@ -1,0 +1,124 @@
+"""One engine replica: a Ray Serve deployment holding an Engine and its engine thread.
+
+The front validates, admits and resolves adapter names; a replica receives the resulting
+EngineRequest and streams its EngineEvents back ("admitted", "step", "done", "error"), exactly
+what the in-process engine thread would have told the front's listener. A replica reads adapter
+files by the paths the front's registry gave (one content-addressed store every replica reads),
+so an upload is servable everywhere once UploadAdapter returns.
+
+Ray is imported here: import this module only where a deployment is built or runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray import serve
+
+from sdserve.engine import Engine, EngineEvent, ModelStore
+from sdserve.engine.loop import EngineThread
+from sdserve.engine.request import EngineRequest
+from sdserve.errors import Unavailable
+from sdserve.scaleout.config import RayConfig
+from sdserve.server.config import Config
+
+log = logging.getLogger("sdserve.scaleout")
+
+
+class EngineReplica:
+    """The deployment's class (wrapped by `deployment`); Ray builds one per replica."""
+
+    def __init__(self, config: Config, ray_config: RayConfig) -> None:
+        import torch
+
+        # Ray sets OMP_NUM_THREADS to the replica's CPUs; torch reads it only at import in some
+        # builds, so say it again: two replicas on two cores must not each take both.
+        torch.set_num_threads(max(1, int(ray_config.cpus_per_replica)))
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        store = ModelStore(config.engine, default_model=config.models.default_model, vaes=config.models.vae)
+        self.engine = Engine(config.engine, models=store)
+        self.engine.serve_conditioning_models(config.models.controlnets, config.models.ip_adapters)
+        self.models = list(dict.fromkeys((config.models.default_model, *config.models.serve)))
+        for name in self.models:
+            self.engine.load_model(name)
+            self.engine.lora_targets(name)  # described before any request wraps its layers
+        self.thread = EngineThread(self.engine, name=f"sdserve-engine-{self.replica_id}").start()
+        self.running: set[str] = set()  # request ids this replica computes now
+
+        async def note_stack(key: str) -> str:
+            # What multiplexing "loads" is only the routing fact that this replica holds the
+            # stack: the engine's residency store loads the weights (and evicts them by its
+            # own budget) when the request is admitted.
+            return key
+
+        self._hold_stack = serve.multiplexed(max_num_models_per_replica=ray_config.stacks_per_replica)(note_stack)
+        log.info("replica %s (pid %d) serving %s", self.replica_id, os.getpid(), ", ".join(self.models))
+
+    async def generate(self, request: EngineRequest, remaining: float | None) -> AsyncIterator[EngineEvent | str]:
+        """Run `request`: yield this replica's id, then the request's events until "done" or
+        "error". `remaining` is the seconds
+        left to its deadline (monotonic clocks differ between machines, so the front sends a
+        duration and the replica makes it a deadline of its own)."""
+        key = serve.get_multiplexed_model_id()
+        if key:
+            await self._hold_stack(key)
+        yield self.replica_id
+        if not self.thread.alive:
+            yield EngineEvent("error", request.request_id, error=Unavailable("the engine stopped; retry on another replica"))
+            return
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        request = dataclasses.replace(request, deadline=deadline)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[EngineEvent] = asyncio.Queue()
+
+        def listener(event: EngineEvent) -> None:  # on the engine thread
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(events.put_nowait, event)
+
+        finished = False
+        self.running.add(request.request_id)
+        self.thread.submit(request, listener)
+        try:
+            while True:
+                event = await events.get()
+                if event.kind in ("done", "error"):
+                    finished = True
+                yield event
+                if finished:
+                    return
+        finally:
+            self.running.discard(request.request_id)
+            if not finished:  # the front cancelled the call (its caller left, or its deadline)
+                self.thread.cancel(request.request_id)
+
+    async def info(self) -> dict[str, Any]:
+        """Who this replica is and what it runs (for tests and operators)."""
+        return {"replica": self.replica_id, "pid": os.getpid(), "running": sorted(self.running),
+                "models": self.models}
+
+    def __del__(self) -> None:
+        thread = getattr(self, "thread", None)
+        if thread is not None:
+            thread.stop(timeout=5.0)
+
+
+def deployment(config: Config, ray_config: RayConfig) -> Any:
+    """The bound Ray Serve application: `ray_config.replicas` EngineReplicas of `config`."""
+    return serve.deployment(
+        EngineReplica,
+        name="EngineReplica",
+        num_replicas=ray_config.replicas,
+        max_ongoing_requests=ray_config.max_ongoing_requests,
+        ray_actor_options={"num_cpus": ray_config.cpus_per_replica, "num_gpus": ray_config.gpus_per_replica},
+        # A replica loads its models before it counts as started; tiny models take seconds,
+        # real ones (and a cold disk) minutes.
+        health_check_period_s=5.0,
+        health_check_timeout_s=60.0,
+    ).bind(config, ray_config)
