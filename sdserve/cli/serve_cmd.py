@@ -3,6 +3,9 @@
 Configuration is one TOML file (sections [server], [models], [engine], [admission], [registry],
 [[tenants]]; see `sdserve.server.config`); flags override the file. Without a file the server
 serves `default` on 127.0.0.1:50051 to one local tenant with no API key.
+
+With --ray the same server is the front (auth, admission, registry, health) of engine replicas
+deployed on Ray Serve (pip install 'sdserve[ray]'; docs/scaleout.md).
 """
 
 from __future__ import annotations
@@ -42,7 +45,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data-dir", help="adapter registry directory (default $SDSERVE_HOME/server)")
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING, ...")
+    ray = parser.add_argument_group("scale-out on Ray Serve (docs/scaleout.md)")
+    ray.add_argument("--ray", action="store_true",
+                     help="run the engine as Ray Serve replicas behind this server (needs sdserve[ray])")
+    ray.add_argument("--replicas", type=int, metavar="N",
+                     help="engine replicas (default 1; one per GPU, or per CPU process)")
+    ray.add_argument("--address", metavar="ray://HOST:PORT|auto",
+                     help="join this Ray cluster (default: start a local Ray instance, stopped on exit)")
+    ray.add_argument("--routing", choices=("affine", "least_loaded"),
+                     help="affine (default): a request goes to a replica that holds its adapters, else the "
+                     "least loaded; least_loaded: ignore adapters")
+    ray.add_argument("--cpus-per-replica", type=float, metavar="N", help="Ray CPUs each replica reserves (default 1)")
+    ray.add_argument("--gpus-per-replica", type=float, metavar="N", help="Ray GPUs each replica reserves (default 0)")
     parser.set_defaults(func=run)
+
+
+def ray_config(args: argparse.Namespace):  # -> RayConfig | None (no import at module level: --help stays fast)
+    from sdserve.errors import InvalidArgument
+    from sdserve.scaleout.config import RayConfig
+
+    flags = {"--replicas": args.replicas, "--address": args.address, "--routing": args.routing,
+             "--cpus-per-replica": args.cpus_per_replica, "--gpus-per-replica": args.gpus_per_replica}
+    if not args.ray:
+        given = [flag for flag, value in flags.items() if value is not None]
+        if given:
+            raise InvalidArgument("needs --ray", field=given[0])
+        return None
+    chosen = {"replicas": args.replicas, "address": args.address, "routing": args.routing,
+              "cpus_per_replica": args.cpus_per_replica, "gpus_per_replica": args.gpus_per_replica}
+    return RayConfig(**{key: value for key, value in chosen.items() if value is not None})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,9 +102,30 @@ def run(args: argparse.Namespace) -> int:
     except SdserveError as exc:
         fail_on(exc, str(args.config) if args.config else "")
     try:
+        scaleout = ray_config(args)
+    except SdserveError as exc:
+        fail_on(exc)
+    if scaleout is not None:
+        return run_ray(config, scaleout)
+    try:
         # Non-zero when the server stopped because its engine died, so a supervisor restarts it.
         return asyncio.run(serve(config))
     except SdserveError as exc:
         fail_on(exc)
     except OSError as exc:
+        fail_on(SdserveError(f"could not start the server ({exc})"))
+
+
+def run_ray(config, scaleout) -> int:
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        fail_on(SdserveError("--ray needs Ray Serve: pip install 'sdserve[ray]'"))
+    from sdserve.scaleout.cluster import serve_ray
+
+    try:
+        return serve_ray(config, scaleout)
+    except SdserveError as exc:
+        fail_on(exc)
+    except (OSError, ConnectionError) as exc:
         fail_on(SdserveError(f"could not start the server ({exc})"))
