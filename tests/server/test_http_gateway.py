@@ -1,6 +1,6 @@
 """The HTTP/JSON gateway against a real server on tiny-sd1, over urllib: the same images, auth,
 admission and messages as gRPC (the gRPC client on the same server is the oracle), and the
-playground page driven in Debian's headless Chromium (skipped without /usr/bin/chromium).
+playground page driven in Debian's headless Chromium (slow; skipped without /usr/bin/chromium).
 """
 
 from __future__ import annotations
@@ -186,6 +186,7 @@ def test_models_health_and_adapters_round_trip(gateway, lora_bytes):
     assert call(gateway, "/v1/adapters/http-style")[0] == 404
 
 
+@pytest.mark.slow  # ~6-10 s of Chromium start-up alone at load 15 on 2 cores: past the default suite's budget
 @pytest.mark.skipif(not CHROMIUM.exists() or not CHROMEDRIVER.exists(),
                     reason="needs Debian's chromium and chromium-driver (/usr/bin/chromium, /usr/bin/chromedriver)")
 def test_playground_in_headless_chromium(gateway, tmp_path, lora_bytes):
