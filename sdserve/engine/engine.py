@@ -26,7 +26,7 @@ from sdserve.engine.decode import decode_latents
 from sdserve.engine.ip_adapter import IPAdapterStore
 from sdserve.engine.model import LoadedModel, ModelInfo, ModelStore
 from sdserve.engine.png import model_shorthash, parameters_text
-from sdserve.engine.preview import latent_preview
+from sdserve.engine.preview import model_preview
 from sdserve.engine.request import EngineRequest, RequestSpec, resolve
 from sdserve.engine.residency import AdapterRuntime, RequestWeights, ResidencyStats
 from sdserve.engine.runner import Runner
@@ -214,7 +214,7 @@ class Engine:
             every = state.request.preview_every
             preview = None
             if every and state.step_index % every == 0 and not state.done:
-                preview = latent_preview(state.latents[0])
+                preview = model_preview(state.model, state.latents[0])  # [h, w, 3] at latent size
             event = EngineEvent("step", state.request.request_id, state.step_index, state.num_steps, preview=preview)
             self._emit(state.request, event)
             if state.done:

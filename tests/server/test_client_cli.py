@@ -49,9 +49,15 @@ def _run(server, *argv: str, key: str = "alice") -> None:
 def test_generate_writes_the_engines_png(server, reference_engine, tmp_path, capsys):
     out = tmp_path / "out.png"
     _run(server, "generate", "--model", MODEL, "--prompt", "a red circle", "--seed", "4", "--steps", "3",
-         "--guidance", "6", "--out", str(out), "--stream")
+         "--guidance", "6", "--out", str(out), "--stream", "--preview-dir", str(tmp_path / "previews"))
     captured = capsys.readouterr()
-    assert f"{out}  seed=4" in captured.out and "step 3/3" in captured.err
+    assert f"{out}  seed=4" in captured.out and "] step 3/3" in captured.err and "2 preview(s)" in captured.err
+    # --preview-dir asks for a preview every step but the last (the result is the last image)
+    previews = sorted((tmp_path / "previews").iterdir())
+    assert [p.name for p in previews] == ["step_001.png", "step_002.png"]
+    final = png_pixels(out.read_bytes())
+    for preview in map(png_pixels, (p.read_bytes() for p in previews)):
+        assert preview.shape[0] < final.shape[0] and preview.shape[2] == 3 and preview.std() > 0
     want = reference_images(reference_engine, {"model": MODEL, "prompt": "a red circle", "seed": 4, "steps": 3,
                                                "guidance_scale": 6.0})[0]
     assert max_diff(png_pixels(out.read_bytes()), want) <= 2
