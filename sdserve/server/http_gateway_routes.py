@@ -28,6 +28,7 @@ import json
 import logging
 import select
 import socket
+import ssl
 import tempfile
 from collections.abc import Iterator
 from functools import cache
@@ -155,6 +156,7 @@ class GatewayHandler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         path = url.path
         try:
+            self._same_origin()
             if path in PLAYGROUND_FILES and method == "GET":
                 self._static(path)
             elif path == "/v1/health" and method == "GET":
@@ -195,6 +197,17 @@ class GatewayHandler(BaseHTTPRequestHandler):
             log.exception("HTTP %s %s failed", method, path[:64])
             with contextlib.suppress(OSError):
                 self._error("INTERNAL", INTERNAL_MESSAGE)
+
+    def _same_origin(self) -> None:
+        """Refuse a call a browser makes from another site's page: a form or `fetch` there can
+        POST without a preflight, and on a keyless server it would run as the anonymous tenant.
+        Browsers send `Origin` on such calls; curl and the gRPC-style clients send none."""
+        origin = self.headers.get("Origin")
+        if origin is None:
+            return
+        scheme = "https" if isinstance(self.connection, ssl.SSLSocket) else "http"
+        if origin != f"{scheme}://{self.headers.get('Host', '')}":
+            raise HttpError("PERMISSION_DENIED", "cross-origin requests are refused; use the page this server serves at /")
 
     @staticmethod
     def _known(path: str) -> bool:

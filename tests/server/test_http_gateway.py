@@ -160,6 +160,10 @@ def test_size_limits_endpoints_and_methods(gateway):
     assert call(gateway, "/v1/nothing")[0] == 404
     assert call(gateway, "/v1/models", method="DELETE")[0] == 405
     assert call(gateway, "/v1/adapters?colour=red")[0] == 400
+    # Another site's page cannot make a visitor's browser call the gateway (it sends Origin).
+    port = gateway.server.http.port
+    assert call(gateway, "/v1/generate", REQUEST, headers={"Origin": "http://evil.example"})[0] == 403
+    assert call(gateway, "/v1/models", headers={"Origin": f"http://127.0.0.1:{port}"})[0] == 200
 
 
 def test_models_health_and_adapters_round_trip(gateway, lora_bytes):
