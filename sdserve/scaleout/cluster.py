@@ -16,6 +16,7 @@ from typing import Any
 from sdserve.errors import InvalidArgument
 from sdserve.scaleout.config import RayConfig
 from sdserve.scaleout.dispatch import RayDispatcher
+from sdserve.scaleout.report import ReplicaCollector
 from sdserve.server.app import Server
 from sdserve.server.config import Config
 
@@ -95,6 +96,7 @@ class RayServer(Server):
         assert self.core is not None
         local, self.core.engine_thread = self.core.engine_thread, self.dispatcher
         await asyncio.to_thread(local.stop)
+        self.metrics.registry.register(ReplicaCollector(self.dispatcher.book))
 
 
 async def run_front(config: Config, handle: Any, ray_config: RayConfig) -> int:

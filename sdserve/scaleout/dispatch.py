@@ -30,6 +30,7 @@ from sdserve.engine.engine import Listener
 from sdserve.engine.request import EngineRequest
 from sdserve.errors import Cancelled, DeadlineExceeded, Unavailable
 from sdserve.scaleout.config import AFFINE, RayConfig
+from sdserve.scaleout.report import ReplicaBook, ReplicaReport
 from sdserve.scaleout.route import stack_key
 
 log = logging.getLogger("sdserve.scaleout")
@@ -48,6 +49,7 @@ class RayDispatcher:
         self.failure: BaseException | None = None
         self.served_by: OrderedDict[str, str] = OrderedDict()  # request id -> replica id
         self.retried = 0  # requests sent again after their replica failed
+        self.book = ReplicaBook(max_stacks=ray_config.stacks_per_replica)  # per-replica gauges
         self._tasks: dict[str, asyncio.Task] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped = False
@@ -65,7 +67,7 @@ class RayDispatcher:
         task = self._loop.create_task(self._run(request, listener or (lambda _event: None)),
                                       name=f"sdserve-dispatch-{request_id}")
         self._tasks[request_id] = task
-        task.add_done_callback(lambda _task: self._tasks.pop(request_id, None))
+        task.add_done_callback(lambda _task: self._ended(request_id))
 
     def cancel(self, request_id: str) -> None:
         """The request's listener hears Cancelled once its replica stream is torn down."""
@@ -108,7 +110,13 @@ class RayDispatcher:
                 async for item in stream:
                     if isinstance(item, str):  # the replica says who it is first
                         self._note_replica(request_id, item)
+                        self.book.sent(request, item)
                         continue
+                    if isinstance(item, ReplicaReport):
+                        self.book.report(item)
+                        continue
+                    if item.kind == "admitted":
+                        self.book.admitted(request_id)
                     listener(item)
                     if item.kind in ("done", "error"):
                         return
@@ -128,6 +136,10 @@ class RayDispatcher:
                     return
                 self.retried += 1
                 log.warning("request %s: replica failed (%s), sending it again", request_id, type(error).__name__)
+
+    def _ended(self, request_id: str) -> None:
+        self._tasks.pop(request_id, None)
+        self.book.ended(request_id)
 
     def _note_replica(self, request_id: str, replica: str) -> None:
         self.served_by[request_id] = replica

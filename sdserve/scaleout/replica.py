@@ -27,6 +27,7 @@ from sdserve.engine.loop import EngineThread
 from sdserve.engine.request import EngineRequest
 from sdserve.errors import Unavailable
 from sdserve.scaleout.config import RayConfig
+from sdserve.scaleout.report import ReplicaReport
 from sdserve.server.config import Config
 
 log = logging.getLogger("sdserve.scaleout")
@@ -61,9 +62,9 @@ class EngineReplica:
         self._hold_stack = serve.multiplexed(max_num_models_per_replica=ray_config.stacks_per_replica)(note_stack)
         log.info("replica %s (pid %d) serving %s", self.replica_id, os.getpid(), ", ".join(self.models))
 
-    async def generate(self, request: EngineRequest, remaining: float | None) -> AsyncIterator[EngineEvent | str]:
+    async def generate(self, request: EngineRequest, remaining: float | None) -> AsyncIterator[EngineEvent | ReplicaReport | str]:
         """Run `request`: yield this replica's id, then the request's events until "done" or
-        "error". `remaining` is the seconds
+        "error", with a ReplicaReport just before that last one. `remaining` is the seconds
         left to its deadline (monotonic clocks differ between machines, so the front sends a
         duration and the replica makes it a deadline of its own)."""
         key = serve.get_multiplexed_model_id()
@@ -90,6 +91,7 @@ class EngineReplica:
                 event = await events.get()
                 if event.kind in ("done", "error"):
                     finished = True
+                    yield self.report()
                 yield event
                 if finished:
                     return
@@ -97,6 +99,11 @@ class EngineReplica:
             self.running.discard(request.request_id)
             if not finished:  # the front cancelled the call (its caller left, or its deadline)
                 self.thread.cancel(request.request_id)
+
+    def report(self) -> ReplicaReport:
+        stats = self.engine.residency_stats(self.models)
+        return ReplicaReport(self.replica_id, loads=sum(s.loads for s in stats), hits=sum(s.hits for s in stats),
+                             misses=sum(s.misses for s in stats))
 
     async def info(self) -> dict[str, Any]:
         """Who this replica is and what it runs (for tests and operators)."""

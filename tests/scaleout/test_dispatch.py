@@ -18,6 +18,7 @@ from sdserve.engine.request import EmbeddingEntry, EngineRequest, StackEntry  # 
 from sdserve.errors import Cancelled, DeadlineExceeded, InvalidArgument, Unavailable  # noqa: E402
 from sdserve.scaleout.config import LEAST_LOADED, RayConfig  # noqa: E402
 from sdserve.scaleout.dispatch import RayDispatcher  # noqa: E402
+from sdserve.scaleout.report import ReplicaCollector, ReplicaReport  # noqa: E402
 from sdserve.scaleout.route import stack_key  # noqa: E402
 
 HOLD = object()  # a stream item: block until cancelled
@@ -155,6 +156,41 @@ def test_deadline_travels_as_a_duration_and_a_passed_one_is_not_sent():
     assert 25 < handle.remaining_seen[0] <= 30
     heard = run(RayDispatcher(handle, RayConfig()), request(deadline=time.monotonic() - 1))
     assert isinstance(heard[0].error, DeadlineExceeded) and len(handle.streams) == 1
+
+
+def test_replica_gauges_show_running_and_waiting_adapters_and_reported_loads():
+    """vLLM's lora_requests_info shape per replica: a request the replica's engine admitted is
+    running, one sent but not yet admitted is waiting; loads come from the replicas' reports."""
+    a, b = lora("a" * 64), lora("b" * 64)
+    admitted = EngineEvent("admitted", "r1", total_steps=2)
+    handle = Handle(["replica-1", admitted, HOLD], ["replica-1", HOLD],
+                    ["replica-2", ReplicaReport("replica-2", loads=3, hits=1, misses=3), done("r3")])
+    dispatcher = RayDispatcher(handle, RayConfig(replicas=2, stacks_per_replica=4))
+    collector = ReplicaCollector(dispatcher.book)
+    seen = {}
+
+    async def main():
+        dispatcher.submit(request([a], request_id="r1"), lambda _e: None)
+        dispatcher.submit(request([b], request_id="r2"), lambda _e: None)
+        dispatcher.submit(request(request_id="r3"), lambda _e: None)
+        while "r3" in dispatcher._tasks or len(dispatcher.book.placed) < 2:
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.01)
+        seen["during"] = dispatcher.book.adapters()
+        seen["metrics"] = {m.name: m.samples for m in collector.collect()}
+        dispatcher.cancel("r1")
+        dispatcher.cancel("r2")
+        while dispatcher._tasks:
+            await asyncio.sleep(0.001)
+
+    asyncio.run(asyncio.wait_for(main(), 10))
+    assert seen["during"] == {"replica-1": ({"a" * 16}, {"b" * 16}), "replica-2": (set(), set())}
+    info = {s.labels["replica"]: s.labels for s in seen["metrics"]["sdserve_replica_lora_requests_info"]}
+    assert info["replica-1"]["running_lora_adapters"] == "a" * 16
+    assert info["replica-1"]["waiting_lora_adapters"] == "b" * 16 and info["replica-1"]["max_lora"] == "4"
+    loads = {s.labels["replica"]: s.value for s in seen["metrics"]["sdserve_replica_adapter_loads"]}
+    assert loads == {"replica-2": 3}
+    assert dispatcher.book.placed == {} and dispatcher.book.total_loads() == 3
 
 
 def test_ray_config_refuses_what_cannot_run():
