@@ -52,6 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     engine.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     engine.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16 (default: auto)")
     engine.add_argument("--max-batch-rows", type=int, default=16, help="most UNet rows per step (default: 16)")
+    engine.add_argument("--attention", choices=["sdpa", "xformers"], default="sdpa",
+                        help="the UNet's attention kernel: sdpa (torch, any device; default) or xformers (needs "
+                        "the xformers extra and CUDA; refused otherwise)")
     engine.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 
@@ -98,7 +101,11 @@ def run(args: argparse.Namespace) -> int:
     from sdserve.engine.png import encode_png
 
     specs = _specs_from_args(args)
-    config = EngineConfig(max_batch_rows=args.max_batch_rows, device=args.device, dtype=args.dtype)
+    try:
+        config = EngineConfig(max_batch_rows=args.max_batch_rows, device=args.device, dtype=args.dtype,
+                              attention=args.attention)
+    except SdserveError as exc:  # attention = xformers where it cannot run: one line, exit 2
+        fail_on(exc)
     store = ModelStore(config)
     if args.vae is not None:
         store.vaes[store.resolve_name(args.model or "")] = args.vae

@@ -87,6 +87,11 @@ def test_server_config_and_cli_refuse_xformers_here(tmp_path, monkeypatch, capsy
     err = capsys.readouterr().err.strip()
     assert exited.value.code == 2, err
     assert len(err.splitlines()) == 1 and 'attention = "xformers": xformers is not usable here' in err, err
+    # The in-process CLI: refused before any model loads.
+    with pytest.raises(SystemExit) as exited:
+        main(["generate", "--prompt", "a cat", "--out", str(tmp_path / "x.png"), "--attention", "xformers"])
+    err = capsys.readouterr().err.strip()
+    assert exited.value.code == 2 and len(err.splitlines()) == 1 and "xformers is not usable here" in err, err
 
 
 # -- the kernel, against sdpa ------------------------------------------------------------------------
