@@ -35,7 +35,7 @@ def test_fitted_decoder_beats_the_fixed_factors_on_held_out_images(engine):
     held_out = preview_data(engine, "default", generated=2, rendered=6, seed=777, steps=6)
     fitted = mean_abs_error(FittedPreview.load(shipped), held_out)
     fixed = mean_abs_error(sd_factors_preview, held_out)
-    assert fitted < 0.6 * fixed, (fitted, fixed)
+    assert fitted < 0.35 * fixed, (fitted, fixed)  # measured 0.11-0.19x (docs/benchmarks.md)
 
 
 def test_stream_previews_come_from_the_fitted_decoder(engine, monkeypatch):
