@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import http.client
 import json
-import os
 import urllib.error
 import urllib.request
 from dataclasses import replace
@@ -193,7 +192,7 @@ def test_models_health_and_adapters_round_trip(gateway, lora_bytes):
 @pytest.mark.slow  # ~6-10 s of Chromium start-up alone at load 15 on 2 cores: past the default suite's budget
 @pytest.mark.skipif(not CHROMIUM.exists() or not CHROMEDRIVER.exists(),
                     reason="needs Debian's chromium and chromium-driver (/usr/bin/chromium, /usr/bin/chromedriver)")
-def test_playground_in_headless_chromium(gateway, tmp_path, lora_bytes):
+def test_playground_in_headless_chromium(gateway, tmp_path, lora_bytes, monkeypatch):
     webdriver = pytest.importorskip("selenium.webdriver")
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -207,7 +206,7 @@ def test_playground_in_headless_chromium(gateway, tmp_path, lora_bytes):
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1280,1000"):
         options.add_argument(flag)
-    os.environ.setdefault("SE_AVOID_STATS", "true")
+    monkeypatch.setenv("SE_AVOID_STATS", "true")  # selenium-manager reports nothing either
     # An explicit driver path: selenium-manager has nothing to look up or download.
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import shutil
 import ssl
 from dataclasses import replace
 
@@ -18,7 +19,7 @@ from sdserve.client import Client
 from tests.server.conftest import KEYS, ServerThread, make_config, max_diff, png_pixels
 from tests.server.test_tls import pki  # noqa: F401 (the CA, server and client certificates fixture)
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")]
 
 REQUEST = {"prompt": "a red circle", "steps": 2, "seed": 5, "width": 32, "height": 32}
 
