@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from sdserve.engine.ip_adapter import attention_forward
+
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # q, k, v [B, H, L, D] -> [B, H, Lq, D]
 
 
@@ -30,8 +32,6 @@ class KernelAttnProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         if attention_mask is not None:
             return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
-        from sdserve.engine.ip_adapter import attention_forward
-
         return attention_forward(attn, hidden_states, encoder_hidden_states, temb, attend=self.attend)
 
 
