@@ -75,6 +75,10 @@ class Manifest:
     # that export relative to this directory, and `export_fingerprint` of it when the refit was written.
     base_export: str = ""
     base_export_fingerprint: str = ""
+    # ControlNets exported as `controlnet/NAME`: NAME -> the directory's digest
+    # (`engine.store.directory_digest`), so a request naming a ControlNet the server registered
+    # is served here only when it is the very one exported.
+    controlnets: Mapping[str, str] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
@@ -144,6 +148,7 @@ def read_manifest(directory: Path, flag: str = "--onnx", *, version: str = __ver
             components=components, files=tuple(raw["files"]), format=raw["format"],
             stack=tuple(dict(entry) for entry in raw.get("stack", ())),
             base_export=raw.get("base_export", ""), base_export_fingerprint=raw.get("base_export_fingerprint", ""),
+            controlnets=dict(raw.get("controlnets", {})),
         )
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise InvalidArgument(f"{directory}: {MANIFEST_FILE} is unreadable ({type(error).__name__}); "

@@ -304,6 +304,7 @@ def publish_modes(staging: Path) -> None:
 def export_onnx(config: OnnxConfig) -> ExportResult:
     """Export, check and write OUT; on a failed check nothing is written and `failed` names the
     components past the tolerance."""
+    from sdserve.engine.store import directory_digest
     from sdserve.trainers.components import model_digest
     from sdserve.trainers.output import replace_directory
 
@@ -344,6 +345,7 @@ def export_onnx(config: OnnxConfig) -> ExportResult:
             write_manifest(staging, Manifest(
                 kind="onnx", sdserve_version=__version__, base=config.model, base_digest=model_digest(base.path),
                 family=base.info.family, opset=config.opset, fp16=config.fp16, components=components, files=files,
+                controlnets={arg.name: directory_digest(arg.path.expanduser().resolve()) for arg in config.controlnets},
             ))
             publish_modes(staging)
             replace_directory(staging, out)

@@ -62,7 +62,12 @@ class ControlNetStore(DirectoryRegistry):
         return {**{key: config.get(key) for key in FITTING_KEYS}, "conditioning_stride": 2 ** (len(channels) - 1)}
 
     def check_fits(self, name: str, info: ModelInfo, field: str) -> DirectoryModel:
-        """The registered model if it was made for `info`'s UNet (no file is read)."""
+        """The registered model if it was made for `info`'s UNet (no file is read). A compiled
+        model serves the ControlNets exported with it, as their graphs (engine/onnx_backend.py)."""
+        if info.backend != "eager":
+            from sdserve.engine.onnx_backend import exported_controlnet
+
+            return exported_controlnet(self, name, info, field)
         model = self.resolve(name, field)
         for key in FITTING_KEYS:
             ours, theirs = model.facts.get(key), info.unet_config.get(key)

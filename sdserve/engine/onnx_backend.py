@@ -7,9 +7,12 @@ request's schedulers, seeds, noise, guidance interval and the step-level batcher
 path's own code, and a compiled model's rows batch with each other exactly as eager rows do.
 
 A compiled model holds one fixed stack (its export's, or a refit's, in its weights): per-request
-weights (LoRAs, embeddings, hypernetworks, IP-Adapters) and ControlNet units are refused at
-validation (`refuse_per_request_weights`), before any work. Sessions take numpy arrays on the
-host; with the CUDA or TensorRT provider each call copies in and out (no I/O binding yet).
+weights (LoRAs, embeddings, hypernetworks, IP-Adapters) are refused at validation
+(`refuse_per_request_weights`), before any work. ControlNet units are served when the export
+holds their ControlNet (`exported_controlnet`): its graph gives the residuals, scaled and summed
+per row as the eager path does (engine/controlnet.py), and the `unet_controlled` graph takes
+them. Sessions take numpy arrays on the host; with the CUDA or TensorRT provider each call
+copies in and out (no I/O binding yet).
 
 The engine reads compile's manifest (`sdserve.compile.manifest`, `onnx_session`): both are leaf
 modules that import nothing of the engine, so the one-way rule (compile -> engine) still holds
@@ -19,6 +22,7 @@ for everything that does.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +34,7 @@ from sdserve.engine.batch import Batch
 from sdserve.engine.model import LoadedModel, ModelInfo
 from sdserve.engine.model_limits import ModelDefaults, ModelLimits
 from sdserve.engine.request import EngineRequest
-from sdserve.errors import InvalidArgument
+from sdserve.errors import InvalidArgument, NotFound
 
 BACKEND = "onnxruntime"
 MANIFEST_FILE = "sdserve-compile.json"  # compile/manifest.py's name; checked equal in tests
@@ -205,11 +209,57 @@ class OnnxVAE:
 
 
 class OnnxUNet:
-    """The UNet session; `OnnxBackend` feeds it a batch's rows."""
+    """The UNet session; `OnnxBackend` feeds it a batch's rows. The ControlNet graphs and the UNet
+    that takes their residuals (a second copy of the UNet's weights) open on first use, so an
+    export with ControlNets costs their memory only once a request uses one."""
 
-    def __init__(self, component: OnnxComponent, config: Any) -> None:
+    def __init__(self, component: OnnxComponent, config: Any,
+                 open_component: Callable[[str], OnnxComponent] | None = None) -> None:
         self.component = component
         self.config = config
+        self._open = open_component
+        self._opened: dict[str, OnnxComponent] = {}  # component name -> session; the engine thread's alone
+
+    def graph(self, name: str) -> OnnxComponent:
+        """Component `name` ("controlnet/canny", "unet_controlled") of the export, opened once."""
+        if name not in self._opened:
+            if self._open is None:
+                raise InvalidArgument(f"this compiled model has no {name} graph", field="controlnets")
+            self._opened[name] = self._open(name)
+        return self._opened[name]
+
+
+def _exported_controlnets(path: Path) -> dict[str, str]:
+    """NAME -> digest of every ControlNet exported into the compiled dir `path` (a refit's are its
+    export's: refit copies the manifest's entries)."""
+    return dict(_read_json(Path(path) / MANIFEST_FILE).get("controlnets", {}))
+
+
+def exported_controlnet(store: Any, name: str, info: ModelInfo, field: str) -> Any:
+    """The ControlNet a unit names, as the compiled model `info` holds it: a `DirectoryModel` named
+    after its graph ("controlnet/NAME"). A name the engine's store knows (registered by the
+    operator, or a directory where paths are allowed) must be the very ControlNet exported (same
+    directory digest), so a server's "canny" never runs another "canny" baked into an export;
+    a name the store does not know is looked up among the export's own names."""
+    from sdserve.engine.store import DirectoryModel
+
+    exported = _exported_controlnets(info.path)
+    if not exported:
+        raise InvalidArgument(f"model {info.name!r} is compiled ({info.backend}) without ControlNets; export it "
+                              "with --controlnet NAME=DIR, or use the eager model", field=field)
+    try:
+        source = store.resolve(name, field)
+    except NotFound:
+        source = None
+    if source is None:
+        chosen = name if name in exported else None
+    else:
+        chosen = next((exported_name for exported_name, digest in sorted(exported.items())
+                       if digest == source.digest), None)
+    if chosen is None:
+        raise InvalidArgument(f"model {info.name!r} is compiled with the ControlNets {', '.join(sorted(exported))} "
+                              f"and serves no other", field=field)
+    return DirectoryModel(f"controlnet/{chosen}", info.path, exported[chosen], {})
 
 
 def load_onnx_model(info: ModelInfo) -> LoadedModel:
@@ -242,7 +292,7 @@ def load_onnx_model(info: ModelInfo) -> LoadedModel:
         tokenizers.append(CLIPTokenizer.from_pretrained(path / name.replace("text_encoder", "tokenizer")))
     vae_config = FrozenDict(config("vae_decoder"))
     vae = OnnxVAE(component("vae_decoder"), component("vae_encoder"), vae_config)
-    unet = OnnxUNet(component("unet"), FrozenDict(config("unet")))
+    unet = OnnxUNet(component("unet"), FrozenDict(config("unet")), open_component=component)
     return LoadedModel(
         info=info,
         unet=unet,  # type: ignore[arg-type]  (answers the calls the engine makes; see the module doc)
@@ -258,30 +308,58 @@ def load_onnx_model(info: ModelInfo) -> LoadedModel:
 
 
 class OnnxBackend:
-    """The UNet of a compiled model in onnxruntime: one session call for every row of the batch."""
+    """The UNet of a compiled model in onnxruntime: one session call for every row of the batch
+    (and, when rows use ControlNet units, one per unit on its rows first)."""
 
     name = BACKEND
 
+    def __init__(self, controlnets: Any = None) -> None:
+        self.controlnets = controlnets  # the engine's ControlNetStore: unit names resolve as at validation
+
     def predict_noise(self, model: LoadedModel, batch: Batch) -> torch.Tensor:
-        if batch.controls:  # validation refuses ControlNet units for compiled models
-            raise InvalidArgument("ControlNet units are not served by the onnxruntime backend", field="controlnets")
         tensors = {"sample": batch.sample, "timestep": batch.timesteps,
                    "encoder_hidden_states": batch.encoder_hidden_states}
         if batch.text_embeds is not None:
             tensors.update(text_embeds=batch.text_embeds, time_ids=batch.time_ids)
+        if batch.controls:
+            residuals = self._control_residuals(model, batch)
+            return model.unet.graph("unet_controlled")(**tensors, **residuals)[0]  # [rows, C, h, w]
         return model.unet.component(**tensors)[0]  # [rows, C, h, w]
+
+    def _control_residuals(self, model: LoadedModel, batch: Batch) -> dict[str, torch.Tensor]:
+        """residual name -> [rows, C_k, h_k, w_k]: each unit's graph on its rows alone, times each
+        row's scale, summed in the units' order; zeros for rows without a unit (the eager path's
+        `controlnet.control_residuals`, which diffusers' MultiControlNetModel sums the same way)."""
+        totals: list[torch.Tensor] = []
+        names: list[str] = []
+        for (name, _unit_index), segments in batch.controls.items():
+            graph = model.unet.graph(exported_controlnet(self.controlnets, name, model.info, "controlnets").name)
+            rows = torch.cat([torch.arange(s.row_start, s.row_stop) for s in segments])  # [rows_u]
+            scales = torch.cat([torch.full((s.row_stop - s.row_start,), s.scale) for s in segments])  # [rows_u]
+            inputs = {"sample": batch.sample[rows], "timestep": batch.timesteps[rows],
+                      "encoder_hidden_states": batch.encoder_hidden_states[rows],
+                      "controlnet_cond": torch.cat([s.cond for s in segments])}  # [rows_u, 3, H, W]
+            if batch.text_embeds is not None:
+                inputs.update(text_embeds=batch.text_embeds[rows], time_ids=batch.time_ids[rows])
+            outputs = graph(**inputs)  # down-block residuals, then the mid-block one, at scale 1
+            if not totals:
+                totals = [torch.zeros((batch.num_rows, *out.shape[1:])) for out in outputs]
+                names = graph.output_names
+            for total, out in zip(totals, outputs, strict=True):
+                total.index_add_(0, rows, out * scales.view(-1, 1, 1, 1))
+        return dict(zip(names, totals, strict=True))
 
 
 # request field -> what it carries, for the refusal below
 _PER_REQUEST = (("adapters", "LoRA adapters"), ("embedding_refs", "embeddings"),
-                ("hypernetwork_refs", "hypernetworks"), ("ip_adapters", "IP-Adapters"),
-                ("controlnets", "ControlNet units"))
+                ("hypernetwork_refs", "hypernetworks"), ("ip_adapters", "IP-Adapters"))
 _FIELDS = {"embedding_refs": "embeddings", "hypernetwork_refs": "hypernetworks"}
 
 
 def refuse_per_request_weights(request: EngineRequest, info: ModelInfo) -> None:
-    """A compiled model serves its one fixed stack: anything a request brings is refused, naming
-    its field (`adapters` for a LoRA stack)."""
+    """A compiled model serves its one fixed stack: any weights a request brings are refused,
+    naming their field (`adapters` for a LoRA stack). ControlNet units were checked against the
+    export's ControlNets while they were resolved (`exported_controlnet`)."""
     for attribute, what in _PER_REQUEST:
         if getattr(request, attribute):
             raise InvalidArgument(

@@ -4,7 +4,8 @@ A backend predicts the noise for all rows in one call; the runner then applies e
 guidance and its own scheduler step. The eager backend serves any mix of requests; a model
 compiled to ONNX (`ModelInfo.backend == "onnxruntime"`) runs on the onnxruntime backend
 (engine/onnx_backend.py), which serves only requests without per-request weights (validation
-refuses the others). The backend is picked per model, so a batch (one model) has one backend.
+refuses the others) and ControlNet units of the ControlNets exported with the model. The
+backend is picked per model, so a batch (one model) has one backend.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ class Runner:
 
             if name != BACKEND:
                 raise ValueError(f"no runner backend named {name!r}")
-            self._compiled[name] = OnnxBackend()
+            self._compiled[name] = OnnxBackend(self.controlnets)
         return self._compiled[name]
 
     @torch.inference_mode()

@@ -1,6 +1,7 @@
 """`compile onnx`: tiny-sd1 and a ControlNet exported, each graph checked by the command, and the
 graphs checked again here against the diffusers modules at a batch and size not exported with;
-the manifest describes the directory and its refit map names the modules' weights."""
+the manifest describes the directory and its refit map names the modules' weights; ControlNet
+units served from the export give the eager engine's images."""
 
 from __future__ import annotations
 
@@ -155,3 +156,59 @@ def test_text_encoder_with_an_attention_mask_takes_it_as_an_input(tmp_path):
     masked = session.run(["last_hidden_state"], {"input_ids": ids.numpy(),
                                                  "attention_mask": example["attention_mask"][:1].numpy()})[0]
     assert np.abs(unmasked - masked).max() > 1e-4  # the mask is used, not folded away
+
+
+def _control_png(seed: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_controlnet_units_on_the_export_give_the_eager_images(exported, controlnet_dir, tmp_path):
+    """A unit naming the exported ControlNet (by its directory, as the eager engine is given it, or
+    by the export's name for it) runs its graph and the UNet that takes residuals: each image is
+    the eager engine's within 2/255 at 20 steps, in a batch mixed with rows without a unit; a
+    ControlNet the export does not hold is refused naming the unit's model."""
+    from sdserve.api.types import ControlSpec, RequestSpec
+    from sdserve.engine import Engine, EngineConfig
+    from sdserve.errors import InvalidArgument
+
+    engine = Engine(EngineConfig(device="cpu", dtype="float32"))
+
+    def images(specs):
+        results = engine.generate([engine.validate(spec) for spec in specs])
+        for result in results:
+            assert not isinstance(result, Exception), result
+        return [np.stack(result.images).astype(int) for result in results]
+
+    def requests(model, control_name):
+        # Two units of the one exported ControlNet (their residuals sum), one of them for part of
+        # the steps; and a request without a unit in the same batch (its rows read zeros).
+        units = (ControlSpec(model=control_name, image=_control_png(1), scale=4.0, end=0.7),
+                 ControlSpec(model=control_name, image=_control_png(2), scale=-2.0))
+        return [RequestSpec(model=model, prompt="a red circle", seed=31, steps=20, controlnets=units),
+                RequestSpec(model=model, prompt="a red circle", seed=31, steps=20, num_images=2)]
+
+    eager = images(requests(MODEL, str(controlnet_dir)))
+    compiled = images(requests(str(exported), str(controlnet_dir)))
+    for ours, theirs in zip(compiled, eager, strict=True):
+        assert np.abs(ours - theirs).max() <= 2
+    assert np.abs(compiled[0][0] - compiled[1][0]).max() > 10  # the units change the image (17 measured)
+    by_name = engine.validate(requests(str(exported), "canny")[0])  # the export's own name for it
+    assert [unit.source.name for unit in by_name.controlnets] == ["controlnet/canny"] * 2
+
+    other = tmp_path / "other"
+    net = ControlNetModel.from_pretrained(controlnet_dir)
+    with torch.no_grad():
+        net.controlnet_mid_block.weight.add_(0.1)
+    net.save_pretrained(other)
+    for name in (str(other), "nothing-exported"):
+        with pytest.raises(InvalidArgument) as error:
+            engine.validate(RequestSpec(model=str(exported), prompt="x",
+                                        controlnets=(ControlSpec(model=name, image=_control_png(1)),)))
+        assert error.value.field == "controlnets[0].model" and "canny" in error.value.message

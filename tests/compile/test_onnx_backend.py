@@ -1,7 +1,8 @@
 """The onnxruntime backend: a `compile onnx` directory served by the engine gives the eager model's
 images (the eager engine on the same request is the oracle), mixes requests in one batch as the
 eager path does, serves a refit (a compiled stack) as the eager engine serves that stack per
-request, and refuses per-request weights naming their field."""
+request, and refuses per-request weights naming their field (ControlNet units it serves when the
+export holds their ControlNet: tests/compile/test_onnx.py)."""
 
 from __future__ import annotations
 
@@ -99,6 +100,15 @@ def test_per_request_weights_are_refused_naming_their_field(engine, onnx_export,
     with pytest.raises(InvalidArgument) as error:
         engine.validate(RequestSpec(model=str(onnx_export), prompt="x <toy>", **extra))
     assert error.value.field == field and "compiled" in error.value.message
+
+
+def test_a_controlnet_unit_on_an_export_without_controlnets_is_refused(engine, onnx_export):
+    from sdserve.api.types import ControlSpec
+
+    unit = ControlSpec(model="canny", image=_png(1))
+    with pytest.raises(InvalidArgument) as error:
+        engine.validate(RequestSpec(model=str(onnx_export), prompt="x", controlnets=(unit,)))
+    assert error.value.field == "controlnets[0].model" and "without ControlNets" in error.value.message
 
 
 def test_uploads_are_checked_against_the_exported_modules(engine, onnx_export):
