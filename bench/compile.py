@@ -11,7 +11,8 @@ CPU, text context [batch, 77, 768], latents 32x32 (a 256 px image):
   fuse        fold a rank-16 LoRA over every attention projection into the weights (`fuse.fold`)
   re-export   fuse + export of the fused UNet (what a new stack costs without refit)
   refit       `compile refit` of the export for that LoRA (no check: the check re-runs torch),
-              which copies the export's files and writes the touched initializers
+              which reads the touched initializers, adds the stack and writes them (the graph
+              and weights stay in the export, read in place)
 
 Where onnxruntime is not faster at batch 1, an onnxruntime profile of batch-1 runs says where the
 time goes (share of node time per operator type).
@@ -19,6 +20,7 @@ time goes (share of node time per operator type).
     python -m bench.compile [--repeats 5] [--batches 1,4,8] [--work DIR] [--out FILE]
     python -m bench.compile --quick      # batches 1 and 4, 2 repeats
     python -m bench.compile --work DIR --reuse-export   # skip the first export (a run left it in DIR)
+    python -m bench.compile --refit-only --repeats 3    # no step timing; re-export and refit 3x each
 
 The export and refit (~3.4 GB each) go to a temporary directory outside the source tree unless
 --work names one; JSON to bench/results/compile.json (ignored by git) unless --out.
@@ -152,6 +154,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="batches 1 and 4, 2 repeats")
     parser.add_argument("--work", type=Path, help="where the export and refit go (default: a temporary directory)")
     parser.add_argument("--out", type=Path, help="JSON file (default bench/results/compile.json)")
+    parser.add_argument("--refit-only", action="store_true",
+                        help="skip the step timing; fuse + re-export and refit --repeats times each (interleaved)")
     parser.add_argument("--reuse-export", action="store_true",
                         help="use the export an earlier run left in --work (the export time is then the re-export's)")
     args = parser.parse_args(argv)
@@ -191,13 +195,14 @@ def run(args: argparse.Namespace, batches: list[int], threads: int, work: Path) 
         print(f"exporting the SD1.5-shaped UNet to {work} ...", flush=True)
         export = export_unet(unet, work / "export", args.latent)
     graph = work / "export" / "unet" / "model.onnx"
-    session = _session(graph, threads)
-    print("timing steps ...", flush=True)
-    steps = time_steps(unet, session, batches, args.latent, args.repeats)
-    del session
-    gc.collect()
-    profile = None
-    if steps[0]["batch"] == 1 and steps[0]["speedup"] < GOALS["step_batch1"]:
+    steps, profile = [], None
+    if not args.refit_only:
+        session = _session(graph, threads)
+        print("timing steps ...", flush=True)
+        steps = time_steps(unet, session, batches, args.latent, args.repeats)
+        del session
+        gc.collect()
+    if steps and steps[0]["batch"] == 1 and steps[0]["speedup"] < GOALS["step_batch1"]:
         print("profiling onnxruntime at batch 1 ...", flush=True)
         profile = profile_batch1(graph, threads, args.latent, max(2, args.repeats), work)
 
@@ -205,20 +210,30 @@ def run(args: argparse.Namespace, batches: list[int], threads: int, work: Path) 
     lora = work / "lora.safetensors"
     random_lora_file(lora, targets, args.rank, seed=1)
     stack = load_stack_for(targets, "sd1", [LoRAArg(lora, 0.8)])
-    started = time.perf_counter()
-    fold({"unet": unet}, stack)
-    fuse_s = time.perf_counter() - started
-    print("re-exporting the fused UNet ...", flush=True)
-    reexport = export_unet(unet, work / "fused-export", args.latent)
-    shutil.rmtree(work / "fused-export", ignore_errors=True)
-    started = time.perf_counter()
-    refit(RefitConfig(onnx=work / "export", out=work / "refit", loras=(LoRAArg(lora, 0.8),), progress=False, force=True,
-                      check=False))
-    refit_s = time.perf_counter() - started
-    return {"steps": steps, "profile": profile, "export_s": export["seconds"] or reexport["seconds"],
+    fuse_all, reexport_all, refit_all = [], [], []
+    for repeat in range(args.repeats if args.refit_only else 1):
+        started = time.perf_counter()
+        # A repeat folds the stack in again (the weights drift; the time does not)
+        fold({"unet": unet}, stack)
+        fuse_all.append(time.perf_counter() - started)
+        print(f"re-exporting the fused UNet ({repeat + 1}) ...", flush=True)
+        reexport = export_unet(unet, work / "fused-export", args.latent)
+        shutil.rmtree(work / "fused-export", ignore_errors=True)
+        reexport_all.append(fuse_all[-1] + reexport["seconds"])
+        started = time.perf_counter()
+        refit(RefitConfig(onnx=work / "export", out=work / "refit", loras=(LoRAArg(lora, 0.8),), progress=False,
+                          force=True, check=False))
+        refit_all.append(time.perf_counter() - started)
+        print(f"  re-export {reexport_all[-1]:.1f} s, refit {refit_all[-1]:.2f} s", flush=True)
+    ratios = [r / f for r, f in zip(reexport_all, refit_all)]
+    export_s = export["seconds"] or reexport_all[0] - fuse_all[0]
+    return {"steps": steps, "profile": profile, "export_s": export_s,
             "export_reused": export["seconds"] is None, "refit_targets": export["refit_targets"],
-            "lora_modules": len(targets), "fuse_s": fuse_s, "reexport_s": fuse_s + reexport["seconds"],
-            "refit_s": refit_s, "threads": threads, "onnxruntime": onnxruntime.__version__,
+            "lora_modules": len(targets), "fuse_s": statistics.median(fuse_all),
+            "reexport_s": statistics.median(reexport_all), "refit_s": statistics.median(refit_all),
+            "refit_ratio": statistics.median(ratios), "refit_ratio_min": min(ratios), "refit_ratio_max": max(ratios),
+            "fuse_all": fuse_all, "reexport_all": reexport_all, "refit_all": refit_all,
+            "threads": threads, "onnxruntime": onnxruntime.__version__,
             "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
 
 
@@ -227,13 +242,16 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
     print(f"\nSD1.5-shaped UNet, float32, {args.latent}x{args.latent} latents, {results['threads']} threads, "
           f"{args.repeats} repeats (median; spread = min..max of the paired ratios); load average "
           f"{results['loadavg_before'][0]:.1f} before, {results['loadavg_after'][0]:.1f} after (a shared machine):\n")
-    print_table(
-        ["batch", "eager s/step", "onnxruntime s/step", "speedup", "spread", "max rel err", "goal"],
-        [[s["batch"], s["eager_s"], s["onnxruntime_s"], f"{s['speedup']:.2f}x",
-          f"{s['speedup_min']:.2f}..{s['speedup_max']:.2f}", f"{s['max_rel_error']:.1e}",
-          f">= {GOALS['step_batch1']}x" if s["batch"] == 1 else ""] for s in steps],
-    )
-    ratio = results["reexport_s"] / results["refit_s"]
+    if steps:  # none with --refit-only
+        print_table(
+            ["batch", "eager s/step", "onnxruntime s/step", "speedup", "spread", "max rel err", "goal"],
+            [[s["batch"], s["eager_s"], s["onnxruntime_s"], f"{s['speedup']:.2f}x",
+              f"{s['speedup_min']:.2f}..{s['speedup_max']:.2f}", f"{s['max_rel_error']:.1e}",
+              f">= {GOALS['step_batch1']}x" if s["batch"] == 1 else ""] for s in steps],
+        )
+    ratio = results["refit_ratio"]
+    spread = (f", spread {results['refit_ratio_min']:.1f}..{results['refit_ratio_max']:.1f}x over "
+              f"{len(results['refit_all'])} repeats" if len(results["refit_all"]) > 1 else "")
     print(f"\nrank-{args.rank} LoRA on {results['lora_modules']} attention projections "
           f"({results['refit_targets']} weights in the refit map):\n")
     print_table(
@@ -242,7 +260,7 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
           else ""],
          ["fuse (fold into weights)", results["fuse_s"], ""],
          ["re-export (fuse + export)", results["reexport_s"], ""],
-         ["refit (no check)", results["refit_s"], f"{ratio:.1f}x faster than re-export "
+         ["refit (no check)", results["refit_s"], f"{ratio:.1f}x faster than re-export{spread} "
                                                   f"(goal >= {GOALS['refit_vs_reexport']:g}x)"]],
     )
     if results["profile"]:
