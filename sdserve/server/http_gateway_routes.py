@@ -283,9 +283,18 @@ class GatewayHandler(BaseHTTPRequestHandler):
                             http_status=413)
         return length
 
+    def _continue(self) -> None:
+        """Answer `Expect: 100-continue` (curl sends it for bodies over 1 MiB, then waits a second
+        for it): the body is wanted. The stdlib answers it only under HTTP/1.1, which this is not."""
+        if self.headers.get("Expect", "").lower() == "100-continue" and self.request_version >= "HTTP/1.1":
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.wfile.flush()
+
     def _read_request(self) -> Any:
         """The body as a GenerateRequest; a body that is not one is refused after authentication."""
-        body = self.rfile.read(self._body_length(self.limits.json_body_bytes))
+        length = self._body_length(self.limits.json_body_bytes)
+        self._continue()
+        body = self.rfile.read(length)
         try:
             data = json.loads(body)
             message = convert.pb_from_dict(data)
@@ -364,6 +373,7 @@ class GatewayHandler(BaseHTTPRequestHandler):
     def _upload(self, params: dict[str, str]) -> None:
         length = self._body_length(self.limits.upload_bytes)
         self._authenticate()  # before reading up to max_adapter_bytes of someone's body
+        self._continue()
         if not params.get("name"):
             raise HttpError("INVALID_ARGUMENT", "header.name: the query needs ?name=")
         with tempfile.SpooledTemporaryFile(max_size=8 << 20) as spool:
