@@ -102,7 +102,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         dest="adapters_command", required=True, metavar="ACTION"
     )
     upload = adapters.add_parser("upload", help="upload a safetensors adapter file")
-    upload.add_argument("file", type=Path)
+    upload.add_argument("file", type=Path, help="the adapter file (.safetensors) to upload")
     upload.add_argument("--name", required=True, help="name to register it under")
     upload.add_argument("--family", default="", choices=["sd1", "sd2", "sdxl"],
                         help="model family it is for: validated against every served model of it, accepted if it "
@@ -116,10 +116,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     listing.add_argument("--family", default="", help="only this family")
     listing.set_defaults(func=run, action=_list)
     get = adapters.add_parser("get", help="describe one adapter")
-    get.add_argument("name")
+    get.add_argument("name", help="the adapter's registered name")
     get.set_defaults(func=run, action=_get)
     delete = adapters.add_parser("delete", help="delete one of your adapters")
-    delete.add_argument("name")
+    delete.add_argument("name", help="the adapter's registered name")
     delete.add_argument("--shared", action="store_true", help="delete the shared adapter (admins only)")
     delete.set_defaults(func=run, action=_delete)
 

@@ -17,12 +17,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = parser.add_subparsers(dest="models_command", required=True)
     sub.add_parser("list", help="list the built-in models").set_defaults(func=_list)
     path = sub.add_parser("path", help="print the directory of a built-in model (building it if needed)")
-    path.add_argument("name", nargs="?", default="default")
+    path.add_argument("name", nargs="?", default="default", help="a built-in model (default %(default)s)")
     path.set_defaults(func=_path)
     convert = sub.add_parser(
         "convert", help="convert a single-file .safetensors checkpoint (SD 1.x/2.x/XL layout) once; print its directory"
     )
-    convert.add_argument("file", type=Path)
+    convert.add_argument("file", type=Path, help="a single-file .safetensors checkpoint (SD 1.x/2.x/XL layout)")
     convert.set_defaults(func=_convert)
     fit = sub.add_parser(
         "fit-preview",
@@ -33,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "linear map plus bias by least squares. Put the written file in the model's directory as "
         "preview_decoder.safetensors and the engine uses it for stream previews.",
     )
-    fit.add_argument("--model", default="", help="a built-in model name or a diffusers directory (default: default)")
+    fit.add_argument("--model", default="", help="a built-in model name or a diffusers directory (default: the built-in `default` model)")
     fit.add_argument("--out", type=Path, required=True,
                      help="file to write (the model's directory/preview_decoder.safetensors to use it)")
     fit.add_argument("--generated", type=int, default=24, help="images the model generates for the fit (default 24)")

@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from sdserve.cli import train_data
+from sdserve.cli import train_data, train_ip_adapter
 
 VAE_SHARE = 0.2  # of --minutes; the VAE plateaus long before the UNet does
 # ComponentSizes().unet_channels, written out: its module imports diffusers, which `train --help`
@@ -31,25 +31,25 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     train = subparsers.add_parser("train", help="train models and adapters")
     kinds = train.add_subparsers(dest="train_kind", required=True)
     base = kinds.add_parser("base", help="train the base model on a synthetic world")
-    base.add_argument("--world", default="shapes", choices=["shapes"])
+    base.add_argument("--world", default="shapes", choices=["shapes"], help="the synthetic world to train on (default %(default)s)")
     base.add_argument("--out", type=Path, required=True, help="output pipeline directory")
-    base.add_argument("--seed", type=int, default=0)
-    base.add_argument("--minutes", type=float, default=57.0, help="total wall-clock budget")
+    base.add_argument("--seed", type=int, default=0, help="the same seed trains the same weights (default %(default)s)")
+    base.add_argument("--minutes", type=float, default=57.0, help="total wall-clock budget (default %(default)s)")
     base.add_argument("--vae-minutes", type=float, help=f"VAE budget (default {VAE_SHARE:.0%}% of --minutes)")
     base.add_argument("--unet-minutes", type=float, help="UNet budget (default: the rest of --minutes)")
-    base.add_argument("--vae-max-steps", type=int)
-    base.add_argument("--unet-max-steps", type=int)
+    base.add_argument("--vae-max-steps", type=int, help="stop the VAE stage after N steps instead of by time (default: by time)")
+    base.add_argument("--unet-max-steps", type=int, help="stop the UNet stage after N steps instead of by time (default: by time)")
     base.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
-    base.add_argument("--vae-downsample", type=int, default=4, choices=[4, 8])
-    base.add_argument("--vae-batch", type=int, default=16)
-    base.add_argument("--unet-batch", type=int, default=64)
-    base.add_argument("--unet-lr", type=float, default=1e-3)
+    base.add_argument("--vae-downsample", type=int, default=4, choices=[4, 8], help="the VAE's spatial downsampling factor (default %(default)s)")
+    base.add_argument("--vae-batch", type=int, default=16, help="VAE batch size (default %(default)s)")
+    base.add_argument("--unet-batch", type=int, default=64, help="UNet batch size (default %(default)s)")
+    base.add_argument("--unet-lr", type=float, default=1e-3, help="UNet learning rate (default %(default)s)")
     base.add_argument("--edge-weight", type=float, default=16.0,
                       help="VAE loss weight of pixels on shape outlines (1: none)")
     base.add_argument("--unet-channels", default=DEFAULT_UNET_CHANNELS, help=f"three comma-separated widths (default {DEFAULT_UNET_CHANNELS})")
     base.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared CPU)")
     base.add_argument("--tiny", action="store_true", help="test-sized networks")
-    base.add_argument("--no-progress", action="store_true")
+    base.add_argument("--no-progress", action="store_true", help="no progress bar")
     base.set_defaults(func=run_base)
     _register_lora(kinds)
     _register_dreambooth(kinds)
@@ -57,6 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     _register_hypernetwork(kinds)
     _register_slider(kinds)
     _register_controlnet(kinds)
+    train_ip_adapter.register(kinds)  # `sdserve train ip-adapter` (cli/train_ip_adapter.py)
     _register_decoder(kinds)
     train_data.register(kinds)  # `sdserve train data shapes`: captioned folders of the shapes world
     return train
