@@ -187,6 +187,11 @@ def test_models_health_and_adapters_round_trip(gateway, lora_bytes):
     assert body["adapters"][0]["sha256"] == sha(data)
     assert call(gateway, "/v1/adapters/http-style", method="DELETE")[1] == {"sha256": sha(data)}
     assert call(gateway, "/v1/adapters/http-style")[0] == 404
+    # The upload's target model travels as the header's `model` (AdapterHeader.model).
+    status, info, _ = call(gateway, f"/v1/adapters?name=for-model&model={MODEL}", data)
+    assert (status, info.get("models")) == (200, [MODEL]), info
+    status, info, _ = call(gateway, "/v1/adapters?name=nowhere&model=no-such-model", data)
+    assert (status, info["code"]) == (400, "INVALID_ARGUMENT") and "no-such-model" in info["message"]
 
 
 @pytest.mark.slow  # ~6-10 s of Chromium start-up alone at load 15 on 2 cores: past the default suite's budget
