@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sdserve.cli.common import EXIT_FAILURE, EXIT_USAGE, fail, fail_on, quiet_libraries
+from sdserve.cli.image_output import DEFAULT_QUALITY, FORMATS, SUFFIXES, encode_image
 from sdserve.cli.request_flags import (
     Refs,
     add_request_flags,
@@ -39,12 +40,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_request_flags(parser, Refs.PATHS)
     io = parser.add_argument_group("input and output")
-    io.add_argument("--out", type=Path, help="output PNG (one request from flags)")
+    io.add_argument("--out", type=Path, help="output file (one request from flags; PNG unless --format)")
     io.add_argument("--requests", type=Path, help="JSON-lines file, one GenerateRequest per line")
     io.add_argument("--from-png", type=Path, metavar="FILE",
                     help="re-run the request in FILE's A1111 'parameters' chunk (flags override its values; "
                     "give its LoRAs with --lora, embeddings with --embedding, init image with --init-image)")
     io.add_argument("--out-dir", type=Path, help="output directory for --requests")
+    io.add_argument("--format", choices=FORMATS, default="png",
+                    help="output file format: png (lossless, A1111 'parameters' text chunk), jpeg or webp (the same "
+                    "text in EXIF UserComment, as A1111 writes it); --out-dir files get .png/.jpg/.webp "
+                    "(default: %(default)s)")
+    io.add_argument("--quality", type=int, metavar="Q",
+                    help=f"JPEG/WebP quality, 1-100 (default {DEFAULT_QUALITY}; only with --format jpeg or webp)")
     engine = parser.add_argument_group("engine")
     engine.add_argument("--vae", metavar="FILE_OR_DIR",
                         help="use this VAE instead of the model's own (for the model --model names, else the "
@@ -57,6 +64,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "the xformers extra and CUDA; refused otherwise)")
     engine.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
+
+
+def _check_format(args: argparse.Namespace) -> int:
+    """The JPEG/WebP quality to write with; one line and exit 2 for a bad --quality."""
+    if args.quality is None:
+        return DEFAULT_QUALITY
+    if args.format == "png":
+        fail("--quality: only with --format jpeg or webp (PNG is lossless)")
+    if not 1 <= args.quality <= 100:
+        fail(f"--quality: must be 1-100 (got {args.quality})")
+    return args.quality
 
 
 def _specs_from_args(args: argparse.Namespace) -> list[tuple[str, Any]]:
@@ -98,8 +116,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from sdserve.engine import Engine, EngineConfig, ModelStore
-    from sdserve.engine.png import encode_png
-
+    quality = _check_format(args)
     specs = _specs_from_args(args)
     try:
         config = EngineConfig(max_batch_rows=args.max_batch_rows, device=args.device, dtype=args.dtype,
@@ -141,9 +158,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"sdserve: error: {specs[index][0]}: {outcome}", file=sys.stderr)
             continue
         paths = output_paths(args, index, len(outcome.images))
+        if args.requests is not None:  # DIR/0000.png -> DIR/0000.jpg; --out keeps the name the user gave
+            paths = [path.with_suffix(SUFFIXES[args.format]) for path in paths]
         for k, (path, image) in enumerate(zip(paths, outcome.images)):
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(encode_png(image, outcome.parameters(k)))
+            path.write_bytes(encode_image(image, outcome.parameters(k), args.format, quality))
             print(f"{path}  seed={outcome.request.seed}")
     print(f"{len(outcomes) - failed} request(s) in {elapsed:.2f} s", file=sys.stderr)
     if not failed:
