@@ -22,6 +22,9 @@ on the same prompts and seeds, and every image is read by the weight-free scorer
     controlnet   scenes with their shape masks as conditioning images, captions naming no position
                  (issue 19) -> on held-out masks the drawn shapes cover the mask (IoU >= 0.6; the
                  base model on the same prompts <= 0.25)
+    ip-adapter   one-shape scenes captioned without the shape's colour, each image its own reference
+                 (issue 19) -> colourless prompts with a green shape's image draw green (>= 80 % at
+                 scale 1); at scale 0 the images are the base model's (bench/trainers_ip_adapter.py)
 
     python -m bench.trainers [--methods lora,ti1] [--work DIR] [--json PATH]
 
