@@ -190,6 +190,7 @@ def test_models_health_and_adapters_round_trip(gateway, lora_bytes):
     # The upload's target model travels as the header's `model` (AdapterHeader.model).
     status, info, _ = call(gateway, f"/v1/adapters?name=for-model&model={MODEL}", data)
     assert (status, info.get("models")) == (200, [MODEL]), info
+    assert call(gateway, "/v1/adapters/for-model", method="DELETE")[0] == 200
     status, info, _ = call(gateway, "/v1/adapters?name=nowhere&model=no-such-model", data)
     assert (status, info["code"]) == (400, "INVALID_ARGUMENT") and "no-such-model" in info["message"]
 
@@ -226,6 +227,7 @@ def test_playground_in_headless_chromium(gateway, tmp_path, lora_bytes, monkeypa
             driver.find_element(By.ID, field).send_keys(str(value))
         driver.find_element(By.ID, "add-adapter").click()
         wait.until(lambda d: "playground-style" in d.find_element(By.CSS_SELECTOR, ".adapter-name").text)
+        Select(driver.find_element(By.CSS_SELECTOR, ".adapter-name")).select_by_value("playground-style")
         start = driver.find_element(By.CSS_SELECTOR, "#adapters .start")
         start.clear()
         start.send_keys("0.3")
@@ -242,7 +244,7 @@ def test_playground_in_headless_chromium(gateway, tmp_path, lora_bytes, monkeypa
     finally:
         driver.quit()
     assert preview.startswith("data:image/png;base64,")
-    assert "Steps: 3" in params and f"Seed: {REQUEST['seed']}" in params and "playground-style" in params
+    assert "Steps: 3" in params and f"Seed: {REQUEST['seed']}" in params and "playground-style" in params, params
     stacked = {**REQUEST, "steps": 3, "adapters": [{"name": "playground-style", "scale": 1.0, "start": 0.3, "end": 1.0}]}
     with gateway.client("alice") as client:
         expected = client.generate(stacked)
