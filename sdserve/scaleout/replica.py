@@ -51,7 +51,6 @@ class EngineReplica:
             self.engine.load_model(name)
             self.engine.lora_targets(name)  # described before any request wraps its layers
         self.thread = EngineThread(self.engine, name=f"sdserve-engine-{self.replica_id}").start()
-        self.running: set[str] = set()  # request ids this replica computes now
 
         async def note_stack(key: str) -> str:
             # What multiplexing "loads" is only the routing fact that this replica holds the
@@ -70,10 +69,11 @@ class EngineReplica:
         key = serve.get_multiplexed_model_id()
         if key:
             await self._hold_stack(key)
-        yield self.replica_id
         if not self.thread.alive:
-            yield EngineEvent("error", request.request_id, error=Unavailable("the engine stopped; retry on another replica"))
-            return
+            # Raised, not sent as the request's error: the front hears a replica failure and
+            # sends the request elsewhere; check_health has Ray replace this replica.
+            raise Unavailable("this replica's engine stopped")
+        yield self.replica_id
         deadline = time.monotonic() + remaining if remaining is not None else None
         request = dataclasses.replace(request, deadline=deadline)
         loop = asyncio.get_running_loop()
@@ -84,7 +84,6 @@ class EngineReplica:
                 loop.call_soon_threadsafe(events.put_nowait, event)
 
         finished = False
-        self.running.add(request.request_id)
         self.thread.submit(request, listener)
         try:
             while True:
@@ -96,7 +95,6 @@ class EngineReplica:
                 if finished:
                     return
         finally:
-            self.running.discard(request.request_id)
             if not finished:  # the front cancelled the call (its caller left, or its deadline)
                 self.thread.cancel(request.request_id)
 
@@ -105,10 +103,11 @@ class EngineReplica:
         return ReplicaReport(self.replica_id, loads=sum(s.loads for s in stats), hits=sum(s.hits for s in stats),
                              misses=sum(s.misses for s in stats))
 
-    async def info(self) -> dict[str, Any]:
-        """Who this replica is and what it runs (for tests and operators)."""
-        return {"replica": self.replica_id, "pid": os.getpid(), "running": sorted(self.running),
-                "models": self.models}
+    def check_health(self) -> None:
+        """Ray Serve calls this every health_check_period_s: a replica whose engine thread died
+        (a bug; the thread logged its trace) can run nothing, so Ray replaces it."""
+        if not self.thread.alive:
+            raise RuntimeError("the engine thread died")
 
     def __del__(self) -> None:
         thread = getattr(self, "thread", None)
