@@ -153,3 +153,19 @@ def test_bad_input_is_one_line_exit_2(capsys, trained, encoder, tmp_path):
     line = _refused(capsys, "--data", good, *out, "--image-encoder", str(wide), "--resume", str(work / "ip.state"))
     assert "--resume" in line and "image_embed_dim '16'" in line and "'32'" in line
     assert not (tmp_path / "ip").exists()
+
+
+def test_cli_builds_the_encoder_saves_it_for_resume(capsys, trained, tmp_path):
+    good, out = str(trained[0] / "data"), tmp_path / "ip"
+    common = ("train", "ip-adapter", "--model", MODEL, "--no-progress", "--resolution", str(SIDE), "--data", good,
+              "--out", str(out), "--encoder-steps", "0", "--batch-size", "2")
+    code, stdout, stderr = run_cli(capsys, *common, "--steps", "1")
+    assert code == 0, stderr
+    assert "wrote" in stdout and (out / WEIGHTS_FILE).is_file()
+    saved = tmp_path / "ip.state" / "image_encoder" / "model.safetensors"
+    assert saved.read_bytes() == (out / "image_encoder" / "model.safetensors").read_bytes()
+    # --resume without --image-encoder takes the encoder the first run saved in the state dir.
+    code, _, stderr = run_cli(capsys, *common, "--steps", "2", "--resume", str(tmp_path / "ip.state"))
+    assert code == 0, stderr
+    with safetensors.safe_open(out / WEIGHTS_FILE, "pt") as handle:
+        assert handle.metadata()["sdserve_steps"] == "2"
