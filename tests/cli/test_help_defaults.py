@@ -79,6 +79,12 @@ def _vae_share_percent() -> float:
     return config_from_args(args).vae_minutes / 10 * 100
 
 
+def _jpeg_quality() -> int:
+    from sdserve.cli.image_output import DEFAULT_QUALITY
+
+    return DEFAULT_QUALITY
+
+
 # (command path, option) -> where the value the code uses when the option is absent comes from.
 RESOLVED: dict[tuple[str, str], Callable[[], object]] = {
     ("serve", "--host"): _server("host"),
@@ -93,6 +99,7 @@ RESOLVED: dict[tuple[str, str], Callable[[], object]] = {
     ("train data shapes", "--styles"): _shapes_default("styles"),
     ("train data shapes", "--layout"): _shapes_default("layout"),
     ("train base", "--vae-minutes"): _vae_share_percent,
+    ("generate", "--quality"): _jpeg_quality,
 }
 
 
