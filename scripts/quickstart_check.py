@@ -1,6 +1,6 @@
 """Follow docs/quickstart.md literally: every ```bash block, in order, in a fresh clone.
 
-    python scripts/quickstart_check.py [--repo DIR] [--doc docs/quickstart.md] [--keep]
+    python scripts/quickstart_check.py [--repo DIR] [--doc docs/quickstart.md] [--keep] [--from N]
 
 The repository's committed HEAD is cloned into a temporary directory whose `.venv` is a link to
 this checkout's (nothing is reinstalled) and whose own code comes first on PYTHONPATH, so the
@@ -95,7 +95,7 @@ def background_servers(code: str) -> str:
     return "\n".join(out) + "\n"
 
 
-def run(repo: Path, doc: Path, keep: bool) -> int:
+def run(repo: Path, doc: Path, keep: bool, first: int = 1) -> int:
     blocks = extract_blocks(doc.read_text())
     work = Path(tempfile.mkdtemp(prefix="quickstart-"))
     clone = work / "sdserve"
@@ -108,6 +108,9 @@ def run(repo: Path, doc: Path, keep: bool) -> int:
         where = f"block {number} (line {block.line})"
         if block.skip:
             print(f"{where}: skipped: {block.skip}")
+            continue
+        if number < first:
+            print(f"{where}: not run (--from {first})")
             continue
         started = time.perf_counter()
         try:
@@ -141,8 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--doc", type=Path, default=root / "docs" / "quickstart.md",
                         help="the markdown file to follow (default: docs/quickstart.md)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary clone for inspection")
+    parser.add_argument("--from", dest="first", type=int, default=1, metavar="N",
+                        help="start at block N, to iterate on a later block (a full check starts at 1; default 1)")
     args = parser.parse_args(argv)
-    return run(args.repo.resolve(), args.doc, args.keep)
+    return run(args.repo.resolve(), args.doc, args.keep, args.first)
 
 
 if __name__ == "__main__":
