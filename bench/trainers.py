@@ -690,7 +690,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="adapter window start of the late-start check (issue 19: 30 %% of the steps)")
     parser.add_argument("--controlnet-images", type=int, default=256, help="scenes (and masks) the ControlNet trains on")
     parser.add_argument("--controlnet-steps", type=int, default=150,
-                        help="150 steps at lr 1e-3: IoU 0.76-0.83 in three short runs; 250 steps lost it (0.14)")
+                        help="150 (lr 1e-3): IoU 0.79 at --threads 1, but the 2-thread run never learned the mask "
+                             "(0.14, also at 250): docs/benchmarks.md")
     parser.add_argument("--controlnet-batch", type=int, default=8)
     parser.add_argument("--controlnet-lr", type=float, default=1e-3)
     parser.add_argument("--controlnet-prompts", type=int, default=32, help="held-out masks and prompts scored")
