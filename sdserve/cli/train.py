@@ -460,9 +460,9 @@ def _register_slider(kinds: argparse._SubParsersAction) -> None:
                         help="the attribute at scale +1, e.g. \"large\"; put after --target's article")
     parser.add_argument("--negative", required=True, metavar="WORDS",
                         help="the attribute at scale -1, e.g. \"small\" (must differ from --positive)")
-    parser.add_argument("--target", action="append", metavar="PROMPT",
-                        help="prompt whose samples the slider edits, e.g. \"a red circle\" (repeatable: pool "
-                             "samples take them in turn; default: the empty prompt)")
+    parser.add_argument("--target", action="append", metavar="PROMPT", required=True,
+                        help="prompt whose samples the slider edits, e.g. \"a red circle\" (required; repeatable: "
+                             "pool samples take them in turn)")
     parser.add_argument("--anchor", action="append", metavar="PROMPT",
                         help="prompt whose prediction the slider must leave unchanged (repeatable)")
     parser.add_argument("--eta", type=float, default=defaults.eta,
@@ -506,7 +506,7 @@ def _run_slider(args: argparse.Namespace) -> int:
     from sdserve.trainers.slider import SliderConfig, check_slider_config
 
     config = SliderConfig(
-        positive=args.positive, negative=args.negative, targets=tuple(args.target or ("",)),
+        positive=args.positive, negative=args.negative, targets=tuple(args.target),
         anchors=tuple(args.anchor or ()), eta=args.eta, anchor_weight=args.anchor_weight, start=args.start,
         pool_size=args.pool_size, pool_steps=args.pool_steps,
         lora=LoRAConfig(rank=args.rank, alpha=args.alpha, unet_targets=_groups(args.targets), format=args.format),

@@ -24,7 +24,7 @@ seed, pool size, steps), regenerated identically on --resume.
 
 Prompts are combined as the paper's are: the attribute word goes after the target's article
 ("a red circle" + "large" -> "a large red circle", the shapes world's word order), or before a
-target without one; an empty target is the attribute word alone.
+target without one.
 
 The file is a LoRA (`lora.LoRAMethod` writes it, diffusers/PEFT or kohya keys) flagged as a
 slider (`sdserve_slider: true`, which `adapters.is_slider` reads), with the scale range it was
@@ -59,7 +59,7 @@ class SliderConfig:
     """Attribute word(s) the LoRA moves toward at scale +1, e.g. "large"."""
     negative: str
     """Attribute word(s) it moves toward at scale -1, e.g. "small"."""
-    targets: tuple[str, ...] = ("",)
+    targets: tuple[str, ...] = ()
     """Prompts whose samples the slider edits ("" : the unconditional prompt); one per pool sample, in turn."""
     anchors: tuple[str, ...] = ()
     """Prompts whose prediction the LoRA must keep (the paper's preservation prompts)."""
@@ -107,7 +107,8 @@ def check_slider_config(config: SliderConfig) -> None:
         (0.0 <= config.start < 1.0, "--start", f"must be in [0, 1) (got {config.start})"),
         (config.pool_size >= 1, "--pool-size", f"must be >= 1 (got {config.pool_size})"),
         (config.pool_steps >= 1, "--pool-steps", f"must be >= 1 (got {config.pool_steps})"),
-        (len(config.targets) >= 1, "--target", "needs at least one prompt"),
+        (len(config.targets) >= 1 and all(t.strip() for t in config.targets), "--target",
+         "needs at least one non-empty prompt, e.g. \"a red circle\" (the frozen model draws its samples from it)"),
     ]
     for ok, flag, problem in checks:
         if not ok:

@@ -152,6 +152,19 @@ def test_slider_gives_the_same_image_in_sdserve_and_diffusers(trained, engine, l
 
 def test_positive_equal_to_negative_is_one_line_exit_2(capsys, tmp_path):
     code, out, err = run_cli(capsys, "train", "slider", "--model", MODEL, "--positive", "large", "--negative",
-                             " large", "--out", str(tmp_path / "s.safetensors"))
+                             " large", "--target", TARGET, "--out", str(tmp_path / "s.safetensors"))
     assert code == 2 and err.count("\n") == 1 and "--positive" in err and "negative" in err
+    assert not (tmp_path / "s.safetensors").exists()
+
+
+@pytest.mark.parametrize("target", [None, " "])
+def test_missing_or_empty_target_is_one_line_exit_2(capsys, tmp_path, target):
+    """The pool is the frozen model's samples of --target, and the engine refuses an empty prompt:
+    refused before any model loads, not after."""
+    flags = [] if target is None else ["--target", target]
+    code, out, err = run_cli(capsys, "train", "slider", "--model", MODEL, "--positive", "large", "--negative",
+                             "small", *flags, "--out", str(tmp_path / "s.safetensors"))
+    # argparse answers a missing required flag with its usage, then the one line naming the flag.
+    assert code == 2 and "--target" in err.strip().splitlines()[-1], err
+    assert target is None or err.count("\n") == 1, err
     assert not (tmp_path / "s.safetensors").exists()
