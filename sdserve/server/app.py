@@ -42,6 +42,7 @@ from sdserve.server.metrics import Metrics
 from sdserve.server.registry import Registry
 from sdserve.server.tls import describe as describe_transport
 from sdserve.server.tls import server_credentials
+from sdserve.server.tracing import make_tracer
 from sdserve.server.variants import VariantRouter, load_variants
 
 log = logging.getLogger("sdserve.server")
@@ -68,6 +69,9 @@ class Server:
         # resolve, never a directory a request names.
         engine.serve_conditioning_models(config.models.controlnets, config.models.ip_adapters)
         self.metrics = Metrics(tenant_labels=config.server.metrics_tenant_labels)
+        # None unless [server] tracing is on; a missing `otel` extra fails start-up here, before models load.
+        self.tracer = make_tracer(config.server.tracing, config.server.otlp_endpoint,
+                                  tenant_attribute=config.server.metrics_tenant_labels)
         self.health = health.aio.HealthServicer()
         self.port = 0
         self.metrics_port: int | None = None
@@ -99,6 +103,9 @@ class Server:
         engine_thread.start()
         self.engine.observers.append(self.metrics.on_engine_event)
         engine_thread.step_hooks.append(self.metrics.on_step)
+        if self.tracer is not None:
+            self.engine.observers.append(self.tracer.on_engine_event)
+            engine_thread.step_hooks.append(self.tracer.on_step)
         self.metrics.watch_adapters(lambda: self.engine.residency_stats(eager))
         self.core = Core(
             config=config,
@@ -116,7 +123,7 @@ class Server:
             await asyncio.to_thread(self.core.model_targets, name)
         server = grpc.aio.server(options=grpc_options(config.server))
         self.adapters_service = AdaptersService(self.core)
-        convert.add_services(server, GenerationService(self.core), self.adapters_service, ModelsService(self.core))
+        convert.add_services(server, GenerationService(self.core, self.tracer), self.adapters_service, ModelsService(self.core))
         health_pb2_grpc_add(self.health, server)
         reflection.enable_server_reflection((*convert.SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         address = f"{config.server.host}:{config.server.port}"
@@ -227,6 +234,8 @@ class Server:
             await asyncio.to_thread(self.core.engine_thread.stop)
             self.core.registry.close()
         self.metrics.close()
+        if self.tracer is not None:
+            await asyncio.to_thread(self.tracer.shutdown)  # flushes the spans still batched (export may wait)
         self._stopped.set()
         watcher, self._engine_watcher = self._engine_watcher, None
         if watcher is not None and watcher is not asyncio.current_task():

@@ -92,6 +92,13 @@ class ServerConfig:
     `tls_cert` set it speaks HTTPS only, with the same certificate (and client CA)."""
     http_host: str = ""
     """Address the HTTP gateway binds; "" = `host`."""
+    tracing: str = "off"
+    """OpenTelemetry traces of each Generate call (span tree: sdserve.request > admission, denoise
+    with one event per batch step, decode; docs/observability.md): "off", "console" (spans printed
+    to stdout) or "otlp" (OTLP/gRPC exporter). Needs the `otel` extra; off costs nothing."""
+    otlp_endpoint: str = ""
+    """With tracing = "otlp": the collector's address (e.g. http://localhost:4317); "" = the
+    standard OTEL_EXPORTER_OTLP_TRACES_ENDPOINT / OTEL_EXPORTER_OTLP_ENDPOINT variables, else localhost:4317."""
 
 
 @dataclass(frozen=True)
@@ -314,6 +321,10 @@ def check(config: Config) -> None:
         raise InvalidArgument("[server] tls_cert and tls_key go together (a certificate and its private key)")
     if server.tls_client_ca and not server.tls_cert:
         raise InvalidArgument("[server] tls_client_ca needs tls_cert and tls_key (mutual TLS is TLS first)")
+    if server.tracing not in ("off", "console", "otlp"):
+        raise InvalidArgument(f"[server] tracing must be off, console or otlp, not {server.tracing!r}")
+    if server.otlp_endpoint and server.tracing != "otlp":
+        raise InvalidArgument("[server] otlp_endpoint needs tracing = \"otlp\"")
     registry = config.registry
     if registry.validate_memory_bytes < 2 * registry.max_adapter_bytes:
         # A file's data section is read whole into the validation worker's memory.

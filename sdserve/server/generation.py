@@ -33,7 +33,8 @@ from sdserve.server import status
 from sdserve.server.admission import Ticket, estimated_cost
 from sdserve.server.config import TenantConfig
 from sdserve.server.core import Core, priority_of
-from sdserve.server.request_log import RequestLog
+from sdserve.server.request_log import RequestLog, status_of
+from sdserve.server.tracing import RequestTracer
 from sdserve.server.variants import EAGER, Variant
 
 log = logging.getLogger("sdserve.server")
@@ -123,9 +124,10 @@ class Job:
 
 
 class GenerationService:
-    def __init__(self, core: Core) -> None:
+    def __init__(self, core: Core, tracer: RequestTracer | None = None) -> None:
         self.core = core
         self.outcome = core.metrics.outcome
+        self.tracer = tracer  # None: tracing off, no span is made (tracing.py)
 
     @status.unary_method
     async def Generate(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -140,15 +142,26 @@ class GenerationService:
             yield event
 
     async def _run(self, request_pb: Any, context: grpc.aio.ServicerContext, stream: bool) -> AsyncIterator[Any]:
-        """One call, ending in its one structured log line (request_log.py) however it ends."""
+        """One call, ending in its one structured log line (request_log.py) however it ends, and
+        with tracing on, its span tree (tracing.py), made from the same entry."""
         entry = RequestLog("GenerateStream" if stream else "Generate", time.monotonic())
+        tracer = self.tracer
+        parent = tracer.parent_context(context) if tracer is not None else None
         try:
             async for event in self._serve(request_pb, context, stream, entry):
                 yield event
         except BaseException as error:
-            entry.emit(error)
+            self._ended(entry, error, parent)
             raise
-        entry.emit(None)
+        self._ended(entry, None, parent)
+
+    def _ended(self, entry: RequestLog, error: BaseException | None, parent: Any) -> None:
+        if self.tracer is not None and not entry.emitted:
+            try:
+                self.tracer.record(entry, status_of(error), parent, time.monotonic())
+            except Exception:  # a tracing fault must not fail the call it describes
+                log.warning("could not record the trace of request %s", entry.request_id, exc_info=True)
+        entry.emit(error)
 
     async def _serve(self, request_pb: Any, context: grpc.aio.ServicerContext, stream: bool,
                      entry: RequestLog) -> AsyncIterator[Any]:
@@ -218,6 +231,8 @@ class GenerationService:
         if core.draining:  # the drain began while this request was being validated
             raise Unavailable("the server is shutting down; retry shortly or on another replica")
         job = Job(core, asyncio.get_running_loop(), arrived)
+        if self.tracer is not None:  # before admission, which may hand it to the engine at once
+            self.tracer.track(request_id, engine_request.rows)
         try:
             job.ticket = core.admission.admit(engine_request, tenant.name, job.release, priority)
         except ResourceExhausted:
