@@ -16,6 +16,11 @@ all three with the same requests in the same run; bench/load_suite.py):
 
     python -m bench.load --suite quick     # make bench: 32 adapters, two loads + capacity (~2.5 min)
     python -m bench.load --suite full      # 8, 32 and 128 adapters (~12 min on 2 cores)
+    python -m bench.load --suite goal      # 32 adapters: capacity, then 0.8x of sdserve's (~3 min)
+    python -m bench.load --suite quick --duration 5   # the same grid, 5 s per run (a check, not a result)
+
+The "just under capacity" loads are fractions of sdserve's closed-loop throughput measured first
+in the same run (printed with the tables), not fixed rates: they mean the same on any machine.
 
 A hot stack with and without its compiled variant (starts two sdserve servers; bench/load_hot.py):
 
@@ -58,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(default bench/results/adapters)")
     parser.add_argument("--rate", type=float, help="open-loop Poisson arrivals per second")
     parser.add_argument("--concurrency", type=int, help="closed loop: this many requests in flight")
-    parser.add_argument("--duration", type=float, default=20.0, help="seconds of sending")
+    parser.add_argument("--duration", type=float, help="seconds of sending (default 20; with --suite, each "
+                        "run's, in place of the suite's own)")
     parser.add_argument("--max-requests", type=int, default=2000)
     parser.add_argument("--timeout", type=float, default=30.0, help="each request's deadline, seconds")
     parser.add_argument("--slo", type=float, default=2.0, help="latency objective, seconds")
@@ -74,7 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.suite:
         from bench.load_suite import run_suite
 
-        return run_suite(args.suite, args.out or RESULTS_DIR / "load.json", slo=args.slo, seed=args.seed)
+        if args.duration is not None and args.duration <= 0:
+            parser.error("--duration must be positive")
+        return run_suite(args.suite, args.out or RESULTS_DIR / "load.json", slo=args.slo, seed=args.seed,
+                         duration=args.duration)
+    duration = args.duration if args.duration is not None else 20.0
     if args.hot is not None:
         if not 0.0 < args.hot <= 1.0:
             parser.error("--hot must be a fraction in (0, 1]")
@@ -83,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         rates = (args.rate,) if args.rate is not None else (() if args.concurrency else (6.0,))
         concurrency = args.concurrency or (None if args.rate is not None else 12)
         return run_hot(args.hot, args.out or RESULTS_DIR / "load_hot.json", model=args.model, rates=rates,
-                       concurrency=concurrency, duration=args.duration,
+                       concurrency=concurrency, duration=duration,
                        timeout=args.timeout, slo=args.slo, seed=args.seed)
     host, _, port = (args.target or "").rpartition(":")
     if not host or not port.isdigit():
@@ -104,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_upload:
         upload_adapters(args.target, args.model, args.adapters, tenants, args.adapter_dir or RESULTS_DIR / "adapters",
                         connection)
-    result = run_one(args.target, workload, rate=args.rate, concurrency=args.concurrency, duration=args.duration,
+    result = run_one(args.target, workload, rate=args.rate, concurrency=args.concurrency, duration=duration,
                      max_requests=args.max_requests, timeout=args.timeout, slo=args.slo, connection=connection)
     print_summaries([("target", args.adapters, load_label(args.rate, args.concurrency), result["summary"])])
     path = write_json("load_single", {"command": _recorded_command(argv if argv is not None else sys.argv[1:]),
