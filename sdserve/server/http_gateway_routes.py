@@ -63,8 +63,9 @@ HTTP_STATUS = {
     "DEADLINE_EXCEEDED": 504,
 }  # anything else (INTERNAL, UNKNOWN, DATA_LOSS): 500
 
-# Request headers relayed as gRPC metadata (lower case); every other header stays here.
-FORWARDED_HEADERS = ("authorization", "sdserve-priority")
+# Request headers relayed as gRPC metadata (lower case); every other header stays here. The W3C
+# trace context lets an HTTP caller's trace continue into the call's spans ([server] tracing).
+FORWARDED_HEADERS = ("authorization", "sdserve-priority", "traceparent", "tracestate")
 PLAYGROUND_FILES = {
     "/": ("index.html", "text/html; charset=utf-8"),
     "/playground.js": ("playground.js", "text/javascript; charset=utf-8"),

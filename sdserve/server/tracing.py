@@ -91,14 +91,23 @@ class RequestTracer:
         self._steps[request_id] = []
 
     def on_engine_event(self, event: EngineEvent) -> None:
-        """An engine observer: every step event of one engine step comes right after its UNet call."""
+        """An engine observer: every step event of one engine step comes right after its UNet call,
+        before any "done" of that step (decode follows the step events)."""
         if event.kind == "step":
             if self._step_time is None:
                 self._step_time = time.monotonic()
             self._this_step.append((event.request_id, event.step))
+        elif event.kind in ("done", "error"):
+            # The call may end (and `record` run) as soon as the loop hears this: the step's
+            # events must be in before, not at the step hook, which runs after decode.
+            self._flush()
 
     def on_step(self, elapsed: float) -> None:
-        """An EngineThread step hook: the step's UNet call is over; its rows are now known."""
+        """An EngineThread step hook: the step (UNet call, and decode if any) is over."""
+        self._flush()
+
+    def _flush(self) -> None:
+        """The engine step's step events are all in: record them with the step's batch rows."""
         stepped, self._this_step = self._this_step, []
         at, self._step_time = self._step_time, None
         if not stepped or at is None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import urllib.request
+from dataclasses import replace
 
 import grpc
 import pytest
@@ -13,7 +15,7 @@ import pytest
 from sdserve.errors import InvalidArgument
 from sdserve.server.config import ServerConfig, check, config_from_dict
 from sdserve.server.tracing import RequestTracer, make_tracer
-from tests.server.conftest import MODEL, ServerThread, make_config, subprocess_env, wait_for
+from tests.server.conftest import KEYS, MODEL, ServerThread, make_config, subprocess_env, wait_for
 
 pytest.importorskip("opentelemetry.sdk")
 from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
@@ -31,7 +33,8 @@ def traced(tmp_path_factory):
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    thread = ServerThread(make_config(tmp_path_factory.mktemp("registry")))
+    config = make_config(tmp_path_factory.mktemp("registry"))
+    thread = ServerThread(replace(config, server=replace(config.server, http_port=0, metrics_port=None)))
     thread.server.tracer = RequestTracer(provider)  # what make_tracer builds, with an in-memory exporter
     thread.start()
     yield thread, exporter
@@ -106,6 +109,19 @@ def test_a_traceparent_continues_the_callers_trace_and_a_refusal_is_an_error_spa
     # Refused in validation: no phase reached, so no child spans.
     assert not [s for s in exporter.get_finished_spans()
                 if s.parent is not None and s.parent.span_id == refused[0].context.span_id]
+
+
+def test_the_http_gateway_relays_the_trace_context(traced):
+    thread, exporter = traced
+    exporter.clear()
+    body = json.dumps({**REQUEST, "num_images": 1, "steps": 2}).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{thread.server.http.port}/v1/generate", data=body, headers={
+        "Authorization": f"Bearer {KEYS['alice']}", "traceparent": f"00-{TRACE_ID}-{PARENT_SPAN}-01"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert response.status == 200
+    assert wait_for(lambda: any(s.name == "sdserve.request" for s in exporter.get_finished_spans()), timeout=10)
+    root = next(s for s in exporter.get_finished_spans() if s.name == "sdserve.request")
+    assert f"{root.context.trace_id:032x}" == TRACE_ID and f"{root.parent.span_id:016x}" == PARENT_SPAN
 
 
 def test_tracing_config_and_the_tracer_factory():
