@@ -655,6 +655,9 @@ def _register_decoder(kinds: argparse._SubParsersAction) -> None:
                         help=f"weight of the anchors' loss (default {defaults.anchor_weight})")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seeds the data and the noise: the same "
                         "seed gives the same bytes on one CPU kind (default 0)")
+    parser.add_argument("--reach-scenes", type=int, default=defaults.reach_scenes,
+                        help="scenes per reading of what the round trip reads back, printed before and after "
+                             f"(default {defaults.reach_scenes})")
     parser.add_argument("--threads", type=int, default=defaults.threads, help="torch threads (default 1)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=_run_decoder)
@@ -665,7 +668,7 @@ def _run_decoder(args: argparse.Namespace) -> int:
 
     config = DecoderConfig(steps=args.steps, lr=args.lr, batch=args.batch_size, extra_share=args.extra_share,
                            anchor_count=args.anchors, anchor_weight=args.anchor_weight, seed=args.seed,
-                           threads=args.threads, progress=not args.no_progress)
+                           reach_scenes=args.reach_scenes, threads=args.threads, progress=not args.no_progress)
     out, before, after = _train_or_fail(lambda: train_decoder(args.model, args.out, config))
     print(f"wrote {out} (decoder, {config.steps} steps)")
     for key in before:

@@ -74,6 +74,9 @@ class DecoderConfig:
     anchor_batch: int = 8
     anchor_weight: float = 1.0
     """Weight of the anchors' pixel loss against the data's."""
+    reach_scenes: int = 48
+    """Scenes per reading of the round trip's reach (five readings, before and after training):
+    at 48 these 480 encode-decode passes are about half of a short run's time."""
     threads: int = 1
     progress: bool = True
 
@@ -82,6 +85,8 @@ class DecoderConfig:
 
         if self.steps < 1:
             raise InvalidArgument(f"must be >= 1, got {self.steps}", field="--steps")
+        if self.reach_scenes < 1:
+            raise InvalidArgument(f"must be >= 1, got {self.reach_scenes}", field="--reach-scenes")
         if not self.lr > 0 or not math.isfinite(self.lr):
             raise InvalidArgument(f"must be a positive number, got {self.lr}", field="--lr")
         if self.batch < 1:
@@ -335,17 +340,17 @@ def train_decoder(model: str, out: Path, config: DecoderConfig) -> tuple[Path, d
     out = Path(out)
     check_paths(path, out)
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae").eval()  # float32, CPU
-    before = decoder_reach(vae)
+    before = decoder_reach(vae, count=config.reach_scenes)
     anchors = anchor_latents(path, config.anchor_count, config.seed, config.threads, config.progress) \
         if config.anchor_count else None
     losses = widen_decoder(vae, config, anchors)
-    after = decoder_reach(vae)
+    after = decoder_reach(vae, count=config.reach_scenes)
     staging = stage_pipeline(path, out, ["vae"])
     try:
         vae.save_pretrained(staging / "vae", safe_serialization=True)
         _publish_vae(staging / "vae")
         meta = json.loads((path / METADATA_FILE).read_text())
-        training = {f"sdserve_{k}": str(v) for k, v in asdict(config).items() if k not in ("threads", "progress")}
+        training = {f"sdserve_{k}": str(v) for k, v in asdict(config).items() if k not in ("threads", "progress", "reach_scenes")}
         meta |= {
             "name": out.name,
             "description": f"{meta.get('description', path.name)}; decoder widened to teal, stars and outlines "

@@ -18,7 +18,7 @@ from sdserve.models.shapes.world import ALL_COLORS, COLORS, KINDS
 from sdserve.trainers.decoder import DecoderConfig, anchor_latents, wide_scenes, widen_decoder
 from tests.trainers.conftest import run_cli
 
-FAST = ["--steps", "2", "--batch-size", "2", "--anchors", "2", "--no-progress"]
+FAST = ["--steps", "2", "--batch-size", "2", "--anchors", "2", "--reach-scenes", "4", "--no-progress"]
 
 
 def _digests(directory: Path) -> dict[str, str]:
