@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from dataclasses import asdict, dataclass
 from functools import cache
 from typing import Any
@@ -96,6 +97,9 @@ def request_fields() -> tuple[RequestField, ...]:
     return tuple(out)
 
 
+_DECIMAL = re.compile(r"-?[0-9]{1,20}")
+
+
 def _shown(value: Any) -> str:
     try:
         return json.dumps(value)[:40]
@@ -175,6 +179,10 @@ def _check_fields(descriptor, data: Any, prefix: str) -> dict[str, Any]:
 def _check_one(field: FieldDescriptor, value: Any, path: str) -> Any:
     if field.type == FieldDescriptor.TYPE_MESSAGE:
         return _check_fields(field.message_type, value, path)
+    if field.type in _INT_TYPES and isinstance(value, str) and _DECIMAL.fullmatch(value):
+        # The proto's JSON mapping writes 64-bit integers as strings (a response's "seed": "42"),
+        # and its parsers take either form for every integer field: so a response echoed back parses.
+        value = int(value)
     _check_scalar(field, value, path)
     if field.type == FieldDescriptor.TYPE_BYTES and not isinstance(value, str):
         return base64.b64encode(bytes(value)).decode("ascii")  # json_format reads bytes as base64
