@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from sdserve.cli.common import EXIT_FAILURE, EXIT_USAGE, fail
+from sdserve.cli.image_output import add_format_flags, checked_quality
 
 STATUS_EXIT = {"INVALID_ARGUMENT": EXIT_USAGE, "NOT_FOUND": EXIT_USAGE}
 
@@ -84,11 +85,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     generate = actions.add_parser("generate", help="generate images")
     generate.defer(_add_request_flags)
     output = generate.add_argument_group("input and output")
-    output.add_argument("--out", type=Path, help="output PNG (FILE_1.png, ... for several images)")
+    output.add_argument("--out", type=Path, help="output file, PNG unless --format (FILE_1.png, ... for several images)")
     output.add_argument("--requests", type=Path, metavar="FILE",
                         help="JSON-lines file, one GenerateRequest per line (registered names, images as base64); "
                         "all sent at once, images written to --out-dir as 0000.png, 0001.png, ... in input order")
     output.add_argument("--out-dir", type=Path, metavar="DIR", help="output directory for --requests")
+    add_format_flags(output)
     output.add_argument("--stream", action="store_true",
                         help="GenerateStream: a progress bar on stderr (one request from flags)")
     output.add_argument("--preview-dir", type=Path, metavar="DIR",
@@ -164,6 +166,7 @@ def _print_json(message: Any) -> None:
 def _generate(args: argparse.Namespace, client: Any) -> None:
     from sdserve.cli import request_flags
 
+    checked_quality(args)  # a bad --quality is refused before anything is sent
     if args.requests is not None:
         _generate_many(args, client)
         return
@@ -181,7 +184,7 @@ def _generate(args: argparse.Namespace, client: Any) -> None:
         response = _stream(args, client, request)
     else:
         response = client.generate(request, priority=args.priority)
-    _write_images(request_flags.output_paths(args, 0, len(response.images)), response)
+    _write_images(args, request_flags.output_paths(args, 0, len(response.images)), response)
     t = response.timings
     print(f"queue {t.queue:.3f} s, adapters {t.adapter_load:.3f} s, denoise {t.denoise:.3f} s, "
           f"decode {t.decode:.3f} s, total {t.total:.3f} s", file=sys.stderr)
@@ -201,10 +204,16 @@ def _checked(request: dict[str, Any], where: str = "") -> Any:
         fail_on(exc, where)
 
 
-def _write_images(paths: list[Path], response: Any) -> None:
+def _write_images(args: argparse.Namespace, paths: list[Path], response: Any) -> None:
+    """The server's PNGs, re-encoded for --format jpeg/webp (the parameters text carried over)."""
+    from sdserve.cli.image_output import SUFFIXES, reencode_png
+
+    quality = checked_quality(args)
+    if args.requests is not None:  # DIR/0000.png -> DIR/0000.jpg; --out keeps the name the user gave
+        paths = [path.with_suffix(SUFFIXES[args.format]) for path in paths]
     for path, image in zip(paths, response.images):
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(image.png)
+        path.write_bytes(reencode_png(image.png, args.format, quality))
         print(f"{path}  seed={response.seed}")
 
 
@@ -261,7 +270,7 @@ def _generate_many(args: argparse.Namespace, client: Any) -> None:
             bad_input = bad_input and exc.code().name in STATUS_EXIT
             print(f"sdserve: error: {where}: {exc.code().name}: {exc.details()}", file=sys.stderr)
             continue
-        _write_images(request_flags.output_paths(args, index, len(response.images)), response)
+        _write_images(args, request_flags.output_paths(args, index, len(response.images)), response)
     print(f"{len(futures) - failed} request(s) done", file=sys.stderr)
     if failed:
         raise SystemExit(EXIT_USAGE if bad_input else EXIT_FAILURE)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sdserve.cli.common import EXIT_FAILURE, EXIT_USAGE, fail, fail_on, quiet_libraries
-from sdserve.cli.image_output import DEFAULT_QUALITY, FORMATS, SUFFIXES, encode_image
+from sdserve.cli.image_output import SUFFIXES, add_format_flags, checked_quality, encode_image
 from sdserve.cli.request_flags import (
     Refs,
     add_request_flags,
@@ -46,12 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     help="re-run the request in FILE's A1111 'parameters' chunk (flags override its values; "
                     "give its LoRAs with --lora, embeddings with --embedding, init image with --init-image)")
     io.add_argument("--out-dir", type=Path, help="output directory for --requests")
-    io.add_argument("--format", choices=FORMATS, default="png",
-                    help="output file format: png (lossless, A1111 'parameters' text chunk), jpeg or webp (the same "
-                    "text in EXIF UserComment, as A1111 writes it); --out-dir files get .png/.jpg/.webp "
-                    "(default: %(default)s)")
-    io.add_argument("--quality", type=int, metavar="Q",
-                    help=f"JPEG/WebP quality, 1-100 (default {DEFAULT_QUALITY}; only with --format jpeg or webp)")
+    add_format_flags(io)
     engine = parser.add_argument_group("engine")
     engine.add_argument("--vae", metavar="FILE_OR_DIR",
                         help="use this VAE instead of the model's own (for the model --model names, else the "
@@ -64,17 +59,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "the xformers extra and CUDA; refused otherwise)")
     engine.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
-
-
-def _check_format(args: argparse.Namespace) -> int:
-    """The JPEG/WebP quality to write with; one line and exit 2 for a bad --quality."""
-    if args.quality is None:
-        return DEFAULT_QUALITY
-    if args.format == "png":
-        fail("--quality: only with --format jpeg or webp (PNG is lossless)")
-    if not 1 <= args.quality <= 100:
-        fail(f"--quality: must be 1-100 (got {args.quality})")
-    return args.quality
 
 
 def _specs_from_args(args: argparse.Namespace) -> list[tuple[str, Any]]:
@@ -116,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from sdserve.engine import Engine, EngineConfig, ModelStore
-    quality = _check_format(args)
+    quality = checked_quality(args)
     specs = _specs_from_args(args)
     try:
         config = EngineConfig(max_batch_rows=args.max_batch_rows, device=args.device, dtype=args.dtype,

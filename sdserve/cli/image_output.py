@@ -7,6 +7,7 @@ tools that read A1111's JPEGs read ours.
 
 from __future__ import annotations
 
+import argparse
 import io
 from typing import TYPE_CHECKING
 
@@ -54,3 +55,40 @@ def encode_image(image: np.ndarray, parameters: str, fmt: str = "png", quality: 
     options = {"subsampling": 0} if fmt == "jpeg" else {}
     Image.fromarray(image).save(buffer, format=fmt.upper(), quality=quality, exif=exif.tobytes(), **options)
     return buffer.getvalue()
+
+
+def add_format_flags(group: argparse._ArgumentGroup) -> None:
+    """--format and --quality, the same for `sdserve generate` and `sdserve client generate`."""
+    group.add_argument("--format", choices=FORMATS, default="png",
+                       help="output file format: png (lossless, A1111 'parameters' text chunk), jpeg or webp (the "
+                       "same text in EXIF UserComment, as A1111 writes it); --out-dir files get .png/.jpg/.webp "
+                       "(default: %(default)s)")
+    group.add_argument("--quality", type=int, metavar="Q",
+                       help=f"JPEG/WebP quality, 1-100 (default {DEFAULT_QUALITY}; only with --format jpeg or webp)")
+
+
+def checked_quality(args: argparse.Namespace) -> int:
+    """The JPEG/WebP quality to write with; one line and exit 2 for a bad --quality."""
+    from sdserve.cli.common import fail
+
+    if args.quality is None:
+        return DEFAULT_QUALITY
+    if args.format == "png":
+        fail("--quality: only with --format jpeg or webp (PNG is lossless)")
+    if not 1 <= args.quality <= 100:
+        fail(f"--quality: must be 1-100 (got {args.quality})")
+    return args.quality
+
+
+def reencode_png(data: bytes, fmt: str, quality: int = DEFAULT_QUALITY) -> bytes:
+    """PNG bytes (a server's image) -> the same pixels as a `fmt` file, its `parameters` chunk carried
+    over; PNG stays the server's bytes. PIL only: the client imports no engine module."""
+    if fmt == "png":
+        return data
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        parameters = str(image.info.get("parameters", ""))
+        pixels = np.asarray(image.convert("RGB"))  # uint8 [H, W, 3]
+    return encode_image(pixels, parameters, fmt, quality)

@@ -100,6 +100,7 @@ RESOLVED: dict[tuple[str, str], Callable[[], object]] = {
     ("train data shapes", "--layout"): _shapes_default("layout"),
     ("train base", "--vae-minutes"): _vae_share_percent,
     ("generate", "--quality"): _jpeg_quality,
+    ("client generate", "--quality"): _jpeg_quality,
 }
 
 

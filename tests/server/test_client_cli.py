@@ -145,3 +145,27 @@ def test_requests_file_writes_each_response_in_order(server, reference_engine, t
     with pytest.raises(SystemExit) as info:
         _run(server, "generate", "--requests", str(requests), "--out-dir", str(tmp_path / "bad"))
     assert info.value.code == 2 and "requests.jsonl line 1: steps: must be an integer" in capsys.readouterr().err
+
+
+def test_generate_format_jpeg_carries_the_pngs_parameters(server, tmp_path, capsys):
+    """--format/--quality as `sdserve generate` takes them: the server's PNG re-encoded, its
+    A1111 parameters text moved into EXIF UserComment; a bad --quality is refused before sending."""
+    from sdserve.cli.image_output import read_user_comment
+
+    flags = ["generate", "--model", MODEL, "--prompt", "a red circle", "--seed", "9", "--steps", "2"]
+    png, jpeg = tmp_path / "a.png", tmp_path / "a.jpg"
+    _run(server, *flags, "--out", str(png))
+    _run(server, *flags, "--out", str(jpeg), "--format", "jpeg", "--quality", "100")
+    with Image.open(png) as image:
+        parameters = image.info["parameters"]
+    with Image.open(jpeg) as image:
+        assert image.format == "JPEG"
+        comment = image.getexif().get_ifd(0x8769)[0x9286]
+        pixels = np.asarray(image.convert("RGB"))
+    assert "Seed: 9" in parameters and read_user_comment(comment) == parameters
+    assert max_diff(pixels, png_pixels(png.read_bytes())) <= 4  # JPEG at quality 100, 4:4:4: measured 3
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        _run(server, *flags, "--out", str(tmp_path / "b.png"), "--quality", "50")
+    assert info.value.code == 2 and "--quality: only with --format jpeg or webp" in capsys.readouterr().err
+    assert not (tmp_path / "b.png").exists()
