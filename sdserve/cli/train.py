@@ -12,14 +12,14 @@ runs the same parser standalone.
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from sdserve.cli import train_data, train_ip_adapter
+from sdserve.cli import train_controlnet, train_data, train_ip_adapter
+from sdserve.cli.train_flags import add_adapter_arguments, last_loss, loop_config_from_args, train_or_fail
 
 VAE_SHARE = 0.2  # of --minutes; the VAE plateaus long before the UNet does
 # ComponentSizes().unet_channels, written out: its module imports diffusers, which `train --help`
@@ -56,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     _register_textual_inversion(kinds)
     _register_hypernetwork(kinds)
     _register_slider(kinds)
-    _register_controlnet(kinds)
+    train_controlnet.register(kinds)  # `sdserve train controlnet` (cli/train_controlnet.py)
     train_ip_adapter.register(kinds)  # `sdserve train ip-adapter` (cli/train_ip_adapter.py)
     _register_decoder(kinds)
     train_data.register(kinds)  # `sdserve train data shapes`: captioned folders of the shapes world
@@ -101,95 +101,6 @@ def run_base(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_adapter_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags every adapter method shares: the base model, the data, the output and the loop
-    (sdserve.trainers.loop.LoopConfig mirrors the loop's)."""
-    parser.add_argument("--model", default="default",
-                        help="base model: a built-in name (default: the embedded shapes model; see "
-                             "`sdserve models list`) or a diffusers-format directory")
-    parser.add_argument("--data", type=Path, required=True,
-                        help="folder of training images (PNG/JPEG/WebP) with captions: NAME.txt beside "
-                             "NAME.png (kohya) or a metadata.jsonl of {\"file_name\", \"text\"} lines "
-                             "(diffusers imagefolder)")
-    parser.add_argument("--caption", metavar="TEXT",
-                        help="one caption for every --data image (instead of their own captions)")
-    parser.add_argument("--reg-data", type=Path, metavar="DIR",
-                        help="regularization (class) images, same layout as --data, mixed into every "
-                             "batch to keep the model's prior (kohya's reg images, DreamBooth's class images)")
-    parser.add_argument("--reg-caption", metavar="TEXT",
-                        help="one caption for every --reg-data image, e.g. \"a photo of a dog\"")
-    parser.add_argument("--prior-loss-weight", type=float, default=1.0,
-                        help="weight of the --reg-data images' loss against the --data images' (default 1)")
-    parser.add_argument("--resolution", type=int,
-                        help="side of the square training images in pixels; others are resized (shorter "
-                             "side) and center-cropped (default: the model's native size, 64 for `default`)")
-    parser.add_argument("--out", type=Path, required=True,
-                        help="the adapter file to write (.safetensors), written whole or not at all")
-    parser.add_argument("--steps", type=int, default=500, help="total optimizer steps (default 500)")
-    parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate, constant (default 1e-4)")
-    parser.add_argument("--batch-size", type=int, default=1, help="images per step (default 1)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seeds initial weights, image order, timesteps and noise: the same seed "
-                             "gives the same output bytes (default 0)")
-    parser.add_argument("--min-snr-gamma", type=float,
-                        help="Min-SNR-γ loss weighting, e.g. 5 (default: off, plain MSE)")
-    parser.add_argument("--save-every", type=int, default=0, metavar="N",
-                        help="write a checkpoint every N steps (default 0: at the end and when stopped); "
-                             "Ctrl-C or SIGTERM saves one at the next step boundary")
-    parser.add_argument("--state-dir", type=Path, metavar="DIR",
-                        help="where checkpoints go (default: OUT without .safetensors, plus .state)")
-    parser.add_argument("--resume", type=Path, metavar="DIR",
-                        help="continue from the checkpoint in DIR (a --state-dir) up to --steps; "
-                             "the result equals an uninterrupted run's")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1; part of what makes reruns byte-identical)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def loop_config_from_args(args: argparse.Namespace):
-    from sdserve.trainers.loop import LoopConfig
-
-    return LoopConfig(
-        steps=args.steps,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        save_every=args.save_every,
-        threads=args.threads,
-        progress=not args.no_progress,
-        resume=args.resume,
-        state_dir=args.state_dir,
-        prior_loss_weight=args.prior_loss_weight,
-        resolution=args.resolution,
-        min_snr_gamma=args.min_snr_gamma,
-    )
-
-
-def _train_or_fail(run: Callable[[], Any]) -> Any:
-    """run()'s value, or how a training command ends instead: bad input and a diverged run are one
-    line and exit 2 (`fail` exits); SIGINT/SIGTERM after the checkpoint return 128 + the signal."""
-    from sdserve.cli.common import fail
-    from sdserve.errors import SdserveError
-    from sdserve.trainers.loop import Diverged, Interrupted
-
-    try:
-        return run()
-    except SdserveError as error:
-        fail(str(error))
-    except Diverged as stopped:
-        fail(str(stopped))
-    except Interrupted as stopped:
-        print(f"sdserve: {stopped}", file=sys.stderr)
-        return 128 + stopped.signum
-    except KeyboardInterrupt:  # before the loop's handlers were installed, or a second Ctrl-C
-        fail("interrupted; files already written are whole (checkpoints, never a torn --out)",
-             128 + signal.SIGINT)
-
-
-def _last_loss(result: Any) -> str:
-    return f", last loss {result.losses[-1]:.4f}" if result.losses else ""
-
-
 def _groups(text: str) -> tuple[str, ...]:
     """--targets: comma-separated UNet module groups."""
     return tuple(group.strip() for group in text.split(",") if group.strip())
@@ -227,11 +138,11 @@ def run_adapter(args: argparse.Namespace, build: Callable[[Any, argparse.Namespa
         method = build(components, args)
         return train(method, components, data, replace(cfg, resolution=resolution), args.out, reg=reg), method.kind
 
-    outcome = _train_or_fail(run)
+    outcome = train_or_fail(run)
     if isinstance(outcome, int):
         return outcome
     result, kind = outcome
-    print(f"wrote {result.out} ({kind}, {result.steps} steps{_last_loss(result)}); checkpoint in {result.state_dir}")
+    print(f"wrote {result.out} ({kind}, {result.steps} steps{last_loss(result)}); checkpoint in {result.state_dir}")
     return 0
 
 
@@ -344,11 +255,11 @@ def _run_dreambooth(args: argparse.Namespace) -> int:
         lora=LoRAConfig(rank=4 if args.rank is None else args.rank, alpha=args.alpha, unet_targets=targets)
         if args.lora else None,
     )
-    result = _train_or_fail(lambda: train_dreambooth(config, loop_config_from_args(args)))
+    result = train_or_fail(lambda: train_dreambooth(config, loop_config_from_args(args)))
     if isinstance(result, int):
         return result
     what = "LoRA" if args.lora else "pipeline"
-    print(f"wrote {what} {result.out} ({result.steps} steps{_last_loss(result)}); checkpoint in {result.state_dir}")
+    print(f"wrote {what} {result.out} ({result.steps} steps{last_loss(result)}); checkpoint in {result.state_dir}")
     return 0
 
 
@@ -531,84 +442,10 @@ def _run_slider(args: argparse.Namespace) -> int:
         method = SliderMethod(components, config, seed=args.seed, progress=not args.no_progress)
         return train(method, components, None, cfg, args.out)
 
-    result = _train_or_fail(run)
+    result = train_or_fail(run)
     if isinstance(result, int):
         return result
-    print(f"wrote {result.out} (slider, {result.steps} steps{_last_loss(result)}); checkpoint in {result.state_dir}")
-    return 0
-
-
-def _register_controlnet(kinds: argparse._SubParsersAction) -> None:
-    """`sdserve train controlnet` (sdserve/trainers/controlnet.py): the loop's flags, a triplet folder."""
-    parser = kinds.add_parser(
-        "controlnet", help="train a ControlNet on (image, conditioning image, caption) triplets",
-        description="Train a ControlNet initialised from the base model's UNet (ControlNetModel.from_unet: its "
-                    "zero convs make step 0 the base model) on a folder laid out as diffusers' train_controlnet "
-                    "example reads it: a metadata.jsonl of {\"file_name\", \"conditioning_file_name\", \"text\"} "
-                    "lines. `sdserve train data shapes --conditioning mask` writes one. --out is a diffusers "
-                    "ControlNet directory (config.json + diffusion_pytorch_model.safetensors), written whole, which "
-                    "ControlNetModel.from_pretrained and sdserve (generate --controlnet DIR:IMAGE) load.",
-    )
-    parser.add_argument("--model", default="default",
-                        help="base model: a built-in name (default: the embedded shapes model; see `sdserve models "
-                             "list`) or a diffusers-format directory")
-    parser.add_argument("--data", type=Path, required=True,
-                        help="folder with a metadata.jsonl of {\"file_name\", \"conditioning_file_name\", \"text\"} "
-                             "lines (paths relative to it); each conditioning image has its image's size")
-    parser.add_argument("--caption", metavar="TEXT", help="one caption for every image (instead of the text fields)")
-    parser.add_argument("--resolution", type=int,
-                        help="side of the square training images in pixels; images and their conditioning images "
-                             "are resized (shorter side) and center-cropped alike (default: the model's native size)")
-    parser.add_argument("--out", type=Path, required=True,
-                        help="the ControlNet directory to write (new, or one this command wrote before)")
-    parser.add_argument("--steps", type=int, default=500, help="total optimizer steps (default 500)")
-    parser.add_argument("--lr", type=float, default=1e-4,
-                        help="AdamW learning rate, constant (default 1e-4; diffusers' example uses 5e-6 on SD 1.5)")
-    parser.add_argument("--batch-size", type=int, default=1, help="triplets per step (default 1)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seeds the conditioning embedding's initial weights, image order, timesteps and noise: "
-                             "the same seed gives the same bytes (default 0)")
-    parser.add_argument("--min-snr-gamma", type=float, help="Min-SNR-γ loss weighting, e.g. 5 (default: off, plain MSE)")
-    parser.add_argument("--save-every", type=int, default=0, metavar="N",
-                        help="write a checkpoint every N steps (default 0: at the end and when stopped); Ctrl-C or "
-                             "SIGTERM saves one at the next step boundary")
-    parser.add_argument("--state-dir", type=Path, metavar="DIR",
-                        help="where checkpoints go (default: OUT.state beside OUT)")
-    parser.add_argument("--resume", type=Path, metavar="DIR",
-                        help="continue from the checkpoint in DIR (a --state-dir) up to --steps; the result equals "
-                             "an uninterrupted run's; a checkpoint for another model family is refused")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1; part of what makes reruns byte-identical)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.set_defaults(func=_run_controlnet, prior_loss_weight=1.0)
-
-
-def _run_controlnet(args: argparse.Namespace) -> int:
-    from sdserve.cli.common import fail, quiet_libraries
-
-    quiet_libraries()
-    from sdserve.trainers.controlnet import check_output_directory, train_controlnet
-    from sdserve.trainers.controlnet_data import check_control_folder, load_control_folder
-    from sdserve.trainers.loop import check_loop_config, default_state_dir, load_components
-    from sdserve.trainers.output import check_directory_writable
-
-    def run() -> Any:
-        cfg = loop_config_from_args(args)
-        check_loop_config(cfg)
-        check_output_directory(args.out)
-        check_directory_writable(cfg.state_dir or default_state_dir(args.out), "--state-dir")
-        if args.resume is not None and not args.resume.is_dir():
-            fail(f"--resume: {args.resume} is not a directory")
-        check_control_folder(args.data)  # before the model loads: a bad folder costs nothing
-        components = load_components(args.model)
-        resolution = args.resolution or components.resolution
-        data = load_control_folder(args.data, resolution, args.caption)
-        return train_controlnet(components, data, replace(cfg, resolution=resolution), args.out)
-
-    result = _train_or_fail(run)
-    if isinstance(result, int):
-        return result
-    print(f"wrote {result.out} (controlnet, {result.steps} steps{_last_loss(result)}); checkpoint in {result.state_dir}")
+    print(f"wrote {result.out} (slider, {result.steps} steps{last_loss(result)}); checkpoint in {result.state_dir}")
     return 0
 
 
@@ -669,7 +506,7 @@ def _run_decoder(args: argparse.Namespace) -> int:
     config = DecoderConfig(steps=args.steps, lr=args.lr, batch=args.batch_size, extra_share=args.extra_share,
                            anchor_count=args.anchors, anchor_weight=args.anchor_weight, seed=args.seed,
                            reach_scenes=args.reach_scenes, threads=args.threads, progress=not args.no_progress)
-    out, before, after = _train_or_fail(lambda: train_decoder(args.model, args.out, config))
+    out, before, after = train_or_fail(lambda: train_decoder(args.model, args.out, config))
     print(f"wrote {out} (decoder, {config.steps} steps)")
     for key in before:
         print(f"  round trip {key}: {before[key]:.2f} -> {after[key]:.2f}")

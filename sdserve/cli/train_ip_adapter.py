@@ -12,6 +12,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from sdserve.cli.train_flags import add_loop_arguments, last_loss, loop_config_from_args, train_or_fail
+
 
 def register(kinds: argparse._SubParsersAction) -> None:
     parser = kinds.add_parser(
@@ -45,24 +47,8 @@ def register(kinds: argparse._SubParsersAction) -> None:
     parser.add_argument("--num-tokens", type=int, default=4, help="image tokens per reference (default 4, the paper's)")
     parser.add_argument("--dropout", type=float, default=0.05, metavar="P",
                         help="probability of each of: caption dropped, image dropped, both (default 0.05, the paper's)")
-    parser.add_argument("--steps", type=int, default=500, help="total optimizer steps (default 500)")
-    parser.add_argument("--lr", type=float, default=1e-3,
-                        help="AdamW learning rate, constant (default 1e-3; the paper's 1e-4 is for SD 1.5 over days)")
-    parser.add_argument("--batch-size", type=int, default=1, help="images per step (default 1)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seeds the encoder, the new weights, image order, dropout, timesteps and noise: the same "
-                             "seed gives the same bytes (default 0)")
-    parser.add_argument("--min-snr-gamma", type=float, help="Min-SNR-γ loss weighting, e.g. 5 (default: off, plain MSE)")
-    parser.add_argument("--save-every", type=int, default=0, metavar="N",
-                        help="write a checkpoint every N steps (default 0: at the end and when stopped); Ctrl-C or "
-                             "SIGTERM saves one at the next step boundary")
-    parser.add_argument("--state-dir", type=Path, metavar="DIR", help="where checkpoints go (default: OUT.state beside OUT)")
-    parser.add_argument("--resume", type=Path, metavar="DIR",
-                        help="continue from the checkpoint in DIR (a --state-dir) up to --steps, with the encoder "
-                             "saved there; the result equals an uninterrupted run's")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1; part of what makes reruns byte-identical)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_loop_arguments(parser, lr=1e-3, lr_note="; the paper's 1e-4 is for SD 1.5 over days",
+                       resume_note=", with the encoder saved there")
     parser.set_defaults(func=run, prior_loss_weight=1.0)
 
 
@@ -98,7 +84,6 @@ def _native_resolution(model: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from sdserve.cli.common import fail, quiet_libraries
-    from sdserve.cli.train import _last_loss, _train_or_fail, loop_config_from_args
 
     quiet_libraries()
     from sdserve.trainers.data import load_folder
@@ -134,8 +119,8 @@ def run(args: argparse.Namespace) -> int:
         return train_ip_adapter(components, data, encoder, replace(cfg, resolution=data.resolution, state_dir=state_dir),
                                 args.out, config)
 
-    result = _train_or_fail(run_training)
+    result = train_or_fail(run_training)
     if isinstance(result, int):
         return result
-    print(f"wrote {result.out} (ip_adapter, {result.steps} steps{_last_loss(result)}); checkpoint in {result.state_dir}")
+    print(f"wrote {result.out} (ip_adapter, {result.steps} steps{last_loss(result)}); checkpoint in {result.state_dir}")
     return 0
