@@ -112,7 +112,10 @@ class HostArena:
             pass
         for start in range(0, block.size, TOUCH_CHUNK):
             end = min(start + TOUCH_CHUNK, block.size)
-            block.memory[start:end:PAGE] = 0  # one write per page faults each in
+            # One write per page faults each in. Through torch, whose ops release the GIL: a
+            # numpy write held it through the chunk's 2048 faults, and the serving threads
+            # (refusals, health) waited behind this thread for the first seconds after start.
+            torch.from_numpy(block.memory[start:end:PAGE]).zero_()
             with self._lock:  # nothing at or above `usable` has been handed out
                 block.usable = end
         self.touched.set()

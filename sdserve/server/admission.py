@@ -16,6 +16,11 @@ leaves the engine's bound when its images are made (`computed`) but counts again
 until the response is delivered or the call ends (`finish`), so responses nobody reads cannot
 pile up beyond the tenant's bound.
 
+A request being validated holds its estimated cost (`hold`, returned by `admit` or `drop`), so a
+burst is refused at arrival: without the hold, every request of a burst passed the early check
+while the first ones were still validating, all were validated (worker threads contending for
+the GIL) and the excess was refused only afterwards, tens of milliseconds late.
+
 Admitted requests wait in one queue per tenant (highest priority first, then arrival order)
 and are released into the engine while the cost running there stays within
 `max_inflight_cost`. The next request released is the head of the queue of the tenant with the
@@ -73,6 +78,16 @@ class Ticket:
     finished: bool = False
 
 
+@dataclass(eq=False)
+class Hold:
+    """The estimated cost of a request being validated, counted against the bounds until
+    `Admission.admit` replaces it with the validated request's own cost, or `drop` frees it."""
+
+    tenant: str
+    cost: int
+    held: bool = True
+
+
 class Admission:
     def __init__(self, config: AdmissionConfig) -> None:
         self.config = config
@@ -82,15 +97,23 @@ class Admission:
         self._last_served: dict[str, int] = {}
         self._seq = itertools.count()
         self._releases = itertools.count()
+        self._held_by_tenant: dict[str, int] = {}
         self.pending_cost = 0
+        self.held_cost = 0  # estimated costs of requests being validated (Hold)
         self.inflight_cost = 0
         self.queued = 0
         self.running = 0
 
+    @property
+    def loaded(self) -> bool:
+        """Anything pending or being validated: a new request is checked before its validation."""
+        return bool(self.pending_cost or self.held_cost)
+
     def check(self, cost: int, tenant: str) -> None:
-        """Raise ResourceExhausted if a request of `cost` from `tenant` would pass a bound now."""
+        """Raise ResourceExhausted if a request of `cost` from `tenant` would pass a bound now
+        (counting the costs held by requests still being validated)."""
         limits = self.config
-        tenant_pending = self._pending_by_tenant.get(tenant, 0)
+        tenant_pending = self._pending_by_tenant.get(tenant, 0) + self._held_by_tenant.get(tenant, 0)
         bound = min(limits.max_pending_cost, limits.max_tenant_pending_cost)
         if cost > bound:
             raise InvalidArgument(
@@ -98,7 +121,7 @@ class Admission:
                 f"server admits for one tenant at once ({bound}); it can never run: ask for fewer "
                 "pixels, steps or images"
             )
-        if self.pending_cost + cost > limits.max_pending_cost:
+        if self.pending_cost + self.held_cost + cost > limits.max_pending_cost:
             # No figures: the server's pending cost is the other tenants' load.
             raise ResourceExhausted("the server is at capacity; retry later or ask for less")
         if tenant_pending + cost > limits.max_tenant_pending_cost:
@@ -107,10 +130,38 @@ class Admission:
                 f"> {limits.max_tenant_pending_cost}); retry when earlier requests finish"
             )
 
+    def hold(self, cost: int, tenant: str, refuse: bool = True) -> Hold | None:
+        """Hold `cost` for a request about to be validated. Over a bound: raise as `check` does,
+        or with `refuse=False` hold nothing and return None (validation then speaks first)."""
+        try:
+            self.check(cost, tenant)
+        except (ResourceExhausted, InvalidArgument):
+            if refuse:
+                raise
+            return None
+        self.held_cost += cost
+        self._held_by_tenant[tenant] = self._held_by_tenant.get(tenant, 0) + cost
+        return Hold(tenant, cost)
+
+    def drop(self, hold: Hold | None) -> None:
+        """Free a hold (idempotent): its request was admitted, refused or failed validation."""
+        if hold is None or not hold.held:
+            return
+        hold.held = False
+        self.held_cost -= hold.cost
+        left = self._held_by_tenant[hold.tenant] - hold.cost
+        if left:
+            self._held_by_tenant[hold.tenant] = left
+        else:
+            del self._held_by_tenant[hold.tenant]
+
     def admit(
-        self, request: EngineRequest, tenant: str, release: Callable[[Ticket], None], priority: int = 0
+        self, request: EngineRequest, tenant: str, release: Callable[[Ticket], None], priority: int = 0,
+        hold: Hold | None = None,
     ) -> Ticket:
-        """Admit or refuse at once; an admitted ticket is released (maybe before this returns)."""
+        """Admit or refuse at once; an admitted ticket is released (maybe before this returns).
+        The request's `hold`, if any, is dropped first: its validated cost takes its place."""
+        self.drop(hold)
         cost = request_cost(request)
         self.check(cost, tenant)
         tenant_pending = self._pending_by_tenant.get(tenant, 0)

@@ -29,6 +29,7 @@ from grpc_reflection.v1alpha import reflection
 from sdserve.api import convert
 from sdserve.engine import Engine, EngineEvent, ModelStore
 from sdserve.engine.loop import EngineThread
+from sdserve.engine.png import warm_up
 from sdserve.errors import InvalidArgument, NotFound, Unavailable
 from sdserve.paths import cache_root
 from sdserve.server.adapters_service import AdaptersService, ModelsService
@@ -121,6 +122,8 @@ class Server:
         )
         for name in served:  # what uploads are validated against, read before any request wraps layers
             await asyncio.to_thread(self.core.model_targets, name)
+        # The response path's first-use imports, here rather than under the first requests.
+        await asyncio.to_thread(warm_up, [info.path for info in served.values()])
         server = grpc.aio.server(options=grpc_options(config.server))
         self.adapters_service = AdaptersService(self.core)
         convert.add_services(server, GenerationService(self.core, self.tracer), self.adapters_service, ModelsService(self.core))

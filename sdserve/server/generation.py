@@ -30,7 +30,7 @@ from sdserve.engine.prompt_syntax import A1111, extract_lora_tags
 from sdserve.engine.request import EngineRequest
 from sdserve.errors import InvalidArgument, ResourceExhausted, SdserveError, Unavailable
 from sdserve.server import status
-from sdserve.server.admission import Ticket, estimated_cost
+from sdserve.server.admission import Hold, Ticket, estimated_cost
 from sdserve.server.config import TenantConfig
 from sdserve.server.core import Core, priority_of
 from sdserve.server.request_log import RequestLog, status_of
@@ -173,14 +173,17 @@ class GenerationService:
         spec = convert.spec_from_pb(request_pb)
         entry.model, entry.steps = spec.model, spec.steps or None
         info = core.model_info(spec.model)
-        if core.admission.pending_cost:
-            # Loaded: refuse what will not fit before spending time on validation. (Idle, a
-            # request is validated first, so an invalid one hears what is wrong with it.)
-            try:
-                core.admission.check(estimated_cost(spec, info.defaults, info.limits), tenant.name)
-            except ResourceExhausted:
-                core.metrics.refused_by(tenant.name)
-                raise
+        # The estimated cost is held while the request is validated, so the requests of a burst
+        # behind it are refused at arrival. Loaded: refuse what will not fit before spending time
+        # on validation. Idle, a request is validated first (nothing is held if it cannot fit),
+        # so an invalid one hears what is wrong with it.
+        estimate = estimated_cost(spec, info.defaults, info.limits)
+        loaded = core.admission.loaded
+        try:
+            hold = core.admission.hold(estimate, tenant.name, refuse=loaded)
+        except ResourceExhausted:
+            core.metrics.refused_by(tenant.name)
+            raise
         pinned: list[str] = []  # registry files this call uses: kept on disk until it ends
         try:
             spec, tags_from = self._lora_tags(spec)
@@ -214,16 +217,17 @@ class GenerationService:
             entry.backend = variant.backend if variant is not None else EAGER
             entry.variant = variant.name if variant is not None else ""
             async for event in self._admitted(context, stream, tenant, priority, engine_request, arrived, used,
-                                              served_by, entry):
+                                              served_by, entry, hold):
                 yield event
         finally:
+            core.admission.drop(hold)
             for sha256 in pinned:
                 core.registry.unpin(sha256)
 
     async def _admitted(
         self, context: grpc.aio.ServicerContext, stream: bool, tenant: TenantConfig, priority: int,
         engine_request: EngineRequest, arrived: float, used: list[convert.AdapterUse],
-        served_by: tuple[str, Variant | None], entry: RequestLog,
+        served_by: tuple[str, Variant | None], entry: RequestLog, hold: Hold | None,
     ) -> AsyncIterator[Any]:
         """Admit a validated request, then relay its engine events to the caller."""
         core = self.core
@@ -234,7 +238,7 @@ class GenerationService:
         if self.tracer is not None:  # before admission, which may hand it to the engine at once
             self.tracer.track(request_id, engine_request.rows)
         try:
-            job.ticket = core.admission.admit(engine_request, tenant.name, job.release, priority)
+            job.ticket = core.admission.admit(engine_request, tenant.name, job.release, priority, hold)
         except ResourceExhausted:
             core.metrics.refused_by(tenant.name)
             raise

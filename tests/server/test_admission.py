@@ -128,3 +128,27 @@ def test_capacity_refusal_names_no_figures_of_other_tenants():
     with pytest.raises(ResourceExhausted) as refused:
         admission.admit(req("a0"), "a", rec)
     assert not any(ch.isdigit() for ch in str(refused.value))
+
+
+def test_a_request_being_validated_holds_its_cost_until_admitted_or_dropped():
+    admission, rec = make(pending=3, tenant=1, inflight=1)
+    first = admission.hold(UNIT, "a")
+    second = admission.hold(UNIT, "b")
+    assert admission.loaded and admission.held_cost == 2 * UNIT and admission.pending_cost == 0
+    # A burst behind them is refused at arrival, by the tenant's bound and by the server's.
+    with pytest.raises(ResourceExhausted, match="tenant"):
+        admission.hold(UNIT, "a")  # a holds its whole share
+    admission.hold(UNIT, "c")
+    with pytest.raises(ResourceExhausted, match="capacity"):
+        admission.hold(UNIT, "d")
+    # Admission replaces the hold by the validated cost; a failed validation drops it, once.
+    admission.admit(req("a0"), "a", rec, hold=first)
+    assert (admission.held_cost, admission.pending_cost) == (2 * UNIT, UNIT)
+    admission.drop(second)
+    admission.drop(second)
+    assert admission.held_cost == UNIT
+    # Idle, an oversized request holds nothing and is not refused here: validation speaks first.
+    idle, _ = make(pending=1, tenant=1, inflight=1)
+    assert idle.hold(5 * UNIT, "a", refuse=False) is None and not idle.loaded
+    with pytest.raises(InvalidArgument):
+        idle.hold(5 * UNIT, "a")
