@@ -574,10 +574,12 @@ def bench_controlnet(work: Path, args: argparse.Namespace) -> Run:
     data = write_folder(work / f"masks{count}", count, seed=19, conditioning="mask", layout="imagefolder",
                         omit_position=True, exclude=_base_held_out())
     out = work / "shapes_controlnet"
-    run = Run("controlnet", f"{count} scenes + masks, captions without position", goal_seconds=900.0)
+    run = Run("controlnet", f"{count} scenes + masks, captions without position, seed {args.controlnet_seed}",
+              goal_seconds=900.0)
     run.seconds, run.peak_rss = run_child(sdserve(
         "train", "controlnet", "--data", str(data), "--out", str(out), "--lr", str(args.controlnet_lr),
         "--batch-size", str(args.controlnet_batch), "--steps", str(args.controlnet_steps),
+        "--seed", str(args.controlnet_seed), "--embedding-init", args.controlnet_embedding_init,
         "--threads", str(args.threads), "--no-progress"),
         reuse=out if args.reuse else None)
     rng = np.random.default_rng([19, 1919])  # scenes of their own: no training image's
@@ -689,9 +691,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slider-late-start", type=float, default=0.3,
                         help="adapter window start of the late-start check (issue 19: 30 %% of the steps)")
     parser.add_argument("--controlnet-images", type=int, default=256, help="scenes (and masks) the ControlNet trains on")
-    parser.add_argument("--controlnet-steps", type=int, default=150,
-                        help="150 (lr 1e-3): IoU 0.79 at --threads 1, but the 2-thread run never learned the mask "
-                             "(0.14, also at 250): docs/benchmarks.md")
+    parser.add_argument("--controlnet-steps", type=int, default=150, help="optimizer steps (docs/benchmarks.md)")
+    parser.add_argument("--controlnet-seed", type=int, default=0, help="the training run's --seed")
+    parser.add_argument("--controlnet-embedding-init", choices=("gaussian", "diffusers"), default="gaussian",
+                        help="the trainer's --embedding-init (diffusers': seed 0 at 2 threads never learned the mask)")
     parser.add_argument("--controlnet-batch", type=int, default=8)
     parser.add_argument("--controlnet-lr", type=float, default=1e-3)
     parser.add_argument("--controlnet-prompts", type=int, default=32, help="held-out masks and prompts scored")

@@ -14,6 +14,21 @@ default channels (16, 32, 96, 256) are three stride-2 convs, 8x, SD's scale; a m
 downsamples 4x (the embedded `default`) gets the first three, 2x the first two. The embedding's
 random initial weights are drawn from the run's seed.
 
+The embedding's initial weights (`EMBEDDING_INITS`, --embedding-init). diffusers' `from_unet`
+leaves its conv_in and inner convs at torch's default init (uniform, variance 1/(3 fan_in)):
+each conv + SiLU shrinks the part of the features that depends on the control image 2.5-3.5x,
+so what the zero conv_out reads from the embedded model's 4x embedding (five convs) varies
+over the shapes masks by ~0.0005 (std over masks) around a mask-independent ~0.015 (mean
+magnitude, from the biases). The control reaches the UNet copy only once training has grown
+that chain. Most runs on the embedded model did by step 150 (lr 1e-3, batch 8), but seed 0 at
+2 threads never did (250 steps): its ControlNet's residuals grew while true and shuffled masks
+gave the same loss throughout, and its embedding's dependence on the mask stayed <= 0.014
+(docs/benchmarks.md, ControlNet). "gaussian" (the default) draws those convs from He's normal
+init (variance 2/fan_in, zero biases; the ControlNet paper's embedding is "initialized with
+Gaussian weights"): the spread over masks is then 0.03-0.05 around a mean magnitude of
+0.016-0.026, and the runs used the mask by step ~50. conv_out and the zero convs stay zero
+either way, so step 0 is still the base model. "diffusers" keeps from_unet's init.
+
 Output: OUT/config.json and OUT/diffusion_pytorch_model.safetensors, what
 `ControlNetModel.from_pretrained` and the server's ControlNet store read, with the loop's
 provenance (method, base model and its digest, steps, ...) in the safetensors header and in
@@ -52,6 +67,9 @@ METADATA_FILE = "sdserve.json"
 _INIT_STREAM = 41  # seeded_generator stream of the conditioning embedding's initial weights
 # diffusers' ControlNetModel default (8x); see the module docstring for other VAE scales.
 DIFFUSERS_CONDITIONING_CHANNELS = (16, 32, 96, 256)
+# Initial weights of the conditioning embedding's convs before conv_out (see the module docstring).
+EMBEDDING_INITS = ("gaussian", "diffusers")
+DEFAULT_EMBEDDING_INIT = "gaussian"
 
 
 def conditioning_channels(vae_scale_factor: int) -> tuple[int, ...]:
@@ -69,18 +87,25 @@ class ControlNetMethod:
 
     kind = "controlnet"
 
-    def __init__(self, components: Components, conditioning: torch.Tensor, seed: int = 0) -> None:
+    def __init__(self, components: Components, conditioning: torch.Tensor, seed: int = 0,
+                 embedding_init: str = DEFAULT_EMBEDDING_INIT) -> None:
         from diffusers import ControlNetModel
 
+        if embedding_init not in EMBEDDING_INITS:
+            raise InvalidArgument(f"must be one of {', '.join(EMBEDDING_INITS)} (got {embedding_init!r})",
+                                  field="--embedding-init")
         self.components = components
         self.conditioning = conditioning  # [N, 3, R, R] uint8, row i is --data image i's control map
         self.channels = conditioning_channels(components.vae_scale_factor)
+        self.embedding_init = embedding_init
         # from_unet builds the new layers with torch's global generator: draw them from the run's seed
         # instead, without disturbing the caller's stream.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seeded_generator(seed, _INIT_STREAM).initial_seed())
             self.controlnet = ControlNetModel.from_unet(components.unet,
                                                         conditioning_embedding_out_channels=self.channels)
+            if embedding_init == "gaussian":
+                _gaussian_embedding_init(self.controlnet.controlnet_cond_embedding)
         self.controlnet.train().requires_grad_(True)
         self._rows: list[int] | None = None
 
@@ -113,13 +138,24 @@ class ControlNetMethod:
         restore_state(self.state_dict(), state, "ControlNet weights")
 
     def metadata(self) -> dict[str, str]:
-        return {"sdserve_conditioning_channels": ",".join(map(str, self.channels))}
+        return {"sdserve_conditioning_channels": ",".join(map(str, self.channels)),
+                "sdserve_embedding_init": self.embedding_init}
 
     def write(self, out: Path, metadata: dict[str, str]) -> None:
         """The weights file (`out` is a temporary path beside OUT/WEIGHTS_FILE: the loop makes it atomic)."""
         tensors = {key: tensor.detach().clone().contiguous()
                    for key, tensor in self.controlnet.state_dict().items()}
         out.write_bytes(safetensors_bytes(tensors, metadata))
+
+
+def _gaussian_embedding_init(embedding: nn.Module) -> None:
+    """He-normal weights (variance 2/fan_in) and zero biases for the conditioning embedding's
+    convs before its zero conv_out, from torch's global generator (seeded by the caller): what
+    keeps the control image's signal from fading through them (see the module docstring)."""
+    with torch.no_grad():
+        for conv in [embedding.conv_in, *embedding.blocks]:
+            nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+            nn.init.zeros_(conv.bias)
 
 
 def _is_controlnet_dir(path: Path) -> bool:
@@ -151,8 +187,10 @@ def check_output_directory(out: Path) -> None:
     os.rmdir(probe)
 
 
-def train_controlnet(components: Components, data: ControlTriplets, cfg: LoopConfig, out: Path) -> Result:
-    """Train a ControlNet on `data` and write the directory `out` whole (see the module docstring).
+def train_controlnet(components: Components, data: ControlTriplets, cfg: LoopConfig, out: Path,
+                     embedding_init: str = DEFAULT_EMBEDDING_INIT) -> Result:
+    """Train a ControlNet on `data` and write the directory `out` whole (see the module docstring;
+    `embedding_init` is one of EMBEDDING_INITS).
 
     Raises InvalidArgument for bad input (before any training) and the loop's Diverged /
     Interrupted (no output written; the checkpoint stays in the state directory, by default
@@ -160,7 +198,7 @@ def train_controlnet(components: Components, data: ControlTriplets, cfg: LoopCon
     out = Path(out)
     check_output_directory(out)
     cfg = replace(cfg, state_dir=cfg.state_dir or default_state_dir(out))
-    method = ControlNetMethod(components, data.conditioning, seed=cfg.seed)
+    method = ControlNetMethod(components, data.conditioning, seed=cfg.seed, embedding_init=embedding_init)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the directory is meant to be served
