@@ -20,6 +20,7 @@ from PIL import Image
 from sdserve.api.types import ControlSpec
 from sdserve.engine import Engine, EngineConfig, RequestSpec
 from sdserve.engine.schedulers import make_scheduler, resolve_scheduler
+from sdserve.errors import InvalidArgument
 from sdserve.models.builtin import builtin_path
 from sdserve.trainers.controlnet import WEIGHTS_FILE, train_controlnet
 from sdserve.trainers.controlnet_data import load_control_folder
@@ -107,6 +108,11 @@ def test_resume_continues_exactly(trained, components_of, tmp_path):
                                tmp_path / "resumed")
     assert straight.losses[:2] == first.losses and resumed.losses == straight.losses[2:]
     assert (tmp_path / "resumed" / WEIGHTS_FILE).read_bytes() == (tmp_path / "straight" / WEIGHTS_FILE).read_bytes()
+    # The embedding's init is part of the run's identity: another one does not resume this checkpoint.
+    with pytest.raises(InvalidArgument, match="embedding_init 'gaussian', this run has 'diffusers'"):
+        train_controlnet(components_of(MODEL), data, dataclasses.replace(cfg, resume=first.state_dir),
+                         tmp_path / "other", embedding_init="diffusers")
+    assert not (tmp_path / "other").exists()
 
 
 def test_gaussian_embedding_init_carries_the_control_and_starts_at_the_base_model(components_of):
