@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,6 +30,7 @@ PAGE = 4096
 ALIGN = 64  # region offsets: enough for every dtype and for vector loads
 GROWTH_BYTES = 64 << 20  # blocks added beyond the reserve: at least this, to amortise the faults
 TOUCH_CHUNK = 8 << 20  # the reserve becomes usable this much at a time as it is touched
+TOUCH_SLICE = 1 << 20  # touched per hold of the GIL (256 page faults)
 
 
 def _align(value: int, to: int = ALIGN) -> int:
@@ -112,10 +114,14 @@ class HostArena:
             pass
         for start in range(0, block.size, TOUCH_CHUNK):
             end = min(start + TOUCH_CHUNK, block.size)
-            # One write per page faults each in. Through torch, whose ops release the GIL: a
-            # numpy write held it through the chunk's 2048 faults, and the serving threads
-            # (refusals, health) waited behind this thread for the first seconds after start.
-            torch.from_numpy(block.memory[start:end:PAGE]).zero_()
+            # One write per page faults each in. The write holds the GIL through its faults, so
+            # it goes a slice at a time with the GIL given up between slices: written as one
+            # chunk, the serving threads (refusals, health) waited behind this thread for the
+            # first seconds after start. (Not a torch op, which would release the GIL: a daemon
+            # thread inside one at interpreter exit aborts the process.)
+            for slice_start in range(start, end, TOUCH_SLICE):
+                block.memory[slice_start:min(slice_start + TOUCH_SLICE, end):PAGE] = 0
+                time.sleep(0)
             with self._lock:  # nothing at or above `usable` has been handed out
                 block.usable = end
         self.touched.set()
