@@ -1,8 +1,8 @@
 """Scale-out on Ray Serve (issue 22): 2 replicas vs 1, and adapter-affine vs adapter-blind routing.
 
     python -m bench.scaleout [--model tiny-sd1] [--requests 32] [--concurrency 8] [--steps 4]
-                             [--adapters 64] [--zipf 1.1] [--routing-requests 96] [--resident 8]
-                             [--skip-throughput] [--out FILE]
+                             [--adapters 64] [--zipf 1.1] [--resident 32] [--warmup-requests 192]
+                             [--routing-requests 192] [--skip-throughput] [--out FILE]
 
 Starts a local Ray instance (all cores), deploys sdserve's EngineReplica and drives the front's
 RayDispatcher directly (validated EngineRequests in, events out): the gRPC front around it is the
@@ -12,14 +12,20 @@ single server's code, measured by bench.load.
    one run each; the ratio 2/1 with each run's p50/p99 request latency as spread. Replicas are
    processes: on a 2-core machine two of them share the cores the one had (torch at 1 thread
    each), so the ratio says what a second process buys on the same cores, not on a second GPU.
-2. Routing: 2 replicas whose adapter host tier holds `--resident` adapters each (by bytes), and
-   `--routing-requests` requests of one LoRA each, drawn from `--adapters` files with Zipf
-   popularity (rank k has weight 1/k^s); the same draw with affine routing (multiplexed id = stack
-   digests) and with least_loaded (Ray Serve's power-of-two choices, blind to adapters: the
-   issue's "round robin"). Each policy gets its own copy of the files (other digests), so neither
-   starts with the other's cache. Reported: adapter loads per request (files the replicas parsed,
-   from their reports), its floor (distinct adapters drawn / requests: each loads once at least)
-   and p50/p99 latency. Affine routing's multiplexed LRU is set to `--resident` stacks per replica.
+2. Routing: for each policy a fresh deployment of 2 replicas whose adapter host tier holds
+   `--resident` adapters each (by bytes), and requests of one LoRA each drawn from `--adapters`
+   files with Zipf popularity (rank k has weight 1/k^s). The same draw for every policy: the first
+   `--warmup-requests` fill the caches and are not counted (the first load of every adapter is
+   owed by any policy and would hide the difference), the next `--routing-requests` are. Policies:
+   affine (sdserve's router: each stack's home replica by rendezvous hashing), multiplex (Ray
+   Serve's model multiplexing keyed by the stack digests; its LRU set to `--resident` stacks),
+   least_loaded (Ray Serve's power-of-two choices, blind to adapters: the issue's "round robin").
+   Reported: adapter loads per request (files the replicas parsed, from their reports), p50/p99
+   latency, requests per replica, and both ratios against least_loaded.
+   What a router can save depends on the caches: with `--resident` at half the adapters, the two
+   replicas together hold them all if each holds only its share (an LRU simulation of exact
+   partitioning vs random placement, 64 adapters, Zipf 1.1, steady state: ~1.5x fewer loads at
+   8 resident, ~2x at 16, 3-8x at 24-32).
 
 JSON to bench/results/scaleout.json (ignored by git) unless --out.
 """
@@ -52,8 +58,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=64, help="image width and height (default 64)")
     parser.add_argument("--adapters", type=int, default=64, help="LoRA files in the routing run (default 64)")
     parser.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent of adapter popularity (default 1.1)")
-    parser.add_argument("--routing-requests", type=int, default=96, help="requests per routing policy (default 96)")
-    parser.add_argument("--resident", type=int, default=8,
+    parser.add_argument("--routing-requests", type=int, default=192,
+                        help="requests per routing policy, counted after the warm-up (default 192)")
+    parser.add_argument("--warmup-requests", type=int, default=192,
+                        help="requests per routing policy that fill the caches first, not counted (default 192)")
+    parser.add_argument("--resident", type=int, default=32,
                         help="adapters a replica's host tier holds, by bytes (default 8)")
     parser.add_argument("--skip-throughput", action="store_true", help="only the routing comparison")
     parser.add_argument("--seed", type=int, default=0, help="seed of the LoRA weights and the Zipf draw")
@@ -157,46 +166,52 @@ def throughput(driver: Driver, config: Any, args: argparse.Namespace, cpus: int)
 def routing(driver: Driver, config: Any, args: argparse.Namespace, cpus: int, work: Path) -> list[dict[str, Any]]:
     from ray import serve
 
-    from sdserve.scaleout.config import AFFINE, LEAST_LOADED
+    from sdserve.scaleout.config import AFFINE, LEAST_LOADED, MULTIPLEX
     from sdserve.scaleout.dispatch import RayDispatcher
 
-    # Each policy gets its own files (same ranks and shapes, other weights: other digests), so
-    # neither starts with the other's adapters in the replicas' caches.
-    sets, sizes = {}, []
-    for offset, policy in enumerate((AFFINE, LEAST_LOADED)):
-        files = []
-        for index, blob in enumerate(make_lora_files(args.model, args.adapters, args.seed + 10_000 * offset)):
-            path = work / f"{policy}-{index}.safetensors"
-            path.write_bytes(blob)
-            files.append((path, hashlib.sha256(blob).hexdigest()))
-            sizes.append(len(blob))
-        sets[policy] = files
+    files, sizes = [], []
+    for index, blob in enumerate(make_lora_files(args.model, args.adapters, args.seed)):
+        path = work / f"lora-{index}.safetensors"
+        path.write_bytes(blob)
+        files.append((path, hashlib.sha256(blob).hexdigest()))
+        sizes.append(len(blob))
     mean_bytes = statistics.mean(sizes)
     residency = dataclasses.replace(config.engine.residency, host_budget_bytes=int(args.resident * mean_bytes),
                                     device_slots=max(1, args.resident))
     routed = dataclasses.replace(config, engine=dataclasses.replace(config.engine, residency=residency))
-    # The router's memory of a replica's stacks is as long as the replica's cache: a longer one
-    # would send requests to a replica that evicted their adapters.
-    handle, ray_config = deploy(routed, 2, "bench-routing", cpus / 2, stacks=args.resident)
-    draw = zipf_draw(args.routing_requests, args.adapters, args.zipf, args.seed)
-    rows, baseline = [], {}
-    for policy in (AFFINE, LEAST_LOADED):
+    # One draw for every policy: the warm-up part fills the caches, the measured part is counted.
+    draw = zipf_draw(args.warmup_requests + args.routing_requests, args.adapters, args.zipf, args.seed)
+    warm_draw, measured_draw = draw[: args.warmup_requests], draw[args.warmup_requests :]
+    rows = []
+    for policy in (AFFINE, MULTIPLEX, LEAST_LOADED):
+        # A deployment per policy: each starts with empty caches and its own router. Ray's
+        # multiplexed LRU remembers as many stacks per replica as its cache holds: a longer
+        # memory would send requests to a replica that evicted their adapters.
+        name = f"bench-routing-{policy}"
+        handle, ray_config = deploy(routed, 2, name, cpus / 2, stacks=args.resident)
         dispatcher = RayDispatcher(handle, dataclasses.replace(ray_config, routing=policy))
-        requests = [driver.request(2000 + i, sets[policy][k]) for i, k in enumerate(draw)]
-        wall, latencies, failures = asyncio.run(Driver.run(dispatcher, requests, args.concurrency))
-        reports = dispatcher.book.reports
-        loads = sum(report.loads - baseline.get(replica, 0) for replica, report in reports.items())
-        baseline.update({replica: report.loads for replica, report in reports.items()})
-        per_replica: dict[str, int] = {}
-        for replica in dispatcher.served_by.values():
-            per_replica[replica] = per_replica.get(replica, 0) + 1
-        rows.append({"routing": policy, "requests": len(requests), "adapter_loads": loads,
-                     # every adapter drawn loads at least once somewhere: the floor of loads/request
-                     "floor_loads_per_request": len(set(draw)) / len(requests),
-                     "loads_per_request": loads / len(requests), "p50_s": percentile(latencies, 0.5),
-                     "p99_s": percentile(latencies, 0.99), "wall_s": wall, "failures": failures,
-                     "requests_per_replica": sorted(per_replica.values())})
-    serve.delete("bench-routing")
+        counter = 2000
+        phases = {}
+        for phase, part in (("warm-up", warm_draw), ("measured", measured_draw)):
+            requests = [driver.request(counter + i, files[k]) for i, k in enumerate(part)]
+            counter += len(part)
+            before = sum(report.loads for report in dispatcher.book.reports.values())
+            served_before = len(dispatcher.served_by)
+            wall, latencies, failures = asyncio.run(Driver.run(dispatcher, requests, args.concurrency))
+            loads = sum(report.loads for report in dispatcher.book.reports.values()) - before
+            per_replica: dict[str, int] = {}
+            for replica in list(dispatcher.served_by.values())[served_before:]:
+                per_replica[replica] = per_replica.get(replica, 0) + 1
+            phases[phase] = {"requests": len(requests), "adapter_loads": loads,
+                             "loads_per_request": loads / max(1, len(requests)),
+                             "p50_s": percentile(latencies, 0.5) if latencies else 0.0,
+                             "p99_s": percentile(latencies, 0.99) if latencies else 0.0,
+                             "wall_s": wall, "failures": failures,
+                             "requests_per_replica": sorted(per_replica.values())}
+        measured = phases["measured"]
+        rows.append({"routing": policy, **measured, "warm_up": phases["warm-up"],
+                     "distinct_adapters_measured": len(set(measured_draw))})
+        serve.delete(name)
     return rows
 
 
@@ -232,11 +247,14 @@ def main(argv: list[str] | None = None) -> int:
         print_table(["replicas", "req/s", "p50 s", "p99 s", "failures", "ratio vs 1"],
                     [[r["replicas"], r["throughput_rps"], r["p50_s"], r["p99_s"], r["failures"],
                       r["throughput_rps"] / one["throughput_rps"]] for r in (one, two)])
-    affine, blind = results["routing"]
-    print_table(["routing", "loads/request", "floor", "p50 s", "p99 s", "requests per replica", "loads ratio"],
-                [[r["routing"], r["loads_per_request"], r["floor_loads_per_request"], r["p50_s"], r["p99_s"],
-                  r["requests_per_replica"],
-                  blind["adapter_loads"] / max(1, r["adapter_loads"])] for r in (affine, blind)])
+    rows = results["routing"]
+    blind = rows[-1]  # least_loaded: the adapter-blind baseline
+    print(f"routing: {args.adapters} adapters, Zipf {args.zipf}, {args.resident} resident per replica; "
+          f"{args.warmup_requests} warm-up requests, then {args.routing_requests} counted")
+    print_table(["routing", "loads/request", "p50 s", "p99 s", "requests per replica", "fewer loads vs blind",
+                 "p99 vs blind"],
+                [[r["routing"], r["loads_per_request"], r["p50_s"], r["p99_s"], r["requests_per_replica"],
+                  blind["adapter_loads"] / max(1, r["adapter_loads"]), r["p99_s"] / blind["p99_s"]] for r in rows])
     path = write_json("scaleout", results, args.out)
     print(f"wrote {path}")
     return 0

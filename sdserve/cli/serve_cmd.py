@@ -52,9 +52,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="engine replicas (default 1; one per GPU, or per CPU process)")
     ray.add_argument("--address", metavar="ray://HOST:PORT|auto",
                      help="join this Ray cluster (default: start a local Ray instance, stopped on exit)")
-    ray.add_argument("--routing", choices=("affine", "least_loaded"),
-                     help="affine (default): a request goes to a replica that holds its adapters, else the "
-                     "least loaded; least_loaded: ignore adapters")
+    ray.add_argument("--routing", choices=("affine", "multiplex", "least_loaded"),
+                     help="affine (default): each adapter stack has a home replica (rendezvous hashing), left "
+                     "for its second choice when the home is 4+ requests busier; multiplex: Ray Serve's "
+                     "model multiplexing (a replica that served the stack recently, else the least loaded); "
+                     "least_loaded: ignore adapters")
     ray.add_argument("--cpus-per-replica", type=float, metavar="N", help="Ray CPUs each replica reserves (default 1)")
     ray.add_argument("--gpus-per-replica", type=float, metavar="N", help="Ray GPUs each replica reserves (default 0)")
     parser.set_defaults(func=run)

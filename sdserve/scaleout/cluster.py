@@ -8,6 +8,7 @@ only its own Serve application on exit.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -18,7 +19,7 @@ from sdserve.scaleout.config import RayConfig
 from sdserve.scaleout.dispatch import RayDispatcher
 from sdserve.scaleout.report import ReplicaCollector
 from sdserve.server.app import Server
-from sdserve.server.config import Config
+from sdserve.server.config import AdmissionConfig, Config
 
 log = logging.getLogger("sdserve.scaleout")
 
@@ -78,6 +79,14 @@ def undeploy(ray_config: RayConfig, started_ray: bool) -> None:
             ray.shutdown()
 
 
+def cluster_admission(admission: AdmissionConfig, ray_config: RayConfig) -> AdmissionConfig:
+    """The front's admission for the whole deployment: `[admission]`'s pending bounds (the
+    server's and each tenant's) are the cluster's quotas, held by the one front however many
+    replicas run; `max_inflight_cost` is what one engine runs at once, so the front releases
+    that much per replica. A pending bound below the scaled release bound limits it first."""
+    return dataclasses.replace(admission, max_inflight_cost=admission.max_inflight_cost * ray_config.replicas)
+
+
 class RayServer(Server):
     """The single server whose engine thread is a RayDispatcher: requests run on replicas.
 
@@ -88,7 +97,7 @@ class RayServer(Server):
 
     def __init__(self, config: Config, handle: Any, ray_config: RayConfig) -> None:
         check_config(config)
-        super().__init__(config)
+        super().__init__(dataclasses.replace(config, admission=cluster_admission(config.admission, ray_config)))
         self.dispatcher = RayDispatcher(handle, ray_config)
 
     async def start(self) -> None:

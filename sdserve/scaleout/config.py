@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from sdserve.errors import InvalidArgument
 
 AFFINE = "affine"
+MULTIPLEX = "multiplex"
 LEAST_LOADED = "least_loaded"
-ROUTINGS = (AFFINE, LEAST_LOADED)
+ROUTINGS = (AFFINE, MULTIPLEX, LEAST_LOADED)
 
 
 @dataclass(frozen=True)
@@ -21,11 +22,16 @@ class RayConfig:
     """Ray cluster to join ("auto", "ray://host:10001"); None starts a local Ray instance that
     stops when the server does."""
     routing: str = AFFINE
-    """"affine": a request goes to a replica that served its adapter stack recently (Ray Serve
-    model multiplexing keyed by the stack's digests), else the least loaded one; "least_loaded":
+    """"affine": each adapter stack has a home replica, fixed by rendezvous hashing of its digests
+    (router.StackAffinityRouter), left for the stack's second choice only when the home is busier
+    by more than `spill_threshold`; "multiplex": Ray Serve's model multiplexing keyed by the stack's
+    digests (a replica that served the stack recently, else the least loaded); "least_loaded":
     Ray Serve's default power-of-two-choices, blind to adapters."""
+    spill_threshold: int = 4
+    """"affine": ongoing requests by which a stack's home may exceed its second choice before the
+    stack's requests go to the second choice."""
     stacks_per_replica: int = 16
-    """Adapter stacks a replica is known for (Ray's multiplexed LRU); older ones route elsewhere."""
+    """Adapter stacks a replica is known for (Ray's multiplexed LRU, "multiplex" routing)."""
     cpus_per_replica: float = 1.0
     """Ray CPUs each replica reserves (and its torch threads on a CPU machine)."""
     gpus_per_replica: float = 0.0
@@ -42,6 +48,8 @@ class RayConfig:
             raise InvalidArgument("must be at least 1", field="--replicas")
         if self.routing not in ROUTINGS:
             raise InvalidArgument(f"must be one of {', '.join(ROUTINGS)}", field="--routing")
+        if self.spill_threshold < 0:
+            raise InvalidArgument("must be 0 or more", field="spill_threshold")
         if self.stacks_per_replica < 1:
             raise InvalidArgument("must be at least 1", field="stacks_per_replica")
         if self.max_ongoing_requests < 1:

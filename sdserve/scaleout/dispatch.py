@@ -5,10 +5,11 @@ cancel, alive, stop, step_hooks, death_hooks, failure), so the single server's a
 and listeners work unchanged. Each submitted request becomes a task on the server's event loop
 that streams the replica's events to the request's listener.
 
-Routing: with "affine" routing a request carries its stack key (route.stack_key) as Ray Serve's
-multiplexed model id, so Ray's router prefers a replica that served the same stack (its adapters
-are resident there) and otherwise picks the least loaded of two; a request without adapters, or
-with "least_loaded" routing, carries no id.
+Routing: with "affine" or "multiplex" routing a request carries its stack key (route.stack_key)
+as Ray Serve's multiplexed model id. "affine" deployments route it with router.StackAffinityRouter
+(the stack's home replica by rendezvous hashing); "multiplex" ones with Ray's multiplexing, which
+prefers a replica that served the same stack and otherwise picks the least loaded of two. A
+request without adapters, or with "least_loaded" routing, carries no id.
 
 Failure: if the replica dies (or Ray cannot reach one), the request is sent again, up to
 `retries` times; the same EngineRequest with the same seed gives the same image. After that the
@@ -29,7 +30,7 @@ from sdserve.engine import EngineEvent
 from sdserve.engine.engine import Listener
 from sdserve.engine.request import EngineRequest
 from sdserve.errors import Cancelled, DeadlineExceeded, Unavailable
-from sdserve.scaleout.config import AFFINE, RayConfig
+from sdserve.scaleout.config import AFFINE, MULTIPLEX, RayConfig
 from sdserve.scaleout.report import ReplicaBook, ReplicaReport
 from sdserve.scaleout.route import stack_key
 
@@ -94,7 +95,7 @@ class RayDispatcher:
         from ray.serve.exceptions import RayServeException
 
         request_id = request.request_id
-        key = stack_key(request) if self.ray_config.routing == AFFINE else ""
+        key = stack_key(request) if self.ray_config.routing in (AFFINE, MULTIPLEX) else ""
         options: dict[str, Any] = {"stream": True}
         if key:
             options["multiplexed_model_id"] = key

@@ -26,7 +26,7 @@ from sdserve.engine import Engine, EngineEvent, ModelStore
 from sdserve.engine.loop import EngineThread
 from sdserve.engine.request import EngineRequest
 from sdserve.errors import Unavailable
-from sdserve.scaleout.config import RayConfig
+from sdserve.scaleout.config import AFFINE, RayConfig
 from sdserve.scaleout.report import ReplicaReport
 from sdserve.server.config import Config
 
@@ -117,9 +117,20 @@ class EngineReplica:
 
 def deployment(config: Config, ray_config: RayConfig) -> Any:
     """The bound Ray Serve application: `ray_config.replicas` EngineReplicas of `config`."""
+    options: dict[str, Any] = {}
+    if ray_config.routing == AFFINE:
+        from ray.serve.config import RequestRouterConfig
+
+        from sdserve.scaleout.router import StackAffinityRouter
+
+        options["request_router_config"] = RequestRouterConfig(
+            request_router_class=StackAffinityRouter,
+            request_router_kwargs={"spill_threshold": ray_config.spill_threshold},
+        )
     return serve.deployment(
         EngineReplica,
         name="EngineReplica",
+        **options,
         num_replicas=ray_config.replicas,
         max_ongoing_requests=ray_config.max_ongoing_requests,
         ray_actor_options={"num_cpus": ray_config.cpus_per_replica, "num_gpus": ray_config.gpus_per_replica},

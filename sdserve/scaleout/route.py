@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 
 from sdserve.engine.request import EngineRequest
 
@@ -15,11 +16,16 @@ def stack_key(request: EngineRequest) -> str:
     matter to residency, so they are left out. Files without a known digest (only the CLI's own
     paths; the server always knows them) key by path.
     """
-    digests = sorted(
+    return key_of_digests(
         {entry.digest or entry.source for entry in request.adapters}
         | {entry.digest or entry.source for entry in request.embedding_refs}
         | {entry.digest or entry.source for entry in request.hypernetwork_refs}
     )
-    if not digests:
+
+
+def key_of_digests(digests: Iterable[str]) -> str:
+    """The stack key of a set of file digests: sha256 of the sorted digests, 32 hex ("" if none)."""
+    ordered = sorted(set(digests))
+    if not ordered:
         return ""
-    return hashlib.sha256("\n".join(digests).encode()).hexdigest()[:32]
+    return hashlib.sha256("\n".join(ordered).encode()).hexdigest()[:32]

@@ -198,3 +198,13 @@ def test_ray_config_refuses_what_cannot_run():
         RayConfig(replicas=0)
     with pytest.raises(InvalidArgument, match="--routing"):
         RayConfig(routing="random")
+
+
+def test_the_fronts_admission_holds_cluster_quotas_and_releases_one_engines_worth_per_replica():
+    from sdserve.scaleout.cluster import cluster_admission
+    from sdserve.server.config import AdmissionConfig
+
+    one = AdmissionConfig(max_pending_cost=1000, max_tenant_pending_cost=500, max_inflight_cost=200)
+    three = cluster_admission(one, RayConfig(replicas=3))
+    assert (three.max_pending_cost, three.max_tenant_pending_cost, three.max_inflight_cost) == (1000, 500, 600)
+    assert cluster_admission(one, RayConfig(replicas=1)) == one

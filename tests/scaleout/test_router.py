@@ -1,0 +1,45 @@
+"""The affine router's policy (rank_replicas) without a cluster: homes, balance, stability, spill."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+
+pytest.importorskip("ray.serve.request_router", reason="needs ray[serve] (the test extra)")
+
+from sdserve.scaleout.router import rank_replicas  # noqa: E402
+
+REPLICAS = ["r-a", "r-b"]
+KEYS = [f"{index:032x}" for index in range(64)]
+
+
+def home(key: str, replicas: list[str], lengths: dict[str, int] | None = None) -> str:
+    return rank_replicas(key, replicas, lengths or {})[0][0]
+
+
+def test_every_stack_has_one_home_and_the_stacks_are_split_between_replicas():
+    homes = collections.Counter(home(key, REPLICAS) for key in KEYS)
+    assert set(homes) == set(REPLICAS)
+    assert min(homes.values()) >= 24  # 64 keys over 2 replicas: hashing, not a fixed 32/32
+    # Deterministic: every front's router agrees, with no shared state.
+    assert [home(key, REPLICAS) for key in KEYS] == [home(key, list(reversed(REPLICAS))) for key in KEYS]
+    ranks = rank_replicas(KEYS[0], REPLICAS, {})
+    assert sorted(replica for rank in ranks for replica in rank) == sorted(REPLICAS)
+
+
+def test_a_replaced_replica_moves_only_its_own_stacks():
+    before = {key: home(key, REPLICAS + ["r-c"]) for key in KEYS}
+    after = {key: home(key, ["r-a", "r-b", "r-d"]) for key in KEYS}  # r-c died, r-d replaced it
+    moved = {key for key in KEYS if before[key] != after[key]}
+    assert moved and all(before[key] == "r-c" or after[key] == "r-d" for key in moved)
+    assert all(after[key] == before[key] for key in KEYS if before[key] != "r-c" and after[key] != "r-d")
+
+
+def test_a_busy_home_spills_to_the_second_choice_only_beyond_the_threshold():
+    key = KEYS[0]
+    first, second = rank_replicas(key, REPLICAS, {})[0][0], rank_replicas(key, REPLICAS, {})[1][0]
+    assert home(key, REPLICAS, {first: 5, second: 1}) == first  # 4 more: within the threshold
+    assert home(key, REPLICAS, {first: 6, second: 1}) == second
+    assert rank_replicas(key, REPLICAS, {first: 6, second: 1}, spill_threshold=8)[0] == [first]
+    assert rank_replicas(key, ["only"], {}) == [["only"]]
