@@ -212,9 +212,11 @@ class GenerationService:
                 # on an ONNX variant): the request runs eagerly, as if no variant matched.
                 variant = None
                 engine_request = await asyncio.to_thread(validate, spec)
-            served_by = (info.name, variant)
+            # A model served directly as an ONNX export runs on onnxruntime without any variant.
+            backend = variant.backend if variant is not None else (info.backend or EAGER)
+            served_by = (info.name, variant, backend)
             entry.steps = engine_request.steps
-            entry.backend = variant.backend if variant is not None else EAGER
+            entry.backend = backend
             entry.variant = variant.name if variant is not None else ""
             async for event in self._admitted(context, stream, tenant, priority, engine_request, arrived, used,
                                               served_by, entry, hold):
@@ -227,7 +229,7 @@ class GenerationService:
     async def _admitted(
         self, context: grpc.aio.ServicerContext, stream: bool, tenant: TenantConfig, priority: int,
         engine_request: EngineRequest, arrived: float, used: list[convert.AdapterUse],
-        served_by: tuple[str, Variant | None], entry: RequestLog, hold: Hold | None,
+        served_by: tuple[str, Variant | None, str], entry: RequestLog, hold: Hold | None,
     ) -> AsyncIterator[Any]:
         """Admit a validated request, then relay its engine events to the caller."""
         core = self.core
@@ -340,7 +342,7 @@ class GenerationService:
         return (dataclasses.replace(spec, **changes) if changes else spec), used
 
     async def _response(self, job: Job, result: GenerationResult, used: list[convert.AdapterUse],
-                        served_by: tuple[str, Variant | None], entry: RequestLog) -> Any:
+                        served_by: tuple[str, Variant | None, str], entry: RequestLog) -> Any:
         request = result.request
         # PNG encoding is CPU work proportional to pixels: keep it off the event loop.
         images = await asyncio.to_thread(
@@ -354,8 +356,7 @@ class GenerationService:
         entry.timings = timings
         metrics = self.core.metrics
         # The model as the caller named it (a variant's engine model is a server directory).
-        model, variant = served_by
-        backend = variant.backend if variant is not None else EAGER
+        model, variant, backend = served_by
         metrics.served(model, backend, entry.tenant, timings["queue"], timings["total"])
         metrics.served_by(model, backend, variant.name if variant is not None else "")
         return convert.generate_response(request.request_id, model, request.seed, images, timings, used,

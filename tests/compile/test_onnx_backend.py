@@ -137,3 +137,18 @@ def test_generate_cli_serves_an_onnx_dir(onnx_export, capsys, tmp_path):
                               "--lora", f"{tmp_path / 'a.safetensors'}:0.5", "--out", str(tmp_path / "y.png"))
     assert code == 2 and "adapters" in stderr and len(stderr.strip().splitlines()) == 1
 
+
+
+def test_a_server_serving_an_onnx_dir_says_onnxruntime_in_its_response(onnx_export, tmp_path):
+    """No variant: the model itself is the export, so the response, request log and metrics name
+    the backend that ran it (they said "eager", the no-variant default, before)."""
+    from tests.server.conftest import ServerThread, make_config
+
+    name = str(onnx_export)
+    server = ServerThread(make_config(tmp_path / "registry", models=(name,))).start()
+    try:
+        response = server.client().generate({"model": name, "prompt": "a red circle", "steps": 2, "seed": 1},
+                                            timeout=120)
+        assert (response.backend, response.variant) == ("onnxruntime", "")
+    finally:
+        server.stop()
