@@ -20,7 +20,9 @@ def register(kinds: argparse._SubParsersAction) -> None:
                     "example reads it: a metadata.jsonl of {\"file_name\", \"conditioning_file_name\", \"text\"} "
                     "lines. `sdserve train data shapes --conditioning mask` writes one. --out is a diffusers "
                     "ControlNet directory (config.json + diffusion_pytorch_model.safetensors), written whole, which "
-                    "ControlNetModel.from_pretrained and sdserve (generate --controlnet DIR:IMAGE) load.",
+                    "ControlNetModel.from_pretrained and sdserve (generate --controlnet DIR:IMAGE) load. On the embedded "
+                    "`default` model, --lr 1e-3 --batch-size 8 --steps 150 learns the shapes masks (IoU 0.85-0.87 "
+                    "over 5 seeds, docs/benchmarks.md); the loop's defaults (lr 1e-4, batch 1, 500 steps) reached 0.52.",
     )
     parser.add_argument("--model", default="default",
                         help="base model: a built-in name (default: the embedded shapes model; see `sdserve models "
