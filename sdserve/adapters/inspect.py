@@ -14,14 +14,15 @@ says nothing the real families differ in. Whether a file fits a given model is `
 verdict against that model's modules, which also names any key that does not fit.
 
 `listing` reduces a description to what the server lists for a registered file (AdapterInfo's
-form, rank and targets); the server runs it once per upload, in its upload-check worker.
+form, rank and targets, and a Concept Slider's trained scales and suggested start); the server runs
+it once per upload, in its upload-check worker.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 
 import torch
@@ -45,6 +46,10 @@ _ROLE_SUFFIXES = (
 ) + tuple((f".{role}", role) for role in LOHA_ROLES + LOKR_ROLES)
 _SGM_BLOCKS = re.compile(r"lora_unet_(input_blocks|middle_block|output_blocks)_")
 _FORM = re.compile(r"(lora|locon|loha|lokr|dora)(\+(lora|locon|loha|lokr|dora)){0,4}|")
+# A slider's listed scales: what a request may use (engine.request.MAX_ADAPTER_SCALE; adapters
+# does not import the engine) and few enough to list; a file saying more lists none.
+_MAX_SLIDER_SCALE = 100.0
+_MAX_SLIDER_SCALES = 16
 
 
 @dataclass(frozen=True)
@@ -66,12 +71,15 @@ class AdapterSummary:
 
 @dataclass(frozen=True)
 class Listing:
-    """What a server lists about a registered file (AdapterInfo's form, rank and targets):
-    `describe` reduced to three values; the empty values for a file it could not describe."""
+    """What a server lists about a registered file (AdapterInfo's form, rank, targets, slider_scales
+    and slider_start): `describe` reduced to five values; the empty values for a file it could not
+    describe."""
 
     form: str = ""  # the LoRA kinds' `kind` in lower case ("lora", "locon", "loha", "lokr", "loha+locon"); else ""
     rank: int = 0  # the LoRA kinds' highest module rank; else 0
     targets: int = 0  # modules (LoRA kinds), vectors (embedding) or attention widths (hypernetwork)
+    slider_scales: tuple[float, ...] = ()  # a Concept Slider's trained scales as its file lists them; else ()
+    slider_start: float = 0.0  # a Concept Slider's suggested start (fraction of the schedule, [0, 1]); else 0
 
     @classmethod
     def of(cls, summary: AdapterSummary) -> Listing:
@@ -79,18 +87,33 @@ class Listing:
             return cls(targets=summary.vectors)
         if summary.kind == "hypernetwork":
             return cls(targets=len(summary.targets))
-        return cls(form=summary.kind.lower(), rank=summary.rank or 0, targets=len(summary.targets))
+        # A slider's two values are read independently: a file that garbles one still lists the other.
+        scales = _slider_scales(summary.slider.get("scale_range", "")) or ()
+        start = _slider_start(_number(summary.slider.get("start", "0"))) or 0.0
+        return cls(form=summary.kind.lower(), rank=summary.rank or 0, targets=len(summary.targets),
+                   slider_scales=scales, slider_start=start)
+
+    def to_json(self) -> dict[str, str | int | float]:
+        """The worker's report: JSON scalars only (`upload_check` passes nothing else back), so the
+        scales travel as one comma-separated string of exact (repr) floats."""
+        return {"form": self.form, "rank": self.rank, "targets": self.targets,
+                "slider_scales": ",".join(repr(scale) for scale in self.slider_scales),
+                "slider_start": self.slider_start}
 
     @classmethod
     def from_json(cls, value: object) -> Listing:
         """Read back what `listing` returned, as it came from an upload-check worker: a worker that
-        parsed a hostile file is not trusted, so anything out of shape or range reads as empty."""
+        parsed a hostile file is not trusted, so anything out of shape or range reads as empty
+        (all five values). The slider values may be absent (the empty ones)."""
         if not isinstance(value, dict):
             return cls()
         form, rank, targets = value.get("form"), _count(value.get("rank")), _count(value.get("targets"))
-        if not isinstance(form, str) or not _FORM.fullmatch(form) or rank is None or targets is None:
+        scales_text, start = value.get("slider_scales", ""), _slider_start(value.get("slider_start", 0.0))
+        scales = _slider_scales(scales_text) if isinstance(scales_text, str) else None
+        if (not isinstance(form, str) or not _FORM.fullmatch(form) or rank is None or targets is None
+                or scales is None or start is None):
             return cls()
-        return cls(form, rank, targets)
+        return cls(form, rank, targets, scales, start)
 
 
 def describe(source: Source, name: str) -> AdapterSummary:
@@ -138,22 +161,50 @@ def _slider(metadata: Mapping[str, str]) -> dict[str, str]:
     return {key: metadata[f"sdserve_slider_{key}"] for key in keys if f"sdserve_slider_{key}" in metadata}
 
 
-def listing(source: Source, name: str, kind: str) -> dict[str, str | int]:
-    """`Listing.of(describe(...))` as a JSON object, for a file the loader of `kind` ("lora",
+def listing(source: Source, name: str, kind: str) -> dict[str, str | int | float]:
+    """`Listing.of(describe(...)).to_json()`, for a file the loader of `kind` ("lora",
     "embedding", "hypernetwork") has accepted: the job an upload-check worker runs. A file that
     `describe` cannot read, or reads as another kind than the loader did, lists the empty values
     rather than wrong ones (the loader, not this, decides what is served)."""
     try:
         summary = describe(source, name)
     except AdapterError:
-        return asdict(Listing())
+        return Listing().to_json()
     served_as = summary.kind if summary.kind in ("embedding", "hypernetwork") else "lora"
-    return asdict(Listing.of(summary) if served_as == kind else Listing())
+    return (Listing.of(summary) if served_as == kind else Listing()).to_json()
 
 
 def _count(value: object) -> int | None:
     """An int32 count (not a bool, which JSON's true reads as), else None."""
     return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31 else None
+
+
+def _number(text: str) -> float | None:
+    """A decimal number as metadata writes it ("-1", "0.3", "2e-1"), else None."""
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _slider_scales(text: str) -> tuple[float, ...] | None:
+    """A slider's scale range as its metadata writes it ("-2,-1,0,1,2"; "" for none): at most 16
+    finite scales a request may use; None for anything else."""
+    if not text:
+        return ()
+    if len(text) > 64 * _MAX_SLIDER_SCALES:  # before splitting: a hostile string may be long
+        return None
+    scales = tuple(_number(part.strip()) for part in text.split(","))
+    if len(scales) > _MAX_SLIDER_SCALES or any(s is None or not abs(s) <= _MAX_SLIDER_SCALE for s in scales):
+        return None  # `not <=` is True for NaN too
+    return scales  # type: ignore[return-value]  # no None left
+
+
+def _slider_start(value: object) -> float | None:
+    """A suggested start: a fraction of the schedule in [0, 1] (an int or float, not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+        return None  # NaN fails the range too
+    return float(value)
 
 
 def _token_like(keys: set[str]) -> bool:

@@ -438,7 +438,7 @@ def upload_part(chunk: pb.UploadAdapterChunk) -> UploadHeader | bytes | None:
 
 def adapter_info(record: Any) -> pb.AdapterInfo:
     """A registry record (name, kind, family, sha256, size, shared, created, form, rank, targets,
-    the models it fits) -> AdapterInfo."""
+    the models it fits, a slider's scales and start) -> AdapterInfo."""
     return pb.AdapterInfo(
         name=record.name,
         kind=record.kind,
@@ -451,6 +451,8 @@ def adapter_info(record: Any) -> pb.AdapterInfo:
         rank=record.rank,
         targets=record.targets,
         models=list(record.fits),
+        slider_scales=list(record.slider_scales),
+        slider_start=record.slider_start,
     )
 
 

@@ -286,14 +286,19 @@ def _upload(args: argparse.Namespace, client: Any) -> None:
 
 
 def _list(args: argparse.Namespace, client: Any) -> None:
-    # form / rank / targets: what `sdserve adapters inspect` reads in the file ("-" where the server
-    # registered it before it reported them, or where they do not apply).
-    row = "{:32} {:6} {:12} {:10} {:>4} {:>7} {:6} {:>10}  {}"
-    print(row.format("NAME", "FAMILY", "KIND", "FORM", "RANK", "TARGETS", "SCOPE", "BYTES", "SHA256"))
+    # form / rank / targets / scales / start: what `sdserve adapters inspect` reads in the file ("-"
+    # where the server registered it before it reported them, or where they do not apply; scales
+    # and start are a Concept Slider's trained scales and suggested start fraction).
+    row = "{:32} {:6} {:12} {:10} {:>4} {:>7} {:12} {:>5} {:6} {:>10}  {}"
+    print(row.format("NAME", "FAMILY", "KIND", "FORM", "RANK", "TARGETS", "SCALES", "START", "SCOPE", "BYTES",
+                     "SHA256"))
     for info in client.list_adapters(args.family).adapters:
         scope = "shared" if info.shared else "own"
+        scales = ",".join(f"{scale:g}" for scale in info.slider_scales) or "-"
+        # A slider's start may be 0 (from the first step); other adapters have none to show.
+        start = f"{info.slider_start:g}" if info.slider_scales or info.slider_start else "-"
         print(row.format(info.name, info.family, info.kind, info.form or "-", info.rank or "-", info.targets or "-",
-                         scope, info.size, info.sha256))
+                         scales, start, scope, info.size, info.sha256))
 
 
 def _get(args: argparse.Namespace, client: Any) -> None:

@@ -7,8 +7,9 @@ served model the header names, or else against every served model of its family 
 model if it names neither): the file is accepted if it fits at least one, and the registry keeps
 the verdict for each model checked, so a request naming the adapter with a model it does not fit
 is refused with the reason (generation.py). Only then does the registry name the file. A failed
-upload leaves no file and no name behind. What the file is (form, rank, targets: the description
-`sdserve adapters inspect` gives) is read once, after validation, and kept with its name.
+upload leaves no file and no name behind. What the file is (form, rank, targets, and a Concept
+Slider's trained scales and suggested start: the description `sdserve adapters inspect` gives) is
+read once, after validation, and kept with its name.
 
 The file is validated in a worker process (`upload_check`) with a time and a memory limit, so
 a hostile file cannot hold this process's GIL or memory. Uploads under way are bounded per
@@ -148,6 +149,7 @@ class AdaptersService:
                 record = await asyncio.to_thread(
                     core.registry.register, scope, header.name, kind, family, staged, digest, quota,
                     form=facts.form, rank=facts.rank, targets=facts.targets, checked=checked,
+                    slider_scales=facts.slider_scales, slider_start=facts.slider_start,
                 )
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):

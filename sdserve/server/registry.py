@@ -20,10 +20,11 @@ at once but keeps the file until the last pin goes, so the request still finishe
 Scopes: a tenant's own adapters live in the scope of its name; shared (admin-published)
 adapters in SHARED, which no tenant name can equal.
 
-What a file is (its form, rank and targets: `sdserve.adapters.inspect.Listing`) is read once, at
-upload, and kept in its row. Databases written before those columns existed gain them when opened
-(ALTER TABLE ... ADD COLUMN with the empty values as defaults), so their rows list with form ""
-and rank and targets 0 until re-uploaded.
+What a file is (its form, rank and targets, and a Concept Slider's trained scales and suggested
+start: `sdserve.adapters.inspect.Listing`) is read once, at upload, and kept in its row. Databases
+written before those columns existed gain them when opened (ALTER TABLE ... ADD COLUMN with the
+empty values as defaults), so their rows list with form "", rank and targets 0, no slider scales
+and start 0 until re-uploaded.
 
 Which served models a file was validated against, and the verdict for each (fits, or why not), is
 kept in its row too (`checked`, JSON {model: reason, "" = fits}): a request that names the adapter
@@ -59,6 +60,8 @@ _ADDED_COLUMNS = (
     ("rank", "INTEGER NOT NULL DEFAULT 0"),
     ("targets", "INTEGER NOT NULL DEFAULT 0"),
     ("checked", "TEXT NOT NULL DEFAULT ''"),
+    ("slider_scales", "TEXT NOT NULL DEFAULT ''"),  # JSON list of numbers; '' for none
+    ("slider_start", "REAL NOT NULL DEFAULT 0"),
 )
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS adapters (
@@ -72,7 +75,7 @@ CREATE TABLE IF NOT EXISTS adapters (
 {"".join(f"    {name} {declaration},{chr(10)}" for name, declaration in _ADDED_COLUMNS)}    PRIMARY KEY (scope, name)
 )
 """
-_COLUMNS = "scope, name, kind, family, sha256, size, created, form, rank, targets, checked"
+_COLUMNS = "scope, name, kind, family, sha256, size, created, form, rank, targets, checked, slider_scales, slider_start"
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,10 @@ class AdapterRecord:
     # The served models the file was validated against at upload: (model, "" if it fits, else why
     # not), sorted by model; () for rows registered before servers recorded it.
     checked: tuple[tuple[str, str], ...] = ()
+    # A Concept Slider's trained scales as its file lists them, and its suggested start (fraction of
+    # the schedule); () and 0 for other files and for rows registered before servers recorded them.
+    slider_scales: tuple[float, ...] = ()
+    slider_start: float = 0.0
 
     @property
     def shared(self) -> bool:
@@ -106,13 +113,22 @@ class AdapterRecord:
 
 
 def _record(row: tuple) -> AdapterRecord:
-    *columns, checked = row
-    try:
-        verdicts = json.loads(checked) if checked else {}
-    except ValueError:  # never written so; a damaged row lists no verdicts rather than failing
-        verdicts = {}
+    *columns, checked, slider_scales, slider_start = row
+    verdicts = _json(checked, {})
     pairs = tuple(sorted((str(m), str(r)) for m, r in verdicts.items())) if isinstance(verdicts, dict) else ()
-    return AdapterRecord(*columns, checked=pairs)
+    scales = _json(slider_scales, [])
+    numbers = isinstance(scales, list) and all(isinstance(s, int | float) and not isinstance(s, bool) for s in scales)
+    return AdapterRecord(*columns, checked=pairs, slider_scales=tuple(map(float, scales)) if numbers else (),
+                         slider_start=float(slider_start))
+
+
+def _json(text: str, empty: object) -> object:
+    """A JSON column's value; `empty` for '' (not recorded) and for a damaged value (never written
+    so: such a row lists the empty value rather than failing)."""
+    try:
+        return json.loads(text) if text else empty
+    except ValueError:
+        return empty
 
 
 @dataclass(frozen=True)
@@ -253,11 +269,12 @@ class Registry:
     def register(
         self, scope: str, name: str, kind: str, family: str, staged: Path, sha256: str, quota: Quota,
         *, form: str = "", rank: int = 0, targets: int = 0, checked: dict[str, str] | None = None,
+        slider_scales: tuple[float, ...] = (), slider_start: float = 0.0,
     ) -> AdapterRecord:
         """Move a complete, validated staged file into the store and name it, atomically; `form`,
-        `rank` and `targets` are what the file is, `checked` the served models it was validated
-        against with their verdicts (model -> "" if it fits, else why not; see AdapterRecord), kept
-        in its row."""
+        `rank`, `targets`, `slider_scales` and `slider_start` are what the file is, `checked` the
+        served models it was validated against with their verdicts (model -> "" if it fits, else
+        why not; see AdapterRecord), kept in its row."""
         verdicts = dict(sorted((checked or {}).items()))
         size = staged.stat().st_size
         target = self.blob_path(sha256)
@@ -274,13 +291,14 @@ class Registry:
             fsync_dir(target.parent)
             old = self._row(scope, name)
             record = AdapterRecord(scope, name, kind, family, sha256, size, time.time(), form, rank, targets,
-                                   tuple(verdicts.items()))
+                                   tuple(verdicts.items()), tuple(map(float, slider_scales)), float(slider_start))
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 self._db.execute(
-                    f"INSERT OR REPLACE INTO adapters ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    f"INSERT OR REPLACE INTO adapters ({_COLUMNS}) VALUES ({', '.join('?' * len(_COLUMNS.split(',')))})",
                     (scope, name, kind, family, sha256, size, record.created, form, rank, targets,
-                     json.dumps(verdicts) if verdicts else ""),
+                     json.dumps(verdicts) if verdicts else "",
+                     json.dumps(record.slider_scales) if record.slider_scales else "", record.slider_start),
                 )
                 self._db.execute("COMMIT")
             except BaseException:

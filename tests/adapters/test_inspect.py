@@ -102,17 +102,20 @@ def test_embedding_and_hypernetwork():
 def test_listing_reduces_the_description_to_form_rank_targets(sd15_components):
     # The PLAN file: 11 modules, LoHa and LoKr, highest rank 8 (see test_lycoris_file).
     assert listing(_bytes(make_lycoris(sd15_components, PLAN, seed=1)), "f", "lora") == {
-        "form": "loha+lokr", "rank": 8, "targets": len(PLAN)}
+        "form": "loha+lokr", "rank": 8, "targets": len(PLAN), "slider_scales": "", "slider_start": 0.0}
     lora = {f"{CROSS_K}.lora_down.weight": torch.ones(4, 1024), f"{CROSS_K}.lora_up.weight": torch.ones(640, 4)}
-    assert listing(_bytes(lora), "f", "lora") == {"form": "lora", "rank": 4, "targets": 1}
+    assert listing(_bytes(lora), "f", "lora") == {"form": "lora", "rank": 4, "targets": 1, "slider_scales": "", "slider_start": 0.0}
     sdxl_embedding = {"clip_l": torch.ones(5, 768), "clip_g": torch.ones(5, 1280)}
-    assert listing(_bytes(sdxl_embedding), "f", "embedding") == {"form": "", "rank": 0, "targets": 5}
+    assert listing(_bytes(sdxl_embedding), "f", "embedding") == {"form": "", "rank": 0, "targets": 5, "slider_scales": "", "slider_start": 0.0}
     assert listing(_bytes({"<cat>": torch.ones(768)}), "f", "embedding")["targets"] == 1  # one vector, 1-D
     layers = {f"hypernetwork.{w}.{side}.0.weight": torch.ones(w, w) for w in (320, 768) for side in "kv"}
-    assert listing(_bytes(layers), "f", "hypernetwork") == {"form": "", "rank": 0, "targets": 2}
+    assert listing(_bytes(layers), "f", "hypernetwork") == {"form": "", "rank": 0, "targets": 2, "slider_scales": "", "slider_start": 0.0}
     # A file the loader of `kind` accepted but `describe` reads otherwise, or not at all, lists empty.
-    assert listing(_bytes(lora), "f", "embedding") == {"form": "", "rank": 0, "targets": 0}
-    assert listing(_bytes({"my.token": torch.ones(2, 768)}), "f", "embedding") == {"form": "", "rank": 0, "targets": 0}
+    empty = {"form": "", "rank": 0, "targets": 0, "slider_scales": "", "slider_start": 0.0}
+    assert listing(_bytes(lora), "f", "embedding") == empty
+    assert listing(_bytes({"my.token": torch.ones(2, 768)}), "f", "embedding") == empty
+    # A slider stripped of its flag is a plain LoRA: its scale keys alone list nothing.
+    assert listing(_bytes(lora, {"sdserve_slider_scale_range": "-1,1"}), "f", "lora")["slider_scales"] == ""
 
 
 @pytest.mark.parametrize(
@@ -128,6 +131,20 @@ def test_listing_reduces_the_description_to_form_rank_targets(sd15_components):
         ({"form": "lora", "rank": -1, "targets": 1}, Listing()),
         ({"form": "lora", "rank": 2, "targets": 2**31}, Listing()),
         ({"form": "lora", "rank": 2.0, "targets": 1}, Listing()),
+        # A slider's values: the scales as one string of numbers (a report holds JSON scalars only).
+        ({"form": "lora", "rank": 2, "targets": 1, "slider_scales": "-2.0,-1.0,0.0,1.0,2.0", "slider_start": 0.3},
+         Listing("lora", 2, 1, (-2.0, -1.0, 0.0, 1.0, 2.0), 0.3)),
+        ({"form": "lora", "rank": 2, "targets": 1, "slider_scales": "-1,1", "slider_start": 0}, Listing("lora", 2, 1, (-1.0, 1.0))),
+        ({"form": "lora", "rank": 2, "targets": 1, "slider_scales": [-1, 1], "slider_start": 0}, Listing()),
+        ({"form": "lora", "rank": 2, "targets": 1, "slider_scales": "-1,inf"}, Listing()),
+        ({"form": "lora", "rank": 2, "targets": 1, "slider_scales": "-1,101"}, Listing()),
+        ({"form": "lora", "rank": 2, "targets": 1, "slider_scales": ",".join(["1"] * 17)}, Listing()),
+        ({"form": "lora", "rank": 2, "targets": 1, "slider_scales": "1," * 2000}, Listing()),
+        ({"form": "lora", "rank": 2, "targets": 1, "slider_scales": "-1,", "slider_start": 0}, Listing()),
+        ({"form": "lora", "rank": 2, "targets": 1, "slider_start": 1.5}, Listing()),
+        ({"form": "lora", "rank": 2, "targets": 1, "slider_start": float("nan")}, Listing()),
+        ({"form": "lora", "rank": 2, "targets": 1, "slider_start": True}, Listing()),
+        ({"form": "lora", "rank": 2, "targets": 1, "slider_start": "0.3"}, Listing()),
     ],
 )
 def test_a_workers_report_is_checked(report, expected):
@@ -165,3 +182,29 @@ def test_cli(capsys, tmp_path, sd15_components):
     oft.write_bytes(_bytes({f"{STEM}.oft_blocks": torch.ones(4, 8, 8)}))
     code, _, err = run_cli(capsys, "adapters", "inspect", str(oft))
     assert code != 0 and "adapter kind 'oft' is not supported" in err and str(tmp_path) not in err
+
+
+@pytest.mark.parametrize(
+    ("metadata", "scales", "start"),
+    [
+        # What the trainer writes (sdserve.trainers.slider: "-1,1" and its --start as "%g").
+        ({"sdserve_slider_scale_range": "-1,1", "sdserve_slider_start": "0.3"}, (-1.0, 1.0), 0.3),
+        # A slider without a start is applied from step 0.
+        ({"sdserve_slider_scale_range": "-2,-1,0,1,2"}, (-2.0, -1.0, 0.0, 1.0, 2.0), 0.0),
+        # A value out of range or not a number lists empty; the other value is still listed.
+        ({"sdserve_slider_scale_range": "-1,nan", "sdserve_slider_start": "0.5"}, (), 0.5),
+        ({"sdserve_slider_scale_range": "-1,1000", "sdserve_slider_start": "0.5"}, (), 0.5),
+        ({"sdserve_slider_scale_range": "-1,1", "sdserve_slider_start": "1.5"}, (-1.0, 1.0), 0.0),
+        ({"sdserve_slider_scale_range": "small,large", "sdserve_slider_start": "x"}, (), 0.0),
+    ],
+)
+def test_a_sliders_scales_and_start_are_listed_when_in_range(metadata, scales, start):
+    from sdserve.adapters import inspect
+    from sdserve.engine.request import MAX_ADAPTER_SCALE
+
+    assert inspect._MAX_SLIDER_SCALE == MAX_ADAPTER_SCALE  # listed scales are scales a request may use
+    lora = {f"{CROSS_K}.lora_down.weight": torch.ones(4, 1024), f"{CROSS_K}.lora_up.weight": torch.ones(640, 4)}
+    report = listing(_bytes(lora, {"sdserve_slider": "true", **metadata}), "f", "lora")
+    facts = Listing.from_json(report)  # the way back from the worker accepts what the worker sends
+    assert (facts.form, facts.rank, facts.targets, facts.slider_scales, facts.slider_start) == (
+        "lora", 4, 1, scales, start)

@@ -1,11 +1,14 @@
-"""ListAdapters / GetAdapter report each file's form, rank and targets: read once at upload, kept
-across a restart, and empty for adapters registered before servers reported them."""
+"""ListAdapters / GetAdapter report each file's form, rank and targets, and a Concept Slider's
+trained scales and suggested start: read once at upload, kept across a restart, and empty for
+adapters registered before servers reported them."""
 
 from __future__ import annotations
 
+import safetensors
 import safetensors.torch
 import torch
 
+from sdserve.api import convert
 from sdserve.server.registry import SHARED
 from tests.server.conftest import MODEL, ServerThread, make_config, sha
 from tests.server.test_registry import write_old_registry
@@ -41,6 +44,16 @@ def _files(tmp_path) -> dict[str, tuple[str, bytes]]:
     }
 
 
+def as_slider(lora: bytes, tmp_path, metadata: dict[str, str]) -> bytes:
+    """`lora` (file bytes) with sdserve's slider flag and `metadata` added to its header, as
+    sdserve.trainers.slider writes a slider (a LoRA file flagged `sdserve_slider: true`)."""
+    path = tmp_path / "plain.safetensors"
+    path.write_bytes(lora)
+    with safetensors.safe_open(path, "pt") as handle:
+        header = handle.metadata() or {}
+    return safetensors.torch.save(safetensors.torch.load(lora), metadata={**header, "sdserve_slider": "true", **metadata})
+
+
 def _to_q_and_to_v_modules() -> int:
     """How many modules the conftest LoRAs adapt: PEFT targets every to_q and to_v of the UNet."""
     from diffusers import UNet2DConditionModel
@@ -53,20 +66,26 @@ def _to_q_and_to_v_modules() -> int:
 
 def _listed(server: ServerThread) -> dict[str, tuple]:
     alice = server.client("alice")
-    return {a.name: (a.kind, a.form, a.rank, a.targets, a.shared, a.sha256) for a in alice.list_adapters().adapters}
+    return {a.name: (a.kind, a.form, a.rank, a.targets, a.shared, a.sha256, tuple(a.slider_scales), a.slider_start)
+            for a in alice.list_adapters().adapters}
 
 
 def test_form_rank_targets_listed_kept_across_a_restart_and_empty_for_old_records(tmp_path, lora_bytes):
     data = tmp_path / "data"
     old_bytes = b"a file registered by an older server"
     write_old_registry(data, [(SHARED, "from-before", "lora", "sd1", old_bytes, 1700000000.0)])
-    files = {"style-lora": ("lora", lora_bytes["sd1_a"]), **_files(tmp_path)}
-    expected = {
-        "style-lora": ("lora", "lora", 2, _to_q_and_to_v_modules(), False, sha(lora_bytes["sd1_a"])),  # PEFT r=2
-        "style-loha": ("lora", "loha", 4, len(LOHA_PLAN), False, sha(files["style-loha"][1])),
-        "cat-toy": ("embedding", "", 0, 3, False, sha(files["cat-toy"][1])),  # 3 vectors
-        "mood": ("hypernetwork", "", 0, 2, False, sha(files["mood"][1])),  # widths 32 and 64
-        "from-before": ("lora", "", 0, 0, True, sha(old_bytes)),
+    # The trainer writes "-1,1" and its --start; a range of five scales shows they are kept as written.
+    slider = as_slider(lora_bytes["sd1_b"], tmp_path,
+                       {"sdserve_slider_scale_range": "-2,-1,0,1,2", "sdserve_slider_start": "0.3"})
+    files = {"style-lora": ("lora", lora_bytes["sd1_a"]), "size-slider": ("lora", slider), **_files(tmp_path)}
+    modules = _to_q_and_to_v_modules()
+    expected = {  # slider scales and start are empty for every file but the slider
+        "style-lora": ("lora", "lora", 2, modules, False, sha(lora_bytes["sd1_a"]), (), 0.0),  # PEFT r=2
+        "size-slider": ("lora", "lora", 2, modules, False, sha(slider), (-2.0, -1.0, 0.0, 1.0, 2.0), 0.3),
+        "style-loha": ("lora", "loha", 4, len(LOHA_PLAN), False, sha(files["style-loha"][1]), (), 0.0),
+        "cat-toy": ("embedding", "", 0, 3, False, sha(files["cat-toy"][1]), (), 0.0),  # 3 vectors
+        "mood": ("hypernetwork", "", 0, 2, False, sha(files["mood"][1]), (), 0.0),  # widths 32 and 64
+        "from-before": ("lora", "", 0, 0, True, sha(old_bytes), (), 0.0),
     }
     config = make_config(data)
 
@@ -76,10 +95,17 @@ def test_form_rank_targets_listed_kept_across_a_restart_and_empty_for_old_record
         assert _listed(server) == {"from-before": expected["from-before"]}  # the old row lists, fields empty
         for name, (kind, payload) in files.items():
             info = alice.upload_adapter(payload, name=name, family="sd1", kind=kind)
-            assert (info.kind, info.form, info.rank, info.targets, info.shared, info.sha256) == expected[name]
+            assert (info.kind, info.form, info.rank, info.targets, info.shared, info.sha256,
+                    tuple(info.slider_scales), info.slider_start) == expected[name]
         assert _listed(server) == expected
         got = alice.get_adapter("style-loha")
         assert (got.form, got.rank, got.targets) == ("loha", 4, 3)
+        got = alice.get_adapter("size-slider")
+        assert (tuple(got.slider_scales), got.slider_start) == ((-2, -1, 0, 1, 2), 0.3)
+        # The JSON mapping (the HTTP gateway's) has them too; proto3 JSON leaves out empty values.
+        assert {key: convert.to_dict(got)[key] for key in ("slider_scales", "slider_start")} == {
+            "slider_scales": [-2.0, -1.0, 0.0, 1.0, 2.0], "slider_start": 0.3}
+        assert "slider_scales" not in convert.to_dict(alice.get_adapter("style-lora"))
         old = alice.get_adapter("from-before")
         assert (old.family, old.size, old.created) == ("sd1", len(old_bytes), 1700000000.0)
     finally:
@@ -90,3 +116,4 @@ def test_form_rank_targets_listed_kept_across_a_restart_and_empty_for_old_record
         assert _listed(restarted) == expected
     finally:
         restarted.stop()
+

@@ -23,6 +23,7 @@ from tests.server.conftest import (
     reference_images,
     sha,
 )
+from tests.server.test_adapter_listing import as_slider
 
 
 @pytest.fixture(scope="module")
@@ -68,13 +69,23 @@ def test_adapter_commands(server, lora_bytes, tmp_path, capsys):
     path.write_bytes(lora_bytes["sd1_a"])
     _run(server, "adapters", "upload", str(path), "--name", "cli-style", "--family", "sd1", key="bob")
     assert json.loads(capsys.readouterr().out)["sha256"] == sha(lora_bytes["sd1_a"])
+    slider = tmp_path / "size.safetensors"
+    slider.write_bytes(as_slider(lora_bytes["sd1_b"], tmp_path,
+                                 {"sdserve_slider_scale_range": "-1,1", "sdserve_slider_start": "0.25"}))
+    _run(server, "adapters", "upload", str(slider), "--name", "cli-size", "--family", "sd1", key="bob")
+    capsys.readouterr()
     _run(server, "adapters", "list", key="bob")
     header, *lines = capsys.readouterr().out.splitlines()
-    assert header.split() == ["NAME", "FAMILY", "KIND", "FORM", "RANK", "TARGETS", "SCOPE", "BYTES", "SHA256"]
+    assert header.split() == ["NAME", "FAMILY", "KIND", "FORM", "RANK", "TARGETS", "SCALES", "START", "SCOPE", "BYTES",
+                              "SHA256"]
     listed = {line.split()[0]: line.split() for line in lines}
-    name, family, kind, form, rank, targets, scope, size, digest = listed["cli-style"]
-    assert (family, kind, form, scope, digest) == ("sd1", "lora", "lora", "own", sha(lora_bytes["sd1_a"]))
+    name, family, kind, form, rank, targets, scales, start, scope, size, digest = listed["cli-style"]
+    assert (family, kind, form, scales, start, scope, digest) == (
+        "sd1", "lora", "lora", "-", "-", "own", sha(lora_bytes["sd1_a"]))
     assert int(rank) > 0 and int(targets) > 0 and int(size) == len(lora_bytes["sd1_a"])
+    assert listed["cli-size"][6:8] == ["-1,1", "0.25"]
+    _run(server, "adapters", "delete", "cli-size", key="bob")
+    assert "deleted cli-size" in capsys.readouterr().out
     _run(server, "adapters", "get", "cli-style", key="bob")
     assert json.loads(capsys.readouterr().out)["name"] == "cli-style"
     with pytest.raises(SystemExit) as info:

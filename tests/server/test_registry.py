@@ -100,6 +100,41 @@ def test_form_rank_targets_are_kept_and_old_rows_still_list(tmp_path):
     assert reopened.resolve("alice", "new") == made
 
 
+# The table as servers wrote it after `checked` was added and before the slider's scales and start.
+SCHEMA_BEFORE_SLIDERS = OLD_SCHEMA.replace(
+    "    PRIMARY KEY", "    form TEXT NOT NULL DEFAULT '', rank INTEGER NOT NULL DEFAULT 0,\n"
+    "    targets INTEGER NOT NULL DEFAULT 0, checked TEXT NOT NULL DEFAULT '',\n    PRIMARY KEY")
+
+
+def test_slider_scales_and_start_are_kept_and_older_rows_list_them_empty(tmp_path):
+    db = sqlite3.connect(tmp_path / "registry.db", isolation_level=None)
+    db.execute(SCHEMA_BEFORE_SLIDERS)
+    digest = hashlib.sha256(b"old lora").hexdigest()
+    db.execute("INSERT INTO adapters VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+               ("alice", "old", "lora", "sd1", digest, 8, 1.5, "lora", 4, 16, '{"tiny-sd1": ""}'))
+    db.close()
+    (tmp_path / "adapters" / digest[:2]).mkdir(parents=True)
+    (tmp_path / "adapters" / digest[:2] / f"{digest}.safetensors").write_bytes(b"old lora")
+    registry = Registry(tmp_path)
+    (old,) = registry.list("alice")
+    assert (old.form, old.rank, old.targets, old.fits) == ("lora", 4, 16, ("tiny-sd1",))  # kept
+    assert (old.slider_scales, old.slider_start) == ((), 0.0)
+    staged, digest = _stage(registry, b"slider")
+    made = registry.register("alice", "size", "lora", "sd1", staged, digest, QUOTA, form="lora", rank=2, targets=8,
+                             slider_scales=(-2.0, -1.0, 0.0, 1.0, 2.0), slider_start=0.3)
+    assert (made.slider_scales, made.slider_start) == ((-2.0, -1.0, 0.0, 1.0, 2.0), 0.3)
+    registry.close()
+    reopened = Registry(tmp_path)
+    assert reopened.resolve("alice", "size") == made
+    assert (reopened.resolve("alice", "old").slider_scales, reopened.resolve("alice", "old").slider_start) == ((), 0.0)
+    reopened.close()
+    # A damaged value (never written so) lists empty rather than failing the listing.
+    db = sqlite3.connect(tmp_path / "registry.db", isolation_level=None)
+    db.execute("UPDATE adapters SET slider_scales='[-1, \"x\"]' WHERE name='size'")
+    db.close()
+    assert Registry(tmp_path).resolve("alice", "size").slider_scales == ()
+
+
 def test_leftovers_of_a_crash_are_collected_at_start(tmp_path):
     registry = Registry(tmp_path)
     staged, digest = _stage(registry, b"kept")
