@@ -59,6 +59,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      "least_loaded: ignore adapters")
     ray.add_argument("--cpus-per-replica", type=float, metavar="N", help="Ray CPUs each replica reserves (default 1)")
     ray.add_argument("--gpus-per-replica", type=float, metavar="N", help="Ray GPUs each replica reserves (default 0)")
+    ray.add_argument("--store-url", metavar="URL",
+                     help="share uploaded adapters with the replicas through this fsspec URL (file:///shared/dir, "
+                     "s3://bucket/dir, ...): the front copies each file there once, replicas fetch and check it "
+                     "(default: replicas read the front's registry paths: one node or a shared mount)")
     parser.set_defaults(func=run)
 
 
@@ -67,14 +71,16 @@ def ray_config(args: argparse.Namespace):  # -> RayConfig | None (no import at m
     from sdserve.scaleout.config import RayConfig
 
     flags = {"--replicas": args.replicas, "--address": args.address, "--routing": args.routing,
-             "--cpus-per-replica": args.cpus_per_replica, "--gpus-per-replica": args.gpus_per_replica}
+             "--cpus-per-replica": args.cpus_per_replica, "--gpus-per-replica": args.gpus_per_replica,
+             "--store-url": args.store_url}
     if not args.ray:
         given = [flag for flag, value in flags.items() if value is not None]
         if given:
             raise InvalidArgument("needs --ray", field=given[0])
         return None
     chosen = {"replicas": args.replicas, "address": args.address, "routing": args.routing,
-              "cpus_per_replica": args.cpus_per_replica, "gpus_per_replica": args.gpus_per_replica}
+              "cpus_per_replica": args.cpus_per_replica, "gpus_per_replica": args.gpus_per_replica,
+              "store_url": args.store_url}
     return RayConfig(**{key: value for key, value in chosen.items() if value is not None})
 
 

@@ -42,6 +42,13 @@ class RayConfig:
     """How often a request whose replica died is sent to another (same seed: same image)."""
     app_name: str = "sdserve"
     """The Ray Serve application name (one per front)."""
+    store_url: str | None = None
+    """Where uploaded adapter files are shared with the replicas: an fsspec URL ("file:///shared/
+    sdserve", "s3://bucket/sdserve"; scaleout/store.py). The front copies each file a request
+    names there once, before sending the request; a replica fetches it once into its cache
+    (`<[registry] data_dir>/store-cache` on the replica's node) and checks its sha256. None =
+    replicas read the front's registry paths: one node, or a shared filesystem mounted at the
+    same path on every node."""
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
@@ -56,3 +63,8 @@ class RayConfig:
             raise InvalidArgument("must be at least 1", field="max_ongoing_requests")
         if self.retries < 0:
             raise InvalidArgument("must be 0 or more", field="retries")
+        if self.store_url is not None and "://" not in self.store_url:
+            # A bare path would be read as the front's local directory by fsspec and then by each
+            # replica's own: say which filesystem (file:// for a shared mount).
+            raise InvalidArgument("must be a URL such as file:///shared/sdserve or s3://bucket/sdserve",
+                                  field="--store-url")

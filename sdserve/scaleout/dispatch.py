@@ -11,6 +11,10 @@ as Ray Serve's multiplexed model id. "affine" deployments route it with router.S
 prefers a replica that served the same stack and otherwise picks the least loaded of two. A
 request without adapters, or with "least_loaded" routing, carries no id.
 
+Shared store: with `store_url` the request's files (LoRAs, embeddings, hypernetworks) are put in
+the shared adapter store (store.AdapterStore) before the request is sent, each digest once per
+front; the replica reads them from there (replica.py). A put that fails answers UNAVAILABLE.
+
 Failure: if the replica dies (or Ray cannot reach one), the request is sent again, up to
 `retries` times; the same EngineRequest with the same seed gives the same image. After that the
 caller hears UNAVAILABLE. A cancelled call (caller gone, deadline) cancels the replica's stream,
@@ -29,7 +33,7 @@ from typing import Any
 from sdserve.engine import EngineEvent
 from sdserve.engine.engine import Listener
 from sdserve.engine.request import EngineRequest
-from sdserve.errors import Cancelled, DeadlineExceeded, Unavailable
+from sdserve.errors import Cancelled, DeadlineExceeded, Internal, SdserveError, Unavailable
 from sdserve.scaleout.config import AFFINE, MULTIPLEX, RayConfig
 from sdserve.scaleout.report import ReplicaBook, ReplicaReport
 from sdserve.scaleout.route import stack_key
@@ -54,6 +58,13 @@ class RayDispatcher:
         self._tasks: dict[str, asyncio.Task] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped = False
+        self.store = None  # store.AdapterStore when ray_config.store_url is set
+        if ray_config.store_url is not None:
+            from sdserve.scaleout.store import AdapterStore
+
+            self.store = AdapterStore(ray_config.store_url)
+        self.stored: set[str] = set()  # digests this front has put (or found) in the store
+        self._putting: dict[str, asyncio.Future] = {}  # digest -> its put under way
 
     def start(self) -> RayDispatcher:
         return self
@@ -99,6 +110,15 @@ class RayDispatcher:
         options: dict[str, Any] = {"stream": True}
         if key:
             options["multiplexed_model_id"] = key
+        if self.store is not None:
+            try:
+                request = await self._publish(request)
+            except asyncio.CancelledError:
+                listener(EngineEvent("error", request_id, error=Cancelled("the request was cancelled")))
+                return
+            except SdserveError as error:
+                listener(EngineEvent("error", request_id, error=error))
+                return
         failures = 0
         while True:
             remaining = request.deadline - time.monotonic() if request.deadline is not None else None
@@ -137,6 +157,39 @@ class RayDispatcher:
                     return
                 self.retried += 1
                 log.warning("request %s: replica failed (%s), sending it again", request_id, type(error).__name__)
+
+    async def _publish(self, request: EngineRequest) -> EngineRequest:
+        """Put every file `request` names in the shared store unless this front already has;
+        -> the request with every digest filled in. The copies run in worker threads (a file can
+        be hundreds of MB and a store remote); concurrent requests naming one new file share
+        one put, which a cancelled request does not cancel for the others."""
+        from sdserve.scaleout.store import request_files, with_digests
+
+        if any(not digest for _source, digest in request_files(request)):
+            request = await asyncio.to_thread(with_digests, request)
+        for source, digest in request_files(request):
+            if digest in self.stored:
+                continue
+            put = self._putting.get(digest)
+            if put is None:
+                put = asyncio.ensure_future(asyncio.to_thread(self.store.put, source, digest))
+                self._putting[digest] = put
+                put.add_done_callback(lambda done, digest=digest: self._put_ended(digest, done))
+            try:
+                await asyncio.shield(put)
+            except ValueError as error:  # the file does not hash to the registry's digest
+                log.error("request %s: not putting %s in the adapter store: %s", request.request_id, digest, error)
+                raise Internal("an adapter file does not match its recorded sha256") from None
+            except Exception as error:
+                log.error("request %s: putting %s in the adapter store %s failed: %r", request.request_id, digest,
+                          self.store.url, error)
+                raise Unavailable("the shared adapter store could not be written; retry shortly") from None
+        return request
+
+    def _put_ended(self, digest: str, put: asyncio.Future) -> None:
+        self._putting.pop(digest, None)
+        if not put.cancelled() and put.exception() is None:
+            self.stored.add(digest)  # a failed put is tried again by the next request naming it
 
     def _ended(self, request_id: str) -> None:
         self._tasks.pop(request_id, None)

@@ -3,8 +3,9 @@
 The front validates, admits and resolves adapter names; a replica receives the resulting
 EngineRequest and streams its EngineEvents back ("admitted", "step", "done", "error"), exactly
 what the in-process engine thread would have told the front's listener. A replica reads adapter
-files by the paths the front's registry gave (one content-addressed store every replica reads),
-so an upload is servable everywhere once UploadAdapter returns.
+files by the paths the front's registry gave (one directory every replica reads), or, with a
+store URL, from local copies of the shared store's objects (store.py) that it fetches once and
+checks; either way an upload is servable everywhere once UploadAdapter returns.
 
 Ray is imported here: import this module only where a deployment is built or runs.
 """
@@ -18,6 +19,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from ray import serve
@@ -26,6 +28,7 @@ from sdserve.engine import Engine, EngineEvent, ModelStore
 from sdserve.engine.loop import EngineThread
 from sdserve.engine.request import EngineRequest
 from sdserve.errors import Unavailable
+from sdserve.paths import cache_root
 from sdserve.scaleout.config import AFFINE, RayConfig
 from sdserve.scaleout.report import ReplicaReport
 from sdserve.server.config import Config
@@ -51,6 +54,13 @@ class EngineReplica:
             self.engine.load_model(name)
             self.engine.lora_targets(name)  # described before any request wraps its layers
         self.thread = EngineThread(self.engine, name=f"sdserve-engine-{self.replica_id}").start()
+        self.store = None  # store.AdapterStore when ray_config.store_url is set
+        if ray_config.store_url is not None:
+            from sdserve.scaleout.store import AdapterStore
+
+            self.store = AdapterStore(ray_config.store_url)
+        # On this replica's node: replicas of one node share it (fetches land by atomic renames).
+        self.cache_dir = Path(config.registry.data_dir or cache_root() / "server") / "store-cache"
 
         async def note_stack(key: str) -> str:
             # What multiplexing "loads" is only the routing fact that this replica holds the
@@ -73,6 +83,18 @@ class EngineReplica:
             # Raised, not sent as the request's error: the front hears a replica failure and
             # sends the request elsewhere; check_health has Ray replace this replica.
             raise Unavailable("this replica's engine stopped")
+        if self.store is not None:
+            from sdserve.scaleout.store import StoreCorrupt, localize
+
+            # Store reads can be slow (remote, large files): off the replica's event loop. A store
+            # that cannot be read raises Unavailable from here, so the front tries another replica.
+            try:
+                request = await asyncio.to_thread(localize, request, self.store, self.cache_dir)
+            except StoreCorrupt as error:  # every replica would read the same bytes: no retry
+                yield self.replica_id
+                yield self.report()
+                yield EngineEvent("error", request.request_id, error=error)
+                return
         yield self.replica_id
         deadline = time.monotonic() + remaining if remaining is not None else None
         request = dataclasses.replace(request, deadline=deadline)

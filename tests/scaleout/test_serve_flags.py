@@ -18,6 +18,9 @@ def parse(*argv: str):
     (["--replicas", "2"], "--replicas: needs --ray"),
     (["--address", "auto"], "--address: needs --ray"),
     (["--ray", "--replicas", "0"], "--replicas: must be at least 1"),
+    (["--store-url", "file:///shared/sdserve"], "--store-url: needs --ray"),
+    (["--ray", "--store-url", "/shared/sdserve"], "--store-url: must be a URL such as file:///shared/sdserve or "
+     "s3://bucket/sdserve"),
 ])
 def test_bad_ray_flags_exit_2_with_one_line(argv, message, capsys):
     args = parse(*argv)
@@ -35,3 +38,5 @@ def test_ray_flags_become_the_ray_config():
                               "--cpus-per-replica", "2", "--gpus-per-replica", "1"))
     assert chosen == RayConfig(replicas=3, address="auto", routing=LEAST_LOADED, cpus_per_replica=2.0,
                                gpus_per_replica=1.0)
+    assert ray_config(parse("--ray")).store_url is None  # replicas read the front's registry paths
+    assert ray_config(parse("--ray", "--store-url", "s3://bucket/sdserve")) == RayConfig(store_url="s3://bucket/sdserve")
