@@ -252,3 +252,61 @@ def test_without_a_store_url_nothing_is_put(tmp_path):
     entry = StackEntry(name="s", source=str(path), scale=1.0, start=0.0, end=1.0, digest=digest)
     assert [event.kind for event in run(dispatcher, request([entry]))] == ["done"]
     assert dispatcher.store is None and dispatcher.stored == set()
+
+
+@pytest.mark.slow
+def test_replicas_serve_uploads_from_a_file_store(tmp_path, reference_engine, lora_bytes):
+    """A local Ray instance, one replica whose registry dir is not the front's, a file:// store:
+    an uploaded LoRA serves the in-process engine's image from the replica's checked copy of the
+    store object; a store object with the wrong bytes under an upload's digest is refused
+    (INTERNAL), which only a replica reading the store can notice."""
+    import grpc
+
+    from sdserve.scaleout.cluster import deploy, start_ray, undeploy
+    from tests.scaleout.test_ray_serve import RayServerThread, _check_same
+    from tests.server.conftest import MODEL, make_config, reference_images
+
+    store_url = (tmp_path / "shared-store").as_uri()
+    ray_config = RayConfig(replicas=1, cpus_per_replica=1.0, app_name="sdserve-store-test", store_url=store_url)
+    front_config = make_config(tmp_path / "front-registry")
+    replica_dir = tmp_path / "replica-registry"
+    replica_config = dataclasses.replace(front_config, registry=dataclasses.replace(
+        front_config.registry, data_dir=str(replica_dir)))
+    os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")  # the shared machine's load is not ours
+    started = start_ray(ray_config, num_cpus=2, object_store_memory=100 * 1024 * 1024,
+                        runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}})
+    front = None
+    try:
+        handle = deploy(replica_config, ray_config)
+        front = RayServerThread(front_config, handle, ray_config).start()
+        client = front.client("alice")
+        client.upload_adapter(lora_bytes["sd1_a"], name="ink", family="sd1")
+        client.upload_adapter(lora_bytes["sd1_b"], name="tint", family="sd1")
+        ink, tint = (hashlib.sha256(lora_bytes[key]).hexdigest() for key in ("sd1_a", "sd1_b"))
+        store = AdapterStore(store_url)
+        # What a replica would fetch for "tint" is another file's bytes: put can only skip it.
+        store.fs.makedirs(store.object_path(tint).rsplit("/", 1)[0], exist_ok=True)
+        store.fs.pipe_file(store.object_path(tint), lora_bytes["sd1_c"])
+
+        request = {"model": MODEL, "prompt": "a red circle", "seed": 7, "steps": 2,
+                   "adapters": [{"name": "ink", "scale": 1.0}]}
+        response = client.generate(request, timeout=120)
+        local_file = tmp_path / "ink.safetensors"
+        local_file.write_bytes(lora_bytes["sd1_a"])
+        local = {**request, "adapters": [{"path": str(local_file), "scale": 1.0}]}
+        _check_same(response, reference_images(reference_engine, local), request)
+        assert store.fs.cat_file(store.object_path(ink)) == lora_bytes["sd1_a"]  # the front put it
+        cached = replica_dir / "store-cache" / ink[:2] / f"{ink}.safetensors"
+        assert cached.read_bytes() == lora_bytes["sd1_a"]  # the replica read it from the store
+
+        with pytest.raises(grpc.RpcError) as refused:
+            client.generate({**request, "adapters": [{"name": "tint", "scale": 1.0}]}, timeout=120)
+        assert refused.value.code() == grpc.StatusCode.INTERNAL and "corrupt" in refused.value.details()
+        assert not (replica_dir / "store-cache" / tint[:2] / f"{tint}.safetensors").exists()
+    finally:
+        try:
+            if front is not None:
+                front.stop()
+        finally:
+            undeploy(ray_config, started)
+
