@@ -14,9 +14,10 @@ single server's code, measured by bench.load.
    each), so the ratio says what a second process buys on the same cores, not on a second GPU.
 2. Routing: for each policy a fresh deployment of 2 replicas whose adapter host tier holds
    `--resident` adapters each (by bytes), and requests of one LoRA each drawn from `--adapters`
-   files with Zipf popularity (rank k has weight 1/k^s). The same draw for every policy: the first
-   `--warmup-requests` fill the caches and are not counted (the first load of every adapter is
-   owed by any policy and would hide the difference), the next `--routing-requests` are. Policies:
+   files with Zipf popularity (rank k has weight 1/k^s). The same draw for every policy: a warm-up
+   of one request per adapter (shuffled) then `--warmup-requests` Zipf draws fills the caches and
+   is not counted (the first load of every adapter is owed by any policy and would hide the
+   difference); the next `--routing-requests` are counted. Policies:
    affine (sdserve's router: each stack's home replica by rendezvous hashing), multiplex (Ray
    Serve's model multiplexing keyed by the stack digests; its LRU set to `--resident` stacks),
    least_loaded (Ray Serve's power-of-two choices, blind to adapters: the issue's "round robin").
@@ -64,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="requests per routing policy that fill the caches first, not counted (default 192)")
     parser.add_argument("--resident", type=int, default=32,
                         help="adapters a replica's host tier holds, by bytes (default 8)")
+    parser.add_argument("--spill-threshold", type=int, default=None,
+                        help="affine routing's spill threshold (default: RayConfig's)")
     parser.add_argument("--skip-throughput", action="store_true", help="only the routing comparison")
     parser.add_argument("--seed", type=int, default=0, help="seed of the LoRA weights and the Zipf draw")
     parser.add_argument("--out", type=Path, help="JSON file (default bench/results/scaleout.json)")
@@ -132,12 +135,15 @@ class Driver:
         return time.perf_counter() - started, latencies, failures
 
 
-def deploy(config: Any, replicas: int, name: str, cpus: float, stacks: int = 16) -> Any:
+def deploy(config: Any, replicas: int, name: str, cpus: float, stacks: int = 16, routing: str | None = None,
+           spill_threshold: int | None = None) -> Any:
     from sdserve.scaleout.cluster import deploy as deploy_app
     from sdserve.scaleout.config import RayConfig
 
+    # The routing is the deployment's: "affine" installs sdserve's request router on it.
+    chosen = {"routing": routing, "spill_threshold": spill_threshold}
     ray_config = RayConfig(replicas=replicas, app_name=name, cpus_per_replica=cpus, max_ongoing_requests=16,
-                           stacks_per_replica=stacks)
+                           stacks_per_replica=stacks, **{k: v for k, v in chosen.items() if v is not None})
     return deploy_app(config, ray_config), ray_config
 
 
@@ -179,17 +185,22 @@ def routing(driver: Driver, config: Any, args: argparse.Namespace, cpus: int, wo
     residency = dataclasses.replace(config.engine.residency, host_budget_bytes=int(args.resident * mean_bytes),
                                     device_slots=max(1, args.resident))
     routed = dataclasses.replace(config, engine=dataclasses.replace(config.engine, residency=residency))
-    # One draw for every policy: the warm-up part fills the caches, the measured part is counted.
+    # One draw for every policy. The warm-up asks for every adapter once (shuffled), then follows
+    # the Zipf draw; only the part after it is counted. So no counted load is an adapter's first
+    # (owed by any policy): what is counted is what each policy's placement makes the caches evict.
     draw = zipf_draw(args.warmup_requests + args.routing_requests, args.adapters, args.zipf, args.seed)
-    warm_draw, measured_draw = draw[: args.warmup_requests], draw[args.warmup_requests :]
+    every = list(range(args.adapters))
+    random.Random(args.seed).shuffle(every)
+    warm_draw, measured_draw = every + draw[: args.warmup_requests], draw[args.warmup_requests :]
     rows = []
     for policy in (AFFINE, MULTIPLEX, LEAST_LOADED):
         # A deployment per policy: each starts with empty caches and its own router. Ray's
         # multiplexed LRU remembers as many stacks per replica as its cache holds: a longer
         # memory would send requests to a replica that evicted their adapters.
         name = f"bench-routing-{policy}"
-        handle, ray_config = deploy(routed, 2, name, cpus / 2, stacks=args.resident)
-        dispatcher = RayDispatcher(handle, dataclasses.replace(ray_config, routing=policy))
+        handle, ray_config = deploy(routed, 2, name, cpus / 2, stacks=args.resident, routing=policy,
+                                    spill_threshold=args.spill_threshold)
+        dispatcher = RayDispatcher(handle, ray_config)
         counter = 2000
         phases = {}
         for phase, part in (("warm-up", warm_draw), ("measured", measured_draw)):
@@ -249,8 +260,9 @@ def main(argv: list[str] | None = None) -> int:
                       r["throughput_rps"] / one["throughput_rps"]] for r in (one, two)])
     rows = results["routing"]
     blind = rows[-1]  # least_loaded: the adapter-blind baseline
-    print(f"routing: {args.adapters} adapters, Zipf {args.zipf}, {args.resident} resident per replica; "
-          f"{args.warmup_requests} warm-up requests, then {args.routing_requests} counted")
+    print(f"routing: {args.adapters} adapters, Zipf {args.zipf}, {args.resident} resident per replica (by mean "
+          f"file bytes); warm-up: each adapter once, then {args.warmup_requests} Zipf requests; "
+          f"{args.routing_requests} counted")
     print_table(["routing", "loads/request", "p50 s", "p99 s", "requests per replica", "fewer loads vs blind",
                  "p99 vs blind"],
                 [[r["routing"], r["loads_per_request"], r["p50_s"], r["p99_s"], r["requests_per_replica"],
