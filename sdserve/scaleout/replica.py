@@ -31,6 +31,7 @@ from sdserve.errors import Unavailable
 from sdserve.paths import cache_root
 from sdserve.scaleout.config import AFFINE, RayConfig
 from sdserve.scaleout.report import ReplicaReport
+from sdserve.scaleout.store import AdapterStore, StoreCorrupt, localize, request_files
 from sdserve.server.config import Config
 
 log = logging.getLogger("sdserve.scaleout")
@@ -56,8 +57,6 @@ class EngineReplica:
         self.thread = EngineThread(self.engine, name=f"sdserve-engine-{self.replica_id}").start()
         self.store = None  # store.AdapterStore when ray_config.store_url is set
         if ray_config.store_url is not None:
-            from sdserve.scaleout.store import AdapterStore
-
             self.store = AdapterStore(ray_config.store_url)
         # On this replica's node: replicas of one node share it (fetches land by atomic renames).
         self.cache_dir = Path(config.registry.data_dir or cache_root() / "server") / "store-cache"
@@ -83,9 +82,7 @@ class EngineReplica:
             # Raised, not sent as the request's error: the front hears a replica failure and
             # sends the request elsewhere; check_health has Ray replace this replica.
             raise Unavailable("this replica's engine stopped")
-        if self.store is not None:
-            from sdserve.scaleout.store import StoreCorrupt, localize
-
+        if self.store is not None and request_files(request):
             # Store reads can be slow (remote, large files): off the replica's event loop. A store
             # that cannot be read raises Unavailable from here, so the front tries another replica.
             try:
