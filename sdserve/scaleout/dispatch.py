@@ -119,6 +119,10 @@ class RayDispatcher:
             except SdserveError as error:
                 listener(EngineEvent("error", request_id, error=error))
                 return
+            except Exception:  # a bug: the call must still end, not wait for an event never sent
+                log.exception("request %s: putting its files in the adapter store failed", request_id)
+                listener(EngineEvent("error", request_id, error=Internal("the shared adapter store failed")))
+                return
         failures = 0
         while True:
             remaining = request.deadline - time.monotonic() if request.deadline is not None else None
@@ -166,7 +170,11 @@ class RayDispatcher:
         from sdserve.scaleout.store import request_files, with_digests
 
         if any(not digest for _source, digest in request_files(request)):
-            request = await asyncio.to_thread(with_digests, request)
+            try:
+                request = await asyncio.to_thread(with_digests, request)
+            except OSError as error:
+                log.error("request %s: hashing its files failed: %r", request.request_id, error)
+                raise Unavailable("an adapter file could not be read") from None
         for source, digest in request_files(request):
             if digest in self.stored:
                 continue

@@ -205,6 +205,15 @@ def test_a_failed_put_answers_unavailable_and_is_tried_again(tmp_path):
     assert [event.kind for event in heard] == ["done"] and dispatcher.stored == {digest}
 
 
+def test_an_unreadable_file_named_without_digest_answers_unavailable(tmp_path):
+    handle = Handle()
+    dispatcher = RayDispatcher(handle, RayConfig(store_url=f"memory://sdserve-test-{uuid.uuid4().hex}"))
+    missing = StackEntry(name="gone", source=str(tmp_path / "no-such-file"), scale=1.0, start=0.0, end=1.0)
+    heard = run(dispatcher, request([missing]))
+    assert [event.kind for event in heard] == ["error"] and isinstance(heard[0].error, Unavailable)
+    assert handle.streams == []
+
+
 def test_a_file_that_does_not_match_its_digest_is_internal(tmp_path):
     path, _digest = blob(tmp_path, b"bytes")
     dispatcher = RayDispatcher(Handle(), RayConfig(store_url=f"memory://sdserve-test-{uuid.uuid4().hex}"))
