@@ -123,7 +123,8 @@ def test_only_a_small_json_report_comes_back(tmp_path):
     async def main() -> None:
         pool = UploadChecks(_config(max_concurrent_uploads=1)).start()
         try:
-            assert await pool.run(listing, lora, "lora", "lora") == {"form": "lora", "rank": 3, "targets": 1}
+            assert await pool.run(listing, lora, "lora", "lora") == {"form": "lora", "rank": 3, "targets": 1,
+                                                                       "slider_scales": "", "slider_start": 0.0}
             assert await pool.run(dict, form="lora", rank=2) == {"form": "lora", "rank": 2}
             assert await pool.run(len, "fine") is None  # not a report
             assert await pool.run(dict, tensor=[1, 2]) is None  # not scalars: stays in the worker
