@@ -19,6 +19,10 @@ on the same prompts and seeds, and every image is read by the weight-free scorer
     slider       no images (issue 19): a text Concept Slider large/small over unsized prompts ->
                  the drawn area rises with the scale over -2..2 (Spearman rho per prompt/seed
                  pair), colour and position stay right
+    slider-      no images (issue 19): a second text slider, "warmth" (red/blue over prompts naming no
+    compose      colour), with the size slider (the slider row's file, trained if absent) -> on the
+                 slider row's 20 pairs each slider's effect with the other applied (both +-2) is within
+                 20 % of its effect alone (area; the shape's R - B)
     controlnet   scenes with their shape masks as conditioning images, captions naming no position
                  (issue 19) -> on held-out masks the drawn shapes cover the mask (IoU >= 0.6; the
                  base model on the same prompts <= 0.25)
@@ -542,6 +546,143 @@ def _slider_late_start(run: Run, out: Path, prompts: Sequence[Prompt], scenes: d
               move, f"{'>=' if scale > 0 else '<='} {'+' if scale > 0 else '-'}{SLIDER_LATE_MOVE:.2f}", goal_met)
 
 
+
+# Composition (issue 19): a second text slider, "warmth" (red/blue), beside the size slider. Its
+# targets name no colour, so the words go where the colour goes ("a red circle ..."); their
+# backgrounds are neither red nor blue, so the frozen model's positive and negative samples both
+# show their shape. A background-brightness slider was not possible: the trainer puts the words
+# after the target's article, i.e. on the shape, never in the background phrase.
+WARM_TARGETS = (
+    ("circle", "left", "white"), ("square", "top", "black"), ("triangle", "right", "yellow"),
+    ("circle", "bottom", "green"), ("square", "center", "white"), ("triangle", "left", "black"),
+    ("circle", "right", "yellow"), ("square", "bottom", "green"),
+)
+COMPOSE_GOAL = (0.8, 1.2)  # each effect combined / alone (issue 19: "within 20 %")
+SHAPE_DISTANCE = 60.0  # RGB distance from the background colour above which a pixel is the shape's (as shape_rgb_distance)
+MIN_SHAPE_PIXELS = 30  # the scorer's MIN_AREA: fewer pixels off the background and there is no shape to measure
+
+
+def _colourless(kind: str, position: str, background: str) -> str:
+    place = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
+             "center": "in the center"}[position]
+    return f"a {kind} {place} on a {background} background"
+
+
+def _slider_command(positive: str, negative: str, targets: Sequence[str], out: Path, steps: int,
+                    args: argparse.Namespace) -> list[str]:
+    """`sdserve train slider` with the size row's hyperparameters (rank, groups, lr, eta, pool)."""
+    return sdserve(
+        "train", "slider", "--positive", positive, "--negative", negative,
+        *(arg for target in targets for arg in ("--target", target)), "--out", str(out),
+        "--rank", str(args.slider_rank), "--targets", args.slider_targets, "--lr", str(args.slider_lr),
+        "--eta", str(args.slider_eta), "--steps", str(steps), "--pool-size", str(args.slider_pool),
+        "--threads", str(args.threads), "--no-progress")
+
+
+def warmth(image: np.ndarray) -> float:
+    """R - B (0..255 units) of the median colour of the shape's pixels, those further than
+    SHAPE_DISTANCE in RGB from the image's median colour (the background, which covers most of
+    the image: the largest shapes drawn here cover ~30 %); NaN when fewer than MIN_SHAPE_PIXELS
+    are (the shape merged into the background: nothing to measure). Red shapes read ~+195, blue
+    ~-200, white/black ~0. A median, not the scorer's palette name: the slider moves the colour
+    continuously, between palette colours. Not the border's colour (as shape_rgb_distance): with
+    both sliders at 2 the edge pixels can sit ~55-60 RGB off the inner background, and then the
+    whole background read as the shape."""
+    pixels = image.astype(np.float32)  # [H, W, 3]
+    background = np.median(pixels.reshape(-1, 3), axis=0)  # [3]
+    shape = pixels[np.linalg.norm(pixels - background, axis=-1) > SHAPE_DISTANCE]  # [P, 3]
+    if len(shape) < MIN_SHAPE_PIXELS:
+        return float("nan")
+    red, _, blue = np.median(shape, axis=0)
+    return float(red - blue)
+
+
+def effect_ratio(combined: np.ndarray, alone: np.ndarray, base: np.ndarray) -> tuple[float, float, float, int]:
+    """(combined effect, alone effect, their ratio, pairs used): each effect is the mean over
+    prompt/seed pairs of the measure's change from the pair's scale-0 image, over the pairs where
+    all three images have the measure (warmth is NaN where the shape vanished). A ratio of
+    means, not a mean of per-pair ratios, which explode where a pair barely moves alone."""
+    ok = np.isfinite(combined) & np.isfinite(alone) & np.isfinite(base)
+    if not ok.any():
+        return float("nan"), float("nan"), float("nan"), 0
+    together, single = float(np.mean(combined[ok] - base[ok])), float(np.mean(alone[ok] - base[ok]))
+    ratio = together / single if single != 0 else float("nan")
+    return together, single, ratio, int(ok.sum())
+
+
+def _marginal(both: np.ndarray, other: np.ndarray, alone: np.ndarray, base: np.ndarray) -> float:
+    """Mean change from `other` (only the other slider on) to `both`, over the mean change from
+    `base` to `alone`, each over the pairs where all four images have the measure."""
+    ok = np.isfinite(both) & np.isfinite(other) & np.isfinite(alone) & np.isfinite(base)
+    single = float(np.mean(alone[ok] - base[ok])) if ok.any() else 0.0
+    return float(np.mean(both[ok] - other[ok])) / single if single != 0 else float("nan")
+
+
+def bench_slider_compose(work: Path, args: argparse.Namespace) -> Run:
+    """Composition (issue 19): the size slider and a warmth slider (red/blue) on the size row's 20
+    prompt/seed pairs, each alone at +-its scale and both together (4 sign combinations); each
+    slider's effect (size: the largest shape's area; warmth: `warmth`) with the other applied
+    must be within 20 % of its effect alone, both measured as the change from the scale-0 image.
+    The size slider is the `slider` row's file in --work, trained here only if absent."""
+    from sdserve.api.types import AdapterSpec
+    from sdserve.models.shapes.scorer import read_image
+
+    size_out, warm_out = work / "size_slider.safetensors", work / "warm_slider.safetensors"
+    run = Run("slider (compose)", f"no images: red/blue over {len(WARM_TARGETS)} colourless prompts, + size slider; "
+              f"scored {'without' if args.compose_colourless else 'with'} colour", goal_seconds=900.0)
+    size_seconds, size_rss = run_child(_slider_command(
+        "large", "small", [_unsized(*t) for t in SLIDER_TARGETS], size_out, args.slider_steps, args), reuse=size_out)
+    run.seconds, run.peak_rss = run_child(_slider_command(
+        "red", "blue", [_colourless(*t) for t in WARM_TARGETS], warm_out, args.compose_warm_steps, args),
+        reuse=warm_out if args.reuse else None)
+    if not math.isnan(size_seconds):
+        check(run, f"  size slider trained here ({args.slider_steps} steps, {size_rss / 1024**3:.2f} GB), minutes",
+              size_seconds / 60, "(info)", True)
+
+    # The slider row's 20 pairs (its prompts and seeds), which name a colour: the warmth slider then
+    # works against the prompt (it shrinks and fades shapes whose named colour it pushes away).
+    # --compose-colourless drops the colour too, so that each slider sets what its prompt leaves open.
+    text = (lambda color, kind, position, bg: _colourless(kind, position, bg)) if args.compose_colourless else _unsized
+    prompts = [Prompt(text(*t), 19000 + 100 * index + seed) for index, t in enumerate(SLIDER_SCORED) for seed in range(2)]
+    size_scale, warm_scale = args.compose_size_scale, args.compose_warm_scale
+    settings = [(0.0, 0.0)] + [(s, 0.0) for s in (-size_scale, size_scale)] + [(0.0, w) for w in (-warm_scale, warm_scale)]
+    settings += [(s, w) for s in (-size_scale, size_scale) for w in (-warm_scale, warm_scale)]
+    areas: dict[tuple[float, float], np.ndarray] = {}  # (size, warm) scale -> [pairs] px of the largest shape
+    warms: dict[tuple[float, float], np.ndarray] = {}  # (size, warm) scale -> [pairs] R - B of the shape
+    for size, warm in settings:
+        adapters = tuple(AdapterSpec(path=str(path), scale=scale)
+                         for path, scale in ((size_out, size), (warm_out, warm)) if scale)
+        images = sample(prompts, **({"adapters": adapters} if adapters else {}))
+        areas[size, warm] = np.array([r.shapes[0].area if r.shapes else 0 for r in map(read_image, images)], float)
+        warms[size, warm] = np.array([warmth(image) for image in images])
+        run.adapter |= {f"area_{size:+g}_{warm:+g}": float(areas[size, warm].mean()),
+                        f"warmth_{size:+g}_{warm:+g}": float(np.nanmean(warms[size, warm]))}
+    run.base = {"area": float(areas[0.0, 0.0].mean()), "warmth": float(np.nanmean(warms[0.0, 0.0]))}
+    low, high = COMPOSE_GOAL
+    for s in (-size_scale, size_scale):  # each slider alone, for the table
+        _, alone, _, used = effect_ratio(areas[s, 0.0], areas[s, 0.0], areas[0.0, 0.0])
+        check(run, f"size {s:+g} alone: area change vs scale 0 (px, {used} pairs)", alone, "(info)", True)
+    for w in (-warm_scale, warm_scale):
+        _, alone, _, used = effect_ratio(warms[0.0, w], warms[0.0, w], warms[0.0, 0.0])
+        check(run, f"warmth {w:+g} alone: R-B change vs scale 0 ({used} pairs)", alone, "(info)", True)
+    for s in (-size_scale, size_scale):
+        for w in (-warm_scale, warm_scale):
+            together, alone, ratio, used = effect_ratio(areas[s, w], areas[s, 0.0], areas[0.0, 0.0])
+            check(run, f"size {s:+g} with warmth {w:+g}: area change {together:+.0f} / alone {alone:+.0f} px",
+                  ratio, f"in [{low}, {high}]", bool(low <= ratio <= high))
+            # (info) The other slider's own side effect taken out: the change from the image with
+            # only the other slider on, i.e. whether this slider still moves its attribute as much.
+            marginal = _marginal(areas[s, w], areas[0.0, w], areas[s, 0.0], areas[0.0, 0.0])
+            check(run, "  same, vs warmth alone's image (the warmth slider's own area change taken out)",
+                  marginal, "(info)", True)
+            together, alone, ratio, used = effect_ratio(warms[s, w], warms[0.0, w], warms[0.0, 0.0])
+            check(run, f"warmth {w:+g} with size {s:+g}: R-B change {together:+.0f} / alone {alone:+.0f}"
+                  f" ({used} pairs)", ratio, f"in [{low}, {high}]", bool(low <= ratio <= high))
+            marginal = _marginal(warms[s, w], warms[s, 0.0], warms[0.0, w], warms[0.0, 0.0])
+            check(run, "  same, vs size alone's image (the size slider's own R-B change taken out)",
+                  marginal, "(info)", True)
+    return run
+
 def iou(drawn: np.ndarray, control: np.ndarray) -> float:
     """Intersection over union of two boolean [H, W] masks (1 when both are empty)."""
     union = np.logical_or(drawn, control).sum()
@@ -644,6 +785,7 @@ METHODS: dict[str, Callable[[Path, argparse.Namespace], Run]] = {
     "ti4": lambda work, args: bench_textual_inversion(work, args, 4),
     "hypernetwork": bench_hypernetwork,
     "slider": bench_slider,
+    "slider-compose": bench_slider_compose,
     "controlnet": bench_controlnet,
     "ip-adapter": lambda work, args: _ip_adapter().bench_ip_adapter(work, args),
 }
@@ -690,6 +832,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slider-pool", type=int, default=32, help="frozen-model samples the slider noises")
     parser.add_argument("--slider-late-start", type=float, default=0.3,
                         help="adapter window start of the late-start check (issue 19: 30 %% of the steps)")
+    parser.add_argument("--compose-warm-steps", type=int, default=300,
+                        help="steps of the slider-compose row's warmth (red/blue) slider")
+    parser.add_argument("--compose-colourless", action="store_true",
+                        help="slider-compose: score the slider row's prompts without their colour too")
+    parser.add_argument("--compose-size-scale", type=float, default=2.0, help="the size slider's +- scale (slider-compose)")
+    parser.add_argument("--compose-warm-scale", type=float, default=2.0, help="the warmth slider's +- scale (slider-compose)")
     parser.add_argument("--controlnet-images", type=int, default=256, help="scenes (and masks) the ControlNet trains on")
     parser.add_argument("--controlnet-steps", type=int, default=150, help="optimizer steps (docs/benchmarks.md)")
     parser.add_argument("--controlnet-seed", type=int, default=0, help="the training run's --seed")
