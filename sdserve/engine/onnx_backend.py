@@ -22,6 +22,7 @@ for everything that does.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -262,6 +263,19 @@ def exported_controlnet(store: Any, name: str, info: ModelInfo, field: str) -> A
     return DirectoryModel(f"controlnet/{chosen}", info.path, exported[chosen], {})
 
 
+def session_options(onnxruntime: Any) -> Any:
+    """Session options that share the CPU as the engine's torch does: as many intra-op threads as
+    torch uses (onnxruntime's default is one per physical core, whatever the server was given),
+    and no spin-waiting where OMP_WAIT_POLICY=PASSIVE asks torch's OpenMP pool not to spin: a
+    spinning pool burns the share of the cores that the other process (or the eager models of
+    the same server) needs between calls."""
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
 def load_onnx_model(info: ModelInfo) -> LoadedModel:
     """Open every served component's session (refit weights applied) on the preferred provider."""
     import onnxruntime
@@ -276,7 +290,7 @@ def load_onnx_model(info: ModelInfo) -> LoadedModel:
     chosen = providers()
 
     def component(name: str) -> OnnxComponent:
-        options = onnxruntime.SessionOptions()
+        options = session_options(onnxruntime)
         session = open_session(path, manifest, name, providers=chosen, options=options)
         return OnnxComponent(session, {t.name: t.dtype for t in manifest.components[name].inputs})
 

@@ -12,6 +12,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from sdserve.api.types import AdapterSpec, EmbeddingSpec, RequestSpec
@@ -152,3 +153,28 @@ def test_a_server_serving_an_onnx_dir_says_onnxruntime_in_its_response(onnx_expo
         assert (response.backend, response.variant) == ("onnxruntime", "")
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("policy, spinning", [("PASSIVE", "0"), ("", None)])
+def test_sessions_take_torchs_thread_count_and_stop_spinning_when_passive(monkeypatch, policy, spinning):
+    """onnxruntime's default pool is one thread per core whatever torch was given; a server run with
+    one thread (the load bench, a replica per core) must not get two spinning ones for its ONNX models."""
+    import onnxruntime
+
+    from sdserve.engine.onnx_backend import session_options
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        options = session_options(onnxruntime)
+        assert options.intra_op_num_threads == 1
+        torch.set_num_threads(2)
+        assert session_options(onnxruntime).intra_op_num_threads == 2
+    finally:
+        torch.set_num_threads(before)
+    if spinning is not None:
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == spinning
+    else:
+        with pytest.raises(RuntimeError, match="allow_spinning"):  # unset: onnxruntime's default (spin)
+            options.get_session_config_entry("session.intra_op.allow_spinning")
