@@ -23,6 +23,9 @@ on the same prompts and seeds, and every image is read by the weight-free scorer
     compose      colour), with the size slider (the slider row's file, trained if absent) -> on the
                  slider row's 20 pairs each slider's effect with the other applied (both +-2) is within
                  20 % of its effect alone (area; the shape's R - B)
+    visual-      32 before/after pairs (issue 19): a small shape, then the same scene with it twice
+    slider       as large, captions naming no size -> `train slider --pairs`; scored as the slider
+                 row (area over scales -2..2, Spearman rho per prompt/seed pair)
     controlnet   scenes with their shape masks as conditioning images, captions naming no position
                  (issue 19) -> on held-out masks the drawn shapes cover the mask (IoU >= 0.6; the
                  base model on the same prompts <= 0.25)
@@ -500,6 +503,56 @@ def bench_slider(work: Path, args: argparse.Namespace) -> Run:
     return run
 
 
+def bench_visual_slider(work: Path, args: argparse.Namespace) -> Run:
+    """The visual slider (issue 19): `sdserve train slider --pairs` on 32 before/after pairs of the
+    shapes world that differ in size alone (`sdserve train data shapes --pairs size`: a small shape
+    before, the same scene with it twice as large after, captions naming no size), none of them a
+    (colour, kind, position) triple of the scored prompts; scored as the text slider row: the
+    largest shape's painted area over scales -2..2 on the same 20 held-out prompt/seed pairs."""
+    pairs = work / "size_pairs"
+    if not (pairs / ".sdserve_shapes.json").exists():
+        from sdserve.trainers.shapes_folder import ShapesFolderConfig, write_shapes_folder
+
+        held = frozenset((color, kind, position) for color, kind, position, _ in SLIDER_SCORED)
+        write_shapes_folder(ShapesFolderConfig(out=pairs, count=args.visual_slider_pairs, seed=0, exclude=held,
+                                               pairs="size", progress=False))
+    out = work / "visual_size_slider.safetensors"
+    run = Run("slider (visual)", f"{args.visual_slider_pairs} before/after pairs: small -> large, unsized captions",
+              goal_seconds=900.0)
+    run.seconds, run.peak_rss = run_child(sdserve(
+        "train", "slider", "--pairs", str(pairs), "--out", str(out), "--batch-size", str(args.visual_slider_batch),
+        "--rank", str(args.slider_rank), "--targets", args.slider_targets, "--lr", str(args.visual_slider_lr),
+        "--steps", str(args.visual_slider_steps), "--threads", str(args.threads), "--no-progress"),
+        reuse=out if args.reuse else None)
+    from sdserve.api.types import AdapterSpec
+    from sdserve.models.shapes.scorer import read_image
+
+    prompts = [Prompt(_unsized(*t), 19000 + 100 * index + seed, {"color": t[0], "position": t[2]})
+               for index, t in enumerate(SLIDER_SCORED) for seed in range(2)]  # the text slider row's 20 pairs
+    areas = np.zeros((len(prompts), len(SLIDER_SCALES)))  # [pairs, scales] painted px of the largest shape
+    readings = {}
+    for column, scale in enumerate(SLIDER_SCALES):
+        served = {"adapters": (AdapterSpec(path=str(out), scale=scale),)} if scale else {}
+        images = sample(prompts, **served)
+        readings[scale] = read(images, prompts)
+        for row, image in enumerate(images):
+            reading = read_image(image)
+            areas[row, column] = reading.shapes[0].area if reading.shapes else 0
+    rhos = np.array([spearman(SLIDER_SCALES, row) for row in areas])  # [pairs]
+    rho = float(np.nanmean(rhos)) if np.isfinite(rhos).any() else float("nan")
+    run.base = {"area": float(areas[:, 2].mean())} | readings[0.0]
+    run.adapter = {f"area_{s:+g}": float(a) for s, a in zip(SLIDER_SCALES, areas.mean(0))} | {"rho": rho}
+    check(run, "mean area over scales " + " ".join(f"{s:+g}:{a:.0f}" for s, a in zip(SLIDER_SCALES, areas.mean(0))),
+          float(areas[:, -1].mean() - areas[:, 0].mean()), "(info)", True)
+    check(run, f"Spearman rho(scale, area), mean of {len(prompts)} prompt/seed pairs", rho, ">= 0.90",
+          bool(rho >= 0.90))
+    check(run, "  pairs with rho >= 0.9", float(np.mean(rhos >= 0.9 - 1e-9)), "(info)", True)  # 0.9: one swap
+    for attribute in ("color", "position"):
+        value = float(np.mean([readings[s][attribute] for s in SLIDER_SCALES]))
+        check(run, f"  {attribute} right over all scales", value, "(info)", True)
+    return run
+
+
 SLIDER_LATE_SCALES = (-2.0, 2.0)
 SLIDER_LATE_MOVE = 0.15  # "its attribute still moves": mean area at +-2 late at least 15 % off scale 0's
 COMPOSITION = ("position", "count", "background")
@@ -786,6 +839,7 @@ METHODS: dict[str, Callable[[Path, argparse.Namespace], Run]] = {
     "hypernetwork": bench_hypernetwork,
     "slider": bench_slider,
     "slider-compose": bench_slider_compose,
+    "visual-slider": bench_visual_slider,
     "controlnet": bench_controlnet,
     "ip-adapter": lambda work, args: _ip_adapter().bench_ip_adapter(work, args),
 }
@@ -832,6 +886,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slider-pool", type=int, default=32, help="frozen-model samples the slider noises")
     parser.add_argument("--slider-late-start", type=float, default=0.3,
                         help="adapter window start of the late-start check (issue 19: 30 %% of the steps)")
+    parser.add_argument("--visual-slider-pairs", type=int, default=32, help="before/after size pairs (issue 19: 32)")
+    parser.add_argument("--visual-slider-steps", type=int, default=600)
+    parser.add_argument("--visual-slider-batch", type=int, default=4, help="pairs per step")
+    parser.add_argument("--visual-slider-lr", type=float, default=2e-3)
     parser.add_argument("--compose-warm-steps", type=int, default=300,
                         help="steps of the slider-compose row's warmth (red/blue) slider")
     parser.add_argument("--compose-colourless", action="store_true",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 # Cheap imports (numpy and PIL, no torch): the help texts list the world's vocabulary.
 from sdserve.models.shapes.world import ALL_COLORS, ALL_KINDS, POSITIONS, SIZES, STYLES
-from sdserve.trainers.shapes_folder import CONDITIONINGS, LAYOUTS
+from sdserve.trainers.shapes_folder import CONDITIONINGS, LAYOUTS, PAIR_ATTRIBUTES
 
 
 def _list_help(what: str, values: tuple[str, ...], default: str) -> str:
@@ -53,6 +53,10 @@ def register(kinds: argparse._SubParsersAction) -> None:
                              "listed as conditioning_file_name in metadata.jsonl: a `sdserve train controlnet` folder")
     shapes.add_argument("--omit-position", action="store_true",
                         help="captions name no shape's position (for a ControlNet: the mask alone says where)")
+    shapes.add_argument("--pairs", choices=PAIR_ATTRIBUTES,
+                        help="write before/after pairs for `sdserve train slider --pairs` instead: before/NAME.png "
+                             "(+ NAME.txt) and after/NAME.png, one-shape scenes alike but for this attribute "
+                             "(size: small before, twice as large after; captions name no size)")
     shapes.add_argument("--resolution", type=int, default=64,
                         help="image side, a multiple of 64; scenes are upscaled nearest-neighbour (default 64)")
     shapes.add_argument("--overwrite", action="store_true",
@@ -93,6 +97,7 @@ def config_from_args(args: argparse.Namespace):
         layout=args.layout or ("imagefolder" if args.conditioning else "kohya"),
         conditioning=args.conditioning,
         omit_position=args.omit_position,
+        pairs=args.pairs,
         resolution=args.resolution,
         overwrite=args.overwrite,
         progress=not args.no_progress,
@@ -113,7 +118,10 @@ def run_shapes(args: argparse.Namespace) -> int:
         fail(str(error))
     except OSError as error:
         fail(f"--out: cannot write {args.out} ({error.strerror or error})", code=1)
-    print(f"wrote {cfg.count} images to {out} ({cfg.layout} layout)")
+    if cfg.pairs is not None:
+        print(f"wrote {cfg.count} {cfg.pairs} pairs to {out} (before/, after/)")
+    else:
+        print(f"wrote {cfg.count} images to {out} ({cfg.layout} layout)")
     return 0
 
 

@@ -13,6 +13,17 @@ config and a larger count only appends images. The folder is built in a temporar
 renamed into place: it appears whole or not at all. Beside the images, `PROVENANCE_FILE` (a dot
 file, which both layouts' readers skip) records the config and every image's scene, the ground
 truth a bench scores against.
+
+With `pairs` ("size") it writes before/after pairs for a visual Concept Slider
+(`sdserve train slider --pairs`) instead: `before/NAME.png` with its caption `before/NAME.txt`,
+and `after/NAME.png`, the same one-shape scene (kind, colour, background, position and jitter
+from the same rng draw) with one attribute changed. For "size" the before shape is small
+(12-16 px) and the after shape twice its extent (24-32 px, the world's large range), re-clamped
+inside the image as `world._place` clamps; captions name no size (the slider decides it). Size
+was chosen over sharp/rounded corners because the default model draws both sizes for an unsized
+prompt, so the base model sits between the two ends and the slider's negative scales have
+somewhere to go; with corners the base model's sharp squares are one end already, scales -2..0
+would all read "sharp", and the ties would cap a per-prompt Spearman rho near 0.8.
 """
 
 from __future__ import annotations
@@ -43,6 +54,7 @@ from sdserve.models.shapes.world import (
     foreground_mask,
     render,
     sample_scene,
+    size_of,
 )
 
 LAYOUTS: tuple[str, ...] = ("kohya", "imagefolder")
@@ -51,6 +63,8 @@ CONDITIONING_DIR = "conditioning"  # beside the images: the readers of both layo
 METADATA_FILE = "metadata.jsonl"  # the diffusers imagefolder caption file
 PROVENANCE_FILE = ".sdserve_shapes.json"
 HELD_OUT_WORD = "held-out"  # in `exclude` text: the base world's HELD_OUT triples
+PAIR_ATTRIBUTES: tuple[str, ...] = ("size",)
+PAIR_SIDES = ("before", "after")
 PROGRESS_MIN_COUNT = 200  # fewer images take about a second; a bar would only flash
 
 
@@ -92,6 +106,9 @@ class ShapesFolderConfig:
     """Captions name no shape's position (what a ControlNet's mask is then left to decide)."""
     resolution: int = IMAGE_SIZE
     """Side of the written images: a multiple of 64, the 64 px scene upscaled nearest-neighbour."""
+    pairs: str | None = None
+    """"size": write before/after pairs of one-shape scenes differing in that attribute alone (see
+    the module docstring) for `sdserve train slider --pairs`; kohya captions in before/, no mask."""
     overwrite: bool = False
     """Replace `out` when it is a non-empty folder this module wrote."""
     progress: bool = True
@@ -153,6 +170,18 @@ def check_shapes_folder_config(cfg: ShapesFolderConfig) -> None:
     if cfg.resolution < IMAGE_SIZE or cfg.resolution % IMAGE_SIZE:
         raise InvalidArgument(f"must be a multiple of {IMAGE_SIZE} (got {cfg.resolution}): scenes are "
                               f"{IMAGE_SIZE} px, upscaled by whole pixels", field="--resolution")
+    if cfg.pairs is not None:
+        if cfg.pairs not in PAIR_ATTRIBUTES:
+            raise InvalidArgument(f"unknown attribute {cfg.pairs!r} (one of {', '.join(PAIR_ATTRIBUTES)})",
+                                  field="--pairs")
+        if cfg.shapes_per_image == 2:
+            raise InvalidArgument("pairs are one-shape scenes (a grown shape could meet the other)",
+                                  field="--shapes-per-image")
+        if cfg.sizes != SIZES:
+            raise InvalidArgument("size pairs draw small before and large after; drop --sizes", field="--sizes")
+        if cfg.conditioning is not None or cfg.layout != "kohya":
+            raise InvalidArgument("pairs are written as before/NAME.png + NAME.txt and after/NAME.png",
+                                  field="--conditioning" if cfg.conditioning is not None else "--layout")
     if cfg.token is not None and (not cfg.token.strip() or "\n" in cfg.token):
         raise InvalidArgument("must be non-empty text on one line", field="--token")
     try:
@@ -176,6 +205,8 @@ def _check_out(cfg: ShapesFolderConfig) -> None:
 
 
 def _draw(cfg: ShapesFolderConfig, index: int) -> SceneSpec:
+    if cfg.pairs is not None:
+        return _pair(cfg, index)[0]
     return sample_scene(
         np.random.default_rng([cfg.seed, index]),
         num_shapes=cfg.shapes_per_image,
@@ -187,6 +218,38 @@ def _draw(cfg: ShapesFolderConfig, index: int) -> SceneSpec:
         sizes=cfg.sizes,
         styles=cfg.styles,
     )
+
+
+def grown(scene: SceneSpec, factor: int = 2) -> SceneSpec:
+    """The scene with every shape's extent times `factor` around its own centre, re-clamped to
+    keep a 1 px border (world._place's rule); kind, colour, position word and background kept."""
+    shapes = []
+    for shape in scene.shapes:
+        extent = shape.extent * factor
+        half = extent / 2
+        cx = float(np.clip(shape.cx, half + 1, IMAGE_SIZE - half - 1))
+        cy = float(np.clip(shape.cy, half + 1, IMAGE_SIZE - half - 1))
+        shapes.append(replace(shape, extent=extent, size=size_of(extent), cx=cx, cy=cy))
+    return replace(scene, shapes=tuple(shapes))
+
+
+def _pair(cfg: ShapesFolderConfig, index: int) -> tuple[SceneSpec, SceneSpec]:
+    """(before, after) scenes of pair `index`: one draw from rng([seed, index]) with small shapes,
+    and the same scene grown to large (see the module docstring)."""
+    before = sample_scene(np.random.default_rng([cfg.seed, index]), num_shapes=1, exclude=cfg.exclude,
+                          kinds=cfg.kinds, colors=cfg.colors, backgrounds=cfg.backgrounds,
+                          positions=cfg.positions, sizes=("small",), styles=cfg.styles)
+    return before, grown(before)
+
+
+def pair_caption(scene: SceneSpec, attribute: str, omit_position: bool = False) -> str:
+    """A pair's one caption: the scene's, without the attribute the pair changes."""
+    spec = full_spec(scene)
+    if attribute == "size":
+        spec = replace(spec, shapes=tuple(replace(shape, size=None) for shape in spec.shapes))
+    if omit_position:
+        spec = replace(spec, shapes=tuple(replace(shape, position=None) for shape in spec.shapes))
+    return to_caption(spec)
 
 
 def scene_caption(scene: SceneSpec, token: str | None = None, omit_position: bool = False) -> str:
@@ -233,7 +296,13 @@ def write_shapes_folder(cfg: ShapesFolderConfig) -> Path:
         records = []
         bar = tqdm(range(cfg.count), desc="writing", unit="img",
                    disable=not cfg.progress or cfg.count < PROGRESS_MIN_COUNT)
+        if cfg.pairs is not None:
+            for side in PAIR_SIDES:
+                (staging / side).mkdir()
         for index in bar:
+            if cfg.pairs is not None:
+                records.append(_write_pair(cfg, index, staging, width))
+                continue
             scene = _draw(cfg, index)
             name = f"{index:0{width}d}"
             text = scene_caption(scene, cfg.token, cfg.omit_position)
@@ -258,6 +327,18 @@ def write_shapes_folder(cfg: ShapesFolderConfig) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+def _write_pair(cfg: ShapesFolderConfig, index: int, staging: Path, width: int) -> dict:
+    """Write pair `index` (before/NAME.png + NAME.txt, after/NAME.png); -> its provenance record."""
+    assert cfg.pairs is not None
+    name = f"{index:0{width}d}"
+    before, after = _pair(cfg, index)
+    text = pair_caption(before, cfg.pairs, cfg.omit_position)
+    for side, scene in zip(PAIR_SIDES, (before, after), strict=True):
+        Image.fromarray(upscale(render(scene), cfg.resolution)).save(staging / side / f"{name}.png")
+    (staging / PAIR_SIDES[0] / f"{name}.txt").write_text(text + "\n", encoding="utf-8")
+    return {"file_name": f"{name}.png", "text": text, "scene": scene_record(before), "after": scene_record(after)}
 
 
 def _umask() -> int:

@@ -127,27 +127,16 @@ def _rows(conditioning: Conditioning, rows: Sequence[int]) -> Conditioning:
     return Conditioning(conditioning.states[index], added)
 
 
-class SliderMethod:
-    """The slider for `loop.train(data=None)`: a `LoRAMethod` on the UNet whose scale the step
-    switches between 0 (the frozen model), +1 and -1."""
+class SliderLoRA:
+    """What every slider shares, text or visual (slider_pairs.py): a `LoRAMethod` on the UNet whose
+    scale a step switches between 0 (the frozen model), +1 and -1 (per batch row), written as a
+    LoRA flagged as a slider with its trained scale range and suggested start."""
 
     kind = "slider"
 
-    def __init__(self, components: Components, config: SliderConfig, seed: int = 0, device: str = "cpu",
-                 progress: bool = False) -> None:
-        check_slider_config(config)
-        self.components, self.config, self.seed = components, config, seed
-        self.device, self.progress = device, progress
-        self.lora = LoRAMethod(components, config.lora, seed=seed)
-        self._pool: torch.Tensor | None = None  # [pool_size, C, h, w], built on the first step
-        # Prompt rows: targets, then each target's positive and negative, then anchors.
-        targets = list(config.targets)
-        self.prompts = [*targets, *(combine(t, config.positive) for t in targets),
-                        *(combine(t, config.negative) for t in targets), *config.anchors]
-        with torch.no_grad():  # the text encoders are frozen: one encoding serves every step
-            self.conditioning = components.encode_text(self.prompts)
-
-    # -- what the loop calls -----------------------------------------------------------------
+    def __init__(self, components: Components, lora: LoRAConfig, start: float, seed: int = 0) -> None:
+        self.components, self.seed, self.start = components, seed, start
+        self.lora = LoRAMethod(components, lora, seed=seed)
 
     def parameters(self) -> list[nn.Parameter]:
         return self.lora.parameters()
@@ -161,9 +150,50 @@ class SliderMethod:
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         self.lora.load_state_dict(state)
 
+    def slider_metadata(self, objective: str) -> dict[str, str]:
+        """The keys every slider file has (ListAdapters shows the scale range and start)."""
+        return self.lora.metadata() | {
+            "sdserve_slider_scale_range": ",".join(f"{s:g}" for s in SCALE_RANGE),
+            "sdserve_slider_start": f"{self.start:g}",
+            "sdserve_slider_objective": objective,
+        }
+
+    def write(self, out: Path, metadata: dict[str, str]) -> None:
+        self.lora.write(out, metadata | {"sdserve_slider": "true"})
+
+    def set_scale(self, multiplier: float | torch.Tensor) -> None:
+        """Every LoRA layer at `multiplier` times its trained scale (0: the frozen model), or per
+        batch row with a tensor [B] of multipliers: the UNet's adapted modules all see batch-first
+        inputs ([B, T, in] linears, [B, in, H, W] convs), so one call serves +1 and -1 rows."""
+        scale = self.lora.config.scale
+        for layer in self.lora.layers.values():
+            if isinstance(multiplier, torch.Tensor):
+                shape = (-1, 1, 1) if layer.spec.kind == "linear" else (-1, 1, 1, 1)
+                layer.scale = (multiplier * scale).view(shape)  # [B, 1, 1] or [B, 1, 1, 1]
+            else:
+                layer.scale = multiplier * scale
+
+
+class SliderMethod(SliderLoRA):
+    """The text slider for `loop.train(data=None)`."""
+
+    def __init__(self, components: Components, config: SliderConfig, seed: int = 0, device: str = "cpu",
+                 progress: bool = False) -> None:
+        check_slider_config(config)
+        super().__init__(components, config.lora, config.start, seed=seed)
+        self.config = config
+        self.device, self.progress = device, progress
+        self._pool: torch.Tensor | None = None  # [pool_size, C, h, w], built on the first step
+        # Prompt rows: targets, then each target's positive and negative, then anchors.
+        targets = list(config.targets)
+        self.prompts = [*targets, *(combine(t, config.positive) for t in targets),
+                        *(combine(t, config.negative) for t in targets), *config.anchors]
+        with torch.no_grad():  # the text encoders are frozen: one encoding serves every step
+            self.conditioning = components.encode_text(self.prompts)
+
     def metadata(self) -> dict[str, str]:
         c = self.config
-        return self.lora.metadata() | {
+        return self.slider_metadata("text") | {
             "sdserve_slider_positive": c.positive.strip(),
             "sdserve_slider_negative": c.negative.strip(),
             "sdserve_slider_targets": "|".join(c.targets),
@@ -171,27 +201,9 @@ class SliderMethod:
             "sdserve_slider_eta": f"{c.eta:g}",
             "sdserve_slider_anchor_weight": f"{c.anchor_weight:g}",
             "sdserve_slider_pool": f"{c.pool_size}x{c.pool_steps}",
-            "sdserve_slider_scale_range": ",".join(f"{s:g}" for s in SCALE_RANGE),
-            "sdserve_slider_start": f"{c.start:g}",
-            "sdserve_slider_objective": "text",
         }
 
-    def write(self, out: Path, metadata: dict[str, str]) -> None:
-        self.lora.write(out, metadata | {"sdserve_slider": "true"})
-
     # -- the objective -----------------------------------------------------------------------
-
-    def set_scale(self, multiplier: float | torch.Tensor) -> None:
-        """Every LoRA layer at `multiplier` times its trained scale (0: the frozen model), or per
-        batch row with a tensor [B] of multipliers: the UNet's adapted modules all see batch-first
-        inputs ([B, T, in] linears, [B, in, H, W] convs), so one call serves +1 and -1 rows."""
-        scale = self.config.lora.scale
-        for layer in self.lora.layers.values():
-            if isinstance(multiplier, torch.Tensor):
-                shape = (-1, 1, 1) if layer.spec.kind == "linear" else (-1, 1, 1, 1)
-                layer.scale = (multiplier * scale).view(shape)  # [B, 1, 1] or [B, 1, 1, 1]
-            else:
-                layer.scale = multiplier * scale
 
     def pool(self) -> torch.Tensor:
         """Latents [pool_size, C, h, w] of images the frozen model drew for the target prompts
