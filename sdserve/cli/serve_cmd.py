@@ -63,6 +63,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="share uploaded adapters with the replicas through this fsspec URL (file:///shared/dir, "
                      "s3://bucket/dir, ...): the front copies each file there once, replicas fetch and check it "
                      "(default: replicas read the front's registry paths: one node or a shared mount)")
+    ray.add_argument("--app-name", metavar="NAME",
+                     help="the Ray Serve application of the replicas (default sdserve; one per front)")
+    ray.add_argument("--print-serve-config", action="store_true",
+                     help="print a Ray Serve config file (YAML) that deploys these replicas with `serve run` or "
+                     "`serve deploy`, and exit; then start the front with --attach (docs/scaleout.md)")
+    ray.add_argument("--attach", action="store_true",
+                     help="deploy nothing: front the running application --app-name (deployed from that file) "
+                     "with the replica count, routing and store its replicas report; needs --address; the "
+                     "application keeps running when the front stops")
     parser.set_defaults(func=run)
 
 
@@ -70,17 +79,27 @@ def ray_config(args: argparse.Namespace):  # -> RayConfig | None (no import at m
     from sdserve.errors import InvalidArgument
     from sdserve.scaleout.config import RayConfig
 
-    flags = {"--replicas": args.replicas, "--address": args.address, "--routing": args.routing,
-             "--cpus-per-replica": args.cpus_per_replica, "--gpus-per-replica": args.gpus_per_replica,
-             "--store-url": args.store_url}
+    replica_flags = {"--replicas": args.replicas, "--routing": args.routing,
+                     "--cpus-per-replica": args.cpus_per_replica, "--gpus-per-replica": args.gpus_per_replica,
+                     "--store-url": args.store_url}
+    flags = {**replica_flags, "--address": args.address, "--app-name": args.app_name,
+             "--print-serve-config": args.print_serve_config or None, "--attach": args.attach or None}
     if not args.ray:
         given = [flag for flag, value in flags.items() if value is not None]
         if given:
             raise InvalidArgument("needs --ray", field=given[0])
         return None
+    if args.attach:
+        if args.print_serve_config:
+            raise InvalidArgument("is for the front; --print-serve-config writes the replicas' file",
+                                  field="--attach")
+        given = [flag for flag, value in replica_flags.items() if value is not None]
+        if given:  # the replicas were built from the Serve config file's args: the front adopts them
+            raise InvalidArgument("is set by the application's Serve config (its args) when attaching",
+                                  field=given[0])
     chosen = {"replicas": args.replicas, "address": args.address, "routing": args.routing,
               "cpus_per_replica": args.cpus_per_replica, "gpus_per_replica": args.gpus_per_replica,
-              "store_url": args.store_url}
+              "store_url": args.store_url, "app_name": args.app_name, "attach": args.attach or None}
     return RayConfig(**{key: value for key, value in chosen.items() if value is not None})
 
 
@@ -113,6 +132,8 @@ def run(args: argparse.Namespace) -> int:
         scaleout = ray_config(args)
     except SdserveError as exc:
         fail_on(exc)
+    if scaleout is not None and args.print_serve_config:
+        return print_serve_config(args, scaleout)
     if scaleout is not None:
         return run_ray(config, scaleout)
     try:
@@ -122,6 +143,19 @@ def run(args: argparse.Namespace) -> int:
         fail_on(exc)
     except OSError as exc:
         fail_on(SdserveError(f"could not start the server ({exc})"))
+
+
+def print_serve_config(args: argparse.Namespace, scaleout) -> int:
+    """The replicas' Serve config file on stdout, checked as the application will read it."""
+    from sdserve.scaleout.app import app_args, parse_app_args, serve_config_yaml
+
+    try:
+        options = app_args(args.config, args.model or (), args.data_dir, scaleout)
+        parse_app_args(options)  # the controller's reading of the file, here, before any deploy
+    except SdserveError as exc:
+        fail_on(exc)
+    print(serve_config_yaml(options, scaleout.app_name), end="")
+    return 0
 
 
 def run_ray(config, scaleout) -> int:

@@ -131,6 +131,13 @@ def serve_ray(config: Config, ray_config: RayConfig) -> int:
     )
     check_config(config)
     started = start_ray(ray_config)
+    if ray_config.attach:  # the application is the operator's (a Serve config file): left running
+        from sdserve.scaleout.app import attach
+
+        handle, ray_config = attach(config, ray_config)
+        log.info("sdserve: attached to the Ray Serve application %r (%d replica(s), %s routing)",
+                 ray_config.app_name, ray_config.replicas, ray_config.routing)
+        return asyncio.run(run_front(config, handle, ray_config))
     try:
         log.info("sdserve: deploying %d engine replica(s) on Ray", ray_config.replicas)
         handle = deploy(config, ray_config)

@@ -42,6 +42,9 @@ class RayConfig:
     """How often a request whose replica died is sent to another (same seed: same image)."""
     app_name: str = "sdserve"
     """The Ray Serve application name (one per front)."""
+    attach: bool = False
+    """Deploy nothing: front the running application `app_name` (deployed from a Serve config file,
+    scaleout/app.py), with the settings its replicas report, and leave it running on exit."""
     store_url: str | None = None
     """Where uploaded adapter files are shared with the replicas: an fsspec URL ("file:///shared/
     sdserve", "s3://bucket/sdserve"; scaleout/store.py). The front copies each file a request
@@ -63,6 +66,8 @@ class RayConfig:
             raise InvalidArgument("must be at least 1", field="max_ongoing_requests")
         if self.retries < 0:
             raise InvalidArgument("must be 0 or more", field="retries")
+        if self.attach and not self.address:
+            raise InvalidArgument("needs --address (the cluster that runs the application)", field="--attach")
         if self.store_url is not None and "://" not in self.store_url:
             # A bare path would be read as the front's local directory by fsspec and then by each
             # replica's own: say which filesystem (file:// for a shared mount).

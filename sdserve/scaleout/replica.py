@@ -51,6 +51,7 @@ class EngineReplica:
         self.engine = Engine(config.engine, models=store)
         self.engine.serve_conditioning_models(config.models.controlnets, config.models.ip_adapters)
         self.models = list(dict.fromkeys((config.models.default_model, *config.models.serve)))
+        self.config, self.ray_config = config, ray_config
         for name in self.models:
             self.engine.load_model(name)
             self.engine.lora_targets(name)  # described before any request wraps its layers
@@ -121,6 +122,12 @@ class EngineReplica:
         stats = self.engine.residency_stats(self.models)
         return ReplicaReport(self.replica_id, loads=sum(s.loads for s in stats), hits=sum(s.hits for s in stats),
                              misses=sum(s.misses for s in stats))
+
+    def describe(self) -> dict[str, Any]:
+        """How this replica was built, for a front attaching to a deployed application (app.attach)."""
+        from sdserve.scaleout.app import describe
+
+        return describe(self.config, self.ray_config, self.models)
 
     def check_health(self) -> None:
         """Ray Serve calls this every health_check_period_s: a replica whose engine thread died
