@@ -74,11 +74,9 @@ def parse_app_args(args: Mapping[str, Any]) -> tuple[Config, RayConfig]:
 def build_app(args: dict[str, Any]) -> Any:
     """Ray Serve's application builder (the Serve config's `import_path`): the bound EngineReplica
     deployment that `sdserve serve --ray` would deploy for the same config and settings."""
-    from sdserve.scaleout.cluster import check_config
     from sdserve.scaleout.replica import deployment
 
     config, ray_config = parse_app_args(args)
-    check_config(config)
     return deployment(config, ray_config)
 
 

@@ -14,7 +14,6 @@ import os
 import signal
 from typing import Any
 
-from sdserve.errors import InvalidArgument
 from sdserve.scaleout.config import RayConfig
 from sdserve.scaleout.dispatch import RayDispatcher
 from sdserve.scaleout.report import ReplicaCollector
@@ -22,14 +21,6 @@ from sdserve.server.app import Server
 from sdserve.server.config import AdmissionConfig, Config
 
 log = logging.getLogger("sdserve.scaleout")
-
-
-def check_config(config: Config) -> None:
-    """What the scale-out front cannot serve yet, refused before Ray starts."""
-    if config.variants:
-        # A variant's weights would have to load on every replica and route there; not built yet.
-        raise InvalidArgument("[[variants]] are not served with --ray yet; remove them or serve without --ray",
-                              field="variants")
 
 
 def start_ray(ray_config: RayConfig, **local_options: Any) -> bool:
@@ -96,7 +87,6 @@ class RayServer(Server):
     """
 
     def __init__(self, config: Config, handle: Any, ray_config: RayConfig) -> None:
-        check_config(config)
         super().__init__(dataclasses.replace(config, admission=cluster_admission(config.admission, ray_config)))
         self.dispatcher = RayDispatcher(handle, ray_config)
 
@@ -129,7 +119,6 @@ def serve_ray(config: Config, ray_config: RayConfig) -> int:
         level=getattr(logging, config.server.log_level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    check_config(config)
     started = start_ray(ray_config)
     if ray_config.attach:  # the application is the operator's (a Serve config file): left running
         from sdserve.scaleout.app import attach

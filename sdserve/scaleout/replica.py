@@ -55,6 +55,11 @@ class EngineReplica:
         for name in self.models:
             self.engine.load_model(name)
             self.engine.lora_targets(name)  # described before any request wraps its layers
+        for variant in config.variants:
+            # The front routes a matching stack to the variant's directory (server/variants.py) and
+            # sends the request with that directory as its model: loaded here now, so that no
+            # request pays for it. The front checked the directory's record at its own start.
+            self.engine.load_model(str(Path(variant.dir).expanduser().resolve()))
         self.thread = EngineThread(self.engine, name=f"sdserve-engine-{self.replica_id}").start()
         self.store = None  # store.AdapterStore when ray_config.store_url is set
         if ray_config.store_url is not None:

@@ -88,25 +88,35 @@ def test_bad_attach_flags_exit_2_with_one_line(argv, message, capsys):
 
 
 @pytest.mark.slow
-def test_serve_run_deploys_the_file_and_an_attached_front_serves_it(tmp_path, reference_engine):
-    """Ray's own `serve run FILE` deploys the replicas; `attach` adopts their settings; an image
-    through the front equals the in-process engine's; the front's stop leaves the application."""
+def test_serve_run_deploys_the_file_and_an_attached_front_serves_it(tmp_path, reference_engine, lora_bytes):
+    """Ray's own `serve run FILE` deploys the replicas (with a compiled variant of a hot stack from
+    the server.toml both read); `attach` adopts their settings; images through the front equal the
+    in-process engine's, the hot stack's from the variant; the front's stop leaves the application."""
     from ray import serve
 
+    from sdserve.compile.fused_model import FuseConfig, fuse_model
+    from sdserve.compile.source import LoRAArg
     from sdserve.scaleout.app import attach
     from sdserve.scaleout.cluster import start_ray
+    from sdserve.server.variants import VariantConfig
     from tests.scaleout.test_ray_serve import RayServerThread
 
     os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
     data_dir = tmp_path / "registry"
-    config = make_config(data_dir)
+    lora = tmp_path / "ink.safetensors"
+    lora.write_bytes(lora_bytes["sd1_a"])
+    fuse_model(FuseConfig(model=MODEL, out=tmp_path / "ink-fused", progress=False, loras=(LoRAArg(lora, 0.9),)))
+    toml = tmp_path / "server.toml"
+    toml.write_text(f'[models]\nserve = ["{MODEL}"]\n[registry]\ndata_dir = "{data_dir}"\n'
+                    f'[[variants]]\nmodel = "{MODEL}"\ndir = "{tmp_path / "ink-fused"}"\nname = "ink-hot"\n')
+    config = make_config(data_dir, variants=(VariantConfig(model=MODEL, dir=str(tmp_path / "ink-fused"),
+                                                           name="ink-hot"),))
     local = RayConfig(app_name="sdserve-yaml")
     started = start_ray(local, num_cpus=2, object_store_memory=100 * 1024 * 1024,
                         runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}})
     address = ray.get_runtime_context().gcs_address
     file = tmp_path / "sdserve.yaml"
-    file.write_text(serve_config_yaml(app_args(None, [MODEL], str(data_dir), RayConfig(replicas=2,
-                                                                                       routing=LEAST_LOADED)),
+    file.write_text(serve_config_yaml(app_args(toml, (), None, RayConfig(replicas=2, routing=LEAST_LOADED)),
                                       "sdserve-yaml"))
     log = (tmp_path / "serve-run.log").open("wb")
     runner = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "serve"), "run", str(file),
@@ -129,6 +139,13 @@ def test_serve_run_deploys_the_file_and_an_attached_front_serves_it(tmp_path, re
         response = front.client("alice").generate(request, timeout=120)
         (image,) = response.images
         (want,) = reference_images(reference_engine, request)
+        assert max_diff(png_pixels(image.png), want) <= 2
+        front.client("alice").upload_adapter(lora_bytes["sd1_a"], name="ink", family="sd1")
+        hot = {**request, "seed": 8, "adapters": [{"name": "ink", "scale": 0.9}]}
+        response = front.client("alice").generate(hot, timeout=120)
+        assert (response.backend, response.variant) == ("fused", "ink-hot")
+        (image,) = response.images
+        (want,) = reference_images(reference_engine, {**hot, "adapters": [{"path": str(lora), "scale": 0.9}]})
         assert max_diff(png_pixels(image.png), want) <= 2
         front.stop()
         front = None
