@@ -517,11 +517,13 @@ def bench_visual_slider(work: Path, args: argparse.Namespace) -> Run:
         write_shapes_folder(ShapesFolderConfig(out=pairs, count=args.visual_slider_pairs, seed=0, exclude=held,
                                                pairs="size", progress=False))
     out = work / "visual_size_slider.safetensors"
-    run = Run("slider (visual)", f"{args.visual_slider_pairs} before/after pairs: small -> large, unsized captions",
+    run = Run("slider (visual)", f"{args.visual_slider_pairs} before/after pairs: small -> large, unsized captions, "
+              f"trained at +-{args.visual_slider_scale:g}",
               goal_seconds=900.0)
     run.seconds, run.peak_rss = run_child(sdserve(
         "train", "slider", "--pairs", str(pairs), "--out", str(out), "--batch-size", str(args.visual_slider_batch),
-        "--rank", str(args.slider_rank), "--targets", args.slider_targets, "--lr", str(args.visual_slider_lr),
+        "--train-scale", str(args.visual_slider_scale), "--rank", str(args.slider_rank), "--targets",
+        args.slider_targets, "--lr", str(args.visual_slider_lr),
         "--steps", str(args.visual_slider_steps), "--threads", str(args.threads), "--no-progress"),
         reuse=out if args.reuse else None)
     from sdserve.api.types import AdapterSpec
@@ -890,6 +892,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--visual-slider-steps", type=int, default=600)
     parser.add_argument("--visual-slider-batch", type=int, default=4, help="pairs per step")
     parser.add_argument("--visual-slider-lr", type=float, default=2e-3)
+    parser.add_argument("--visual-slider-scale", type=float, default=2.0,
+                        help="--train-scale: 2 trains the scored ends -2 and +2 (1: rho 0.71, see docs/benchmarks.md)")
     parser.add_argument("--compose-warm-steps", type=int, default=300,
                         help="steps of the slider-compose row's warmth (red/blue) slider")
     parser.add_argument("--compose-colourless", action="store_true",

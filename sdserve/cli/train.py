@@ -421,6 +421,10 @@ def _register_slider(kinds: argparse._SubParsersAction) -> None:
                         help=f"text slider: sampler steps of each pool sample (default {defaults.pool_steps})")
     parser.add_argument("--batch-size", type=int,
                         help="--pairs only: pairs per step (1 when not given); the text slider takes one pool sample a step")
+    parser.add_argument("--train-scale", type=float, metavar="S",
+                        help="--pairs only: the LoRA at +S learns the after images, at -S the before images, and "
+                             "the file records the scale range -S,S (1 when not given; 2 keeps scales -2..2 "
+                             "within what was trained)")
     parser.add_argument("--rank", type=int, default=4, help="rank of every factor pair (default 4, at most 128)")
     parser.add_argument("--alpha", type=float,
                         help="scale numerator: the delta is (alpha/rank)·B·A (default: alpha = rank)")
@@ -460,7 +464,8 @@ def _slider_config(args: argparse.Namespace) -> Any:
         if args.target is not None and len(args.target) > 1:
             fail("--target: with --pairs give it once (the caption of pairs that have no .txt)")
         args.batch_size = 1 if args.batch_size is None else args.batch_size
-        return PairSliderConfig(batch_size=args.batch_size, start=args.start, lora=lora)
+        scale = 1.0 if args.train_scale is None else args.train_scale
+        return PairSliderConfig(batch_size=args.batch_size, scale=scale, start=args.start, lora=lora)
     from sdserve.trainers.slider import SliderConfig
 
     for flag in ("positive", "negative", "target"):
@@ -468,6 +473,8 @@ def _slider_config(args: argparse.Namespace) -> Any:
             fail(f"--{flag}: required for a text slider (or give --pairs DIR for a visual one)")
     if args.batch_size is not None:
         fail("--batch-size: only with --pairs (the text slider takes one pool sample a step)")
+    if args.train_scale is not None:
+        fail("--train-scale: only with --pairs (the text slider trains at -1 and +1)")
     args.batch_size = 1
     return SliderConfig(positive=args.positive, negative=args.negative, targets=tuple(args.target),
                         anchors=tuple(args.anchor or ()), eta=args.eta, anchor_weight=args.anchor_weight,

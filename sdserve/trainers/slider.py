@@ -150,10 +150,10 @@ class SliderLoRA:
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         self.lora.load_state_dict(state)
 
-    def slider_metadata(self, objective: str) -> dict[str, str]:
+    def slider_metadata(self, objective: str, scale_range: tuple[float, float] = SCALE_RANGE) -> dict[str, str]:
         """The keys every slider file has (ListAdapters shows the scale range and start)."""
         return self.lora.metadata() | {
-            "sdserve_slider_scale_range": ",".join(f"{s:g}" for s in SCALE_RANGE),
+            "sdserve_slider_scale_range": ",".join(f"{s:g}" for s in scale_range),
             "sdserve_slider_start": f"{self.start:g}",
             "sdserve_slider_objective": objective,
         }

@@ -5,10 +5,10 @@ data.IMAGE_SUFFIXES) that show the same scene with one attribute changed. Each s
 one timestep t and one noise ε per pair, and noises both images of a pair with them:
 
     x_t^after  = q(x^after,  ε, t)    x_t^before = q(x^before, ε, t)
-    loss = ½ (mse(out_{+1}(x_t^after, c, t), target(x^after, ε, t))
-            + mse(out_{-1}(x_t^before, c, t), target(x^before, ε, t)))
+    loss = ½ (mse(out_{+S}(x_t^after, c, t), target(x^after, ε, t))
+            + mse(out_{-S}(x_t^before, c, t), target(x^before, ε, t)))
 
-with out_s the model with the LoRA at scale s and `target` the base model's training target
+with out_s the model with the LoRA at scale s (S = 1 by default, `--train-scale`) and `target` the base model's training target
 (ε, or v for a v-prediction model, as the shared loop's). Shared noise and timestep mean that the
 two terms differ only through the attribute: what the LoRA must add at +1 and remove at -1 is
 the difference the pairs show, while everything the images share is what the frozen model
@@ -50,6 +50,12 @@ class PairSliderConfig:
 
     batch_size: int = 1
     """Pairs per step (each pair is two UNet rows: after at +1, before at -1)."""
+    scale: float = 1.0
+    """S: the LoRA at +S denoises the after images, at -S the before images; the file records the
+    scale range -S,S. The same function as S = 1 with the LoRA's delta S times larger, but what a
+    user serves at scale s is then s/S of the trained edit: with S = 2, scales -2..2 stay within
+    what was trained (a slider trained at +-1 and served at +-2 extrapolates, and on the bench's
+    size pairs the shape then vanished at -2 and fell back at +2; docs/benchmarks.md)."""
     start: float = 0.0
     """Suggested fraction of the denoising steps after which to apply it (metadata only)."""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
@@ -84,6 +90,8 @@ def check_pair_slider_config(config: PairSliderConfig) -> None:
         raise InvalidArgument("sliders train the UNet only", field="--text-encoder")
     if config.batch_size < 1:
         raise InvalidArgument(f"must be >= 1 (got {config.batch_size})", field="--batch-size")
+    if not (np.isfinite(config.scale) and 0 < config.scale <= 8):
+        raise InvalidArgument(f"must be a number in (0, 8] (got {config.scale})", field="--train-scale")
     if not 0.0 <= config.start < 1.0:
         raise InvalidArgument(f"must be in [0, 1) (got {config.start})", field="--start")
 
@@ -185,7 +193,8 @@ class PairSliderMethod(SliderLoRA):
             self.conditioning = components.encode_text(list(pairs.captions), resolution=side)
 
     def metadata(self) -> dict[str, str]:
-        return self.slider_metadata("visual") | {
+        scale = self.config.scale
+        return self.slider_metadata("visual", (-scale, scale)) | {
             "sdserve_slider_pairs": str(len(self.pairs)),
             "sdserve_slider_pairs_sha256": self._digest,
             "sdserve_slider_pair_batch": str(self.config.batch_size),
@@ -203,7 +212,7 @@ class PairSliderMethod(SliderLoRA):
         noise2, timesteps2 = torch.cat([noise, noise]), torch.cat([timesteps, timesteps])  # [2B, ...]
         noisy = objective.add_noise(latents, noise2, timesteps2)
         target = objective.target(latents, noise2, timesteps2)  # [2B, C, h, w]
-        signs = torch.tensor([1.0, -1.0]).repeat_interleave(len(rows))  # [2B]
+        signs = torch.tensor([1.0, -1.0]).repeat_interleave(len(rows)) * self.config.scale  # [2B]: +S, -S
         self.set_scale(signs)
         prediction = self.components.predict(noisy, timesteps2, _rows(self.conditioning, rows * 2))
         self.set_scale(1.0)  # the trained scale: what `predict` and the written file mean

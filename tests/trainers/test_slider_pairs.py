@@ -100,6 +100,33 @@ def test_step_zero_objective_matches_its_oracle(components_of, pairs_dir):
     torch.testing.assert_close(loss.detach(), (losses[0] + losses[1]) / 2, rtol=1e-4, atol=1e-8)
 
 
+def test_trained_scale_s_puts_after_at_plus_s_and_before_at_minus_s(components_of, pairs_dir):
+    """With non-zero factors and --train-scale 2, the one-call loss equals the after images'
+    loss with the LoRA at +2 plus the before images' at -2, each a call of its own."""
+    components = components_of(MODEL)
+    pairs = load_pairs(pairs_dir, components.resolution, default_caption=CAPTION)
+    method = PairSliderMethod(components, PairSliderConfig(batch_size=2, scale=2.0), pairs, seed=3)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in method.lora.layers.values():
+            layer.up.normal_(0, 0.5, generator=generator)
+        loss = method.step_loss(0, seeded_generator(5, 13, 0))
+        rows = batch_indices(3, _STREAM_PAIRS, 0, 2, len(pairs))
+        draws = seeded_generator(5, 13, 0)
+        timesteps = torch.randint(0, components.objective.num_timesteps, (2,), generator=draws)
+        after, before = method.latents_after[rows], method.latents_before[rows]
+        noise = torch.randn(after.shape, generator=draws)
+        captions = [pairs.captions[r] for r in rows]
+        losses = {}
+        for name, latents, scale in (("after", after, 2.0), ("before", before, -2.0), ("swapped", after, -2.0)):
+            method.set_scale(scale)
+            out = method.predict(components.objective.add_noise(latents, noise, timesteps), timesteps, captions)
+            losses[name] = (out - components.objective.target(latents, noise, timesteps)).pow(2).mean()
+    assert abs(float(losses["swapped"] - losses["after"])) > 1e-4  # the sign matters: the check means something
+    torch.testing.assert_close(loss, (losses["after"] + losses["before"]) / 2, rtol=1e-4, atol=1e-8)
+    assert method.metadata()["sdserve_slider_scale_range"] == "-2,2"
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, pairs_dir) -> dict[str, Path]:
     """Visual slider files from the CLI: 4 steps straight, and 2 steps (kohya keys) resumed to 4."""
@@ -213,6 +240,9 @@ def test_text_slider_still_needs_its_flags(capsys, tmp_path):
     code, _, err = run_cli(capsys, "train", "slider", "--model", MODEL, "--target", CAPTION,
                            "--out", str(tmp_path / "s.safetensors"))
     assert code == 2 and err.count("\n") == 1 and "--positive" in err and "--pairs" in err, err
+    code, _, err = run_cli(capsys, "train", "slider", "--model", MODEL, "--positive", "large", "--negative", "small",
+                           "--target", CAPTION, "--train-scale", "2", "--out", str(tmp_path / "s.safetensors"))
+    assert code == 2 and err.count("\n") == 1 and "--train-scale: only with --pairs" in err, err
 
 
 # -- the shapes world's pairs ----------------------------------------------------------------
