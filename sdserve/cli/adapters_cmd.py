@@ -10,6 +10,12 @@ fine-tuned model's difference to its base (sdserve/adapters/extract.py).
 `sdserve adapters inspect FILE [--model MODEL]`: the file's kind (LoRA, LoCon, LoHa, LoKr, DoRA,
 embedding, hypernetwork), ranks, targets and base family (sdserve/adapters/inspect.py); with
 --model, whether it loads against that model and how each LyCORIS module is served.
+
+`sdserve adapters pack controlnet|ip-adapter DIR --out FILE`: a ControlNet directory (diffusers'
+layout, what `sdserve train controlnet` writes) or an IP-Adapter directory (ip_adapter.safetensors
++ image_encoder/, what `sdserve train ip-adapter` writes) as one safetensors file, the form a
+server's UploadAdapter takes (sdserve/adapters/conditioning.py). `sdserve client adapters upload
+DIR --kind controlnet|ip_adapter` packs on the fly instead.
 """
 
 from __future__ import annotations
@@ -38,6 +44,43 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     convert.set_defaults(func=_convert)
     _register_extract(sub)
     _register_inspect(sub)
+    _register_pack(sub)
+
+
+def _register_pack(sub: argparse._SubParsersAction) -> None:
+    pack = sub.add_parser(
+        "pack", help="pack a ControlNet or IP-Adapter directory into one file to upload to a server",
+        description="Write a ControlNet directory (config.json + diffusion_pytorch_model.safetensors) or an "
+                    "IP-Adapter directory (ip_adapter.safetensors + image_encoder/) as one safetensors file: the "
+                    "tensors unchanged, the configs in its header. Upload it with `sdserve client adapters upload "
+                    "FILE --kind controlnet|ip_adapter`; the server unpacks it to the same directory.")
+    pack.add_argument("kind", choices=("controlnet", "ip-adapter"), help="what DIR holds")
+    pack.add_argument("directory", type=Path, metavar="DIR", help="the model's directory")
+    pack.add_argument("--out", type=Path, required=True, metavar="FILE.safetensors", help="the file to write")
+    pack.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
+    pack.set_defaults(func=_pack)
+
+
+def _pack(args: argparse.Namespace) -> None:
+    from sdserve.adapters.conditioning import pack
+
+    if args.out.suffix != ".safetensors":
+        fail(f"{args.out}: the output must be a .safetensors file")
+    if args.out.exists() and not args.force:
+        fail(f"{args.out} exists; pass --force to overwrite it")
+    try:
+        data = pack(args.kind.replace("-", "_"), args.directory)
+    except SdserveError as error:
+        fail_on(error)
+    # Written beside FILE and renamed: a FILE that exists is never left half-written.
+    staged = args.out.with_name(f".{args.out.name}.tmp-{os.getpid()}")
+    try:
+        staged.write_bytes(data)
+        os.replace(staged, args.out)
+    except OSError as exc:
+        staged.unlink(missing_ok=True)
+        fail(f"{args.out}: cannot write ({exc.__class__.__name__})")
+    print(f"wrote {args.kind} {args.out} ({len(data)} bytes)")
 
 
 def _convert(args: argparse.Namespace) -> None:

@@ -3,6 +3,7 @@
     sdserve client generate --target 127.0.0.1:50051 --prompt "a red circle" --out out.png
     sdserve client generate --prompt "..." --adapter style:0.8 --out out.png --stream
     sdserve client adapters upload style.safetensors --name style --family sd1   (or --model NAME)
+    sdserve client adapters upload CONTROLNET_DIR --kind controlnet --name edges --family sd1
     sdserve client adapters list | get NAME | delete NAME
     sdserve client models
     sdserve client health
@@ -103,15 +104,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     adapters = actions.add_parser("adapters", help="manage adapters").add_subparsers(
         dest="adapters_command", required=True, metavar="ACTION"
     )
-    upload = adapters.add_parser("upload", help="upload a safetensors adapter file")
-    upload.add_argument("file", type=Path, help="the adapter file (.safetensors) to upload")
+    upload = adapters.add_parser(
+        "upload", help="upload an adapter file, ControlNet or IP-Adapter",
+        description="Upload one safetensors file: a LoRA, embedding or hypernetwork, or a ControlNet or "
+                    "IP-Adapter packed with `sdserve adapters pack`. With --kind controlnet or ip_adapter "
+                    "FILE may also be the model's directory (a diffusers ControlNet dir; an IP-Adapter dir with "
+                    "ip_adapter.safetensors and image_encoder/), packed here on the fly.")
+    upload.add_argument("file", type=Path, metavar="FILE",
+                        help="the adapter file (.safetensors) to upload, or a ControlNet / IP-Adapter directory")
     upload.add_argument("--name", required=True, help="name to register it under")
     upload.add_argument("--family", default="", choices=["sd1", "sd2", "sdxl"],
                         help="model family it is for: validated against every served model of it, accepted if it "
                              "fits one (default: the family of --model, else every served model)")
     upload.add_argument("--model", default="", metavar="NAME",
                         help="the served model (as `client models` names it) to validate it against and use it with")
-    upload.add_argument("--kind", default="lora", help="adapter kind (default lora)")
+    upload.add_argument("--kind", default="lora",
+                        help="adapter kind: lora (default), embedding, hypernetwork, controlnet or ip_adapter "
+                             "(ip-adapter is read as ip_adapter)")
     upload.add_argument("--shared", action="store_true", help="publish for every tenant (admins only)")
     upload.set_defaults(func=run, action=_upload)
     listing = adapters.add_parser("list", help="list the adapters you can use")
@@ -277,11 +286,24 @@ def _generate_many(args: argparse.Namespace, client: Any) -> None:
 
 
 def _upload(args: argparse.Namespace, client: Any) -> None:
-    try:
-        data = args.file.read_bytes()
-    except OSError as exc:
-        fail(f"{args.file}: cannot read ({exc.__class__.__name__})")
-    _print_json(client.upload_adapter(data, name=args.name, family=args.family, kind=args.kind, shared=args.shared,
+    from sdserve.adapters import conditioning
+    from sdserve.errors import SdserveError
+
+    kind = "ip_adapter" if args.kind == "ip-adapter" else args.kind
+    if args.file.is_dir():
+        if kind not in conditioning.KINDS:
+            fail(f"{args.file} is a directory; only --kind controlnet and ip_adapter upload a directory "
+                 "(packed on the fly)")
+        try:
+            data = conditioning.pack(kind, args.file)
+        except SdserveError as exc:
+            fail(str(exc))
+    else:
+        try:
+            data = args.file.read_bytes()
+        except OSError as exc:
+            fail(f"{args.file}: cannot read ({exc.__class__.__name__})")
+    _print_json(client.upload_adapter(data, name=args.name, family=args.family, kind=kind, shared=args.shared,
                                       model=args.model))
 
 

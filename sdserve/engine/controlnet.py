@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from sdserve.adapters.conditioning import DEFAULT_CONDITIONING_CHANNELS, FITTING_KEYS
 from sdserve.api.types import ControlSpec
 from sdserve.engine.model import MODULE_BUILD_LOCK, ModelInfo
 from sdserve.engine.store import DirectoryModel, DirectoryRegistry, WeightKey
@@ -25,11 +26,11 @@ from sdserve.errors import InvalidArgument
 
 PREPROCESSORS = ("none", "canny")
 MAX_UNITS = 4
-FITTING_KEYS = ("cross_attention_dim", "block_out_channels")  # a ControlNet's and its UNet's must agree
-# diffusers' ControlNetModel default: three stride-2 convs take a control image down 8x, to SD's
-# latent grid. The stride must equal the base model's VAE scale or the residuals do not line up
-# with the latents: the UNet call then raises on every request instead of refusing the first.
-DEFAULT_CONDITIONING_CHANNELS = (16, 32, 96, 256)
+# (imported above) FITTING_KEYS: a ControlNet's and its UNet's must agree (the upload check of a packed ControlNet
+# uses the same ones). DEFAULT_CONDITIONING_CHANNELS: diffusers' ControlNetModel default, three
+# stride-2 convs that take a control image down 8x, to SD's latent grid. The stride must equal the
+# base model's VAE scale or the residuals do not line up with the latents: the UNet call then
+# raises on every request instead of refusing the first.
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,9 @@
 
 Uploads are checked claim by claim before anything is registered: the header (name, kind,
 family or model, size, quota), the bytes as they arrive (size), their sha256, and finally the file
-itself (safetensors only, every LoRA key matching a module with the right shapes) against the
+itself (safetensors only, every LoRA key matching a module with the right shapes; a packed
+ControlNet or IP-Adapter, `sdserve.adapters.conditioning`, every tensor of the model its config
+builds, and that model made for the base model's UNet) against the
 served model the header names, or else against every served model of its family (every served
 model if it names neither): the file is accepted if it fits at least one, and the registry keeps
 the verdict for each model checked, so a request naming the adapter with a model it does not fit
@@ -31,7 +33,7 @@ from typing import Any
 
 import grpc
 
-from sdserve.adapters import load_embedding, load_hypernetwork, load_lora
+from sdserve.adapters import conditioning, load_embedding, load_hypernetwork, load_lora
 from sdserve.adapters.inspect import Listing, listing
 from sdserve.api import convert
 from sdserve.engine import ModelInfo
@@ -43,7 +45,11 @@ from sdserve.server.core import Core
 from sdserve.server.registry import SHA256, SHARED, Quota, check_name
 from sdserve.server.upload_check import UploadChecks
 
-KINDS = ("lora", "embedding", "hypernetwork")
+KINDS = ("lora", "embedding", "hypernetwork", *conditioning.KINDS)
+# The conditioning models travel packed (sdserve.adapters.conditioning): checked by building the
+# model the pack claims to be (on the meta device) against each candidate model's UNet config.
+CONDITIONING_CHECKS = {conditioning.CONTROLNET: conditioning.check_controlnet,
+                       conditioning.IP_ADAPTER: conditioning.check_ip_adapter}
 MAX_REASON_CHARS = 300
 """A misfit's reason as kept in the registry and told to clients (shape messages are short)."""
 
@@ -175,6 +181,11 @@ class AdaptersService:
                 job: tuple[Any, ...] = (load_lora, dict(self.core.model_targets(info.name)))
             elif kind == "embedding":
                 job = (load_embedding, dict(info.text_widths))
+            elif kind in CONDITIONING_CHECKS:
+                # A plain dict of the model's facts; models with equal facts share one check.
+                facts = conditioning.model_facts(info.name, info.family, info.backend or "eager", info.unet_config,
+                                                 info.vae_scale_factor, info.unet_in_channels)
+                job = (CONDITIONING_CHECKS[kind], {**facts, "name": ""})
             else:
                 job = (load_hypernetwork, tuple(info.attention_widths))
             same = next((models for other, models in groups if other == job), None)
@@ -205,7 +216,8 @@ class AdaptersService:
     async def _describe(self, staged: Any, name: str, kind: str) -> Listing:
         """What the validated file is, read in a validation worker too (the description parses the
         file again, under the same limits); the worker's report is checked on the way back."""
-        facts = Listing.from_json(await self.checks.run(listing, staged, name, kind))
+        describe = conditioning.listing if kind in conditioning.KINDS else listing
+        facts = Listing.from_json(await self.checks.run(describe, staged, name, kind))
         if facts.targets == 0:  # every file `describe` reads touches something
             log.warning("upload of %r: its form, rank and targets could not be read; listed empty", name[:64])
         return facts

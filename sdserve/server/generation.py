@@ -31,6 +31,7 @@ from sdserve.engine.request import EngineRequest
 from sdserve.errors import InvalidArgument, ResourceExhausted, SdserveError, Unavailable
 from sdserve.server import status
 from sdserve.server.admission import Hold, Ticket, estimated_cost
+from sdserve.server.conditioning import UploadedConditioning
 from sdserve.server.config import TenantConfig
 from sdserve.server.core import Core, priority_of
 from sdserve.server.request_log import RequestLog, status_of
@@ -128,6 +129,7 @@ class GenerationService:
         self.core = core
         self.outcome = core.metrics.outcome
         self.tracer = tracer  # None: tracing off, no span is made (tracing.py)
+        self.conditioning = UploadedConditioning(core.registry, core.engine)
 
     @status.unary_method
     async def Generate(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -188,6 +190,14 @@ class GenerationService:
         try:
             spec, tags_from = self._lora_tags(spec)
             spec, used = self._resolve_adapters(tenant, spec, info.name, info.family, pinned, tags_from)
+            if spec.controlnets or spec.ip_adapters:
+                # Uploaded ControlNets / IP-Adapters by name (server/conditioning.py); a first use
+                # unpacks the file, so on a worker thread.
+                spec, conditioning_used, pending = self.conditioning.resolve(tenant.name, spec, info.name,
+                                                                             info.family, pinned)
+                used += conditioning_used
+                if pending:
+                    await asyncio.to_thread(self.conditioning.make_servable, pending)
             entry.use_digests([use.sha256 for use in used])
             # A stack a compiled variant holds runs on it (stack dropped: it is in the weights).
             routed, variant = core.variants.route(info.name, spec)

@@ -5,12 +5,15 @@ Layout under the data directory:
     adapters/<first two hex>/<sha256>.safetensors   immutable files, named by their digest
     tmp/                                            uploads being received
     registry.db                                     SQLite (WAL): (scope, name) -> digest
+    unpacked/<sha256>/                              a packed ControlNet / IP-Adapter's directory,
+                                                    written at its first use (server/conditioning.py)
 
 Crash safety comes from the order of operations: a file is complete and fsynced under a
 temporary name, renamed to its digest (atomic; the directory is fsynced), and only then named
 in one SQLite transaction. A crash before the commit leaves an unnamed file, which `collect`
 removes at the next start; a crash after it leaves the new state. Deleting is the reverse:
-the name goes in one transaction, then the file if nothing else names it. So the names a
+the name goes in one transaction, then the file (and its unpacked directory) if nothing else
+names it. So the names a
 client can see always point at complete, validated files.
 
 Pins: a Generate call pins the files its names resolved to (in the same locked step), until the
@@ -38,6 +41,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import sqlite3
 import threading
 import time
@@ -149,7 +153,8 @@ class Registry:
         self.root = Path(root)
         self.blobs = self.root / "adapters"
         self.tmp = self.root / "tmp"
-        for directory in (self.root, self.blobs, self.tmp):
+        self.unpacked = self.root / "unpacked"
+        for directory in (self.root, self.blobs, self.tmp, self.unpacked):
             directory.mkdir(parents=True, exist_ok=True)
         # One connection shared by the worker threads that call us, behind one lock: the
         # registry's operations are few and short, and the lock also orders file moves with
@@ -188,6 +193,11 @@ class Registry:
 
     def blob_path(self, sha256: str) -> Path:
         return self.blobs / sha256[:2] / f"{sha256}.safetensors"
+
+    def unpacked_path(self, sha256: str) -> Path:
+        """Where a packed ControlNet / IP-Adapter file's directory is written (server/conditioning.py);
+        removed with the file."""
+        return self.unpacked / sha256
 
     def _row(self, scope: str, name: str) -> AdapterRecord | None:
         row = self._db.execute(
@@ -324,6 +334,7 @@ class Registry:
         (count,) = self._db.execute("SELECT COUNT(*) FROM adapters WHERE sha256=?", (sha256,)).fetchone()
         if count == 0:
             self.blob_path(sha256).unlink(missing_ok=True)
+            shutil.rmtree(self.unpacked_path(sha256), ignore_errors=True)
 
     def collect(self) -> int:
         """Remove staged leftovers and files no name points to (what a crash can leave behind)."""
@@ -336,6 +347,11 @@ class Registry:
             for blob in self.blobs.glob("*/*.safetensors"):
                 if blob.stem not in named:
                     blob.unlink(missing_ok=True)
+                    removed += 1
+            # Unpacked directories of files no name points to, and staging leftovers of an unpack.
+            for directory in self.unpacked.iterdir():
+                if directory.name not in named:
+                    shutil.rmtree(directory, ignore_errors=True)
                     removed += 1
         return removed
 

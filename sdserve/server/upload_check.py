@@ -15,7 +15,11 @@ it. So every validation runs in a separate process:
 
 A job is a module-level callable and its arguments (pickled by reference, parent -> worker); the
 worker calls it and discards what it returns unless that is a small report, a dict of JSON scalars
-(what `sdserve.adapters.inspect.listing` returns), which comes back as `run`'s value. Replies
+(what `sdserve.adapters.inspect.listing` returns), which comes back as `run`'s value. A job whose
+callable has a `worker_prepare` attribute (a function of the code that reads no file: the packed
+ControlNet / IP-Adapter checks import diffusers and transformers, ~10 s on a busy 2-core machine)
+has it called first, and the worker says "started" before it calls the job: the time limit counts
+from there, so the file pays for its check, not for the imports. Replies
 (worker -> parent) are JSON, never pickle: the worker has just parsed hostile bytes, and the parent
 must not unpickle anything it sends, and must check the shape of any report before using it.
 The parent waits in threads of the pool's own executor, so the event loop never blocks and the
@@ -233,6 +237,12 @@ class UploadChecks:
                 worker.ready = json.loads(conn.recv_bytes(MAX_REPLY_BYTES))
                 log.debug("upload validation worker ready: %s", worker.ready)
             conn.send(job)
+            if getattr(job[0], "worker_prepare", None) is not None:
+                # The imports are the code's cost, not the file's: bounded like start-up.
+                if not conn.poll(STARTUP_SECONDS):
+                    _kill(worker)
+                    return _Outcome("lost", detail=f"its imports took longer than {STARTUP_SECONDS:g} s")
+                conn.recv_bytes(MAX_REPLY_BYTES)  # {"started": true}
         except (EOFError, OSError, ValueError) as exc:
             _kill(worker)
             return _Outcome("lost", detail=f"worker exit code {worker.process.returncode} ({type(exc).__name__})")
@@ -297,6 +307,7 @@ def _worker_loop(conn: Connection, parent_pid: int, memory_bytes: int) -> None:
     import torch
 
     import sdserve.adapters  # noqa: F401  (what the jobs call, imported before the limit is set)
+    import sdserve.adapters.conditioning  # noqa: F401  (the packed ControlNet / IP-Adapter jobs)
     import sdserve.adapters.inspect  # noqa: F401  (the listing job)
 
     # One thread: validation does not need more, and every extra thread maps a stack and a
@@ -323,9 +334,22 @@ def _worker_loop(conn: Connection, parent_pid: int, memory_bytes: int) -> None:
         except Exception:
             reply: dict[str, Any] = {"internal": traceback.format_exc(limit=4)[-4000:], "recycle": True}
         else:
+            prepare = getattr(job[0], "worker_prepare", None)
+            if prepare is not None:
+                _prepare(prepare)
+                conn.send_bytes(b'{"started": true}')
             reply = _run_job(job)
             del job  # its arguments may be large; do not hold them while waiting
         conn.send_bytes(json.dumps(reply).encode())
+
+
+def _prepare(prepare: Callable[[], None]) -> None:
+    """Import what a job's callable needs, before its clock starts. A failure (the memory limit)
+    is left for the job itself to meet and report when it imports the modules again."""
+    try:
+        prepare()
+    except Exception:
+        return
 
 
 def _run_job(job: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]) -> dict[str, Any]:
