@@ -15,8 +15,11 @@ blob: the registry's whole model). The conditioning models are directories, so t
   = the text of `image_encoder/config.json`.
 
 The packed file keeps the original weights file's own metadata (the trainers' provenance) beside
-the pack's keys. `unpack` writes the directory back as the engine and diffusers read it, with
-the same tensors (bit for bit) and configs: serving the unpacked directory is serving the original.
+the pack's keys. `unpack` writes the directory back as the engine and diffusers read it: the same
+tensors bit for bit and the configs text for text; for weights files written by the safetensors
+library (diffusers' and transformers' save_pretrained) the files come back byte for byte, so the
+unpacked directory has the original's digest and the engine's residency store (keyed by it)
+holds one copy for an uploaded model and the same model configured by the operator.
 
 `check_controlnet` / `check_ip_adapter` are what the server's upload-check worker runs against
 each served model (its facts: `model_facts`): they read the file with the hardened reader, never
@@ -167,20 +170,22 @@ def unpack(source: Source, name: str, kind: str, out: str | os.PathLike[str]) ->
     import safetensors.torch
 
     out = Path(out)
-    tensors, metadata, config = read_pack(source, name, kind)
+    tensors, metadata, _ = read_pack(source, name, kind)
+    # The config as the directory had it, text for text (read_pack checked it is a JSON object).
+    config_text = metadata[CONFIG_KEY if kind == CONTROLNET else ENCODER_CONFIG_KEY]
     own = {key: value for key, value in metadata.items() if key not in (PACK_KEY, VERSION_KEY, CONFIG_KEY,
                                                                         ENCODER_CONFIG_KEY)}
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         if kind == CONTROLNET:
-            (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+            (staging / CONFIG_FILE).write_text(config_text)
             safetensors.torch.save_file(tensors, str(staging / CONTROLNET_WEIGHTS), metadata=own or None)
         else:
             encoder = {key.removeprefix(ENCODER_PREFIX): value for key, value in tensors.items()
                        if key.startswith(ENCODER_PREFIX)}
             adapter = {key: value for key, value in tensors.items() if not key.startswith(ENCODER_PREFIX)}
             (staging / ENCODER_DIR).mkdir()
-            (staging / ENCODER_DIR / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+            (staging / ENCODER_DIR / CONFIG_FILE).write_text(config_text)
             # transformers refuses a safetensors file whose metadata names no framework.
             safetensors.torch.save_file(encoder, str(staging / ENCODER_DIR / ENCODER_WEIGHTS),
                                         metadata={"format": "pt"})

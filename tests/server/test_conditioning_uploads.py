@@ -94,6 +94,8 @@ def _code_and_details(call) -> tuple[grpc.StatusCode, str]:
 
 
 def test_pack_unpack_round_trip_is_bit_exact(packs, controlnet_dir, ip_dir, tmp_path):
+    from sdserve.engine.store import directory_digest
+
     for kind, directory in (("controlnet", controlnet_dir), ("ip_adapter", ip_dir)):
         out = conditioning.unpack(packs[kind], "x", kind, tmp_path / kind)
         originals = sorted(p.relative_to(directory) for p in directory.rglob("*.safetensors"))
@@ -102,6 +104,10 @@ def test_pack_unpack_round_trip_is_bit_exact(packs, controlnet_dir, ip_dir, tmp_
             want, got = safetensors.torch.load_file(directory / relative), safetensors.torch.load_file(out / relative)
             assert want.keys() == got.keys()
             assert all(want[k].dtype == got[k].dtype and bool((want[k] == got[k]).all()) for k in want), relative
+        # Files save_pretrained wrote come back byte for byte: the same digest, one resident copy.
+        assert directory_digest(out) == directory_digest(directory)
+        for file in (p for p in directory.rglob("*") if p.is_file()):
+            assert (out / file.relative_to(directory)).read_bytes() == file.read_bytes(), file
 
 
 def test_uploaded_models_serve_like_the_configured_ones(cond_server, packs):
@@ -121,8 +127,11 @@ def test_uploaded_models_serve_like_the_configured_ones(cond_server, packs):
     uploaded, configured = _image(cond_server, _ip("my-face")), _image(cond_server, _ip("face"))
     assert max_diff(uploaded, configured) <= TOLERANCE
     assert max_diff(uploaded, _image(cond_server, {**BASE, "seed": 3})) > 10
-    # Unpacked once, under the registry's data directory, named by the file's digest.
+    # Unpacked once, under the registry's data directory, named by the file's digest; the engine's
+    # residency store keys it by its directory's digest, the configured copy's: one resident model.
     assert cond_server.core.registry.unpacked_path(cn.sha256).is_dir()
+    store = cond_server.server.engine.runner.controlnets
+    assert store.resolve(f"my-edges@{cn.sha256[:16]}", "x").digest == store.resolve("edges", "x").digest
 
     listed = {a.name: a for a in alice.list_adapters().adapters}
     assert (listed["my-edges"].kind, listed["my-face"].kind) == ("controlnet", "ip_adapter")
