@@ -324,6 +324,44 @@ def _compare(name: str, expected: Mapping[str, tuple[int, ...]], tensors: Mappin
             raise AdapterError(name, f"{key[:80]} is {tensor.dtype}, not a floating-point tensor")
 
 
+def pack_kind(path: str | os.PathLike[str]) -> str | None:
+    """The kind a safetensors file packs ("controlnet", "ip_adapter"), from its header alone; None
+    for any other file (not a pack, or not readable as safetensors)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as handle:
+            kind = (handle.metadata() or {}).get(PACK_KEY)
+    except Exception:  # safetensors' own error types: not a safetensors file, which describe() reports
+        return None
+    return kind if kind in KINDS else None
+
+
+def summary(source: Source, name: str, kind: str) -> dict[str, Any]:
+    """What `sdserve adapters inspect` reports about a pack: its kind, tensors, targets (as
+    ListAdapters lists them) and the config facts the server checks it by."""
+    tensors, metadata, config = read_pack(source, name, kind)
+    report: dict[str, Any] = {"kind": kind, "tensors": len(tensors),
+                              "targets": listing(source, name, kind)["targets"],
+                              "mib": round(sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20, 2)}
+    if kind == CONTROLNET:
+        channels = config.get("conditioning_embedding_out_channels") or DEFAULT_CONDITIONING_CHANNELS
+        report.update({key: config.get(key) for key in FITTING_KEYS})
+        report["conditioning_stride"] = 2 ** (len(channels) - 1) if isinstance(channels, list | tuple) else None
+    else:
+        proj = tensors.get("image_proj.proj.weight")
+        norm = tensors.get("image_proj.norm.weight")
+        report["cross_attention_dim"] = int(norm.shape[0]) if norm is not None and norm.ndim == 1 else None
+        if proj is not None and proj.ndim == 2 and report["cross_attention_dim"]:
+            report["image_tokens"] = int(proj.shape[0]) // report["cross_attention_dim"]
+        report["image_encoder"] = {key: encoder_value for key in ("hidden_size", "num_hidden_layers", "image_size",
+                                                                   "projection_dim")
+                                   if (encoder_value := config.get(key)) is not None}
+    report["metadata"] = {key: value[:200] for key, value in sorted(metadata.items())
+                          if key not in (CONFIG_KEY, ENCODER_CONFIG_KEY)}
+    return report
+
+
 def listing(source: Source, name: str, kind: str) -> dict[str, str | int | float]:
     """The listing report of a checked pack (`inspect.Listing` values): targets = the ControlNet's
     residuals (its zero convs: one per down-block output, and the mid block's), or the

@@ -201,7 +201,9 @@ def _register_inspect(sub: argparse._SubParsersAction) -> None:
         description="Read an adapter file's keys, shapes and metadata and report its kind (LoRA, LoCon, LoHa, "
                     "LoKr, DoRA, embedding, hypernetwork), ranks, targets and base family. Kinds that are not "
                     "served (OFT, BOFT, GLoRA, IA3, kohya diff) are refused, naming the kind. With --model, the "
-                    "file is also loaded against that model, as the server would load it.",
+                    "file is also loaded against that model, as the server would load it. A ControlNet or "
+                    "IP-Adapter packed by `sdserve adapters pack` is reported as such (with --model: the "
+                    "server's upload check against that model).",
     )
     inspect.add_argument("file", metavar="FILE.safetensors", help="the adapter file")
     inspect.add_argument("--model", metavar="MODEL", help="a built-in model name or a diffusers directory to check "
@@ -221,6 +223,12 @@ def _inspect(args: argparse.Namespace) -> None:
     if not os.path.isfile(args.file):
         fail(f"{args.file}: no such file")
     name = os.path.basename(args.file)
+    from sdserve.adapters.conditioning import pack_kind
+
+    packed = pack_kind(args.file)
+    if packed is not None:
+        _inspect_pack(args, name, packed)
+        return
     try:
         summary = describe(args.file, name)
         check = _check_against(args.file, name, args.model, summary.kind) if args.model else None
@@ -248,6 +256,38 @@ def _inspect(args: argparse.Namespace) -> None:
             rows.append(("", line))
     for label, value in rows:
         print(f"{label:<12}{value}")
+
+
+def _inspect_pack(args: argparse.Namespace, name: str, kind: str) -> None:
+    """A packed ControlNet / IP-Adapter (`sdserve adapters pack`): what it is and, with --model,
+    the server's upload check against that model."""
+    from sdserve.adapters import conditioning
+
+    try:
+        report = conditioning.summary(args.file, name, kind)
+        if args.model:
+            info, _ = _load_for_extract(args.model, "--model")
+            facts = conditioning.model_facts(info.name, info.family, info.backend, info.unet_config,
+                                             info.vae_scale_factor, info.unet_in_channels)
+            check = conditioning.check_controlnet if kind == conditioning.CONTROLNET else conditioning.check_ip_adapter
+            try:
+                check(args.file, name, facts)
+                report["model"] = {"verdict": f"fits ({info.family})"}
+            except SdserveError as error:
+                problem = getattr(error, "problem", None) or error.message
+                report["model"] = {"verdict": f"does not fit: {problem}"}
+    except SdserveError as error:
+        fail_on(error)
+    report = {"file": name, **report}
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    for label, value in report.items():
+        if label == "model":
+            value = f"{args.model}: {value['verdict']}"
+        elif isinstance(value, dict):
+            value = ", ".join(f"{key}={item}" for key, item in value.items()) or "-"
+        print(f"{label:<20}{value}")
 
 
 def _check_against(path: str, name: str, model: str, kind: str) -> dict:

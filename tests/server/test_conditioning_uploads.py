@@ -291,3 +291,18 @@ def test_collect_removes_unpacked_directories_no_name_points_to(tmp_path, packs)
     assert registry.unpacked_path(kept.sha256).is_dir() and not orphan.exists() and not half.exists()
     registry.delete("alice", "edges")
     assert not registry.unpacked_path(kept.sha256).exists()
+
+
+def test_inspect_reports_a_pack_and_checks_it_like_the_server(packs, tmp_path, capsys):
+    import json
+
+    from sdserve.cli.main import main
+
+    for kind, targets in (("controlnet", 7), ("ip_adapter", 6)):
+        path = tmp_path / f"{kind}.safetensors"
+        path.write_bytes(packs[kind])
+        for model, verdict in ((MODEL, "fits (sd1)"), ("tiny-sdxl", "does not fit: ")):
+            main(["adapters", "inspect", str(path), "--json", "--model", model])
+            report = json.loads(capsys.readouterr().out)
+            assert (report["kind"], report["targets"], report["cross_attention_dim"]) == (kind, targets, 32)
+            assert report["model"]["verdict"].startswith(verdict), report
