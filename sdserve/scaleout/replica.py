@@ -156,7 +156,8 @@ def deployment(config: Config, ray_config: RayConfig) -> Any:
 
         options["request_router_config"] = RequestRouterConfig(
             request_router_class=StackAffinityRouter,
-            request_router_kwargs={"spill_threshold": ray_config.spill_threshold},
+            request_router_kwargs={"spill_threshold": ray_config.spill_threshold,
+                                   "remembered": ray_config.stacks_per_replica},
         )
     return serve.deployment(
         EngineReplica,

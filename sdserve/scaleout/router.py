@@ -15,7 +15,11 @@ replica of the highest score, second choice = the next. So
 - a replica that dies or is added moves only the stacks whose home it was or becomes;
 - a home busier than its stack's second choice by more than `spill_threshold` requests sends
   the request there: at most two replicas hold a hot stack, and a burst of one popular stack
-  does not queue on one replica while the other idles.
+  does not queue on one replica while the other idles;
+- once a stack has been sent to its second choice (the router remembers the last few stacks it
+  sent to each replica), both hold it and neither pays a load for it, so its requests go to the
+  less busy of the two: a hot stack spreads over its two replicas by queue length, while the
+  cold stacks, which would thrash the caches if spread, stay home.
 Requests without adapters (no key) go to the less loaded of two random replicas, Ray Serve's
 default power-of-two choices.
 
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,18 +46,22 @@ def rendezvous_score(key: str, replica: str) -> int:
 
 
 def rank_replicas(key: str, replicas: Sequence[str], queue_lengths: dict[str, int],
-                  spill_threshold: int = DEFAULT_SPILL_THRESHOLD) -> list[list[str]]:
+                  spill_threshold: int = DEFAULT_SPILL_THRESHOLD, second_holds: bool = False) -> list[list[str]]:
     """Replica ids in the order a request of stack `key` should try them, as ranks (lists).
 
     `queue_lengths` are the router's latest known ongoing requests per replica (missing: 0).
     The home (highest rendezvous score) comes first unless it is busier than the second choice
     by more than `spill_threshold`; then the second choice leads. The rest follow, by score.
+    `second_holds`: the second choice was sent this stack recently (a hot stack that spilled),
+    so it holds it too and costs no load there: then the less busy of the two leads (the home on
+    a tie), and a hot stack's requests spread over both replicas instead of queueing at home.
     """
     ordered = sorted(replicas, key=lambda replica: rendezvous_score(key, replica), reverse=True)
     if len(ordered) < 2:
         return [ordered]
     home, second, rest = ordered[0], ordered[1], ordered[2:]
-    if queue_lengths.get(home, 0) - queue_lengths.get(second, 0) > spill_threshold:
+    gap = queue_lengths.get(home, 0) - queue_lengths.get(second, 0)
+    if gap > (0 if second_holds else spill_threshold):
         home, second = second, home
     ranks = [[home], [second]]
     if rest:
@@ -64,8 +73,21 @@ class StackAffinityRouter(RequestRouter):
     """Ray Serve's router for the EngineReplica deployment under "affine" routing: the stack key
     arrives as the request's multiplexed model id (dispatch.py)."""
 
-    def initialize_state(self, spill_threshold: int = DEFAULT_SPILL_THRESHOLD, **_unused: Any) -> None:
+    def initialize_state(self, spill_threshold: int = DEFAULT_SPILL_THRESHOLD, remembered: int = 16,
+                         **_unused: Any) -> None:
         self.spill_threshold = spill_threshold
+        # Per replica id, the last `remembered` stack keys this router sent there (an LRU): what
+        # the replica most likely still holds. Kept below what a replica's cache holds, so a
+        # remembered stack is rarely one the replica has already evicted.
+        self.remembered = remembered
+        self.sent: dict[str, OrderedDict[str, None]] = {}
+
+    def _note_sent(self, replica: str, key: str) -> None:
+        keys = self.sent.setdefault(replica, OrderedDict())
+        keys[key] = None
+        keys.move_to_end(key)
+        while len(keys) > self.remembered:
+            keys.popitem(last=False)
 
     async def choose_replicas(self, candidate_replicas: list[Any], pending_request: Any = None) -> list[list[Any]]:
         metadata = getattr(pending_request, "metadata", None)
@@ -80,5 +102,12 @@ class StackAffinityRouter(RequestRouter):
             known = cache.get(replica.replica_id)
             if known is not None:
                 lengths[replica.replica_id.unique_id] = known
-        ranks = rank_replicas(key, list(by_id), lengths, getattr(self, "spill_threshold", DEFAULT_SPILL_THRESHOLD))
+        ids = list(by_id)
+        ordered = sorted(ids, key=lambda replica: rendezvous_score(key, replica), reverse=True)
+        second_holds = key in self.sent.get(ordered[1], ())
+        ranks = rank_replicas(key, ids, lengths, self.spill_threshold, second_holds=second_holds)
+        # The first rank is one replica, where the request goes unless that replica is full.
+        self._note_sent(ranks[0][0], key)
+        for gone in set(self.sent) - set(ids):  # replaced replicas: their memory is of nothing
+            del self.sent[gone]
         return [[by_id[replica] for replica in rank] for rank in ranks]

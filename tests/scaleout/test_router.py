@@ -43,3 +43,49 @@ def test_a_busy_home_spills_to_the_second_choice_only_beyond_the_threshold():
     assert home(key, REPLICAS, {first: 6, second: 1}) == second
     assert rank_replicas(key, REPLICAS, {first: 6, second: 1}, spill_threshold=8)[0] == [first]
     assert rank_replicas(key, ["only"], {}) == [["only"]]
+
+
+def test_a_stack_its_second_choice_holds_goes_to_the_less_busy_of_the_two():
+    key = KEYS[0]
+    first, second = rank_replicas(key, REPLICAS, {})[0][0], rank_replicas(key, REPLICAS, {})[1][0]
+    held = {"second_holds": True}
+    assert rank_replicas(key, REPLICAS, {first: 2, second: 2}, **held)[0] == [first]  # tie: home
+    assert rank_replicas(key, REPLICAS, {first: 3, second: 2}, **held)[0] == [second]  # no load there
+    assert rank_replicas(key, REPLICAS, {first: 1, second: 2}, **held)[0] == [first]
+
+
+def test_the_router_remembers_what_it_sent_and_spreads_a_stack_that_spilled(monkeypatch):
+    """StackAffinityRouter without Ray's machinery: its choose_replicas on stand-in replicas."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from sdserve.scaleout.router import StackAffinityRouter
+
+    def replica(name: str):
+        return SimpleNamespace(replica_id=SimpleNamespace(unique_id=name, name=name))
+
+    replicas = [replica(name) for name in REPLICAS]
+    lengths: dict[str, int] = {}
+    router = StackAffinityRouter.__new__(StackAffinityRouter)  # Ray's constructor wants a controller
+    router.initialize_state(spill_threshold=4, remembered=2)
+    cache = SimpleNamespace(get=lambda replica_id: lengths.get(replica_id.unique_id))
+    monkeypatch.setattr(StackAffinityRouter, "replica_queue_len_cache", property(lambda self: cache))
+
+    def choose(key: str) -> str:
+        request = SimpleNamespace(metadata=SimpleNamespace(multiplexed_model_id=key))
+        return asyncio.run(router.choose_replicas(replicas, request))[0][0].replica_id.unique_id
+
+    key = KEYS[0]
+    first, second = rank_replicas(key, REPLICAS, {})[0][0], rank_replicas(key, REPLICAS, {})[1][0]
+    lengths.update({first: 3, second: 0})
+    assert choose(key) == first  # 3 busier: within the spill threshold, and the second never had it
+    lengths.update({first: 6, second: 0})
+    assert choose(key) == second  # spilled: now remembered on both
+    lengths.update({first: 3, second: 2})
+    assert choose(key) == second  # held by both: the less busy, although within the threshold
+    for other in KEYS[1:]:  # the second's memory holds 2 stacks: enough others sent there push it out
+        if rank_replicas(other, REPLICAS, {})[0][0] == second:
+            lengths.update({first: 0, second: 0})
+            choose(other)
+    lengths.update({first: 3, second: 2})
+    assert choose(key) == first  # forgotten on the second: home again
