@@ -17,9 +17,10 @@ truth a bench scores against.
 With `pairs` ("size") it writes before/after pairs for a visual Concept Slider
 (`sdserve train slider --pairs`) instead: `before/NAME.png` with its caption `before/NAME.txt`,
 and `after/NAME.png`, the same one-shape scene (kind, colour, background, position and jitter
-from the same rng draw) with one attribute changed. For "size" the before shape is small
-(12-16 px) and the after shape twice its extent (24-32 px, the world's large range), re-clamped
-inside the image as `world._place` clamps; captions name no size (the slider decides it). Size
+from the same rng draw) with one attribute changed. For "size" the before shape is 9-13 px
+(smaller than the world's small) and the after shape three times that, 27-39 px (larger than
+its large; PAIR_SHRINK, PAIR_GROWTH), re-clamped inside the image as `world._place` clamps;
+captions name no size (the slider decides it). Size
 was chosen over sharp/rounded corners because the default model draws both sizes for an unsized
 prompt, so the base model sits between the two ends and the slider's negative scales have
 somewhere to go; with corners the base model's sharp squares are one end already, scales -2..0
@@ -32,6 +33,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -65,6 +67,13 @@ PROVENANCE_FILE = ".sdserve_shapes.json"
 HELD_OUT_WORD = "held-out"  # in `exclude` text: the base world's HELD_OUT triples
 PAIR_ATTRIBUTES: tuple[str, ...] = ("size",)
 PAIR_SIDES = ("before", "after")
+# Size pairs: before 9-13 px (the world's small 12-16, less 3), after 3x that, 27-39 px. Both ends
+# lie beyond the world's own sizes (small 12-16, large 24-32), which the default model draws for
+# an unsized prompt: trained at +-2, the slider's scales +-1 then fall between the model's own
+# sizes and +-2 beyond them. With the world's own small -> large (12-16 -> 24-32) scales +-1 and
+# +-2 both drew the model's small or large and their order was a coin flip (docs/benchmarks.md).
+# A 9 px triangle still paints 40 px, above the scorer's MIN_AREA of 30.
+PAIR_SHRINK, PAIR_GROWTH = 3, 3
 PROGRESS_MIN_COUNT = 200  # fewer images take about a second; a bar would only flash
 
 
@@ -220,12 +229,14 @@ def _draw(cfg: ShapesFolderConfig, index: int) -> SceneSpec:
     )
 
 
-def grown(scene: SceneSpec, factor: int = 2) -> SceneSpec:
-    """The scene with every shape's extent times `factor` around its own centre, re-clamped to
-    keep a 1 px border (world._place's rule); kind, colour, position word and background kept."""
+def resized(scene: SceneSpec, extent_of: Callable[[int], int]) -> SceneSpec:
+    """The scene with every shape's extent e replaced by extent_of(e) around its own centre,
+    re-clamped to keep a 1 px border (world._place's rule); kind, colour, position word (its
+    margin holds up to 40 px: the clamp then moves a centre at most 13 px from the image's, and
+    the centre rule ends at 8) and background kept."""
     shapes = []
     for shape in scene.shapes:
-        extent = shape.extent * factor
+        extent = extent_of(shape.extent)
         half = extent / 2
         cx = float(np.clip(shape.cx, half + 1, IMAGE_SIZE - half - 1))
         cy = float(np.clip(shape.cy, half + 1, IMAGE_SIZE - half - 1))
@@ -234,12 +245,14 @@ def grown(scene: SceneSpec, factor: int = 2) -> SceneSpec:
 
 
 def _pair(cfg: ShapesFolderConfig, index: int) -> tuple[SceneSpec, SceneSpec]:
-    """(before, after) scenes of pair `index`: one draw from rng([seed, index]) with small shapes,
-    and the same scene grown to large (see the module docstring)."""
-    before = sample_scene(np.random.default_rng([cfg.seed, index]), num_shapes=1, exclude=cfg.exclude,
-                          kinds=cfg.kinds, colors=cfg.colors, backgrounds=cfg.backgrounds,
-                          positions=cfg.positions, sizes=("small",), styles=cfg.styles)
-    return before, grown(before)
+    """(before, after) scenes of pair `index`: one draw from rng([seed, index]) with a small shape,
+    shrunk by PAIR_SHRINK px (before), and that scene with the shape PAIR_GROWTH times as large
+    (after); see the module docstring."""
+    drawn = sample_scene(np.random.default_rng([cfg.seed, index]), num_shapes=1, exclude=cfg.exclude,
+                         kinds=cfg.kinds, colors=cfg.colors, backgrounds=cfg.backgrounds,
+                         positions=cfg.positions, sizes=("small",), styles=cfg.styles)
+    before = resized(drawn, lambda extent: extent - PAIR_SHRINK)
+    return before, resized(before, lambda extent: extent * PAIR_GROWTH)
 
 
 def pair_caption(scene: SceneSpec, attribute: str, omit_position: bool = False) -> str:

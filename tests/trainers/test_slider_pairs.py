@@ -27,8 +27,8 @@ from sdserve.trainers.shapes_folder import (
     PROVENANCE_FILE,
     ShapesFolderConfig,
     _pair,
-    grown,
     read_provenance,
+    resized,
     write_shapes_folder,
 )
 from sdserve.trainers.slider_pairs import _STREAM_PAIRS, PairSliderConfig, PairSliderMethod, load_pairs
@@ -268,11 +268,12 @@ def test_size_pairs_differ_in_size_alone(tmp_path):
         assert (b.color, b.kind, b.position) != ("red", "square", "right")
         assert before.background == after.background == record["scene"]["background"]
         assert (b.size, a.size) == ("small", "large")
-        low, high = SIZE_RANGE["large"]
-        assert low <= record["after"]["shapes"][0]["extent"] <= high
+        drawn, after_extent = record["scene"]["shapes"][0]["extent"], record["after"]["shapes"][0]["extent"]
+        assert SIZE_RANGE["small"][0] - 3 <= drawn <= SIZE_RANGE["small"][1] - 3 and after_extent == 3 * drawn
+        assert a.position == record["scene"]["shapes"][0]["position"]
         scene_before, scene_after = _pair(ShapesFolderConfig(out=root, count=12, exclude=frozenset(
             {("red", "square", "right")}), pairs="size"), int(name))
-        assert grown(scene_before) == scene_after
+        assert resized(scene_before, lambda extent: 3 * extent) == scene_after
         assert b.area == int(shape_mask(scene_before.shapes[0]).sum()) < a.area == int(
             shape_mask(scene_after.shapes[0]).sum())
         assert np.array_equal(np.asarray(Image.open(root / "after" / f"{name}.png")), render(scene_after))
