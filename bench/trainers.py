@@ -23,9 +23,9 @@ on the same prompts and seeds, and every image is read by the weight-free scorer
     compose      colour), with the size slider (the slider row's file, trained if absent) -> on the
                  slider row's 20 pairs each slider's effect with the other applied (both +-2) is within
                  20 % of its effect alone (area; the shape's R - B)
-    visual-      32 before/after pairs (issue 19): a small shape, then the same scene with it twice
-    slider       as large, captions naming no size -> `train slider --pairs`; scored as the slider
-                 row (area over scales -2..2, Spearman rho per prompt/seed pair)
+    visual-      32 before/after pairs (issue 19): a 9-13 px shape, then the same scene with it three
+    slider       times as large, captions naming no size -> `train slider --pairs --train-scale 2`;
+                 scored as the slider row (area over scales -2..2, Spearman rho per prompt/seed pair)
     controlnet   scenes with their shape masks as conditioning images, captions naming no position
                  (issue 19) -> on held-out masks the drawn shapes cover the mask (IoU >= 0.6; the
                  base model on the same prompts <= 0.25)
@@ -505,8 +505,8 @@ def bench_slider(work: Path, args: argparse.Namespace) -> Run:
 
 def bench_visual_slider(work: Path, args: argparse.Namespace) -> Run:
     """The visual slider (issue 19): `sdserve train slider --pairs` on 32 before/after pairs of the
-    shapes world that differ in size alone (`sdserve train data shapes --pairs size`: a small shape
-    before, the same scene with it twice as large after, captions naming no size), none of them a
+    shapes world that differ in size alone (`sdserve train data shapes --pairs size`: a 9-13 px shape
+    before, the same scene with it three times as large after, captions naming no size), none of them a
     (colour, kind, position) triple of the scored prompts; scored as the text slider row: the
     largest shape's painted area over scales -2..2 on the same 20 held-out prompt/seed pairs."""
     pairs = work / "size_pairs"
@@ -517,7 +517,7 @@ def bench_visual_slider(work: Path, args: argparse.Namespace) -> Run:
         write_shapes_folder(ShapesFolderConfig(out=pairs, count=args.visual_slider_pairs, seed=0, exclude=held,
                                                pairs="size", progress=False))
     out = work / "visual_size_slider.safetensors"
-    run = Run("slider (visual)", f"{args.visual_slider_pairs} before/after pairs: small -> large, unsized captions, "
+    run = Run("slider (visual)", f"{args.visual_slider_pairs} before/after pairs: 9-13 px -> 3x, unsized captions, "
               f"trained at +-{args.visual_slider_scale:g}",
               goal_seconds=900.0)
     run.seconds, run.peak_rss = run_child(sdserve(
