@@ -8,9 +8,10 @@ one timestep t and one noise ε per pair, and noises both images of a pair with 
     loss = ½ (mse(out_{+S}(x_t^after, c, t), target(x^after, ε, t))
             + mse(out_{-S}(x_t^before, c, t), target(x^before, ε, t)))
 
-with out_s the model with the LoRA at scale s (S = 1 by default, `--train-scale`) and `target` the base model's training target
-(ε, or v for a v-prediction model, as the shared loop's). Shared noise and timestep mean that the
-two terms differ only through the attribute: what the LoRA must add at +1 and remove at -1 is
+with out_s the model with the LoRA at scale s (S = 1 by default, `--train-scale`) and `target`
+the base model's training target (ε, or v for a v-prediction model, as the shared loop's).
+Shared noise and timestep mean that the two terms differ only through the attribute: what the
+LoRA must add at +S and remove at -S is
 the difference the pairs show, while everything the images share is what the frozen model
 already predicts. Scales between and beyond interpolate and extrapolate, as for the text slider.
 
@@ -49,7 +50,7 @@ class PairSliderConfig:
     """The visual slider's settings; `sdserve train slider --pairs` flags mirror these fields."""
 
     batch_size: int = 1
-    """Pairs per step (each pair is two UNet rows: after at +1, before at -1)."""
+    """Pairs per step (each pair is two UNet rows: after at +S, before at -S)."""
     scale: float = 1.0
     """S: the LoRA at +S denoises the after images, at -S the before images; the file records the
     scale range -S,S. The same function as S = 1 with the LoRA's delta S times larger, but what a
@@ -208,7 +209,7 @@ class PairSliderMethod(SliderLoRA):
         timesteps = torch.randint(0, objective.num_timesteps, (len(rows),), generator=generator)  # [B]
         after, before = self.latents_after[rows], self.latents_before[rows]  # [B, C, h, w] each
         noise = torch.randn(after.shape, generator=generator)  # [B, C, h, w]
-        latents = torch.cat([after, before])  # [2B, C, h, w]: after rows at +1, before rows at -1
+        latents = torch.cat([after, before])  # [2B, C, h, w]: after rows at +S, before rows at -S
         noise2, timesteps2 = torch.cat([noise, noise]), torch.cat([timesteps, timesteps])  # [2B, ...]
         noisy = objective.add_noise(latents, noise2, timesteps2)
         target = objective.target(latents, noise2, timesteps2)  # [2B, C, h, w]
