@@ -92,6 +92,7 @@ RESOLVED: dict[tuple[str, str], Callable[[], object]] = {
     ("serve", "--replicas"): _ray("replicas"),
     ("serve", "--cpus-per-replica"): _ray("cpus_per_replica"),
     ("serve", "--gpus-per-replica"): _ray("gpus_per_replica"),
+    ("serve", "--app-name"): _ray("app_name"),
     ("train dreambooth", "--num-class-images"): _num_class_images,
     ("train dreambooth", "--rank"): _lora("rank"),
     ("train dreambooth", "--targets"): lambda: ",".join(_lora("unet_targets")()),
