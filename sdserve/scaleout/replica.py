@@ -29,7 +29,7 @@ from sdserve.engine.loop import EngineThread
 from sdserve.engine.request import EngineRequest
 from sdserve.errors import Unavailable
 from sdserve.paths import cache_root
-from sdserve.scaleout.config import AFFINE, RayConfig
+from sdserve.scaleout.config import AFFINE, MULTIPLEX, RayConfig
 from sdserve.scaleout.report import ReplicaReport
 from sdserve.scaleout.store import AdapterStore, StoreCorrupt, localize, request_files
 from sdserve.server.config import Config
@@ -82,7 +82,10 @@ class EngineReplica:
         left to its deadline (monotonic clocks differ between machines, so the front sends a
         duration and the replica makes it a deadline of its own)."""
         key = serve.get_multiplexed_model_id()
-        if key:
+        if key and self.ray_config.routing == MULTIPLEX:
+            # Only Ray's multiplexed routing learns from this: each stack new to the replica's LRU
+            # is pushed to the controller and broadcast to the routers, work that the affine
+            # router (its homes are a hash, its memory its own) has no use for.
             await self._hold_stack(key)
         if not self.thread.alive:
             # Raised, not sent as the request's error: the front hears a replica failure and
