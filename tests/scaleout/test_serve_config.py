@@ -55,7 +55,7 @@ def test_the_affine_router_is_in_the_built_application():
     built = build_app(app_args(None, [MODEL], None, RayConfig(replicas=2, spill_threshold=2)))
     router = built._bound_deployment._deployment_config.request_router_config
     assert router.request_router_class.endswith("StackAffinityRouter")
-    assert router.request_router_kwargs == {"spill_threshold": 2}
+    assert router.request_router_kwargs == {"spill_threshold": 2, "remembered": RayConfig().stacks_per_replica}
 
 
 def test_application_args_are_checked_in_one_line():
