@@ -54,7 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="join this Ray cluster (default: start a local Ray instance, stopped on exit)")
     ray.add_argument("--routing", choices=("affine", "multiplex", "least_loaded"),
                      help="affine (default): each adapter stack has a home replica (rendezvous hashing), left "
-                     "for its second choice when the home is 4+ requests busier; multiplex: Ray Serve's "
+                     "for its second choice when the home is 3+ requests busier (a stack both hold: the less busy); multiplex: Ray Serve's "
                      "model multiplexing (a replica that served the stack recently, else the least loaded); "
                      "least_loaded: ignore adapters")
     ray.add_argument("--cpus-per-replica", type=float, metavar="N", help="Ray CPUs each replica reserves (default 1)")

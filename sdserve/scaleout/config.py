@@ -27,7 +27,7 @@ class RayConfig:
     by more than `spill_threshold`; "multiplex": Ray Serve's model multiplexing keyed by the stack's
     digests (a replica that served the stack recently, else the least loaded); "least_loaded":
     Ray Serve's default power-of-two-choices, blind to adapters."""
-    spill_threshold: int = 4
+    spill_threshold: int = 2
     """"affine": ongoing requests by which a stack's home may exceed its second choice before the
     stack's requests go to the second choice."""
     stacks_per_replica: int = 16

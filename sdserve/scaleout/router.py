@@ -37,7 +37,7 @@ from typing import Any
 
 from ray.serve.request_router import RequestRouter
 
-DEFAULT_SPILL_THRESHOLD = 4
+DEFAULT_SPILL_THRESHOLD = 2  # RayConfig.spill_threshold; 2 measured lower p99 than 4 (docs/benchmarks.md)
 
 
 def rendezvous_score(key: str, replica: str) -> int:

@@ -39,8 +39,8 @@ def test_a_replaced_replica_moves_only_its_own_stacks():
 def test_a_busy_home_spills_to_the_second_choice_only_beyond_the_threshold():
     key = KEYS[0]
     first, second = rank_replicas(key, REPLICAS, {})[0][0], rank_replicas(key, REPLICAS, {})[1][0]
-    assert home(key, REPLICAS, {first: 5, second: 1}) == first  # 4 more: within the threshold
-    assert home(key, REPLICAS, {first: 6, second: 1}) == second
+    assert home(key, REPLICAS, {first: 3, second: 1}) == first  # 2 more: within the default threshold
+    assert home(key, REPLICAS, {first: 4, second: 1}) == second
     assert rank_replicas(key, REPLICAS, {first: 6, second: 1}, spill_threshold=8)[0] == [first]
     assert rank_replicas(key, ["only"], {}) == [["only"]]
 
