@@ -499,7 +499,8 @@ def bench_slider(work: Path, args: argparse.Namespace) -> Run:
     position = float(np.mean([readings[s]["position"] for s in SLIDER_SCALES]))
     check(run, "colour right over all scales", color, ">= 0.90", color >= 0.90)
     check(run, "position right over all scales", position, ">= 0.90", position >= 0.90)
-    _slider_late_start(run, out, prompts, scenes, float(areas[:, 2].mean()), args.slider_late_start)
+    _slider_late_start(run, out, prompts, scenes, float(areas[:, 2].mean()), args.slider_late_start,
+                       tuple(float(x) for x in args.slider_late_scales.split(",")))
     return run
 
 
@@ -574,7 +575,7 @@ def _kept(readings: Sequence[Any], base: Sequence[tuple]) -> np.ndarray:
 
 
 def _slider_late_start(run: Run, out: Path, prompts: Sequence[Prompt], scenes: dict[float, list],
-                       base_area: float, start: float) -> None:
+                       base_area: float, start: float, scales: Sequence[float] = SLIDER_LATE_SCALES) -> None:
     """Late start (issue 19, the seeds' "scale at inference"): the slider applied from `start` of the
     steps, when the early steps have laid out the scene, keeps scale 0's composition (each of
     position, count, background) on each prompt/seed pair while the area still moves. The
@@ -583,7 +584,7 @@ def _slider_late_start(run: Run, out: Path, prompts: Sequence[Prompt], scenes: d
     from sdserve.models.shapes.scorer import read_image
 
     base = [_composition(reading) for reading in scenes[0.0]]
-    for scale in SLIDER_LATE_SCALES:
+    for scale in scales:  # each one of SLIDER_SCALES: its full-window images are in `scenes`
         images = sample(prompts, adapters=(AdapterSpec(path=str(out), scale=scale, start=start),))
         late = [read_image(image) for image in images]
         kept, full = _kept(late, base), _kept(scenes[scale], base)
@@ -888,6 +889,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slider-pool", type=int, default=32, help="frozen-model samples the slider noises")
     parser.add_argument("--slider-late-start", type=float, default=0.3,
                         help="adapter window start of the late-start check (issue 19: 30 %% of the steps)")
+    parser.add_argument("--slider-late-scales", default="-2,2",
+                        help="slider scales of the late-start check, of -2,-1,1,2 (default -2,2; the text "
+                        "slider trains on -1..1)")
     parser.add_argument("--visual-slider-pairs", type=int, default=32, help="before/after size pairs (issue 19: 32)")
     parser.add_argument("--visual-slider-steps", type=int, default=600)
     parser.add_argument("--visual-slider-batch", type=int, default=4, help="pairs per step")
