@@ -151,6 +151,14 @@ def test_an_upload_serves_on_both_replicas(cluster, reference_engine, lora_bytes
         assert set(blind.book.reports) == seen and all(r.loads >= 1 for r in blind.book.reports.values())
     finally:
         core.engine_thread = previous
+    # Tenant isolation as on one server: bob's upload does not exist for alice, through the front.
+    alice = cluster.client("alice")
+    assert "fresh" not in {a.name for a in alice.list_adapters().adapters}
+    with pytest.raises(grpc.RpcError) as refused:
+        alice.generate({"model": MODEL, "prompt": "a cat", "seed": 1, "steps": 1,
+                        "adapters": [{"name": "fresh", "scale": 1.0}]}, timeout=30)
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+    assert refused.value.details().startswith("adapters[0].name:")
 
 
 def test_a_killed_replica_neither_loses_nor_hangs_requests_and_comes_back(cluster, reference_engine):

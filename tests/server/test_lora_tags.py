@@ -80,8 +80,11 @@ def test_the_servers_default_syntax_decides_for_silent_requests():
 
     for default, asked, tagged in (("a1111", None, True), ("a1111", "plain", False), ("plain", None, False),
                                    ("plain", "a1111", True)):
-        core = SimpleNamespace(metrics=SimpleNamespace(outcome=None),
-                               engine=SimpleNamespace(config=EngineConfig(prompt_syntax=default)))
+        # The servicer's constructor also wires uploaded ControlNets / IP-Adapters to the
+        # registry and the engine's stores; _lora_tags reads neither.
+        engine = SimpleNamespace(config=EngineConfig(prompt_syntax=default), ip_adapters=None,
+                                 runner=SimpleNamespace(controlnets=None))
+        core = SimpleNamespace(metrics=SimpleNamespace(outcome=None), registry=None, engine=engine)
         spec = RequestSpec(prompt="a cat <lora:ink:0.5>", prompt_syntax=asked, adapters=(AdapterSpec(name="own"),))
         out, tags_from = GenerationService(core)._lora_tags(spec)
         assert tags_from == 1
