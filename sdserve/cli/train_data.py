@@ -56,7 +56,9 @@ def register(kinds: argparse._SubParsersAction) -> None:
     shapes.add_argument("--pairs", choices=PAIR_ATTRIBUTES,
                         help="write before/after pairs for `sdserve train slider --pairs` instead: before/NAME.png "
                              "(+ NAME.txt) and after/NAME.png, one-shape scenes alike but for this attribute "
-                             "(size: a 9-13 px shape before, three times as large after; captions name no size)")
+                             "(size: a 9-13 px shape before, three times as large after; captions name no size. "
+                             "background: the scene on black before, on white after; shapes never black or white; "
+                             "captions name no background)")
     shapes.add_argument("--resolution", type=int, default=64,
                         help="image side, a multiple of 64; scenes are upscaled nearest-neighbour (default 64)")
     shapes.add_argument("--overwrite", action="store_true",

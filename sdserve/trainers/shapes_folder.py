@@ -14,7 +14,7 @@ renamed into place: it appears whole or not at all. Beside the images, `PROVENAN
 file, which both layouts' readers skip) records the config and every image's scene, the ground
 truth a bench scores against.
 
-With `pairs` ("size") it writes before/after pairs for a visual Concept Slider
+With `pairs` ("size" or "background") it writes before/after pairs for a visual Concept Slider
 (`sdserve train slider --pairs`) instead: `before/NAME.png` with its caption `before/NAME.txt`,
 and `after/NAME.png`, the same one-shape scene (kind, colour, background, position and jitter
 from the same rng draw) with one attribute changed. For "size" the before shape is 9-13 px
@@ -25,6 +25,11 @@ was chosen over sharp/rounded corners because the default model draws both sizes
 prompt, so the base model sits between the two ends and the slider's negative scales have
 somewhere to go; with corners the base model's sharp squares are one end already, scales -2..0
 would all read "sharp", and the ties would cap a per-prompt Spearman rho near 0.8.
+
+For "background" (brightness) the before scene has a black background and the after scene is the
+same scene on white (BRIGHTNESS_ENDS); the shape's colour is never black or white, so it shows on
+both, and captions name no background. The issue's own example of a second slider; the text
+trainer cannot make it (it writes its words on the shape, never in the background phrase).
 """
 
 from __future__ import annotations
@@ -65,7 +70,8 @@ CONDITIONING_DIR = "conditioning"  # beside the images: the readers of both layo
 METADATA_FILE = "metadata.jsonl"  # the diffusers imagefolder caption file
 PROVENANCE_FILE = ".sdserve_shapes.json"
 HELD_OUT_WORD = "held-out"  # in `exclude` text: the base world's HELD_OUT triples
-PAIR_ATTRIBUTES: tuple[str, ...] = ("size",)
+PAIR_ATTRIBUTES: tuple[str, ...] = ("size", "background")
+BRIGHTNESS_ENDS = ("black", "white")  # background pairs: before, after
 PAIR_SIDES = ("before", "after")
 # Size pairs: before 9-13 px (the world's small 12-16, less 3), after 3x that, 27-39 px. Both ends
 # lie beyond the world's own sizes (small 12-16, large 24-32), which the default model draws for
@@ -116,7 +122,7 @@ class ShapesFolderConfig:
     resolution: int = IMAGE_SIZE
     """Side of the written images: a multiple of 64, the 64 px scene upscaled nearest-neighbour."""
     pairs: str | None = None
-    """"size": write before/after pairs of one-shape scenes differing in that attribute alone (see
+    """"size" or "background": write before/after pairs of one-shape scenes differing in that attribute alone (see
     the module docstring) for `sdserve train slider --pairs`; kohya captions in before/, no mask."""
     overwrite: bool = False
     """Replace `out` when it is a non-empty folder this module wrote."""
@@ -186,8 +192,11 @@ def check_shapes_folder_config(cfg: ShapesFolderConfig) -> None:
         if cfg.shapes_per_image == 2:
             raise InvalidArgument("pairs are one-shape scenes (a grown shape could meet the other)",
                                   field="--shapes-per-image")
-        if cfg.sizes != SIZES:
+        if cfg.pairs == "size" and cfg.sizes != SIZES:
             raise InvalidArgument("size pairs draw small before and large after; drop --sizes", field="--sizes")
+        if cfg.pairs == "background" and not _pair_colors(cfg):
+            raise InvalidArgument(f"background pairs draw on {' and '.join(BRIGHTNESS_ENDS)}, so the shapes need "
+                                  "another colour", field="--colors")
         if cfg.conditioning is not None or cfg.layout != "kohya":
             raise InvalidArgument("pairs are written as before/NAME.png + NAME.txt and after/NAME.png",
                                   field="--conditioning" if cfg.conditioning is not None else "--layout")
@@ -244,10 +253,23 @@ def resized(scene: SceneSpec, extent_of: Callable[[int], int]) -> SceneSpec:
     return replace(scene, shapes=tuple(shapes))
 
 
+def _pair_colors(cfg: ShapesFolderConfig) -> tuple[str, ...]:
+    """The shape colours a pair may draw: for background pairs none of BRIGHTNESS_ENDS (the shape
+    must show on both backgrounds)."""
+    if cfg.pairs == "background":
+        return tuple(color for color in cfg.colors if color not in BRIGHTNESS_ENDS)
+    return cfg.colors
+
+
 def _pair(cfg: ShapesFolderConfig, index: int) -> tuple[SceneSpec, SceneSpec]:
-    """(before, after) scenes of pair `index`: one draw from rng([seed, index]) with a small shape,
-    shrunk by PAIR_SHRINK px (before), and that scene with the shape PAIR_GROWTH times as large
-    (after); see the module docstring."""
+    """(before, after) scenes of pair `index`, from one draw of rng([seed, index]). Size: a small
+    shape shrunk by PAIR_SHRINK px (before), and that scene with the shape PAIR_GROWTH times as large
+    (after). Background: the scene on BRIGHTNESS_ENDS[0], then on [1]. See the module docstring."""
+    if cfg.pairs == "background":
+        drawn = sample_scene(np.random.default_rng([cfg.seed, index]), num_shapes=1, exclude=cfg.exclude,
+                             kinds=cfg.kinds, colors=_pair_colors(cfg), backgrounds=BRIGHTNESS_ENDS[:1],
+                             positions=cfg.positions, sizes=cfg.sizes, styles=cfg.styles)
+        return drawn, replace(drawn, background=BRIGHTNESS_ENDS[1])
     drawn = sample_scene(np.random.default_rng([cfg.seed, index]), num_shapes=1, exclude=cfg.exclude,
                          kinds=cfg.kinds, colors=cfg.colors, backgrounds=cfg.backgrounds,
                          positions=cfg.positions, sizes=("small",), styles=cfg.styles)
@@ -260,6 +282,8 @@ def pair_caption(scene: SceneSpec, attribute: str, omit_position: bool = False) 
     spec = full_spec(scene)
     if attribute == "size":
         spec = replace(spec, shapes=tuple(replace(shape, size=None) for shape in spec.shapes))
+    if attribute == "background":
+        spec = replace(spec, background=None)
     if omit_position:
         spec = replace(spec, shapes=tuple(replace(shape, position=None) for shape in spec.shapes))
     return to_caption(spec)

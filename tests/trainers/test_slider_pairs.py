@@ -286,6 +286,31 @@ def test_size_pairs_differ_in_size_alone(tmp_path):
             assert (again / side / file.name).read_bytes() == file.read_bytes()
 
 
+def test_background_pairs_differ_in_background_alone(capsys, tmp_path):
+    """`--pairs background`: the same scene on black before and on white after, read back by the
+    scorer (ground truth); the shape is neither black nor white, and captions name no background."""
+    root = write_shapes_folder(ShapesFolderConfig(out=tmp_path / "bg", count=10, seed=2, pairs="background",
+                                                  progress=False))
+    records = read_provenance(root)["images"]
+    assert len(records) == 10
+    sizes = set()
+    for record in records:
+        name = Path(record["file_name"]).stem
+        caption = (root / "before" / f"{name}.txt").read_text().strip()
+        assert caption == record["text"] and "background" not in caption
+        before, after = (read_image(np.asarray(Image.open(root / side / f"{name}.png"))) for side in ("before", "after"))
+        (b,), (a,) = before.shapes, after.shapes
+        assert (b.color, b.kind, b.position, b.size) == (a.color, a.kind, a.position, a.size)
+        assert b.color not in ("black", "white") and b.area == a.area
+        assert (before.background, after.background) == ("black", "white")
+        assert record["after"]["shapes"] == record["scene"]["shapes"]
+        sizes.add(b.size)
+    assert sizes == {"small", "large"}  # both of the world's sizes, unlike size pairs
+    code, _, err = run_cli(capsys, "train", "data", "shapes", "--pairs", "background", "--colors", "black,white",
+                           "--count", "2", "--out", str(tmp_path / "none"))
+    assert code == 2 and err.count("\n") == 1 and "--colors" in err and not (tmp_path / "none").exists()
+
+
 # A 6-image folder of the default config (seed 3), hashed with the shapes_folder.py of e6a5a32, before
 # the pair writer existed (sha256 over the sorted file names and their decoded pixels or caption
 # bytes, provenance file excluded; pixels, not PNG bytes, so a zlib update cannot fail it).
