@@ -19,10 +19,12 @@ on the same prompts and seeds, and every image is read by the weight-free scorer
     slider       no images (issue 19): a text Concept Slider large/small over unsized prompts ->
                  the drawn area rises with the scale over -2..2 (Spearman rho per prompt/seed
                  pair), colour and position stay right
-    slider-      no images (issue 19): a second text slider, "warmth" (red/blue over prompts naming no
-    compose      colour), with the size slider (the slider row's file, trained if absent) -> on the
-                 slider row's 20 pairs each slider's effect with the other applied (both +-2) is within
-                 20 % of its effect alone (area; the shape's R - B)
+    slider-      issue 19: a second slider with the size slider (the slider row's file, trained if
+    compose      absent) -> each slider's effect with the other applied (both +-2) is within 20 % of its
+                 effect alone. --compose-second warmth (default): a text slider red/blue over prompts
+                 naming no colour, on the slider row's 20 pairs (area; the shape's R - B).
+                 --compose-second brightness: a visual slider from 32 pairs of one scene on black and
+                 on white, on 24 pairs of prompts naming no size or background (area; brightness)
     visual-      32 before/after pairs (issue 19): a 9-13 px shape, then the same scene with it three
     slider       times as large, captions naming no size -> `train slider --pairs --train-scale 2`;
                  scored as the slider row (area over scales -2..2, Spearman rho per prompt/seed pair)
@@ -510,23 +512,11 @@ def bench_visual_slider(work: Path, args: argparse.Namespace) -> Run:
     before, the same scene with it three times as large after, captions naming no size), none of them a
     (colour, kind, position) triple of the scored prompts; scored as the text slider row: the
     largest shape's painted area over scales -2..2 on the same 20 held-out prompt/seed pairs."""
-    pairs = work / "size_pairs"
-    if not (pairs / ".sdserve_shapes.json").exists():
-        from sdserve.trainers.shapes_folder import ShapesFolderConfig, write_shapes_folder
-
-        held = frozenset((color, kind, position) for color, kind, position, _ in SLIDER_SCORED)
-        write_shapes_folder(ShapesFolderConfig(out=pairs, count=args.visual_slider_pairs, seed=0, exclude=held,
-                                               pairs="size", progress=False))
-    out = work / "visual_size_slider.safetensors"
+    out, command = _visual_slider(work, args, "size")
     run = Run("slider (visual)", f"{args.visual_slider_pairs} before/after pairs: 9-13 px -> 3x, unsized captions, "
               f"trained at +-{args.visual_slider_scale:g}",
               goal_seconds=900.0)
-    run.seconds, run.peak_rss = run_child(sdserve(
-        "train", "slider", "--pairs", str(pairs), "--out", str(out), "--batch-size", str(args.visual_slider_batch),
-        "--train-scale", str(args.visual_slider_scale), "--rank", str(args.slider_rank), "--targets",
-        args.slider_targets, "--lr", str(args.visual_slider_lr),
-        "--steps", str(args.visual_slider_steps), "--threads", str(args.threads), "--no-progress"),
-        reuse=out if args.reuse else None)
+    run.seconds, run.peak_rss = run_child(command, reuse=out if args.reuse else None)
     from sdserve.api.types import AdapterSpec
     from sdserve.models.shapes.scorer import read_image
 
@@ -674,68 +664,143 @@ def _marginal(both: np.ndarray, other: np.ndarray, alone: np.ndarray, base: np.n
     return float(np.mean(both[ok] - other[ok])) / single if single != 0 else float("nan")
 
 
+def brightness(image: np.ndarray) -> float:
+    """Mean of the image's median colour (0..255): the background's brightness, since the
+    background covers most of the image (the largest shapes here cover ~30 %). Black ~15, white ~245."""
+    return float(np.median(image.reshape(-1, image.shape[-1]).astype(np.float32), axis=0).mean())
+
+
+def _bare(color: str, kind: str, position: str, background: str) -> str:
+    """The scored prompt without size and background (both set by the sliders)."""
+    return _unsized(color, kind, position, background).rsplit(" on a ", 1)[0]
+
+
+def _visual_slider(work: Path, args: argparse.Namespace, attribute: str) -> tuple[Path, list[str]]:
+    """A visual slider's output and its `sdserve train slider --pairs` command, with the visual-slider
+    row's hyperparameters, on `args.visual_slider_pairs` pairs written by `train data shapes --pairs
+    ATTRIBUTE` (seed 0), none of them a (colour, kind, position) triple of the scored prompts.
+    "size": the visual-slider row's file; "background": the scene on black (before) and on white
+    (after), the brightness slider of slider-compose."""
+    pairs = work / f"{attribute}_pairs"
+    if not (pairs / ".sdserve_shapes.json").exists():
+        from sdserve.trainers.shapes_folder import ShapesFolderConfig, write_shapes_folder
+
+        held = frozenset((color, kind, position) for color, kind, position, _ in SLIDER_SCORED)
+        write_shapes_folder(ShapesFolderConfig(out=pairs, count=args.visual_slider_pairs, seed=0, exclude=held,
+                                               pairs=attribute, progress=False))
+    out = work / {"size": "visual_size_slider.safetensors", "background": "brightness_slider.safetensors"}[attribute]
+    return out, sdserve(
+        "train", "slider", "--pairs", str(pairs), "--out", str(out), "--batch-size", str(args.visual_slider_batch),
+        "--train-scale", str(args.visual_slider_scale), "--rank", str(args.slider_rank), "--targets",
+        args.slider_targets, "--lr", str(args.visual_slider_lr), "--steps", str(args.visual_slider_steps),
+        "--threads", str(args.threads), "--no-progress")
+
+
+def named_area(reading: Any, color: str) -> float:
+    """Painted px of the largest shape of the prompt's colour (0 if none): the shape the prompt
+    asked for. On prompts that name no background the base model paints mottled backgrounds, and
+    the scorer can read a background blob as the largest shape (a 1648 px blue blob beside a
+    1019 px red square, seen at size +2), so "the largest shape" credits a slider with noise."""
+    return float(max((shape.area for shape in reading.shapes if shape.color == color), default=0))
+
+
 def bench_slider_compose(work: Path, args: argparse.Namespace) -> Run:
-    """Composition (issue 19): the size slider and a warmth slider (red/blue) on the size row's 20
-    prompt/seed pairs, each alone at +-its scale and both together (4 sign combinations); each
-    slider's effect (size: the largest shape's area; warmth: `warmth`) with the other applied
-    must be within 20 % of its effect alone, both measured as the change from the scale-0 image.
-    The size slider is the `slider` row's file in --work, trained here only if absent."""
+    """Composition (issue 19): the size slider and a second slider on held-out prompt/seed pairs,
+    each alone at +-its scale and both together (4 sign combinations); each slider's effect (size:
+    the largest shape's area; the second: its measure) with the other applied must be within 20 %
+    of its effect alone, both measured as the change from the scale-0 image. The size slider is
+    the `slider` row's file in --work, trained here only if absent.
+
+    --compose-second warmth: a text slider red/blue over colourless prompts, measured by `warmth`,
+    on the slider row's 20 pairs (which name a colour unless --compose-colourless).
+    --compose-second brightness: a visual slider from black/white background pairs (the issue's
+    example), measured by `brightness`, on the slider row's prompts whose shape is neither black
+    nor white (8, x 3 seeds = 24 pairs), without size and background, which the sliders set; the
+    area there is `named_area` (the largest shape's area is printed as info).
+    --compose-size visual: the size slider is the visual-slider row's file (trained at +-2 from
+    pairs, so +-2 is inside its range; the text slider's +-2 extrapolates its +-1)."""
     from sdserve.api.types import AdapterSpec
     from sdserve.models.shapes.scorer import read_image
 
-    size_out, warm_out = work / "size_slider.safetensors", work / "warm_slider.safetensors"
-    run = Run("slider (compose)", f"no images: red/blue over {len(WARM_TARGETS)} colourless prompts, + size slider; "
-              f"scored {'without' if args.compose_colourless else 'with'} colour", goal_seconds=900.0)
-    size_seconds, size_rss = run_child(_slider_command(
-        "large", "small", [_unsized(*t) for t in SLIDER_TARGETS], size_out, args.slider_steps, args), reuse=size_out)
-    run.seconds, run.peak_rss = run_child(_slider_command(
-        "red", "blue", [_colourless(*t) for t in WARM_TARGETS], warm_out, args.compose_warm_steps, args),
-        reuse=warm_out if args.reuse else None)
+    if args.compose_size == "visual":
+        size_out, size_command = _visual_slider(work, args, "size")
+    else:
+        size_out = work / "size_slider.safetensors"
+        size_command = _slider_command("large", "small", [_unsized(*t) for t in SLIDER_TARGETS], size_out,
+                                       args.slider_steps, args)
+    size_seconds, size_rss = run_child(size_command, reuse=size_out)
+    colors: list[str] | None = None  # the prompts' colours where the area is `named_area`
+    if args.compose_second == "brightness":
+        name, unit, measure = "brightness", "median brightness", brightness
+        second_out, command = _visual_slider(work, args, "background")
+        run = Run("slider (compose)", f"{args.visual_slider_pairs} black/white background pairs (visual slider), "
+                  f"+ {args.compose_size} size slider; scored without size or background", goal_seconds=900.0)
+        scored = [t for t in SLIDER_SCORED if t[0] not in ("black", "white")]
+        prompts = [Prompt(_bare(*t), 19000 + 100 * index + seed) for index, t in enumerate(scored) for seed in range(3)]
+        colors = [t[0] for t in scored for _ in range(3)]
+    else:
+        name, unit, measure = "warmth", "R-B", warmth
+        second_out = work / "warm_slider.safetensors"
+        command = _slider_command("red", "blue", [_colourless(*t) for t in WARM_TARGETS], second_out,
+                                  args.compose_warm_steps, args)
+        run = Run("slider (compose)", f"no images: red/blue over {len(WARM_TARGETS)} colourless prompts, + size "
+                  f"slider; scored {'without' if args.compose_colourless else 'with'} colour", goal_seconds=900.0)
+        # The slider row's 20 pairs (its prompts and seeds), which name a colour: the warmth slider then
+        # works against the prompt (it shrinks and fades shapes whose named colour it pushes away).
+        # --compose-colourless drops the colour too, so that each slider sets what its prompt leaves open.
+        text = (lambda color, kind, position, bg: _colourless(kind, position, bg)) if args.compose_colourless \
+            else _unsized
+        prompts = [Prompt(text(*t), 19000 + 100 * index + seed) for index, t in enumerate(SLIDER_SCORED)
+                   for seed in range(2)]
+    run.seconds, run.peak_rss = run_child(command, reuse=second_out if args.reuse else None)
     if not math.isnan(size_seconds):
         check(run, f"  size slider trained here ({args.slider_steps} steps, {size_rss / 1024**3:.2f} GB), minutes",
               size_seconds / 60, "(info)", True)
 
-    # The slider row's 20 pairs (its prompts and seeds), which name a colour: the warmth slider then
-    # works against the prompt (it shrinks and fades shapes whose named colour it pushes away).
-    # --compose-colourless drops the colour too, so that each slider sets what its prompt leaves open.
-    text = (lambda color, kind, position, bg: _colourless(kind, position, bg)) if args.compose_colourless else _unsized
-    prompts = [Prompt(text(*t), 19000 + 100 * index + seed) for index, t in enumerate(SLIDER_SCORED) for seed in range(2)]
-    size_scale, warm_scale = args.compose_size_scale, args.compose_warm_scale
-    settings = [(0.0, 0.0)] + [(s, 0.0) for s in (-size_scale, size_scale)] + [(0.0, w) for w in (-warm_scale, warm_scale)]
-    settings += [(s, w) for s in (-size_scale, size_scale) for w in (-warm_scale, warm_scale)]
-    areas: dict[tuple[float, float], np.ndarray] = {}  # (size, warm) scale -> [pairs] px of the largest shape
-    warms: dict[tuple[float, float], np.ndarray] = {}  # (size, warm) scale -> [pairs] R - B of the shape
-    for size, warm in settings:
+    size_scale, other_scale = args.compose_size_scale, args.compose_warm_scale
+    settings = [(0.0, 0.0)] + [(s, 0.0) for s in (-size_scale, size_scale)] + [(0.0, w) for w in (-other_scale, other_scale)]
+    settings += [(s, w) for s in (-size_scale, size_scale) for w in (-other_scale, other_scale)]
+    largest: dict[tuple[float, float], np.ndarray] = {}  # (size, second) scale -> [pairs] px of the largest shape
+    areas: dict[tuple[float, float], np.ndarray] = {}  # the area scored: `largest`, or `named_area` (brightness)
+    measured: dict[tuple[float, float], np.ndarray] = {}  # (size, second) scale -> [pairs] the second's measure
+    for size, other in settings:
         adapters = tuple(AdapterSpec(path=str(path), scale=scale)
-                         for path, scale in ((size_out, size), (warm_out, warm)) if scale)
+                         for path, scale in ((size_out, size), (second_out, other)) if scale)
         images = sample(prompts, **({"adapters": adapters} if adapters else {}))
-        areas[size, warm] = np.array([r.shapes[0].area if r.shapes else 0 for r in map(read_image, images)], float)
-        warms[size, warm] = np.array([warmth(image) for image in images])
-        run.adapter |= {f"area_{size:+g}_{warm:+g}": float(areas[size, warm].mean()),
-                        f"warmth_{size:+g}_{warm:+g}": float(np.nanmean(warms[size, warm]))}
-    run.base = {"area": float(areas[0.0, 0.0].mean()), "warmth": float(np.nanmean(warms[0.0, 0.0]))}
+        readings = [read_image(image) for image in images]
+        largest[size, other] = np.array([r.shapes[0].area if r.shapes else 0 for r in readings], float)
+        areas[size, other] = largest[size, other] if colors is None else np.array(
+            [named_area(r, color) for r, color in zip(readings, colors, strict=True)])
+        measured[size, other] = np.array([measure(image) for image in images])
+        run.adapter |= {f"area_{size:+g}_{other:+g}": float(areas[size, other].mean()),
+                        f"{name}_{size:+g}_{other:+g}": float(np.nanmean(measured[size, other]))}
+    run.base = {"area": float(areas[0.0, 0.0].mean()), name: float(np.nanmean(measured[0.0, 0.0]))}
     low, high = COMPOSE_GOAL
     for s in (-size_scale, size_scale):  # each slider alone, for the table
         _, alone, _, used = effect_ratio(areas[s, 0.0], areas[s, 0.0], areas[0.0, 0.0])
         check(run, f"size {s:+g} alone: area change vs scale 0 (px, {used} pairs)", alone, "(info)", True)
-    for w in (-warm_scale, warm_scale):
-        _, alone, _, used = effect_ratio(warms[0.0, w], warms[0.0, w], warms[0.0, 0.0])
-        check(run, f"warmth {w:+g} alone: R-B change vs scale 0 ({used} pairs)", alone, "(info)", True)
+    for w in (-other_scale, other_scale):
+        _, alone, _, used = effect_ratio(measured[0.0, w], measured[0.0, w], measured[0.0, 0.0])
+        check(run, f"{name} {w:+g} alone: {unit} change vs scale 0 ({used} pairs)", alone, "(info)", True)
     for s in (-size_scale, size_scale):
-        for w in (-warm_scale, warm_scale):
+        for w in (-other_scale, other_scale):
             together, alone, ratio, used = effect_ratio(areas[s, w], areas[s, 0.0], areas[0.0, 0.0])
-            check(run, f"size {s:+g} with warmth {w:+g}: area change {together:+.0f} / alone {alone:+.0f} px",
-                  ratio, f"in [{low}, {high}]", bool(low <= ratio <= high))
+            check(run, f"size {s:+g} with {name} {w:+g}: {'named-colour ' if colors else ''}area change "
+                  f"{together:+.0f} / alone {alone:+.0f} px", ratio, f"in [{low}, {high}]", bool(low <= ratio <= high))
+            if colors is not None:
+                together, alone, ratio, _ = effect_ratio(largest[s, w], largest[s, 0.0], largest[0.0, 0.0])
+                check(run, f"  same, largest shape's area: {together:+.0f} / alone {alone:+.0f} px", ratio, "(info)",
+                      True)
             # (info) The other slider's own side effect taken out: the change from the image with
             # only the other slider on, i.e. whether this slider still moves its attribute as much.
             marginal = _marginal(areas[s, w], areas[0.0, w], areas[s, 0.0], areas[0.0, 0.0])
-            check(run, "  same, vs warmth alone's image (the warmth slider's own area change taken out)",
+            check(run, f"  same, vs {name} alone's image (the {name} slider's own area change taken out)",
                   marginal, "(info)", True)
-            together, alone, ratio, used = effect_ratio(warms[s, w], warms[0.0, w], warms[0.0, 0.0])
-            check(run, f"warmth {w:+g} with size {s:+g}: R-B change {together:+.0f} / alone {alone:+.0f}"
+            together, alone, ratio, used = effect_ratio(measured[s, w], measured[0.0, w], measured[0.0, 0.0])
+            check(run, f"{name} {w:+g} with size {s:+g}: {unit} change {together:+.0f} / alone {alone:+.0f}"
                   f" ({used} pairs)", ratio, f"in [{low}, {high}]", bool(low <= ratio <= high))
-            marginal = _marginal(warms[s, w], warms[s, 0.0], warms[0.0, w], warms[0.0, 0.0])
-            check(run, "  same, vs size alone's image (the size slider's own R-B change taken out)",
+            marginal = _marginal(measured[s, w], measured[s, 0.0], measured[0.0, w], measured[0.0, 0.0])
+            check(run, f"  same, vs size alone's image (the size slider's own {unit} change taken out)",
                   marginal, "(info)", True)
     return run
 
@@ -903,7 +968,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compose-colourless", action="store_true",
                         help="slider-compose: score the slider row's prompts without their colour too")
     parser.add_argument("--compose-size-scale", type=float, default=2.0, help="the size slider's +- scale (slider-compose)")
-    parser.add_argument("--compose-warm-scale", type=float, default=2.0, help="the warmth slider's +- scale (slider-compose)")
+    parser.add_argument("--compose-warm-scale", type=float, default=2.0,
+                        help="the second slider's +- scale (slider-compose; the name is the first second slider's)")
+    parser.add_argument("--compose-size", choices=("text", "visual"), default="text",
+                        help="slider-compose's size slider: the slider row's file, or the visual-slider row's")
+    parser.add_argument("--compose-second", choices=("warmth", "brightness"), default="warmth",
+                        help="slider-compose's second slider: a text slider red/blue, or a visual one from "
+                             "black/white background pairs (with the visual-slider row's steps, batch, lr, scale)")
     parser.add_argument("--controlnet-images", type=int, default=256, help="scenes (and masks) the ControlNet trains on")
     parser.add_argument("--controlnet-steps", type=int, default=150, help="optimizer steps (docs/benchmarks.md)")
     parser.add_argument("--controlnet-seed", type=int, default=0, help="the training run's --seed")
