@@ -88,7 +88,8 @@ def _short_load(target: str, tmp_path: Path) -> dict:
     return summary
 
 
-@pytest.mark.parametrize("policy", ["mixed", "homogeneous"])
+# The homogeneous batcher is unit-tested above; its end-to-end run (11 s) is slow.
+@pytest.mark.parametrize("policy", ["mixed", pytest.param("homogeneous", marks=pytest.mark.slow)])
 def test_load_against_sdserve(tmp_path: Path, policy: str) -> None:
     from sdserve.server.app import Server
 

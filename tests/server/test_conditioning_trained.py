@@ -79,6 +79,8 @@ def test_trained_controlnet_packs_uploads_and_serves(live, reference_engine, cap
     assert max_diff(png_pixels(served.images[0].png), want) <= TOLERANCE
 
 
+# slow: test_conditioning_uploads serves uploaded IP-Adapters and tests/trainers the trainer's output (14 s)
+@pytest.mark.slow
 def test_trained_ip_adapter_directory_uploads_and_serves(live, reference_engine, capsys, tmp_path):
     from tests.trainers.conftest import write_folder
 

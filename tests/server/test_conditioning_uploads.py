@@ -251,6 +251,8 @@ def checked_after_prepare(seconds: float) -> dict:
 checked_after_prepare.worker_prepare = _slow_prepare  # type: ignore[attr-defined]
 
 
+# slow: a cold diffusers import in a worker (12 s); the upload tests above check the limits themselves
+@pytest.mark.slow
 def test_a_checks_imports_are_not_counted_against_the_files_time_limit():
     """The packed models' checks import diffusers first (~10 s on a busy machine); the worker does
     that before the job's clock starts, and the job itself is still bounded."""

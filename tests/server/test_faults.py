@@ -107,6 +107,8 @@ def test_a_damaged_store_file_fails_its_calls_alone_and_a_reupload_repairs_it(fr
         assert response.images and response.adapters[0].sha256 == sha(data)
 
 
+# slow: the [truncated] case of the test above, plus a second failing attempt (6 s)
+@pytest.mark.slow
 def test_a_truncated_store_file_fails_its_calls_alone(fresh_server, lora_bytes):
     """The truncated case of the test above, up to the re-upload (which that test marks)."""
     server = fresh_server()
