@@ -146,6 +146,8 @@ def engine():
     return Engine(EngineConfig(max_batch_rows=4))
 
 
+# slow: random mixes (15 s); the fixed mixes of test_batch_invariance, test_mixed_kinds, test_mixed_conditioning and test_lora_serving stay in the default suite
+@pytest.mark.slow
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(mix=st.lists(small_requests(), min_size=2, max_size=4))
 def test_random_mixes_give_the_same_images_as_alone(engine, mix):

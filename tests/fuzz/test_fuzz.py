@@ -107,6 +107,8 @@ def _check(report: FuzzReport, seed_dir: Path) -> None:
     assert report.runs > len(list(seed_dir.iterdir())), _explain(report)
 
 
+# slow: atheris mutations (38 s, mostly workers' start-up); the seed corpora replay through every harness by default (test_seeds_*)
+@pytest.mark.slow
 @needs_atheris
 def test_fuzz_briefly(seed_dirs, tmp_path):
     """Every target for a few seconds, two workers at a time: most of a worker's time is its

@@ -395,6 +395,8 @@ sys.exit(main(["serve", "--config", sys.argv[1]]))
 """
 
 
+# slow: a subprocess server (18 s); the in-process test above checks the same death end to end
+@pytest.mark.slow
 def test_sdserve_serve_exits_non_zero_when_the_engine_thread_dies(tmp_path):
     port = free_port()
     config = tmp_path / "server.toml"

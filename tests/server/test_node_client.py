@@ -81,6 +81,8 @@ def node_modules(tmp_path_factory):
     return directory
 
 
+# slow: a subprocess server and Node.js (26 s); the Python client drives the same proto by default
+@pytest.mark.slow
 def test_node_client_drives_generate(node_modules, tmp_path, reference_engine):
     process, port, log = start_subprocess_server(tmp_path, CONFIG)
     try:
