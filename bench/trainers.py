@@ -729,15 +729,14 @@ def bench_slider_compose(work: Path, args: argparse.Namespace) -> Run:
         size_command = _slider_command("large", "small", [_unsized(*t) for t in SLIDER_TARGETS], size_out,
                                        args.slider_steps, args)
     size_seconds, size_rss = run_child(size_command, reuse=size_out)
-    colors: list[str] | None = None  # the prompts' colours where the area is `named_area`
     if args.compose_second == "brightness":
         name, unit, measure = "brightness", "median brightness", brightness
         second_out, command = _visual_slider(work, args, "background")
         run = Run("slider (compose)", f"{args.visual_slider_pairs} black/white background pairs (visual slider), "
                   f"+ {args.compose_size} size slider; scored without size or background", goal_seconds=900.0)
         scored = [t for t in SLIDER_SCORED if t[0] not in ("black", "white")]
-        prompts = [Prompt(_bare(*t), 19000 + 100 * index + seed) for index, t in enumerate(scored) for seed in range(3)]
-        colors = [t[0] for t in scored for _ in range(3)]
+        prompts = [Prompt(_bare(*t), 19000 + 100 * index + seed, {"color": t[0]})
+                   for index, t in enumerate(scored) for seed in range(3)]
     else:
         name, unit, measure = "warmth", "R-B", warmth
         second_out = work / "warm_slider.safetensors"
@@ -753,6 +752,7 @@ def bench_slider_compose(work: Path, args: argparse.Namespace) -> Run:
         prompts = [Prompt(text(*t), 19000 + 100 * index + seed) for index, t in enumerate(SLIDER_SCORED)
                    for seed in range(2)]
     run.seconds, run.peak_rss = run_child(command, reuse=second_out if args.reuse else None)
+    named = args.compose_second == "brightness"  # the area is `named_area` of each prompt's colour
     if not math.isnan(size_seconds):
         check(run, f"  size slider trained here ({args.slider_steps} steps, {size_rss / 1024**3:.2f} GB), minutes",
               size_seconds / 60, "(info)", True)
@@ -769,8 +769,8 @@ def bench_slider_compose(work: Path, args: argparse.Namespace) -> Run:
         images = sample(prompts, **({"adapters": adapters} if adapters else {}))
         readings = [read_image(image) for image in images]
         largest[size, other] = np.array([r.shapes[0].area if r.shapes else 0 for r in readings], float)
-        areas[size, other] = largest[size, other] if colors is None else np.array(
-            [named_area(r, color) for r, color in zip(readings, colors, strict=True)])
+        areas[size, other] = np.array([named_area(r, p.expect["color"]) for r, p in zip(readings, prompts, strict=True)]
+                                      ) if named else largest[size, other]
         measured[size, other] = np.array([measure(image) for image in images])
         run.adapter |= {f"area_{size:+g}_{other:+g}": float(areas[size, other].mean()),
                         f"{name}_{size:+g}_{other:+g}": float(np.nanmean(measured[size, other]))}
@@ -785,9 +785,9 @@ def bench_slider_compose(work: Path, args: argparse.Namespace) -> Run:
     for s in (-size_scale, size_scale):
         for w in (-other_scale, other_scale):
             together, alone, ratio, used = effect_ratio(areas[s, w], areas[s, 0.0], areas[0.0, 0.0])
-            check(run, f"size {s:+g} with {name} {w:+g}: {'named-colour ' if colors else ''}area change "
+            check(run, f"size {s:+g} with {name} {w:+g}: {'named-colour ' if named else ''}area change "
                   f"{together:+.0f} / alone {alone:+.0f} px", ratio, f"in [{low}, {high}]", bool(low <= ratio <= high))
-            if colors is not None:
+            if named:
                 together, alone, ratio, _ = effect_ratio(largest[s, w], largest[s, 0.0], largest[0.0, 0.0])
                 check(run, f"  same, largest shape's area: {together:+.0f} / alone {alone:+.0f} px", ratio, "(info)",
                       True)

@@ -37,7 +37,9 @@ from typing import Any
 
 from ray.serve.request_router import RequestRouter
 
-DEFAULT_SPILL_THRESHOLD = 2  # RayConfig.spill_threshold; 2 measured lower p99 than 4 (docs/benchmarks.md)
+from sdserve.scaleout.config import RayConfig
+
+DEFAULT_SPILL_THRESHOLD = RayConfig.spill_threshold  # one default, the config's (docs/benchmarks.md: 2)
 
 
 def rendezvous_score(key: str, replica: str) -> int:
@@ -73,7 +75,7 @@ class StackAffinityRouter(RequestRouter):
     """Ray Serve's router for the EngineReplica deployment under "affine" routing: the stack key
     arrives as the request's multiplexed model id (dispatch.py)."""
 
-    def initialize_state(self, spill_threshold: int = DEFAULT_SPILL_THRESHOLD, remembered: int = 16,
+    def initialize_state(self, spill_threshold: int = DEFAULT_SPILL_THRESHOLD, remembered: int = RayConfig.stacks_per_replica,
                          **_unused: Any) -> None:
         self.spill_threshold = spill_threshold
         # Per replica id, the last `remembered` stack keys this router sent there (an LRU): what

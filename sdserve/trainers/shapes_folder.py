@@ -265,14 +265,13 @@ def _pair(cfg: ShapesFolderConfig, index: int) -> tuple[SceneSpec, SceneSpec]:
     """(before, after) scenes of pair `index`, from one draw of rng([seed, index]). Size: a small
     shape shrunk by PAIR_SHRINK px (before), and that scene with the shape PAIR_GROWTH times as large
     (after). Background: the scene on BRIGHTNESS_ENDS[0], then on [1]. See the module docstring."""
-    if cfg.pairs == "background":
-        drawn = sample_scene(np.random.default_rng([cfg.seed, index]), num_shapes=1, exclude=cfg.exclude,
-                             kinds=cfg.kinds, colors=_pair_colors(cfg), backgrounds=BRIGHTNESS_ENDS[:1],
-                             positions=cfg.positions, sizes=cfg.sizes, styles=cfg.styles)
-        return drawn, replace(drawn, background=BRIGHTNESS_ENDS[1])
+    background = cfg.pairs == "background"
     drawn = sample_scene(np.random.default_rng([cfg.seed, index]), num_shapes=1, exclude=cfg.exclude,
-                         kinds=cfg.kinds, colors=cfg.colors, backgrounds=cfg.backgrounds,
-                         positions=cfg.positions, sizes=("small",), styles=cfg.styles)
+                         kinds=cfg.kinds, colors=_pair_colors(cfg),
+                         backgrounds=BRIGHTNESS_ENDS[:1] if background else cfg.backgrounds,
+                         positions=cfg.positions, sizes=cfg.sizes if background else ("small",), styles=cfg.styles)
+    if background:
+        return drawn, replace(drawn, background=BRIGHTNESS_ENDS[1])
     before = resized(drawn, lambda extent: extent - PAIR_SHRINK)
     return before, resized(before, lambda extent: extent * PAIR_GROWTH)
 
