@@ -501,8 +501,9 @@ def bench_slider(work: Path, args: argparse.Namespace) -> Run:
     position = float(np.mean([readings[s]["position"] for s in SLIDER_SCALES]))
     check(run, "colour right over all scales", color, ">= 0.90", color >= 0.90)
     check(run, "position right over all scales", position, ">= 0.90", position >= 0.90)
-    _slider_late_start(run, out, prompts, scenes, float(areas[:, 2].mean()), args.slider_late_start,
-                       tuple(float(x) for x in args.slider_late_scales.split(",")))
+    late_scales = (_trained_scales(out) if args.slider_late_scales == "trained"
+                   else tuple(float(x) for x in args.slider_late_scales.split(",")))
+    _slider_late_start(run, out, prompts, scenes, float(areas[:, 2].mean()), args.slider_late_start, late_scales)
     return run
 
 
@@ -546,8 +547,15 @@ def bench_visual_slider(work: Path, args: argparse.Namespace) -> Run:
     return run
 
 
-SLIDER_LATE_SCALES = (-2.0, 2.0)
-SLIDER_LATE_MOVE = 0.15  # "its attribute still moves": mean area at +-2 late at least 15 % off scale 0's
+def _trained_scales(slider: Path) -> tuple[float, float]:
+    """The ends of the scale range a slider file was trained on, as `sdserve adapters inspect`
+    reads its metadata ("-1,1", or every scale: "-2,-1,0,1,2"): where a user applies it, and
+    where the late-start check reads it."""
+    from sdserve.adapters.inspect import describe
+
+    scales = [float(part) for part in describe(slider, slider.name).slider["scale_range"].split(",")]
+    return min(scales), max(scales)
+SLIDER_LATE_MOVE = 0.15  # "its attribute still moves": mean area late at least 15 % off scale 0's
 COMPOSITION = ("position", "count", "background")
 
 
@@ -565,7 +573,7 @@ def _kept(readings: Sequence[Any], base: Sequence[tuple]) -> np.ndarray:
 
 
 def _slider_late_start(run: Run, out: Path, prompts: Sequence[Prompt], scenes: dict[float, list],
-                       base_area: float, start: float, scales: Sequence[float] = SLIDER_LATE_SCALES) -> None:
+                       base_area: float, start: float, scales: Sequence[float]) -> None:
     """Late start (issue 19, the seeds' "scale at inference"): the slider applied from `start` of the
     steps, when the early steps have laid out the scene, keeps scale 0's composition (each of
     position, count, background) on each prompt/seed pair while the area still moves. The
@@ -954,9 +962,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slider-pool", type=int, default=32, help="frozen-model samples the slider noises")
     parser.add_argument("--slider-late-start", type=float, default=0.3,
                         help="adapter window start of the late-start check (issue 19: 30 %% of the steps)")
-    parser.add_argument("--slider-late-scales", default="-2,2",
-                        help="slider scales of the late-start check, of -2,-1,1,2 (default -2,2; the text "
-                        "slider trains on -1..1)")
+    parser.add_argument("--slider-late-scales", default="trained",
+                        help="slider scales of the late-start check, of -2,-1,1,2, or `trained`: the ends of "
+                        "the range the file was trained on, from its metadata (default; the text slider: "
+                        "-1,1, so -2,2 extrapolates)")
     parser.add_argument("--visual-slider-pairs", type=int, default=32, help="before/after size pairs (issue 19: 32)")
     parser.add_argument("--visual-slider-steps", type=int, default=600)
     parser.add_argument("--visual-slider-batch", type=int, default=4, help="pairs per step")

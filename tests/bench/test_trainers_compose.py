@@ -55,3 +55,17 @@ def test_effect_ratio_without_an_effect_alone_or_any_pair_is_nan() -> None:
     flat = np.array([1.0, 2.0])
     assert math.isnan(effect_ratio(flat + 1, flat, flat)[2])  # alone moves nothing: no ratio
     assert effect_ratio(flat, flat, np.array([np.nan, np.nan]))[3] == 0
+
+
+def test_the_late_start_reads_the_scales_a_slider_was_trained_on(tmp_path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from bench.trainers import _trained_scales
+
+    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    tensors = {f"{key}.lora_down.weight": torch.ones(4, 32), f"{key}.lora_up.weight": torch.ones(32, 4)}
+    for written, ends in (("-1,1", (-1.0, 1.0)), ("-2,-1,0,1,2", (-2.0, 2.0))):
+        path = tmp_path / "slider.safetensors"
+        save_file(tensors, str(path), {"sdserve_slider": "true", "sdserve_slider_scale_range": written})
+        assert _trained_scales(path) == ends
