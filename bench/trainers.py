@@ -723,7 +723,7 @@ def bench_slider_compose(work: Path, args: argparse.Namespace) -> Run:
     on the slider row's 20 pairs (which name a colour unless --compose-colourless).
     --compose-second brightness: a visual slider from black/white background pairs (the issue's
     example), measured by `brightness`, on the slider row's prompts whose shape is neither black
-    nor white (8, x 3 seeds = 24 pairs), without size and background, which the sliders set; the
+    nor white (8, x --compose-seeds 3 = 24 pairs), without size and background, which the sliders set; the
     area there is `named_area` (the largest shape's area is printed as info).
     --compose-size visual: the size slider is the visual-slider row's file (trained at +-2 from
     pairs, so +-2 is inside its range; the text slider's +-2 extrapolates its +-1)."""
@@ -744,7 +744,7 @@ def bench_slider_compose(work: Path, args: argparse.Namespace) -> Run:
                   f"+ {args.compose_size} size slider; scored without size or background", goal_seconds=900.0)
         scored = [t for t in SLIDER_SCORED if t[0] not in ("black", "white")]
         prompts = [Prompt(_bare(*t), 19000 + 100 * index + seed, {"color": t[0]})
-                   for index, t in enumerate(scored) for seed in range(3)]
+                   for index, t in enumerate(scored) for seed in range(args.compose_seeds)]
     else:
         name, unit, measure = "warmth", "R-B", warmth
         second_out = work / "warm_slider.safetensors"
@@ -976,6 +976,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="steps of the slider-compose row's warmth (red/blue) slider")
     parser.add_argument("--compose-colourless", action="store_true",
                         help="slider-compose: score the slider row's prompts without their colour too")
+    parser.add_argument("--compose-seeds", type=int, default=3,
+                        help="seeds per prompt of --compose-second brightness (default 3: 8 prompts x 3 = 24 pairs)")
     parser.add_argument("--compose-size-scale", type=float, default=2.0, help="the size slider's +- scale (slider-compose)")
     parser.add_argument("--compose-warm-scale", type=float, default=2.0,
                         help="the second slider's +- scale (slider-compose; the name is the first second slider's)")
