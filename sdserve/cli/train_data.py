@@ -53,6 +53,9 @@ def register(kinds: argparse._SubParsersAction) -> None:
                              "listed as conditioning_file_name in metadata.jsonl: a `sdserve train controlnet` folder")
     shapes.add_argument("--omit-position", action="store_true",
                         help="captions name no shape's position (for a ControlNet: the mask alone says where)")
+    shapes.add_argument("--omit-size", action="store_true",
+                        help="captions name no shape's size (for an adapter used with prompts that leave the size "
+                             "open, e.g. a brightness slider composed with a size slider)")
     shapes.add_argument("--pairs", choices=PAIR_ATTRIBUTES,
                         help="write before/after pairs for `sdserve train slider --pairs` instead: before/NAME.png "
                              "(+ NAME.txt) and after/NAME.png, one-shape scenes alike but for this attribute "
@@ -99,6 +102,7 @@ def config_from_args(args: argparse.Namespace):
         layout=args.layout or ("imagefolder" if args.conditioning else "kohya"),
         conditioning=args.conditioning,
         omit_position=args.omit_position,
+        omit_size=args.omit_size,
         pairs=args.pairs,
         resolution=args.resolution,
         overwrite=args.overwrite,

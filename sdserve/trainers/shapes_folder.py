@@ -46,7 +46,7 @@ import numpy as np
 from PIL import Image
 
 from sdserve.errors import InvalidArgument
-from sdserve.models.shapes.captions import full_spec, to_caption
+from sdserve.models.shapes.captions import PromptSpec, full_spec, to_caption
 from sdserve.models.shapes.world import (
     ALL_COLORS,
     ALL_KINDS,
@@ -119,6 +119,9 @@ class ShapesFolderConfig:
     ControlNet layout; needs the imagefolder layout)."""
     omit_position: bool = False
     """Captions name no shape's position (what a ControlNet's mask is then left to decide)."""
+    omit_size: bool = False
+    """Captions name no shape's size: for an adapter used with prompts that leave the size open,
+    e.g. a brightness slider composed with a size slider, which then sets it."""
     resolution: int = IMAGE_SIZE
     """Side of the written images: a multiple of 64, the 64 px scene upscaled nearest-neighbour."""
     pairs: str | None = None
@@ -276,26 +279,26 @@ def _pair(cfg: ShapesFolderConfig, index: int) -> tuple[SceneSpec, SceneSpec]:
     return before, resized(before, lambda extent: extent * PAIR_GROWTH)
 
 
-def pair_caption(scene: SceneSpec, attribute: str, omit_position: bool = False) -> str:
-    """A pair's one caption: the scene's, without the attribute the pair changes."""
-    spec = full_spec(scene)
-    if attribute == "size":
-        spec = replace(spec, shapes=tuple(replace(shape, size=None) for shape in spec.shapes))
-    if attribute == "background":
-        spec = replace(spec, background=None)
-    if omit_position:
-        spec = replace(spec, shapes=tuple(replace(shape, position=None) for shape in spec.shapes))
-    return to_caption(spec)
+def _without(spec: PromptSpec, position: bool, size: bool) -> PromptSpec:
+    """The caption spec with no shape's position and/or size named."""
+    return replace(spec, shapes=tuple(replace(shape, position=None if position else shape.position,
+                                              size=None if size else shape.size) for shape in spec.shapes))
 
 
-def scene_caption(scene: SceneSpec, token: str | None = None, omit_position: bool = False) -> str:
+def pair_caption(scene: SceneSpec, attribute: str, omit_position: bool = False, omit_size: bool = False) -> str:
+    """A pair's one caption: the scene's, without the attribute the pair changes (and without
+    position or size where asked)."""
+    spec = _without(full_spec(scene), omit_position, omit_size or attribute == "size")
+    return to_caption(replace(spec, background=None) if attribute == "background" else spec)
+
+
+def scene_caption(scene: SceneSpec, token: str | None = None, omit_position: bool = False,
+                  omit_size: bool = False) -> str:
     """The scene's full caption; with `token`, the token stands where each kind word would; with
-    `omit_position`, no shape's place is named."""
-    spec = full_spec(scene)
+    `omit_position` / `omit_size`, no shape's place / size is named."""
+    spec = _without(full_spec(scene), omit_position, omit_size)
     if token is not None:
         spec = replace(spec, shapes=tuple(replace(shape, kind=token) for shape in spec.shapes))
-    if omit_position:
-        spec = replace(spec, shapes=tuple(replace(shape, position=None) for shape in spec.shapes))
     return to_caption(spec)
 
 
@@ -341,7 +344,7 @@ def write_shapes_folder(cfg: ShapesFolderConfig) -> Path:
                 continue
             scene = _draw(cfg, index)
             name = f"{index:0{width}d}"
-            text = scene_caption(scene, cfg.token, cfg.omit_position)
+            text = scene_caption(scene, cfg.token, cfg.omit_position, cfg.omit_size)
             Image.fromarray(upscale(render(scene), cfg.resolution)).save(staging / f"{name}.png")
             if cfg.layout == "kohya":
                 (staging / f"{name}.txt").write_text(text + "\n", encoding="utf-8")
@@ -370,7 +373,7 @@ def _write_pair(cfg: ShapesFolderConfig, index: int, staging: Path, width: int) 
     assert cfg.pairs is not None
     name = f"{index:0{width}d}"
     before, after = _pair(cfg, index)
-    text = pair_caption(before, cfg.pairs, cfg.omit_position)
+    text = pair_caption(before, cfg.pairs, cfg.omit_position, cfg.omit_size)
     for side, scene in zip(PAIR_SIDES, (before, after), strict=True):
         Image.fromarray(upscale(render(scene), cfg.resolution)).save(staging / side / f"{name}.png")
     (staging / PAIR_SIDES[0] / f"{name}.txt").write_text(text + "\n", encoding="utf-8")

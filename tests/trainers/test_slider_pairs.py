@@ -6,6 +6,7 @@ exact resume, slider metadata, the file in sdserve and diffusers, and the bad-in
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import numpy as np
@@ -309,6 +310,25 @@ def test_background_pairs_differ_in_background_alone(capsys, tmp_path):
     code, _, err = run_cli(capsys, "train", "data", "shapes", "--pairs", "background", "--colors", "black,white",
                            "--count", "2", "--out", str(tmp_path / "none"))
     assert code == 2 and err.count("\n") == 1 and "--colors" in err and not (tmp_path / "none").exists()
+
+
+def test_omit_size_drops_the_size_word_and_nothing_else(capsys, tmp_path):
+    """`--omit-size` (the brightness slider that is composed with a size slider): the same pairs,
+    pixel for pixel, with captions that name no size; plain folders take it too."""
+    args = ("train", "data", "shapes", "--pairs", "background", "--count", "6", "--seed", "2", "--no-progress")
+    assert run_cli(capsys, *args, "--out", str(tmp_path / "sized"))[0] == 0
+    assert run_cli(capsys, *args, "--omit-size", "--out", str(tmp_path / "unsized"))[0] == 0
+    for name in sorted(p.stem for p in (tmp_path / "sized" / "before").glob("*.png")):
+        for side in ("before", "after"):
+            assert (tmp_path / "sized" / side / f"{name}.png").read_bytes() == \
+                (tmp_path / "unsized" / side / f"{name}.png").read_bytes()
+        sized = (tmp_path / "sized" / "before" / f"{name}.txt").read_text()
+        unsized = (tmp_path / "unsized" / "before" / f"{name}.txt").read_text()
+        assert re.sub(r"^a (small|large) ", "a ", sized) == unsized and sized != unsized
+    plain = write_shapes_folder(ShapesFolderConfig(out=tmp_path / "plain", count=4, seed=2, omit_size=True,
+                                                   progress=False))
+    captions = [record["text"] for record in read_provenance(plain)["images"]]
+    assert not any(word in caption.split() for caption in captions for word in ("small", "large")), captions
 
 
 # A 6-image folder of the default config (seed 3), hashed with the shapes_folder.py of e6a5a32, before
