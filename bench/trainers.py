@@ -548,13 +548,15 @@ def bench_visual_slider(work: Path, args: argparse.Namespace) -> Run:
 
 
 def _trained_scales(slider: Path) -> tuple[float, float]:
-    """The ends of the scale range a slider file was trained on, as `sdserve adapters inspect`
-    reads its metadata ("-1,1", or every scale: "-2,-1,0,1,2"): where a user applies it, and
-    where the late-start check reads it."""
-    from sdserve.adapters.inspect import describe
+    """The ends of the scale range a slider file was trained on, as ListAdapters lists its
+    metadata ("-1,1", or every scale: "-2,-1,0,1,2"): where a user applies it, and where the
+    late-start check reads it."""
+    from sdserve.adapters.inspect import Listing, describe
 
-    scales = [float(part) for part in describe(slider, slider.name).slider["scale_range"].split(",")]
+    scales = Listing.of(describe(slider, slider.name)).slider_scales
     return min(scales), max(scales)
+
+
 SLIDER_LATE_MOVE = 0.15  # "its attribute still moves": mean area late at least 15 % off scale 0's
 COMPOSITION = ("position", "count", "background")
 
