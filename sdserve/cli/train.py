@@ -115,7 +115,7 @@ def run_adapter(args: argparse.Namespace, build: Callable[[Any, argparse.Namespa
     from sdserve.cli.common import fail, quiet_libraries
 
     quiet_libraries()
-    from sdserve.trainers.data import load_folder
+    from sdserve.trainers.data import load_folder, load_masks
     from sdserve.trainers.loop import check_loop_config, default_state_dir, load_components, train
     from sdserve.trainers.output import check_directory_writable, check_writable
 
@@ -124,7 +124,7 @@ def run_adapter(args: argparse.Namespace, build: Callable[[Any, argparse.Namespa
         check_loop_config(cfg)
         check_writable(args.out, "--out")
         check_directory_writable(cfg.state_dir or default_state_dir(args.out), "--state-dir")
-        for flag, folder in (("--data", args.data), ("--reg-data", args.reg_data)):
+        for flag, folder in (("--data", args.data), ("--reg-data", args.reg_data), ("--mask-data", args.mask_data)):
             if folder is not None and not folder.is_dir():
                 fail(f"{flag}: {folder} is not a directory")
         if args.resume is not None and not args.resume.is_dir():
@@ -132,6 +132,8 @@ def run_adapter(args: argparse.Namespace, build: Callable[[Any, argparse.Namespa
         components = load_components(args.model)
         resolution = args.resolution or components.resolution
         data = load_folder(args.data, resolution, args.caption)
+        if args.mask_data is not None:
+            data = load_masks(args.mask_data, data)
         reg = None
         if args.reg_data is not None:
             reg = load_folder(args.reg_data, resolution, args.reg_caption, flag="--reg-data")
@@ -209,7 +211,7 @@ def _register_dreambooth(kinds: argparse._SubParsersAction) -> None:
                     "diffusers' from_pretrained and by sdserve as a model), or with --lora the LoRA file. "
                     "Full fine-tunes usually want a much smaller --lr than LoRAs, e.g. 5e-6.",
     )
-    add_adapter_arguments(dreambooth)
+    add_adapter_arguments(dreambooth, masks=False)  # its own runner: no masked loss yet
     dreambooth.add_argument("--instance-prompt", dest="caption", metavar="TEXT",
                             help="caption of every --data image, naming the subject by a rare token, e.g. "
                                  "\"a photo of sks dog\" (required unless --use-captions; the same as --caption)")

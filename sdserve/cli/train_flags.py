@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 
-def add_adapter_arguments(parser: argparse.ArgumentParser) -> None:
+def add_adapter_arguments(parser: argparse.ArgumentParser, *, masks: bool = True) -> None:
     """The flags every adapter method shares: the base model, the data, the output and the loop
-    (sdserve.trainers.loop.LoopConfig mirrors the loop's)."""
+    (sdserve.trainers.loop.LoopConfig mirrors the loop's); `masks` adds --mask-data."""
     parser.add_argument("--model", default="default",
                         help="base model: a built-in name (default: the embedded shapes model; see "
                              "`sdserve models list`) or a diffusers-format directory")
@@ -24,6 +24,13 @@ def add_adapter_arguments(parser: argparse.ArgumentParser) -> None:
                              "(diffusers imagefolder)")
     parser.add_argument("--caption", metavar="TEXT",
                         help="one caption for every --data image (instead of their own captions)")
+    if masks:
+        parser.add_argument("--mask-data", type=Path, metavar="DIR",
+                            help="loss masks (kohya's masked loss): a greyscale image per --data image, same "
+                                 "name stem; white pixels count, black ones do not, and each image's loss is "
+                                 "the mask-weighted mean, so a small subject weighs as much as a large one "
+                                 "(`train data shapes --conditioning mask --layout imagefolder` writes them "
+                                 "to DIR/conditioning)")
     parser.add_argument("--reg-data", type=Path, metavar="DIR",
                         help="regularization (class) images, same layout as --data, mixed into every "
                              "batch to keep the model's prior (kohya's reg images, DreamBooth's class images)")
@@ -45,7 +52,10 @@ def add_loop_arguments(parser: argparse.ArgumentParser, *, lr: float = 1e-4, lr_
     `lr` and the notes are where methods differ."""
     parser.add_argument("--steps", type=int, default=500, help="total optimizer steps (default 500)")
     parser.add_argument("--lr", type=float, default=lr,
-                        help=f"AdamW learning rate, constant (default {lr:g}{lr_note})")
+                        help=f"AdamW learning rate (default {lr:g}{lr_note})")
+    parser.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                        help="constant: --lr for every step (default); cosine: from --lr down to 0 at --steps "
+                             "along half a cosine")
     parser.add_argument("--batch-size", type=int, default=1, help=f"{per_step} per step (default 1)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seeds new weights, data order, timesteps and noise: the same seed gives the same "
@@ -71,6 +81,7 @@ def loop_config_from_args(args: argparse.Namespace):
     return LoopConfig(
         steps=args.steps,
         lr=args.lr,
+        lr_schedule=args.lr_schedule,
         batch_size=args.batch_size,
         seed=args.seed,
         save_every=args.save_every,

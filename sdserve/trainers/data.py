@@ -14,6 +14,11 @@ training scripts do without bucketing. Errors are one line naming the file or fl
 
 The folder is read in sorted file order, so a dataset (and a run on it) does not depend on the
 order the filesystem lists files in.
+
+Loss masks (`--mask-data DIR`, kohya's masked loss): one greyscale image per training image, same
+name stem, resized and cropped as the image is; white counts fully in the loss, black not at
+all. `train data shapes --conditioning mask --layout imagefolder` writes such masks (the shapes
+white on black) to DIR/conditioning.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from __future__ import annotations
 import io
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +52,7 @@ class CaptionedImages:
     captions: tuple[str, ...]  # [N]
     files: tuple[str, ...]  # [N] paths relative to `root`, to name an image in messages
     root: Path
+    masks: torch.Tensor | None = None  # [N, 1, R, R] float32 in [0, 1]: loss weights (see load_masks)
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -183,6 +189,32 @@ def load_folder(path: Path, resolution: int, caption: str | None = None, *, flag
         captions.append(text)
         names.append(name)
     return CaptionedImages(images=torch.stack(images), captions=tuple(captions), files=tuple(names), root=folder)
+
+
+def load_masks(path: Path, data: CaptionedImages, *, flag: str = "--mask-data") -> CaptionedImages:
+    """`data` with a loss mask per image: the image in `path` whose name stem is the image's
+    (any of IMAGE_SUFFIXES), as luminance in [0, 1], resized and cropped as the image was."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise InvalidArgument(f"{folder} is not a directory", field=flag)
+    by_stem: dict[str, Path] = {}
+    for file in sorted(folder.iterdir()):
+        if file.is_file() and file.suffix.lower() in IMAGE_SUFFIXES and not file.name.startswith("."):
+            by_stem.setdefault(file.stem, file)
+    masks = []
+    for name in data.files:
+        stem = Path(name).stem
+        file = by_stem.get(stem)
+        if file is None:
+            raise InvalidArgument(f"no mask for {name} (expected {stem}.png or another image named {stem})",
+                                  field=flag)
+        grey = square(read_image(file), data.resolution).convert("L")
+        mask = torch.from_numpy(np.asarray(grey, dtype=np.float32) / 255.0)  # [R, R]
+        if float(mask.max()) == 0.0:
+            raise InvalidArgument(f"the mask for {name} is all black: nothing of the image would count",
+                                  field=str(file))
+        masks.append(mask[None])  # [1, R, R]
+    return replace(data, masks=torch.stack(masks))
 
 
 def to_pixels(images: torch.Tensor) -> torch.Tensor:

@@ -143,7 +143,10 @@ class LoopConfig:
     steps: int = 500
     """Total optimizer steps; a resumed run continues up to this count."""
     lr: float = 1e-4
-    """AdamW learning rate, constant over the run."""
+    """AdamW learning rate: the whole run's with lr_schedule "constant", the first step's with "cosine"."""
+    lr_schedule: str = "constant"
+    """"constant", or "cosine": lr * (1 + cos(pi * step / steps)) / 2, decaying to 0 at the last step.
+    A function of the step alone, so a resumed run follows the same curve (for the same --steps)."""
     batch_size: int = 1
     """Images per step (and as many regularization images again with reg data)."""
     seed: int = 0
@@ -304,6 +307,8 @@ def check_loop_config(cfg: LoopConfig) -> None:
     checks = [
         (cfg.steps >= 0, "--steps", f"must be >= 0 (got {cfg.steps})"),
         (math.isfinite(cfg.lr) and cfg.lr > 0, "--lr", f"must be a positive number (got {cfg.lr})"),
+        (cfg.lr_schedule in LR_SCHEDULES, "--lr-schedule",
+         f"must be one of {', '.join(LR_SCHEDULES)} (got {cfg.lr_schedule!r})"),
         (cfg.batch_size >= 1, "--batch-size", f"must be >= 1 (got {cfg.batch_size})"),
         (cfg.save_every >= 0, "--save-every", f"must be >= 0 (got {cfg.save_every})"),
         (cfg.threads >= 1, "--threads", f"must be >= 1 (got {cfg.threads})"),
@@ -315,6 +320,16 @@ def check_loop_config(cfg: LoopConfig) -> None:
     for ok, flag, problem in checks:
         if not ok:
             raise InvalidArgument(problem, field=flag)
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate(cfg: LoopConfig, step: int) -> float:
+    """The learning rate of optimizer step `step` (0-based): lr_schedule's curve at step / steps."""
+    if cfg.lr_schedule == "cosine" and cfg.steps > 0:
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * step / cfg.steps))
+    return cfg.lr
 
 
 def _resume(
@@ -378,33 +393,45 @@ class _Checkpoints:
         return f"the last good checkpoint (step {self.saved_step}) is in {self.state_dir}"
 
 
-_Images = tuple[torch.Tensor, CaptionedImages]  # latents [N, C, h, w] and the images they encode
+# latents [N, C, h, w], the images they encode and the images' loss masks at latent size [N, 1, h, w]
+_Images = tuple[torch.Tensor, CaptionedImages, torch.Tensor | None]
 
 
 def _batch(step: int, cfg: LoopConfig, data: _Images, reg: _Images | None,
-           method: Method) -> tuple[torch.Tensor, list[str]]:
-    """Step `step`'s latents [B', C, h, w] and captions: B instance images, then B regularization
-    images when there are any (B' = B or 2B). A method with `use_rows` is told the instance
+           method: Method) -> tuple[torch.Tensor, list[str], torch.Tensor | None]:
+    """Step `step`'s latents [B', C, h, w], captions and loss masks: B instance images, then B
+    regularization images when there are any (B' = B or 2B); the masks [B, 1, h, w] are the
+    instance images' (None without --mask-data). A method with `use_rows` is told the instance
     images' indices (see the module docstring)."""
-    latents, images = data
+    latents, images, masks = data
     indices = batch_indices(cfg.seed, _STREAM_IMAGES, step, cfg.batch_size, len(images))
     use_rows = getattr(method, "use_rows", None)
     if use_rows is not None:
         use_rows(indices)
     batch, captions = latents[indices], [images.captions[i] for i in indices]  # [B, C, h, w]
     if reg is not None:
-        reg_latents, reg_images = reg
-        indices = batch_indices(cfg.seed, _STREAM_REG_IMAGES, step, cfg.batch_size, len(reg_images))
-        batch = torch.cat([batch, reg_latents[indices]])  # [2B, C, h, w]
-        captions += [reg_images.captions[i] for i in indices]
-    return batch, captions
+        reg_latents, reg_images, _ = reg
+        indices_reg = batch_indices(cfg.seed, _STREAM_REG_IMAGES, step, cfg.batch_size, len(reg_images))
+        batch = torch.cat([batch, reg_latents[indices_reg]])  # [2B, C, h, w]
+        captions += [reg_images.captions[i] for i in indices_reg]
+    return batch, captions, masks[indices] if masks is not None else None
+
+
+def latent_masks(images: CaptionedImages, latents: torch.Tensor) -> torch.Tensor | None:
+    """The images' loss masks [N, 1, R, R] averaged over each latent pixel's R/h x R/h patch:
+    [N, 1, h, w], the share of that latent's pixels that count (None without masks)."""
+    if images.masks is None:
+        return None
+    return F.adaptive_avg_pool2d(images.masks, latents.shape[-2:])  # [N, 1, h, w]
 
 
 def _loss(method: Method, components: Components, batch: torch.Tensor, captions: list[str],
-          cfg: LoopConfig, step: int) -> torch.Tensor:
+          cfg: LoopConfig, step: int, masks: torch.Tensor | None = None) -> torch.Tensor:
     """The step's loss: timesteps and noise from the (seed, step) generator, the method's
     prediction against the base model's target; mean over the instance images plus
-    prior_loss_weight times the mean over the regularization images."""
+    prior_loss_weight times the mean over the regularization images. With `masks` [B, 1, h, w]
+    an instance image's squared error is the mask-weighted mean, sum(m * e) / sum(m), so a small
+    masked region weighs as much as a large one (regularization images count whole)."""
     objective = components.objective
     generator = seeded_generator(cfg.seed, _STREAM_NOISE, step)
     timesteps = torch.randint(0, objective.num_timesteps, (len(batch),), generator=generator)  # [B']
@@ -412,7 +439,13 @@ def _loss(method: Method, components: Components, batch: torch.Tensor, captions:
     noisy = objective.add_noise(batch, noise, timesteps)
     target = objective.target(batch, noise, timesteps)  # [B', C, h, w]
     prediction = method.predict(noisy, timesteps, captions)  # [B', C, h, w]
-    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # [B']
+    squared = F.mse_loss(prediction.float(), target.float(), reduction="none")  # [B', C, h, w]
+    if masks is None:
+        per_sample = squared.mean(dim=(1, 2, 3))  # [B']
+    else:
+        weight = torch.ones_like(squared[:, :1])  # [B', 1, h, w]
+        weight[: len(masks)] = masks
+        per_sample = (squared * weight).sum(dim=(1, 2, 3)) / (weight.sum(dim=(1, 2, 3)) * squared.shape[1])
     per_sample = per_sample * objective.weights(timesteps, cfg.min_snr_gamma)
     loss = per_sample[: cfg.batch_size].mean()
     if len(batch) > cfg.batch_size:
@@ -433,10 +466,12 @@ def _output_metadata(method: Method, components: Components, cfg: LoopConfig, st
         "sdserve_steps": str(step),
         "sdserve_batch_size": str(cfg.batch_size),
         "sdserve_learning_rate": repr(cfg.lr),
+        "sdserve_lr_schedule": cfg.lr_schedule,
         "sdserve_seed": str(cfg.seed),
         "sdserve_resolution": str(data.resolution if data is not None else cfg.resolution or components.resolution),
         "sdserve_images": str(len(data) if data is not None else 0),
         "sdserve_reg_images": str(len(reg) if reg is not None else 0),
+        "sdserve_masked_loss": str(data is not None and data.masks is not None).lower(),
         "sdserve_trigger_tokens": ",".join(trigger_tokens(data.captions)) if data is not None else "",
         "sdserve_version": __version__,
     }
@@ -485,6 +520,7 @@ def train(
 
     latents = components.encode_images(data.images) if data is not None else None  # [N, C, h, w]
     reg_latents = components.encode_images(reg.images) if reg is not None else None  # [M, C, h, w]
+    data_masks = latent_masks(data, latents) if data is not None else None  # [N, 1, h, w]
     checkpoints = _Checkpoints(state_dir, identity, start if cfg.resume is not None else None)
     losses: list[float] = []
     step = start
@@ -496,8 +532,9 @@ def train(
                 if step_loss is not None:
                     loss = step_loss(step, seeded_generator(cfg.seed, _STREAM_NOISE, step))
                 else:
-                    batch, captions = _batch(step, cfg, (latents, data), (reg_latents, reg) if reg else None, method)
-                    loss = _loss(method, components, batch, captions, cfg, step)
+                    batch, captions, masks = _batch(step, cfg, (latents, data, data_masks),
+                                                    (reg_latents, reg, None) if reg else None, method)
+                    loss = _loss(method, components, batch, captions, cfg, step, masks)
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     raise Diverged(f"the loss became {value} at step {step + 1}; {checkpoints.kept()}",
@@ -508,6 +545,8 @@ def train(
                 if not math.isfinite(norm):
                     raise Diverged(f"the gradient became {norm} at step {step + 1}; {checkpoints.kept()}",
                                    step, checkpoints.path)
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(cfg, step)
                 optimizer.step()
                 step += 1
                 losses.append(value)

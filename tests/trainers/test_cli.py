@@ -91,6 +91,8 @@ def test_bad_paths(capsys, tmp_path):
     out = ["--out", str(tmp_path / "o.safetensors")]
     assert "--data" in _refused(capsys, tmp_path, "--model", "tiny-sd1", "--data", str(tmp_path / "nope"), *out)
     assert "--reg-data" in _refused(capsys, tmp_path, *common, *out, "--reg-data", str(tmp_path / "nope"))
+    assert "--mask-data" in _refused(capsys, tmp_path, *common, *out, "--mask-data", str(tmp_path / "nope"))
+    assert "no mask for img0.png" in _refused(capsys, tmp_path, *common, *out, "--mask-data", str(tmp_path))
     assert "--resume" in _refused(capsys, tmp_path, *common, *out, "--resume", str(tmp_path / "d"))
     (data / "img0.txt").unlink()
     assert "img0.png" in _refused(capsys, tmp_path, *common, *out)
@@ -118,12 +120,15 @@ def test_a_diverging_run_exits_2_naming_the_step(capsys, tmp_path):
 def test_the_embedded_default_model_trains_at_its_native_size_with_v_prediction(capsys, tmp_path):
     data = write_folder(tmp_path / "d", count=1, size=(80, 70))
     out = tmp_path / "o.safetensors"
-    code, _, stderr = _cli(capsys, "--data", str(data), "--out", str(out), "--steps", "1", "--text-encoder")
+    masks = write_folder(tmp_path / "masks", count=1, size=(80, 70))  # random pixels: a mask of mixed weights
+    code, _, stderr = _cli(capsys, "--data", str(data), "--out", str(out), "--steps", "1", "--text-encoder",
+                           "--mask-data", str(masks), "--lr-schedule", "cosine")
     assert code == 0, stderr
     with safetensors.safe_open(str(out), "pt") as handle:
         metadata = handle.metadata()
     assert metadata["sdserve_base_model"] == "default" and metadata["sdserve_resolution"] == "64"
     assert metadata["sdserve_prediction_type"] == "v_prediction"
+    assert metadata["sdserve_masked_loss"] == "true" and metadata["sdserve_lr_schedule"] == "cosine"
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_with_one_line(capsys, tmp_path, monkeypatch):

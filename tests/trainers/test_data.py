@@ -9,10 +9,11 @@ import zlib
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from sdserve.errors import InvalidArgument
-from sdserve.trainers.data import load_folder, square
+from sdserve.trainers.data import load_folder, load_masks, square
 from tests.trainers.conftest import write_folder
 
 
@@ -69,6 +70,28 @@ def _error(callable_, *args, **kwargs) -> str:
     message = str(raised.value)
     assert "\n" not in message
     return message
+
+
+def test_masks_pair_by_name_stem_and_are_cropped_like_their_images(tmp_path):
+    folder = write_folder(tmp_path / "d", count=2, size=(16, 16))
+    masks = tmp_path / "m"
+    masks.mkdir()
+    wide = np.zeros((16, 32), np.uint8)
+    wide[:, 16:24] = 255  # the center crop keeps columns 8..23: its right half is white
+    Image.fromarray(wide).save(masks / "img0.png")
+    Image.fromarray(np.full((16, 16, 3), 64, np.uint8)).save(masks / "img1.jpg")
+    data = load_masks(masks, load_folder(folder, 8))
+    assert data.masks.shape == (2, 1, 8, 8) and data.masks.dtype == torch.float32
+    left, right = data.masks[0, 0, :, :4], data.masks[0, 0, :, 4:]  # up to the resize filter's ringing
+    assert float(left.max()) < 0.1 and float(right.min()) > 0.9
+    assert torch.allclose(data.masks[1], torch.full((1, 8, 8), 64 / 255), atol=2 / 255)  # JPEG, greyscale
+
+    (masks / "img1.jpg").unlink()
+    assert _error(load_masks, masks, data).startswith("--mask-data: no mask for img1.png")
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(masks / "img1.png")
+    message = _error(load_masks, masks, data)
+    assert message.startswith(str(masks / "img1.png")) and "all black" in message
+    assert "is not a directory" in _error(load_masks, tmp_path / "nope", data)
 
 
 def test_missing_and_empty_folders(tmp_path):

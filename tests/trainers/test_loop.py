@@ -3,10 +3,12 @@ batch stream and atomic files. The LoRA method on tiny-sd1 is the method under t
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,7 +19,10 @@ from sdserve.trainers.loop import (
     Diverged,
     Interrupted,
     LoopConfig,
+    _loss,
     batch_indices,
+    check_loop_config,
+    learning_rate,
     train,
     trigger_tokens,
 )
@@ -28,6 +33,7 @@ from tests.trainers.conftest import write_folder
 
 LORA = LoRAConfig(rank=2, alpha=4.0, text_encoder=True)
 CFG = LoopConfig(steps=4, lr=1e-2, batch_size=2, progress=False)
+COSINE = replace(CFG, lr_schedule="cosine")
 
 
 class _Sabotaged(LoRAMethod):
@@ -84,18 +90,22 @@ def test_same_seed_same_bytes_and_resume_is_exact(components_of, folders, tmp_pa
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_saves_at_the_step_boundary_and_resume_continues_exactly(components_of, folders, tmp_path,
                                                                           signum):
+    """On the cosine schedule, whose learning rate depends on the step: the resumed run must pick
+    the curve up where the stopped one left it."""
     data, _ = folders
     out = tmp_path / "s.safetensors"
     with pytest.raises(Interrupted) as stopped:
-        _run(components_of, data, None, out, method=_Sabotaged, at=2, signum=signum)
+        _run(components_of, data, None, out, COSINE, method=_Sabotaged, at=2, signum=signum)
     assert stopped.value.step == 2 and stopped.value.signum == signum
     assert signal.Signals(signum).name in str(stopped.value) and "--resume" in str(stopped.value)
     assert not out.exists()
     assert load_checkpoint(stopped.value.checkpoint)["step"] == 2
     assert signal.getsignal(signum) is not None  # the handler was put back (pytest's or the default)
-    resumed = _run(components_of, data, None, out, replace(CFG, resume=stopped.value.checkpoint.parent))
-    straight = _run(components_of, data, None, tmp_path / "t.safetensors")
+    resumed = _run(components_of, data, None, out, replace(COSINE, resume=stopped.value.checkpoint.parent))
+    straight = _run(components_of, data, None, tmp_path / "t.safetensors", COSINE)
     assert resumed.out.read_bytes() == straight.out.read_bytes()
+    constant = _run(components_of, data, None, tmp_path / "u.safetensors")
+    assert constant.losses[:2] == straight.losses[:2] and constant.losses[2:] != straight.losses[2:]
 
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(components_of, folders, tmp_path):
@@ -147,6 +157,54 @@ def test_v_and_epsilon_targets_and_min_snr_weights_match_closed_forms():
     torch.testing.assert_close(eps.weights(t, 5.0), torch.clamp(snr, max=5.0) / snr)
     torch.testing.assert_close(v.weights(t, 5.0), torch.clamp(snr, max=5.0) / (snr + 1))
     assert torch.equal(v.weights(t, None), torch.ones(3))
+
+
+def test_cosine_schedule_halves_at_the_middle_and_ends_near_zero():
+    cfg = replace(CFG, steps=100, lr=2e-3, lr_schedule="cosine")
+    assert learning_rate(cfg, 0) == 2e-3 and learning_rate(replace(cfg, lr_schedule="constant"), 99) == 2e-3
+    assert learning_rate(cfg, 50) == pytest.approx(1e-3)
+    assert learning_rate(cfg, 99) == pytest.approx(2e-3 * (1 + math.cos(math.pi * 0.99)) / 2)
+    with pytest.raises(InvalidArgument, match="--lr-schedule: must be one of constant, cosine"):
+        check_loop_config(replace(cfg, lr_schedule="linear"))
+
+
+class _Fixed:
+    """A method whose prediction is given, to read _loss's weighting."""
+
+    def __init__(self, prediction: torch.Tensor) -> None:
+        self.prediction = prediction
+
+    def predict(self, noisy, timesteps, captions):
+        return self.prediction
+
+
+def test_masked_loss_is_the_mask_weighted_mean_and_ignores_what_the_mask_hides():
+    objective = NoiseObjective({"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                                "beta_schedule": "scaled_linear", "prediction_type": "epsilon"})
+    components = SimpleNamespace(objective=objective)
+    latents = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))  # [B, C, h, w]
+    prediction = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    cfg, captions = replace(CFG, batch_size=2), ["a", "b"]
+
+    def loss(predicted, masks=None):
+        return float(_loss(_Fixed(predicted), components, latents, captions, cfg, step=3, masks=masks))
+
+    masks = torch.zeros(2, 1, 4, 4)
+    masks[0, :, :1, :1] = 1.0  # one latent pixel of the first image
+    masks[1, :, 2:] = 0.25  # the lower half of the second, partly
+    elsewhere = prediction.clone()
+    elsewhere[:, :, 3:, :1] += 5.0  # outside the first mask, inside the second
+    elsewhere[0, :, 1:] -= 3.0  # outside the first mask only
+    inside = prediction.clone()
+    inside[0, :, 0, 0] += 1.0
+    assert loss(prediction, masks) != loss(inside, masks)
+    assert loss(elsewhere, masks) != loss(prediction, masks)  # the second image's mask covers (3, 0)
+    first_only = prediction.clone()
+    first_only[0, :, 1:] -= 3.0
+    assert loss(first_only, masks) == pytest.approx(loss(prediction, masks), rel=1e-6)
+    # A mean, not a sum: a mask weighs by its shape, not its size; all-white is the plain loss.
+    assert loss(prediction, masks * 0.5) == pytest.approx(loss(prediction, masks), rel=1e-6)
+    assert loss(prediction, torch.ones(2, 1, 4, 4)) == pytest.approx(loss(prediction), rel=1e-6)
 
 
 def test_batch_stream_visits_every_image_once_per_epoch_and_steps_are_independent():
