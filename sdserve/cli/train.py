@@ -269,7 +269,7 @@ def _method_lr(parser: argparse.ArgumentParser, lr: float, why: str) -> None:
     """A method whose parameters want another learning rate than LoRA's: the default and its help."""
     parser.set_defaults(lr=lr)
     action = next(a for a in parser._actions if "--lr" in a.option_strings)
-    action.help = f"AdamW learning rate, constant (default {lr:g}: {why})"
+    action.help = f"AdamW learning rate (default {lr:g}: {why}); see --lr-schedule"
 
 
 def _register_textual_inversion(kinds: argparse._SubParsersAction) -> None:
@@ -436,7 +436,9 @@ def _register_slider(kinds: argparse._SubParsersAction) -> None:
                         help="key layout of --out: diffusers/PEFT or kohya sd-scripts (default diffusers)")
     parser.add_argument("--out", type=Path, required=True, help="the slider file to write (.safetensors)")
     parser.add_argument("--steps", type=int, default=500, help="total optimizer steps (default 500)")
-    parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate, constant (default 1e-4)")
+    parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
+    parser.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                        help="constant: --lr for every step (default); cosine: from --lr down to 0 at --steps")
     parser.add_argument("--seed", type=int, default=0,
                         help="seeds the initial weights, the pool or the pairs' order, timesteps and noise: the "
                              "same seed gives the same bytes (default 0)")

@@ -26,7 +26,7 @@ from __future__ import annotations
 import io
 import json
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +52,9 @@ class CaptionedImages:
     captions: tuple[str, ...]  # [N]
     files: tuple[str, ...]  # [N] paths relative to `root`, to name an image in messages
     root: Path
-    masks: torch.Tensor | None = None  # [N, 1, R, R] float32 in [0, 1]: loss weights (see load_masks)
+    # [N, 1, R, R] float32 in [0, 1]: loss weights (see load_masks); keyword-only so subclasses
+    # (controlnet_data's triplets) may add fields without defaults
+    masks: torch.Tensor | None = field(default=None, kw_only=True)
 
     def __len__(self) -> int:
         return len(self.captions)
