@@ -19,7 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from sdserve.cli import train_controlnet, train_data, train_ip_adapter
-from sdserve.cli.train_flags import add_adapter_arguments, last_loss, loop_config_from_args, train_or_fail
+from sdserve.cli.train_flags import (
+    add_adapter_arguments,
+    add_lr_schedule_argument,
+    last_loss,
+    loop_config_from_args,
+    train_or_fail,
+)
 
 VAE_SHARE = 0.2  # of --minutes; the VAE plateaus long before the UNet does
 # ComponentSizes().unet_channels, written out: its module imports diffusers, which `train --help`
@@ -437,8 +443,7 @@ def _register_slider(kinds: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", type=Path, required=True, help="the slider file to write (.safetensors)")
     parser.add_argument("--steps", type=int, default=500, help="total optimizer steps (default 500)")
     parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
-    parser.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
-                        help="constant: --lr for every step (default); cosine: from --lr down to 0 at --steps")
+    add_lr_schedule_argument(parser)
     parser.add_argument("--seed", type=int, default=0,
                         help="seeds the initial weights, the pool or the pairs' order, timesteps and noise: the "
                              "same seed gives the same bytes (default 0)")

@@ -53,9 +53,7 @@ def add_loop_arguments(parser: argparse.ArgumentParser, *, lr: float = 1e-4, lr_
     parser.add_argument("--steps", type=int, default=500, help="total optimizer steps (default 500)")
     parser.add_argument("--lr", type=float, default=lr,
                         help=f"AdamW learning rate (default {lr:g}{lr_note})")
-    parser.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
-                        help="constant: --lr for every step (default); cosine: from --lr down to 0 at --steps "
-                             "along half a cosine")
+    add_lr_schedule_argument(parser)
     parser.add_argument("--batch-size", type=int, default=1, help=f"{per_step} per step (default 1)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seeds new weights, data order, timesteps and noise: the same seed gives the same "
@@ -73,6 +71,13 @@ def add_loop_arguments(parser: argparse.ArgumentParser, *, lr: float = 1e-4, lr_
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1; part of what makes reruns byte-identical)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_lr_schedule_argument(parser: argparse.ArgumentParser) -> None:
+    """--lr-schedule (LoopConfig.lr_schedule), also for commands that define the other loop flags themselves."""
+    parser.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                        help="constant: --lr for every step (default); cosine: from --lr down to 0 at --steps "
+                             "along half a cosine")
 
 
 def loop_config_from_args(args: argparse.Namespace):
