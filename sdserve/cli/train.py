@@ -217,7 +217,7 @@ def _register_dreambooth(kinds: argparse._SubParsersAction) -> None:
                     "diffusers' from_pretrained and by sdserve as a model), or with --lora the LoRA file. "
                     "Full fine-tunes usually want a much smaller --lr than LoRAs, e.g. 5e-6.",
     )
-    add_adapter_arguments(dreambooth, masks=False)  # its own runner: no masked loss yet
+    add_adapter_arguments(dreambooth)
     dreambooth.add_argument("--instance-prompt", dest="caption", metavar="TEXT",
                             help="caption of every --data image, naming the subject by a rare token, e.g. "
                                  "\"a photo of sks dog\" (required unless --use-captions; the same as --caption)")
@@ -259,7 +259,7 @@ def _run_dreambooth(args: argparse.Namespace) -> int:
     config = DreamBoothConfig(
         model=args.model, data=args.data, out=args.out, instance_prompt=args.caption,
         use_captions=args.use_captions, class_prompt=args.reg_caption, num_class_images=args.num_class_images,
-        class_dir=args.reg_data, text_encoder=args.text_encoder,
+        class_dir=args.reg_data, text_encoder=args.text_encoder, mask_dir=args.mask_data,
         lora=LoRAConfig(rank=4 if args.rank is None else args.rank, alpha=args.alpha, unet_targets=targets)
         if args.lora else None,
     )

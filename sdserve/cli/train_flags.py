@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 
-def add_adapter_arguments(parser: argparse.ArgumentParser, *, masks: bool = True) -> None:
+def add_adapter_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags every adapter method shares: the base model, the data, the output and the loop
-    (sdserve.trainers.loop.LoopConfig mirrors the loop's); `masks` adds --mask-data."""
+    (sdserve.trainers.loop.LoopConfig mirrors the loop's)."""
     parser.add_argument("--model", default="default",
                         help="base model: a built-in name (default: the embedded shapes model; see "
                              "`sdserve models list`) or a diffusers-format directory")
@@ -24,13 +24,12 @@ def add_adapter_arguments(parser: argparse.ArgumentParser, *, masks: bool = True
                              "(diffusers imagefolder)")
     parser.add_argument("--caption", metavar="TEXT",
                         help="one caption for every --data image (instead of their own captions)")
-    if masks:
-        parser.add_argument("--mask-data", type=Path, metavar="DIR",
-                            help="loss masks (kohya's masked loss): a greyscale image per --data image, same "
-                                 "name stem; white pixels count, black ones do not, and each image's loss is "
-                                 "the mask-weighted mean, so a small subject weighs as much as a large one "
-                                 "(`train data shapes --conditioning mask --layout imagefolder` writes them "
-                                 "to DIR/conditioning)")
+    parser.add_argument("--mask-data", type=Path, metavar="DIR",
+                        help="loss masks (kohya's masked loss): a greyscale image per --data image, same "
+                             "name stem; white pixels count, black ones do not, and each image's loss is "
+                             "the mask-weighted mean, so a small subject weighs as much as a large one "
+                             "(`train data shapes --conditioning mask --layout imagefolder` writes them "
+                             "to DIR/conditioning); --reg-data images count whole")
     parser.add_argument("--reg-data", type=Path, metavar="DIR",
                         help="regularization (class) images, same layout as --data, mixed into every "
                              "batch to keep the model's prior (kohya's reg images, DreamBooth's class images)")

@@ -41,7 +41,7 @@ from tqdm import tqdm
 from sdserve.errors import InvalidArgument, NotFound
 from sdserve.models.builtin import METADATA_FILE
 from sdserve.trainers.components import Components, load_components, resolve_model
-from sdserve.trainers.data import IMAGE_SUFFIXES, CaptionedImages, load_folder
+from sdserve.trainers.data import IMAGE_SUFFIXES, CaptionedImages, load_folder, load_masks
 from sdserve.trainers.loop import (
     LoopConfig,
     Result,
@@ -95,6 +95,8 @@ class DreamBoothConfig:
     """Also train the text encoders (full mode: their weights; LoRA mode: their attention's factors)."""
     class_device: str = "auto"
     """Where the engine generates class images (auto, cpu, cuda, cuda:N)."""
+    mask_dir: Path | None = None
+    """Loss masks of the --data images (data.load_masks); class images count whole."""
 
     @property
     def class_count(self) -> int:
@@ -159,6 +161,8 @@ def check_dreambooth_config(config: DreamBoothConfig, loop: LoopConfig) -> None:
     check_loop_config(loop)
     if not Path(config.data).is_dir():
         raise InvalidArgument(f"{config.data} is not a directory", field="--data")
+    if config.mask_dir is not None and not Path(config.mask_dir).is_dir():
+        raise InvalidArgument(f"{config.mask_dir} is not a directory", field="--mask-data")
     if config.lora is not None:
         check_writable(config.out, "--out")
     else:
@@ -344,6 +348,8 @@ def train_dreambooth(config: DreamBoothConfig, loop: LoopConfig) -> Result:
                             seed=loop.seed, device=config.class_device, progress=loop.progress)
 
     data = load_folder(config.data, resolution, None if config.use_captions else config.instance_prompt)
+    if config.mask_dir is not None:
+        data = load_masks(config.mask_dir, data)
     reg = None
     if config.class_prompt is not None or config.class_dir is not None:
         reg = load_folder(class_dir, resolution, config.class_prompt, flag="--class-dir")

@@ -115,10 +115,12 @@ def test_class_images_are_generated_once_and_reused(tmp_path, monkeypatch):
 
 def test_lora_mode_writes_a_lora_file_that_loads(tmp_path, capsys):
     data = write_folder(tmp_path / "data", count=2)
+    masks = write_folder(tmp_path / "masks", count=2, seed=3)  # random pixels: masks of mixed weights
     out = tmp_path / "dog.safetensors"
     code, stdout, stderr = _cli(capsys, "--model", "tiny-sd1", "--data", str(data), "--out", str(out),
                                 "--instance-prompt", INSTANCE, "--lora", "--rank", "2", "--alpha", "1",
-                                "--targets", "attn,ff", "--text-encoder", "--steps", "2", "--lr", "1e-3")
+                                "--targets", "attn,ff", "--text-encoder", "--steps", "2", "--lr", "1e-3",
+                                "--mask-data", str(masks))
     assert code == 0, stderr
     assert stdout.startswith(f"wrote LoRA {out} (2 steps, last loss ")
     adapter = load_lora(out, "dog", targets_of(load_components("tiny-sd1").adapter_components()))
@@ -129,6 +131,7 @@ def test_lora_mode_writes_a_lora_file_that_loads(tmp_path, capsys):
     with safetensors.safe_open(str(out), "pt") as handle:
         metadata = handle.metadata()
     assert metadata["sdserve_method"] == "dreambooth_lora" and metadata["sdserve_instance_prompt"] == INSTANCE
+    assert metadata["sdserve_masked_loss"] == "true"
     pipe = StableDiffusionPipeline.from_pretrained(builtin_path("tiny-sd1"))
     pipe.load_lora_weights(str(out))  # diffusers reads it too
 
@@ -147,6 +150,7 @@ def test_lora_mode_writes_a_lora_file_that_loads(tmp_path, capsys):
         (["--instance-prompt", INSTANCE, "--steps", "-1"], "--steps"),
         (["--instance-prompt", INSTANCE, "--resolution", "30"], "--resolution"),
         (["--instance-prompt", INSTANCE, "--model", "no-such-model"], "--model"),
+        (["--instance-prompt", INSTANCE, "--mask-data", "/no/such/dir"], "--mask-data"),
     ],
 )
 def test_bad_flags_are_one_line_exit_2(capsys, tmp_path, flags, named):
