@@ -12,6 +12,11 @@ from pathlib import Path
 from typing import Any
 
 
+def unet_groups(text: str) -> tuple[str, ...]:
+    """--targets: comma-separated UNet module groups."""
+    return tuple(group.strip() for group in text.split(",") if group.strip())
+
+
 def add_adapter_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags every adapter method shares: the base model, the data, the output and the loop
     (sdserve.trainers.loop.LoopConfig mirrors the loop's)."""
