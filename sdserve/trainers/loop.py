@@ -365,7 +365,7 @@ def _resume(
         raise InvalidArgument(f"the checkpoint does not fit this method ({error})".splitlines()[0],
                               field="--resume") from None
     for group in optimizer.param_groups:  # load_state_dict restored the old run's; this run's flags win
-        group["lr"], group["weight_decay"] = cfg.lr, cfg.weight_decay
+        group["weight_decay"] = cfg.weight_decay  # (the rate is set before every step: learning_rate)
     return step
 
 
